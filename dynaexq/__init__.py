@@ -1,0 +1,34 @@
+"""dynaexq: serve Hugging Face Mixture-of-Experts models with each expert's precision as a runtime resource.
+
+    import dynaexq
+    engine = dynaexq.load("path/to/checkpoint-or-store", policy="uniform:int4", expert_budget="2GiB")
+    engine.model(input_ids).logits
+
+Nothing heavy happens at import time.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def load(path, policy="uniform:bf16", expert_budget=None, **kwargs):
+    """Load a checkpoint directory (prepared into a cached store on first use) or a store -> Engine.
+
+    expert_budget: bytes (int) or a size string such as "20GiB"; a plan needing more is refused.
+    Keyword arguments: store, device, backend ("cpu" | "cuda" | "reference"), dtype, verify, progress.
+    """
+    from dynaexq.engine.load import load as _load
+    from dynaexq.sizes import parse_size
+
+    budget = None if expert_budget is None else parse_size(expert_budget)
+    return _load(path, policy, budget, **kwargs)
+
+
+def prepare(checkpoint, out, **kwargs):
+    """Checkpoint directory -> expert store (see dynaexq.store.prepare)."""
+    from dynaexq.store.prepare import prepare as _prepare
+
+    return _prepare(checkpoint, out, **kwargs)
+
+
+__all__ = ["load", "prepare", "__version__"]

@@ -72,7 +72,7 @@ class DequantFallback:
 class Int8Cpu:
     q: torch.Tensor  # [N, K] int8 = code - 128
     scale: torch.Tensor  # [N] bf16
-    corr: torch.Tensor  # [N] fp32 = s * (128 - z): W = s*(q_signed) + corr, so x@W^T = kernel + sum(x)*corr
+    corr: torch.Tensor  # [N] fp16 = s * (128 - z): W = s*q_signed + corr, so x@W^T = kernel + sum(x)*corr
 
     @property
     def nbytes(self):
@@ -81,7 +81,7 @@ class Int8Cpu:
     def __call__(self, x):
         xb = x.to(torch.bfloat16)
         y = torch.ops.aten._weight_int8pack_mm(xb, self.q, self.scale).float()
-        return (y + xb.float().sum(-1, keepdim=True) * self.corr).to(x.dtype)
+        return (y + xb.float().sum(-1, keepdim=True) * self.corr.float()).to(x.dtype)
 
 
 @dataclass
@@ -135,7 +135,9 @@ def _prepare_cpu(qw: QuantizedWeight):
     codes = qw.codes()  # [N, K] int32
     if qw.precision is Precision.INT8:
         s, z = qw.scale.float()[:, 0], qw.zero.float()[:, 0]
-        return Int8Cpu((codes - 128).to(torch.int8).contiguous(), s.to(torch.bfloat16), s * (128 - z))
+        # resident bytes == stored bytes: int8 codes + 2 + 2 bytes per row (the rounding of the bf16 scale
+        # the kernel demands dominates that of the fp16 offset)
+        return Int8Cpu((codes - 128).to(torch.int8).contiguous(), s.to(torch.bfloat16), (s * (128 - z)).half())
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
     if qw.precision is Precision.INT4:
         return Int4Cpu(packed, qw.group_size, int4_scale_zero(qw))

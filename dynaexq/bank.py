@@ -1,0 +1,105 @@
+"""ExpertBank: the module placed where transformers' `<Arch>Experts` was.
+
+It is called exactly like the module it replaces, `bank(hidden [T, H], top_k_index [T, K],
+top_k_weights [T, K]) -> [T, H]`: group the T*K routed (token, expert) pairs by expert, run each
+expert's tokens through the kernels of the version currently published for it, scale by the routing
+weight, and add into the output. Routers, shared experts and everything else stay transformers'.
+
+It also records, per expert, routed token counts and routed probability mass (the sum of routing
+weights of the tokens that selected it) into device tensors without a host sync; the hotness
+tracker reads and resets them between steps. The bank never decides precisions: `publish` (called
+by the loader or the transition engine) is the only way a version changes, and a forward pass reads
+the version list once, so it always computes with complete versions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from transformers.activations import ACT2FN
+
+from dynaexq.quant.precision import Precision
+
+
+@dataclass(frozen=True)
+class ExpertVersion:
+    """One resident version of one expert: kernel-ready weights at one precision."""
+    precision: Precision
+    gate_up: object  # callable x [T, H] -> [T, 2I] (quant.kernels)
+    down: object  # callable h [T, I] -> [T, H]
+    gate_up_bias: torch.Tensor | None = None  # [2I] (gpt_oss)
+    down_bias: torch.Tensor | None = None  # [H]
+
+    @property
+    def nbytes(self) -> int:
+        biases = sum(b.numel() * b.element_size() for b in (self.gate_up_bias, self.down_bias) if b is not None)
+        return self.gate_up.nbytes + self.down.nbytes + biases
+
+
+class ExpertBank(nn.Module):
+    def __init__(self, config, num_experts: int, glu: str = "swiglu"):
+        super().__init__()
+        self._is_hf_initialized = True  # nothing for transformers' weight init to touch
+        self.num_experts = num_experts
+        self.layer = -1  # set by the loader
+        self.glu = glu
+        self.act_fn = ACT2FN[config.hidden_act] if glu == "swiglu" else None
+        self.alpha = getattr(config, "swiglu_alpha", None)
+        self.limit = getattr(config, "swiglu_limit", None)
+        self.versions: list[ExpertVersion | None] = [None] * num_experts
+        self.register_buffer("token_counts", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
+        self.register_buffer("routed_mass", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
+
+    def publish(self, e: int, version: ExpertVersion) -> ExpertVersion | None:
+        """Atomically make `version` the one forward passes use for expert e; returns the old one."""
+        old, self.versions[e] = self.versions[e], version
+        return old
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        versions = list(self.versions)  # one consistent snapshot for the whole pass
+        k = top_k_index.shape[-1]
+        flat_e = top_k_index.reshape(-1)  # [T*K]
+        flat_w = top_k_weights.reshape(-1)  # [T*K]
+        counts = torch.bincount(flat_e, minlength=self.num_experts)  # [E]
+        self.token_counts += counts  # statistics stay on the device: no sync here
+        self.routed_mass.index_add_(0, flat_e, flat_w.float())
+        order = torch.argsort(flat_e, stable=True)  # pairs grouped by expert, tokens ascending
+        out = torch.zeros_like(hidden)  # [T, H]
+        start = 0
+        for e, n in enumerate(counts.tolist()):  # the split points are needed on the host anyway
+            if n == 0:
+                continue
+            pairs = order[start:start + n]
+            start += n
+            tokens = pairs // k  # [n]
+            v = versions[e]
+            h = v.gate_up(hidden[tokens])  # [n, 2I]
+            if v.gate_up_bias is not None:
+                h = h + v.gate_up_bias
+            y = v.down(self._activate(h))  # [n, H]
+            if v.down_bias is not None:
+                y = y + v.down_bias
+            out.index_add_(0, tokens, (y * flat_w[pairs, None]).to(out.dtype))
+        return out
+
+    def _activate(self, h: torch.Tensor) -> torch.Tensor:
+        if self.glu == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            return self.act_fn(gate) * up
+        gate, up = h[..., ::2], h[..., 1::2]  # gpt_oss: interleaved, clamped
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+    def take_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routed token counts and mass since the last call, then reset (called between steps)."""
+        counts, mass = self.token_counts.clone(), self.routed_mass.clone()
+        self.token_counts.zero_()
+        self.routed_mass.zero_()
+        return counts, mass
+
+    def extra_repr(self) -> str:
+        held = [v.precision.value for v in self.versions if v is not None]
+        summary = {p: held.count(p) for p in dict.fromkeys(held)}
+        return f"layer={self.layer}, experts={self.num_experts}, precisions={summary}"

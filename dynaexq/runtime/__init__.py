@@ -1,0 +1,1 @@
+"""Runtime: budgets, planners (policy) and, later, pools, the version table and transitions (mechanism)."""

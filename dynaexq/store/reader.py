@@ -1,0 +1,106 @@
+"""Read an expert store: its manifest, integrity checks, and one expert version at a time.
+
+Shards are memory-mapped by safetensors; reading an expert copies only its tensors. The reader
+knows nothing of budgets or which precision an expert should have.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from dynaexq.errors import UserError
+from dynaexq.quant.precision import Precision
+from dynaexq.quant.quantize import QuantizedWeight
+from dynaexq.store import layout
+
+
+class StoreReader:
+    def __init__(self, path):
+        self.path = Path(path)
+        if not layout.is_store(self.path):
+            raise UserError(f"{str(self.path)!r} is not a dynaexq store (no {layout.MANIFEST}); create one with "
+                            "`dynaexq prepare CHECKPOINT_DIR --out STORE_DIR`")
+        self.manifest = json.loads((self.path / layout.MANIFEST).read_text())
+        version = self.manifest.get("format_version")
+        if version != layout.FORMAT_VERSION:
+            raise UserError(f"store {str(self.path)!r} has format version {version}; this dynaexq reads version "
+                            f"{layout.FORMAT_VERSION}: prepare the checkpoint again")
+        m = self.manifest
+        self.arch = m["arch"]
+        self.layers: list[int] = m["moe_layers"]
+        self.num_experts: int = m["num_experts"]
+        self.precisions = [Precision(p) for p in m["precisions"]]
+        self.group_size: int = m["group_size"]
+        self._handles: dict[str, object] = {}
+        self._keys: dict[str, set[str]] = {}
+        self._verified: set[str] = set()
+
+    # --- integrity -------------------------------------------------------------------------------
+    def verify(self, names=None, progress: bool = False) -> None:
+        """sha256 of each named shard (default: all) against the manifest; raises UserError on mismatch."""
+        names = list(self.manifest["shards"]) if names is None else list(names)
+        todo = [n for n in names if n not in self._verified]
+        for name in tqdm(todo, desc="verify store", unit="shard", disable=not progress or not todo):
+            want = self.manifest["shards"][name]
+            p = self.path / name
+            if not p.is_file():
+                raise UserError(f"store shard {name!r} is missing from {str(self.path)!r}; prepare the store again")
+            if p.stat().st_size != want["size"] or layout.sha256_file(p) != want["sha256"]:
+                raise UserError(f"store shard {str(p)!r} does not match its sha256 in the manifest (corrupted or "
+                                "modified); delete the store and prepare it again")
+            self._verified.add(name)
+
+    def matches_source(self, fingerprint: dict) -> bool:
+        src = self.manifest["source"]
+        return src["config_sha256"] == fingerprint["config_sha256"] and src["files"] == fingerprint["files"]
+
+    # --- sizes and errors from the manifest --------------------------------------------------------
+    def _check(self, layer: int, precision: Precision):
+        if precision not in self.precisions:
+            have = ", ".join(p.value for p in self.precisions)
+            raise UserError(f"precision {precision.value} was not prepared in store {str(self.path)!r} "
+                            f"(it has {have}); prepare again with --precisions including {precision.value}")
+        if layer not in self.layers:
+            raise UserError(f"layer {layer} is not a MoE layer of this model (MoE layers: {self.layers})")
+
+    def expert_bytes(self, layer: int, e: int, precision: Precision) -> int:
+        self._check(layer, precision)
+        return self.manifest["experts"][str(layer)][precision.value]["bytes"][e]
+
+    def expert_error(self, layer: int, e: int, precision: Precision) -> float:
+        self._check(layer, precision)
+        return self.manifest["experts"][str(layer)][precision.value]["error"][e]
+
+    # --- reading ---------------------------------------------------------------------------------
+    def read_expert(self, layer: int, e: int, precision: Precision) -> dict:
+        """-> {"gate_up": QuantizedWeight, "down": QuantizedWeight, (+ "gate_up_bias", "down_bias")}."""
+        self._check(layer, precision)
+        name = layout.expert_shard(layer, precision)
+        f = self._open(name)
+        shapes = self.manifest["shapes"]
+        group = 0 if precision.is_float else None
+        out = {}
+        for m in layout.MATRICES:
+            t = {k: f.get_tensor(f"{e}.{m}.{k}") for k in ("data", "scale", "zero") if f"{e}.{m}.{k}" in self._keys[name]}
+            g = group if group is not None else precision.group_size(shapes[m][1], self.group_size)
+            out[m] = QuantizedWeight.from_tensors(precision, shapes[m], g, t)
+        for b in layout.BIASES:
+            if f"{e}.{b}" in self._keys[name]:
+                out[b] = f.get_tensor(f"{e}.{b}")
+        return out
+
+    def _open(self, name: str):
+        if name not in self._handles:
+            try:
+                self._handles[name] = safe_open(str(self.path / name), "pt")
+            except (SafetensorError, OSError) as err:
+                raise UserError(f"store shard {str(self.path / name)!r} cannot be read ({err}); prepare the store "
+                                "again") from None
+            self._keys[name] = set(self._handles[name].keys())
+        return self._handles[name]
+
+    def close(self):
+        self._handles.clear()
