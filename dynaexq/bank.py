@@ -26,15 +26,12 @@ from dynaexq.quant.precision import Precision
 class ExpertVersion:
     """One resident version of one expert: kernel-ready weights at one precision."""
     precision: Precision
-    gate_up: object  # callable x [T, H] -> [T, 2I] (quant.kernels)
+    gate_up: object  # callable x [T, H] -> [T, 2I] (quant.kernels, bias included where the model has one)
     down: object  # callable h [T, I] -> [T, H]
-    gate_up_bias: torch.Tensor | None = None  # [2I] (gpt_oss)
-    down_bias: torch.Tensor | None = None  # [H]
 
     @property
     def nbytes(self) -> int:
-        biases = sum(b.numel() * b.element_size() for b in (self.gate_up_bias, self.down_bias) if b is not None)
-        return self.gate_up.nbytes + self.down.nbytes + biases
+        return self.gate_up.nbytes + self.down.nbytes
 
 
 class ExpertBank(nn.Module):
@@ -75,11 +72,7 @@ class ExpertBank(nn.Module):
             tokens = pairs // k  # [n]
             v = versions[e]
             h = v.gate_up(hidden[tokens])  # [n, 2I]
-            if v.gate_up_bias is not None:
-                h = h + v.gate_up_bias
             y = v.down(self._activate(h))  # [n, H]
-            if v.down_bias is not None:
-                y = y + v.down_bias
             out.index_add_(0, tokens, (y * flat_w[pairs, None]).to(out.dtype))
         return out
 

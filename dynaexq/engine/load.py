@@ -94,16 +94,17 @@ def load(path, policy="uniform:bf16", expert_budget: int | None = None, *, store
             banks[module.layer] = module
     assert sorted(banks) == sorted(reader.layers), (sorted(banks), reader.layers)
     for (layer, e), p in tqdm(sorted(plan.items()), desc="load experts", unit="expert", disable=not progress):
-        banks[layer].publish(e, make_version(reader.read_expert(layer, e, p), backend, device))
+        banks[layer].publish(e, make_version(reader.read_expert(layer, e, p), backend, dtype))
     return Engine(model=model, tokenizer=_tokenizer(reader.path), reader=reader, banks=banks,
                   policy=str(planner), plan=plan, backend=backend)
 
 
-def make_version(weights: dict, backend: str, device: torch.device) -> ExpertVersion:
-    """Store tensors of one expert -> a resident, kernel-ready ExpertVersion."""
-    biases = {b: weights[b].to(device) for b in layout.BIASES if b in weights}
-    return ExpertVersion(weights["gate_up"].precision, kernels.prepare(weights["gate_up"], backend),
-                         kernels.prepare(weights["down"], backend), **biases)
+def make_version(weights: dict, backend: str, dtype: torch.dtype) -> ExpertVersion:
+    """Store tensors of one expert -> a resident, kernel-ready ExpertVersion (biases in the model dtype)."""
+    bias = {b: weights[b].to(dtype) for b in layout.BIASES if b in weights}
+    return ExpertVersion(weights["gate_up"].precision,
+                         kernels.prepare(weights["gate_up"], backend, bias.get("gate_up_bias")),
+                         kernels.prepare(weights["down"], backend, bias.get("down_bias")))
 
 
 def _build_model(store_dir: Path, arch, dtype, device):

@@ -43,6 +43,20 @@ class FloatLinear:
 
 
 @dataclass
+class Biased:
+    """Any kernel plus a bias added to its output, unfused, as transformers' `x @ W + b` rounds."""
+    inner: object
+    bias: torch.Tensor  # [N]
+
+    @property
+    def nbytes(self):
+        return self.inner.nbytes + _nbytes(self.bias)
+
+    def __call__(self, x):
+        return self.inner(x) + self.bias
+
+
+@dataclass
 class Reference:
     """Dequantize in float64 at every call: slow, exact, independent of any kernel."""
     qw: QuantizedWeight
@@ -113,7 +127,15 @@ def fast_int_shape_ok(qw: QuantizedWeight) -> bool:
     return n % 16 == 0 and k % qw.group_size == 0 and qw.group_size in (32, 64, 128, 256)
 
 
-def prepare(qw: QuantizedWeight, backend: str = "cpu"):
+def prepare(qw: QuantizedWeight, backend: str = "cpu", bias: torch.Tensor | None = None):
+    """-> kernel-ready callable x [T, K] -> x @ W^T (+ bias) [T, N], with `.nbytes` resident."""
+    kernel = _prepare(qw, backend)
+    if bias is None:
+        return kernel
+    return Biased(kernel, bias.to("cuda" if backend == "cuda" else "cpu"))
+
+
+def _prepare(qw: QuantizedWeight, backend: str):
     if backend == "reference":
         return Reference(qw)
     if qw.precision.is_float:

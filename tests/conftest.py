@@ -1,0 +1,39 @@
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+warnings.filterwarnings("ignore", message=".*RoPE scaling factor.*")
+
+from models import make_checkpoint  # noqa: E402
+
+ALL_PRECISIONS = ("fp32", "bf16", "int8", "int4", "int3", "int2")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNAEXQ_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """arch -> (checkpoint dir, store dir with every precision), built once per session."""
+    from dynaexq.store.prepare import prepare
+
+    root = tmp_path_factory.mktemp("models")
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            ckpt = make_checkpoint(arch, root / arch)
+            store = prepare(ckpt, root / f"{arch}-store", precisions=ALL_PRECISIONS, progress=False)
+            cache[arch] = (ckpt, store)
+        return cache[arch]
+
+    return get
