@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -30,9 +31,10 @@ class Checkpoint:
                             "dynaexq store (which has manifest.json)")
         self.config = json.loads(cfg.read_text())
         self._handles: dict[str, object] = {}
-        self.key_file = self._key_files()
 
-    def _key_files(self) -> dict[str, str]:
+    @cached_property
+    def key_file(self) -> dict[str, str]:
+        """Tensor name -> shard file name (read lazily: the config alone answers 'which architecture')."""
         index = self.path / INDEX
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -95,15 +97,22 @@ class Checkpoint:
                 return _DTYPES[name]
         return torch.float32
 
-    def fingerprint(self) -> dict:
-        """What identifies this checkpoint cheaply: config hash + per shard size and header hash."""
+    def fingerprint(self, sample: int = 1 << 20) -> dict:
+        """What identifies this checkpoint cheaply: config hash, and per shard its size and the sha256 of
+        its header plus three 1 MiB samples of its data (start, middle, end) -- two checkpoints of the
+        same shapes differ there, and hashing 60 GB in full on every load would take minutes."""
         files = {}
         for f in self.files():
             p = self.path / f
+            size = p.stat().st_size
+            h = hashlib.sha256()
             with open(p, "rb") as fh:
                 n = int.from_bytes(fh.read(8), "little")
-                header = fh.read(n)
-            files[f] = {"size": p.stat().st_size, "header_sha256": hashlib.sha256(header).hexdigest()}
+                h.update(fh.read(n))
+                for offset in (8 + n, (8 + n + size) // 2, size - sample):
+                    fh.seek(max(offset, 8 + n))
+                    h.update(fh.read(sample))
+            files[f] = {"size": size, "sha256_sampled": h.hexdigest()}
         cfg = hashlib.sha256((self.path / "config.json").read_bytes()).hexdigest()
         return {"config_sha256": cfg, "files": files}
 

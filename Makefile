@@ -1,0 +1,20 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` runs the test suite.
+# Both create .venv on first use and install what they need into it.
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "torch==2.13.0"  # the CPU wheel on this machine's index; pins nothing beyond pyproject's range
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+.PHONY: demo test install
+install: .venv/.installed
+
+demo: .venv/.installed
+	.venv/bin/dynaexq generate --policy uniform:int4 --max-new-tokens 32 "def fibonacci(n):"
+
+test: .venv/.installed
+	$(PY) -m pytest -q -m "not slow and not gpu" tests
