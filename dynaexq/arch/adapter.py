@@ -11,7 +11,8 @@ Canonical expert (what `read_expert` returns, float tensors in the source dtype)
   gate_up_bias [2I], down_bias [H]   (gpt_oss only)
 On-disk layouts:
   per_expert  `...layers.L.<mlp|block_sparse_moe>.experts.e.<gate_proj|up_proj|down_proj|w1|w3|w2>.weight`
-  gpt_oss     fused, transposed: `...layers.L.mlp.experts.gate_up_proj [E, H, 2I]` (+ `_bias`), `down_proj [E, I, H]`
+  gpt_oss     fused, transposed: `...layers.L.mlp.experts.gate_up_proj [E, H, 2I]` (+ `_bias`), `down_proj [E, I, H]`,
+              or MXFP4 `gate_up_proj_blocks/_scales`, `down_proj_blocks/_scales` (dequantized to bf16 on read)
   granite     fused: `...layers.L.block_sparse_moe.input_linear.weight [E, 2I, H]`, `output_linear.weight [E, H, I]`
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ _PER_EXPERT = re.compile(r"^(.*\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.expert
                          r"(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
 _ROLE = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 _FUSED = {
-    "gpt_oss": re.compile(r"^(.*\.layers\.(\d+)\.mlp\.experts)\.(gate_up_proj|gate_up_proj_bias|down_proj|down_proj_bias)$"),
+    "gpt_oss": re.compile(r"^(.*\.layers\.(\d+)\.mlp\.experts)\.((?:gate_up|down)_proj(?:_bias|_blocks|_scales)?)$"),
     "granite": re.compile(r"^(.*\.layers\.(\d+)\.block_sparse_moe)\.(input_linear|output_linear)\.weight$"),
 }
 
@@ -78,10 +79,23 @@ class Arch:
         if self.layout == "granite":
             return {"gate_up": ckpt.get(layer_index["input_linear"], e),
                     "down": ckpt.get(layer_index["output_linear"], e)}
-        return {"gate_up": ckpt.get(layer_index["gate_up_proj"], e).T.contiguous(),  # [H, 2I] -> [2I, H]
-                "down": ckpt.get(layer_index["down_proj"], e).T.contiguous(),  # [I, H] -> [H, I]
+        gate_up, down = (_gpt_oss_matrix(ckpt, layer_index, name, e) for name in ("gate_up_proj", "down_proj"))
+        return {"gate_up": gate_up.T.contiguous(),  # [H, 2I] -> [2I, H]
+                "down": down.T.contiguous(),  # [I, H] -> [H, I]
                 "gate_up_bias": ckpt.get(layer_index["gate_up_proj_bias"], e),
                 "down_bias": ckpt.get(layer_index["down_proj_bias"], e)}
+
+
+def _gpt_oss_matrix(ckpt, layer_index: dict, name: str, e: int) -> torch.Tensor:
+    """Expert e of a GPT-OSS fused tensor, [in, out]; MXFP4 checkpoints (`_blocks` + `_scales`, as
+    OpenAI ships them) are dequantized to bf16 with transformers' own converter."""
+    if name in layer_index:
+        return ckpt.get(layer_index[name], e)
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    blocks = ckpt.get(layer_index[f"{name}_blocks"], e)  # [out, in/32, 16] uint8: two FP4 codes a byte
+    scales = ckpt.get(layer_index[f"{name}_scales"], e)  # [out, in/32] uint8: exponent + 127
+    return convert_moe_packed_tensors(blocks[None], scales[None], dtype=torch.bfloat16)[0]  # [in, out]
 
 
 ARCHS = {a.model_type: a for a in [

@@ -58,6 +58,7 @@ def prepare(src, out, precisions=DEFAULT_PRECISIONS, group_size: int = DEFAULT_G
     for f in src.iterdir():
         if f.is_file() and f.suffix in _COPIED_SUFFIXES and f.name != INDEX:
             shutil.copyfile(f, out / f.name)
+    _drop_expert_quantization(out / "config.json")
 
     stats: dict = {}
     jobs = [(layer, p) for layer in index for p in precisions]
@@ -112,6 +113,15 @@ def _layer_shard(ckpt, arch, layer_index, layer, n_exp, p, group_size, out, para
     meta = {"params_sha256": params_hash, "stats": json.dumps(stat), "group_size": str(group_size)}
     layout.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return stat
+
+
+def _drop_expert_quantization(config_path: Path) -> None:
+    """MXFP4 GPT-OSS: only the experts were quantized, and the store holds them itself; the non-expert
+    weights are plain, so the store's config must not ask transformers for a quantized model."""
+    config = json.loads(config_path.read_text())
+    if config.get("quantization_config", {}).get("quant_method") == "mxfp4":
+        del config["quantization_config"]
+        layout.atomic_write_json(config_path, config)
 
 
 def _copy_nonexpert(ckpt: Checkpoint, arch, out: Path, params_hash: str) -> list[str]:
