@@ -160,11 +160,11 @@ def _prepare_cpu(qw: QuantizedWeight):
         # resident bytes == stored bytes: int8 codes + 2 + 2 bytes per row (the rounding of the bf16 scale
         # the kernel demands dominates that of the fp16 offset)
         return Int8Cpu((codes - 128).to(torch.int8).contiguous(), s.to(torch.bfloat16), (s * (128 - z)).half())
+    if qw.precision is not Precision.INT4:
+        from dynaexq.quant import lowbit_cpu
+        return lowbit_cpu.LowbitCpu.from_codes(codes, qw.precision.bits, qw.group_size, qw.scale, qw.zero)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
-    if qw.precision is Precision.INT4:
-        return Int4Cpu(packed, qw.group_size, int4_scale_zero(qw))
-    from dynaexq.quant import lowbit_cpu
-    return lowbit_cpu.LowbitCpu.from_int4pack(packed, qw.precision.bits, qw.group_size, int4_scale_zero(qw))
+    return Int4Cpu(packed, qw.group_size, int4_scale_zero(qw))
 
 
 def _to(qw: QuantizedWeight, device) -> QuantizedWeight:
