@@ -166,3 +166,9 @@ def test_sizes_parse_units():
 
     assert parse_size("20GiB") == 20 * 2**30 and parse_size("512MB") == 512 * 10**6
     assert parse_size("123456") == 123456 and parse_size("1.5G") == 1_500_000_000
+
+
+def test_generate_without_model_makes_and_uses_the_default_model(capsys):
+    code, out, err = run(capsys, "generate", "--policy", "uniform:int2", "--max-new-tokens", 4, "def f(x):")
+    assert code == 0 and out.startswith("def f(x):") and "making a small random Qwen3-MoE" in err
+    assert "{'int2': 64}" in err
