@@ -65,7 +65,7 @@ def test_uniform_fp32_logits_equal_transformers(arch, checkpoints):
     assert eng.precision_counts() == {"fp32": len(eng.banks) * 8}
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_uniform_bf16_logits_equal_transformers_in_bf16(arch, checkpoints):
     ckpt, store = checkpoints(arch)
     # transformers' default experts path (grouped_mm) rounds differently in bf16 and can flip a routing
