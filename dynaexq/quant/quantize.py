@@ -11,7 +11,7 @@ the format is asymmetric and exactly what the int4 kernels of PyTorch compute.
 Quantizer: round-to-nearest from the group min/max, then an error-minimizing refinement of
 (scale, zero), chosen by `refine`:
   "lsq"  (default) alternating least squares: codes fixed -> exact least-squares scale and zero ->
-         re-round, 10 rounds;
+         re-round, 5 rounds (10 rounds gained < 1% more);
   "hqq"  HQQ's half-quadratic zero update (Badri & Shaji 2023: alternate a proximal lp-norm shrinkage
          of the error with a closed-form zero; scale fixed), implemented here in ~10 lines rather
          than taken from the `hqq` package, whose import pulls CUDA extension builds and model-patching
@@ -139,15 +139,20 @@ def _hqq_zero(wg, scale, zero, qmax, iters: int = 20, lp: float = 0.7, beta: flo
     return zero
 
 
-def _least_squares(wg, scale, zero, qmax, iters: int = 10):
-    """Alternate: codes fixed -> least-squares (scale, offset) per group -> re-round the codes."""
+def _least_squares(wg, scale, zero, qmax, iters: int = 5):
+    """Alternate: codes fixed -> least-squares (scale, offset) per group -> re-round the codes.
+
+    With n = G codes q and weights w of a group, the fit w ~ s*q + b has s = cov(q, w) / var(q) and
+    b = mean(w) - s*mean(q), i.e. z = -b/s; only four sums per group per round are needed."""
+    n = wg.shape[-1]
+    sw = wg.sum(-1, keepdim=True)
     for _ in range(iters):
-        q = torch.round(wg / scale + zero).clamp(0, qmax)
-        qm, wm = q.mean(-1, keepdim=True), wg.mean(-1, keepdim=True)
-        var = ((q - qm) ** 2).mean(-1, keepdim=True)
-        cov = ((q - qm) * (wg - wm)).mean(-1, keepdim=True)
-        s = torch.where(var > 0, cov / var.clamp(min=1e-12), scale).clamp(min=1e-8)
-        scale, zero = s, (s * qm - wm) / s  # W ~ s*q + (wm - s*qm) = s*(q - z)
+        q = torch.round(wg / scale + zero).clamp_(0, qmax)
+        sq = q.sum(-1, keepdim=True)
+        var = (q * q).sum(-1, keepdim=True) - sq * sq / n
+        cov = (q * wg).sum(-1, keepdim=True) - sq * sw / n
+        scale = torch.where(var > 1e-6, cov / var.clamp(min=1e-6), scale).clamp(min=1e-8)
+        zero = (sq - sw / scale) / n
     return scale, zero
 
 
