@@ -81,7 +81,7 @@ def load(path, policy="uniform:bf16", expert_budget: int | None = None, *, store
                         f"budget is {expert_budget} bytes ({format_size(expert_budget)}); {hint}")
     if verify:
         used = {layout.expert_shard(layer, p) for (layer, _), p in plan.items()}
-        used |= {n for n in reader.manifest["shards"] if n.startswith("nonexpert-")}
+        used.add(layout.NONEXPERT_SHARD)
         reader.verify(sorted(used), progress=progress)
 
     arch = get_arch(reader.manifest["config"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from functools import cached_property
 from pathlib import Path
 
@@ -81,12 +82,16 @@ class Checkpoint:
         except SafetensorError as err:
             raise UserError(f"cannot read {key!r} from {self.key_file[key]!r}: {err}") from None
 
-    def nbytes(self, key: str) -> int:
+    def spec(self, key: str) -> tuple[torch.dtype, list[int]]:
+        """(dtype, shape) of a tensor, from the header alone."""
+        from dynaexq.store.shard_writer import TORCH_DTYPES
+
         sl = self._open(self.key_file[key]).get_slice(key)
-        n = _ITEMSIZE.get(sl.get_dtype(), 4)
-        for dim in sl.get_shape():
-            n *= dim
-        return n
+        return TORCH_DTYPES[sl.get_dtype()], sl.get_shape()
+
+    def nbytes(self, key: str) -> int:
+        dtype, shape = self.spec(key)
+        return dtype.itemsize * math.prod(shape)
 
     def dtype(self) -> torch.dtype:
         """Dtype of the first floating tensor (the checkpoint's own dtype)."""
@@ -118,4 +123,3 @@ class Checkpoint:
 
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-_ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

@@ -3,11 +3,13 @@
 STORE/
   manifest.json                  written last: a store without it is incomplete (prepare resumes)
   config.json, tokenizer files   copied from the checkpoint
-  model.safetensors.index.json   maps the non-expert weights to their shards, so that transformers
-  nonexpert-00001.safetensors    loads the store directory like a checkpoint without experts
+  model.safetensors.index.json   maps the non-expert weights to their shard, so that transformers
+  nonexpert.safetensors          loads the store directory like a checkpoint without experts
   experts/L003.int4.safetensors  one shard per (MoE layer, precision): for expert e the tensors
                                  `e.gate_up.data|scale|zero`, `e.down.data|scale|zero` (+ `e.gate_up_bias`,
-                                 `e.down_bias`); its metadata holds per-expert bytes and errors
+                                 `e.down_bias`)
+  experts/L003.int4.json         written after its shard: per-expert bytes and errors, sha256, and the
+                                 prepare parameters (a resumed prepare skips shards whose sidecar matches)
 """
 from __future__ import annotations
 
@@ -30,8 +32,7 @@ def expert_shard(layer: int, precision: Precision) -> str:
     return f"experts/L{layer:03d}.{precision.value}.safetensors"
 
 
-def nonexpert_shard(i: int) -> str:
-    return f"nonexpert-{i:05d}.safetensors"
+NONEXPERT_SHARD = "nonexpert.safetensors"
 
 
 def is_store(path) -> bool:

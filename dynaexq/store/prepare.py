@@ -1,11 +1,12 @@
 """`prepare`: checkpoint -> expert store, every routed expert at every requested precision.
 
-Streams one (MoE layer, precision) at a time: each expert is read alone (`Checkpoint.get` slices),
-quantized, and the layer's shard is written atomically, so peak memory is about one layer of experts
-at the largest precision plus one expert's working copies, whatever the checkpoint size. The source
-is re-read per precision (from the page cache) instead of holding the layer in memory. Every shard
-carries the prepare parameters in its metadata: a killed run resumes by skipping finished shards.
-Non-expert weights are copied unchanged (source dtype) into `nonexpert-*.safetensors`.
+Streams one (MoE layer, precision) shard at a time, one expert at a time: each expert is read alone
+(`Checkpoint.get` slices, source unmapped right after), quantized, and written straight into the
+shard (`shard_writer`), so peak memory is about one expert's working copies plus the interpreter,
+whatever the checkpoint size. Shards are written under a temporary name and renamed; a sidecar
+`experts/L003.int4.json` (per-expert bytes, errors, sha256 and the prepare parameters) is written
+after its shard, so a killed run resumes by skipping the shards whose sidecar matches.
+Non-expert weights are copied unchanged (source dtype) into `nonexpert.safetensors`.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
@@ -26,8 +26,8 @@ from dynaexq.quant.precision import DEFAULT_GROUP_SIZE, DEFAULT_PRECISIONS, Prec
 from dynaexq.quant.quantize import dequantize, quantize
 from dynaexq.store import layout
 from dynaexq.store.checkpoint import INDEX, Checkpoint
+from dynaexq.store.shard_writer import write_streaming
 
-NONEXPERT_SHARD_BYTES = 1 << 30
 _COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".md", ".tiktoken")
 
 
@@ -68,7 +68,10 @@ def prepare(src, out, precisions=DEFAULT_PRECISIONS, group_size: int = DEFAULT_G
         ckpt.close()
     first = arch.read_expert(ckpt, index[next(iter(index))], 0)
     shards = {name: {"size": (out / name).stat().st_size, "sha256": layout.sha256_file(out / name)}
-              for name in [layout.expert_shard(layer, p) for layer, p in jobs] + nonexpert}
+              for name in nonexpert}
+    for layer, p in jobs:
+        name = layout.expert_shard(layer, p)
+        shards[name] = {"size": (out / name).stat().st_size, "sha256": stats[str(layer)][p.value].pop("sha256")}
     manifest = {
         "format_version": layout.FORMAT_VERSION, "params_sha256": params_hash,
         "arch": arch.model_type, "config": ckpt.config, "source": {"path": str(src.resolve()), **params["source"]},
@@ -81,37 +84,49 @@ def prepare(src, out, precisions=DEFAULT_PRECISIONS, group_size: int = DEFAULT_G
 
 
 def _layer_shard(ckpt, arch, layer_index, layer, n_exp, p, group_size, out, params_hash) -> dict:
+    """Quantize one layer's experts at precision p into one shard, streamed one expert at a time.
+
+    Returns {"bytes": [...], "error": [...], "sha256": ...}, also kept in a sidecar JSON written after
+    the shard: a shard whose sidecar has the same parameters is finished and is skipped on resume."""
     path = out / layout.expert_shard(layer, p)
-    if path.is_file():  # resume: a finished shard of the same parameters is kept
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("params_sha256") == params_hash:
-            return json.loads(meta["stats"])
-    tensors, nbytes, errors = {}, [], []
-    for e in range(n_exp):
+    stats_path = path.with_suffix(".json")
+    if path.is_file() and stats_path.is_file():
+        stat = json.loads(stats_path.read_text())
+        if stat.pop("params_sha256", None) == params_hash:
+            return stat
+    nbytes, errors = [], []
+
+    def expert(e: int) -> dict[str, torch.Tensor]:
         if arch.layout == "per_expert" and e not in layer_index:
             raise UserError(f"checkpoint has no weights for expert {e} of layer {layer} (config says "
                             f"{n_exp} experts); the checkpoint is incomplete")
         w = arch.read_expert(ckpt, layer_index, e)
-        num = den = 0.0
-        size = 0
+        ckpt.close()  # unmap the source: its touched pages would otherwise stay resident
+        tensors, num, den = {}, 0.0, 0.0
         for m in layout.MATRICES:
             qw = quantize(w[m], p, group_size)
-            for name, t in qw.tensors().items():
-                tensors[f"{e}.{m}.{name}"] = t
-            size += qw.nbytes
+            tensors.update({f"{m}.{name}": t for name, t in qw.tensors().items()})
             w64 = w[m].double()
             num += float((w64 - dequantize(qw, torch.float64)).pow(2).sum())
             den += float(w64.pow(2).sum())
-        for b in layout.BIASES:
-            if b in w:
-                tensors[f"{e}.{b}"] = w[b].contiguous()
-                size += w[b].numel() * w[b].element_size()
-        nbytes.append(size)
+        tensors.update({b: w[b] for b in layout.BIASES if b in w})
+        nbytes.append(sum(t.numel() * t.element_size() for t in tensors.values()))
         errors.append((num / max(den, 1e-30)) ** 0.5)
-    stat = {"bytes": nbytes, "error": errors}
-    meta = {"params_sha256": params_hash, "stats": json.dumps(stat), "group_size": str(group_size)}
-    layout.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        return tensors
+
+    first = expert(0)
+    specs = [(f"{e}.{name}", t.dtype, t.shape) for e in range(n_exp) for name, t in first.items()]
+
+    def stream():
+        yield from first.values()
+        for e in range(1, n_exp):
+            yield from expert(e).values()
+
+    meta = {"params_sha256": params_hash, "group_size": str(group_size)}
+    digest = []
+    layout.atomic_write(path, lambda tmp: digest.append(write_streaming(tmp, specs, stream(), meta)))
+    stat = {"bytes": nbytes, "error": errors, "sha256": digest[0]}
+    layout.atomic_write_json(stats_path, {**stat, "params_sha256": params_hash})
     return stat
 
 
@@ -125,28 +140,24 @@ def _drop_expert_quantization(config_path: Path) -> None:
 
 
 def _copy_nonexpert(ckpt: Checkpoint, arch, out: Path, params_hash: str) -> list[str]:
-    """Copy non-expert tensors into shards of <= 1 GiB; finished shards of the same parameters are kept."""
-    groups, size = [[]], 0
-    for key in sorted(k for k in ckpt.keys() if not arch.is_expert_key(k)):
-        n = ckpt.nbytes(key)
-        if groups[-1] and size + n > NONEXPERT_SHARD_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(key)
-        size += n
-    weight_map, names = {}, []
-    for i, keys in enumerate(groups, start=1):
-        name = layout.nonexpert_shard(i)
-        names.append(name)
-        weight_map.update({k: name for k in keys})
-        path = out / name
-        if path.is_file():
-            with safe_open(str(path), "pt") as f:
-                if (f.metadata() or {}).get("params_sha256") == params_hash:
-                    continue
-        tensors = {k: ckpt.get(k).contiguous() for k in keys}
-        layout.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"params_sha256": params_hash,
-                                                                                 "format": "pt"}))
-        ckpt.close()
-    layout.atomic_write_json(out / layout.NONEXPERT_INDEX, {"metadata": {}, "weight_map": weight_map})
-    return names
+    """Stream every non-expert tensor, unchanged, into one shard (kept if already written with the same
+    parameters); write the index that lets transformers load the store directory."""
+    name = layout.NONEXPERT_SHARD
+    keys = sorted(k for k in ckpt.keys() if not arch.is_expert_key(k))
+    path = out / name
+    done = False
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            done = (f.metadata() or {}).get("params_sha256") == params_hash
+    if not done:
+        specs = [(k, *ckpt.spec(k)) for k in keys]
+
+        def stream():
+            for k in keys:
+                yield ckpt.get(k)
+                ckpt.close()
+
+        layout.atomic_write(path, lambda tmp: write_streaming(tmp, specs, stream(), {"params_sha256": params_hash,
+                                                                                     "format": "pt"}))
+    layout.atomic_write_json(out / layout.NONEXPERT_INDEX, {"metadata": {}, "weight_map": {k: name for k in keys}})
+    return [name]
