@@ -11,7 +11,7 @@ is released during the call).
 Fallback (build failure, a CPU without AVX2/FMA/F16C, or DYNAEXQ_NO_CPU_EXT=1; one warning says
 so): codes below 4 (int2) or 8 (int3) are valid int4 codes, so the int4-packed weight of
 aten._convert_weight_to_int4pack_for_cpu is kept with its always-zero bits squeezed out, in int64
-words, and rebuilt per call (3 tensor ops for int2, 15 for int3) for aten's int4 kernel:
+words, and rebuilt per call (4 tensor ops for int2, 16 for int3) for aten's int4 kernel:
   int2: nibble bits 0-1 used (mask 0x3333...). Word halves A, B -> one word A | B << 2.
   int3: the low two bits as in int2, plus the third bit (0x4444...) of four word quarters folded into
         one word. 2/4 + 1/4 of the int4 bytes = exactly 3 bits per weight.
@@ -101,23 +101,23 @@ def _sha(text: str) -> str:
 def pack_blob(codes: torch.Tensor, bits: int, group_size: int, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """codes [N, K] in [0, 2**bits), scale/zero [N, K/G] fp16 -> flat uint8 blob of lowbit.cpp."""
     n, k = codes.shape
-    p, ng, g = n // 16, k // group_size, group_size
-    c = codes.to(torch.int64).view(p, 16, ng, g).permute(0, 2, 3, 1)  # [P, ng, G, 16 rows]
-    if bits == 2:
-        c = c.reshape(p, ng, g // 16, 16, 16)  # [P, ng, chunk, j, row]
-        words = (c << (2 * torch.arange(16)).view(16, 1)).sum(3)  # [P, ng, chunk, 16]
-    else:
-        c = c.reshape(p, ng, g // 32, 32, 16)  # [P, ng, chunk, t, row]
-        lo = ((c & 3).view(p, ng, g // 32, 2, 16, 16) << (2 * torch.arange(16)).view(16, 1)).sum(4)
-        hi = (((c >> 2) & 1) << torch.arange(32).view(32, 1)).sum(3, keepdim=True)
-        words = torch.cat([lo, hi], 3)  # [P, ng, chunk, 3, 16]: k 0-15 low bits, k 16-31, third bits
-    words = words.contiguous().view(torch.int32)[..., 0::2]  # low 32 bits (little-endian)
-    code_bytes = words.contiguous().view(torch.uint8).reshape(p, ng, -1)
+    p, ng, ck = n // 16, k // group_size, 16 if bits == 2 else 32  # ck: k per chunk
+    per = 16 if bits == 2 else 10  # codes per 32-bit word, `bits` apart
+    c = codes.to(torch.int32).view(p, 16, ng, group_size // ck, ck).permute(4, 0, 2, 3, 1).contiguous()
+    # c: [k in chunk, P, ng, chunk, row]; words: [P, ng, chunk, word (int2: 1; int3: A, B, C), row]
+    words = torch.zeros(p, ng, group_size // ck, ck // per, 16, dtype=torch.int32)
+    for j in range(per * words.shape[3]):
+        words[:, :, :, j // per] |= c[j] << bits * (j % per)
+    if bits == 3:  # k = 30, 31: low bits at the top of A and C, third bits at the top of B
+        words[:, :, :, 0] |= (c[30] & 3) << 30
+        words[:, :, :, 1] |= ((c[30] >> 2) << 30) | ((c[31] >> 2) << 31)
+        words[:, :, :, 2] |= (c[31] & 3) << 30
+    code_bytes = words.view(torch.uint8).reshape(p, ng, -1)
     sz = [t.to(torch.float16).view(p, 16, ng).transpose(1, 2).contiguous().view(torch.uint8) for t in (scale, zero)]
-    return torch.cat([code_bytes, *sz], 2).reshape(-1)  # [P, ng, codes + 32 B scales + 32 B zeros]
+    return torch.cat([code_bytes, *sz], 2).reshape(-1)  # [P, ng, chunk x word x row x 4 B + 32 B s + 32 B z]
 
 
-@dataclass
+@dataclass(eq=False)
 class LowbitCpu:
     bits: int
     shape: tuple[int, int]  # [N, K] of the weight
@@ -137,6 +137,8 @@ class LowbitCpu:
         assert bits in (2, 3) and n % 16 == 0 and k % group_size == 0 and group_size % 32 == 0, (bits, n, k, group_size)
         if fused is None:
             fused = extension() is not None
+        elif fused and extension() is None:
+            raise RuntimeError("the C++ int2/int3 kernel is not available (see the warning)")
         if fused:
             return cls(bits, (n, k), group_size, pack_blob(codes, bits, group_size, scale, zero))
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
@@ -159,19 +161,19 @@ class LowbitCpu:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] any float dtype -> [..., N] same dtype."""
         n, k = self.shape
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, k)
+        if x.dim() != 2:
+            return self(x.reshape(-1, k)).view(*x.shape[:-1], n)
         if self.blob is None:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self._int4pack(),
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self._int4pack(),
                                                            self.group_size, self.scale_zero)
-            return y.to(x.dtype).view(*lead, n)
-        xc = (x2 if x2.dtype in _DTYPE_CODE else x2.float()).contiguous()
-        y = torch.empty(xc.shape[0], n, dtype=xc.dtype)
-        if xc.shape[0]:
-            extension().dynaexq_lowbit_mm(self.bits, self.group_size, xc.shape[0], n, k, xc.data_ptr(),
-                                          _DTYPE_CODE[xc.dtype], self.blob.data_ptr(), y.data_ptr(),
-                                          torch.get_num_threads())
-        return y.to(x.dtype).view(*lead, n)
+            return y.to(x.dtype)
+        xc = (x if x.dtype in _DTYPE_CODE else x.float()).contiguous()
+        m = xc.shape[0]
+        y = torch.empty(m, n, dtype=xc.dtype)
+        if m:
+            _lib.dynaexq_lowbit_mm(self.bits, self.group_size, m, n, k, xc.data_ptr(), _DTYPE_CODE[xc.dtype],
+                                   self.blob.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _int4pack(self) -> torch.Tensor:
         """Fallback: rebuild the int4-packed bytes (codes + c) from the squeezed words."""

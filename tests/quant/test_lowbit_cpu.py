@@ -1,0 +1,149 @@
+"""int2/int3 CPU matmuls (`dynaexq.quant.lowbit_cpu`) held to the float64 dequantize-then-matmul reference:
+the fused C++ kernel (AVX-512 here, and its AVX2 variant), the pure-torch fallback, resident bytes,
+and calls from several threads at once."""
+import threading
+import warnings
+
+import pytest
+import torch
+
+from dynaexq.quant import kernels, lowbit_cpu
+from dynaexq.quant.precision import Precision
+from dynaexq.quant.quantize import quantize
+
+TOL = 0.03
+SHAPES = [(16, 64, 64), (48, 128, 32), (96, 512, 64), (256, 768, 128)]  # N, K, G
+MS = (1, 3, 8, 17)
+
+
+def _weight(n, k, dist, seed):
+    g = torch.Generator().manual_seed(seed)
+    if dist == "normal":
+        return torch.randn(n, k, generator=g)
+    return torch.distributions.StudentT(2.0).sample((n, k)) * 0.1  # heavy tails
+
+
+def _rel(y, ref):
+    return float((y.double() - ref.double()).norm() / ref.double().norm())
+
+
+@pytest.fixture(scope="module")
+def ext():
+    lib = lowbit_cpu.extension()
+    if lib is None:
+        pytest.skip("the C++ int2/int3 kernel did not build here (a warning said why)")
+    return lib
+
+
+@pytest.fixture(scope="module")
+def weights():
+    """(bits, dist, shape) -> QuantizedWeight, quantized once."""
+    out = {}
+    for bits in (2, 3):
+        for dist in ("normal", "student_t"):
+            for i, (n, k, g) in enumerate(SHAPES):
+                w = _weight(n, k, dist, 100 * bits + i)
+                out[bits, dist, (n, k, g)] = quantize(w, Precision(f"int{bits}"), group_size=g)
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("dist", ["normal", "student_t"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fused_matches_reference(ext, weights, bits, dist, shape):
+    qw = weights[bits, dist, shape]
+    fast, ref = kernels.prepare(qw, "cpu"), kernels.prepare(qw, "reference")
+    assert isinstance(fast, lowbit_cpu.LowbitCpu) and fast.blob is not None
+    for m in MS:
+        x = torch.randn(m, shape[1], generator=torch.Generator().manual_seed(m))
+        want = ref(x.double())
+        for dtype in (torch.bfloat16, torch.float32):
+            y = fast(x.to(dtype))
+            assert y.dtype == dtype and y.shape == (m, shape[0])
+            assert _rel(y, want) <= TOL, (m, dtype, _rel(y, want))
+        assert _rel(fast(x), want) < 1e-5  # fp32 in, fp32 accumulate: only summation order differs
+
+
+def test_fallback_gives_same_results(ext, weights, monkeypatch):
+    cases = []  # (qw, x, fused output), computed before the extension is switched off
+    for (bits, dist, shape), qw in weights.items():
+        fast = kernels.prepare(qw, "cpu")
+        for m in (1, 8):
+            x = torch.randn(m, shape[1], dtype=torch.bfloat16)
+            cases.append((qw, fast.nbytes, x, fast(x)))
+    monkeypatch.setattr(lowbit_cpu, "_loaded", False)
+    monkeypatch.setattr(lowbit_cpu, "_lib", None)
+    monkeypatch.setenv("DYNAEXQ_NO_CPU_EXT", "1")
+    with pytest.warns(UserWarning, match="DYNAEXQ_NO_CPU_EXT"):
+        assert lowbit_cpu.extension() is None
+    for qw, nbytes, x, y_fast in cases:
+        slow = kernels.prepare(qw, "cpu")
+        assert slow.blob is None and slow.nbytes == nbytes
+        y_slow, want = slow(x), kernels.prepare(qw, "reference")(x.double())
+        assert _rel(y_slow, want) <= TOL and _rel(y_slow, y_fast) <= TOL, (qw.precision, qw.shape, x.shape)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_resident_bytes_are_true_bits(ext, bits):
+    n, k, g = 64, 256, 64
+    codes = torch.randint(0, 1 << bits, (n, k))
+    s, z = torch.rand(n, k // g).half(), torch.rand(n, k // g).half()
+    p = lowbit_cpu.LowbitCpu.from_codes(codes, bits, g, s, z)
+    assert p.nbytes == n * k * bits // 8 + n * (k // g) * 4  # codes + fp16 scale and zero per group
+    assert p.nbytes == p.blob.numel()
+
+
+def test_avx2_kernel_matches_reference(weights):
+    """The AVX2 build of the same source (what a CPU without AVX-512 gets)."""
+    try:
+        lib = lowbit_cpu.build(("-mno-avx512f",))
+    except Exception as e:
+        pytest.skip(f"no AVX2 build: {e}")
+    if lib.dynaexq_lowbit_isa() != 256:
+        pytest.skip("this CPU has no AVX2+FMA+F16C")
+    for (bits, dist, shape), qw in weights.items():
+        n, k, g = shape
+        blob = lowbit_cpu.pack_blob(qw.codes().view(n, k), bits, g, qw.scale, qw.zero)
+        for m in MS:
+            x = torch.randn(m, k, dtype=torch.bfloat16)
+            y = torch.empty(m, n, dtype=torch.bfloat16)
+            lib.dynaexq_lowbit_mm(bits, g, m, n, k, x.data_ptr(), 1, blob.data_ptr(), y.data_ptr(), 2)
+            assert _rel(y, kernels.prepare(qw, "reference")(x.double())) <= TOL, (bits, dist, shape, m)
+
+
+def test_concurrent_calls(ext, weights):
+    qw = weights[3, "normal", (256, 768, 128)]
+    p = kernels.prepare(qw, "cpu")
+    xs = [torch.randn(m, 768, dtype=torch.bfloat16) for m in (1, 8, 17, 70)]  # 70: two row blocks
+    want = [p(x) for x in xs]
+    errors = []
+
+    def work():
+        for _ in range(20):
+            for x, w in zip(xs, want):
+                if not torch.equal(p(x), w):
+                    errors.append("mismatch")
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_build_failure_warns_and_falls_back(monkeypatch):
+    monkeypatch.setattr(lowbit_cpu, "_loaded", False)
+    monkeypatch.setattr(lowbit_cpu, "_lib", None)
+    monkeypatch.delenv("DYNAEXQ_NO_CPU_EXT", raising=False)
+    monkeypatch.setattr(lowbit_cpu, "build", lambda *a: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert lowbit_cpu.extension() is None
+        assert lowbit_cpu.extension() is None
+    assert len(caught) == 1 and "no compiler" in str(caught[0].message)
+    codes = torch.randint(0, 4, (32, 64))
+    p = lowbit_cpu.LowbitCpu.from_codes(codes, 2, 64, torch.ones(32, 1).half(), torch.zeros(32, 1).half())
+    assert p.blob is None
+    x = torch.randn(2, 64)
+    assert _rel(p(x), x.double() @ codes.double().T) <= TOL
