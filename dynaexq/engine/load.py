@@ -95,6 +95,7 @@ def load(path, policy="uniform:bf16", expert_budget: int | None = None, *, store
     assert sorted(banks) == sorted(reader.layers), (sorted(banks), reader.layers)
     for (layer, e), p in tqdm(sorted(plan.items()), desc="load experts", unit="expert", disable=not progress):
         banks[layer].publish(e, make_version(reader.read_expert(layer, e, p), backend, dtype))
+    reader.close()  # every version owns its memory now; keep no store pages mapped
     return Engine(model=model, tokenizer=_tokenizer(reader.path), reader=reader, banks=banks,
                   policy=str(planner), plan=plan, backend=backend)
 

@@ -20,8 +20,9 @@ Quantizer: round-to-nearest from the group min/max, then an error-minimizing ref
 Per group the candidate with the lowest squared error is kept, so refinement never loses to RTN.
 int8 is always round-to-nearest: with 256 levels refinement changed its error by < 1% (measured),
 and skipping it makes `prepare` ~40% faster.
-Measured on heavy-tailed (Student-t, 2 dof) weights at int2, relative error: RTN 0.68, HQQ 0.61,
-LSQ 0.31 (and HQQ then LSQ is no better than LSQ, at 3x the time); `bench/kernels.py` prints these.
+Measured by `bench/kernels.py` on one [1536, 2048] matrix (seed 0), relative error at int2:
+Gaussian RTN 0.450, HQQ 0.431, LSQ 0.327; Student-t (2 dof) RTN 0.450, HQQ 0.239, LSQ 0.217 (LSQ
+7-10x faster than HQQ's 20 iterations). HQQ then LSQ was no better than LSQ alone.
 """
 from __future__ import annotations
 

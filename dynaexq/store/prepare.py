@@ -107,8 +107,9 @@ def _layer_shard(ckpt, arch, layer_index, layer, n_exp, p, group_size, out, para
             qw = quantize(w[m], p, group_size)
             tensors.update({f"{m}.{name}": t for name, t in qw.tensors().items()})
             w64 = w[m].double()
-            num += float((w64 - dequantize(qw, torch.float64)).pow(2).sum())
             den += float(w64.pow(2).sum())
+            if not (p.is_float and w[m].dtype == p.dtype):  # same dtype: exact copy, error 0
+                num += float((w64 - dequantize(qw, torch.float64)).pow(2).sum())
         tensors.update({b: w[b] for b in layout.BIASES if b in w})
         nbytes.append(sum(t.numel() * t.element_size() for t in tensors.values()))
         errors.append((num / max(den, 1e-30)) ** 0.5)

@@ -76,7 +76,10 @@ class StoreReader:
 
     # --- reading ---------------------------------------------------------------------------------
     def read_expert(self, layer: int, e: int, precision: Precision) -> dict:
-        """-> {"gate_up": QuantizedWeight, "down": QuantizedWeight, (+ "gate_up_bias", "down_bias")}."""
+        """-> {"gate_up": QuantizedWeight, "down": QuantizedWeight, (+ "gate_up_bias", "down_bias")}.
+
+        Tensors are copied out of the memory map: a loaded expert must own its memory, or the bytes we
+        report as resident would be file pages faulted in on first use and evictable under pressure."""
         self._check(layer, precision)
         name = layout.expert_shard(layer, precision)
         f = self._open(name)
@@ -84,12 +87,13 @@ class StoreReader:
         group = 0 if precision.is_float else None
         out = {}
         for m in layout.MATRICES:
-            t = {k: f.get_tensor(f"{e}.{m}.{k}") for k in ("data", "scale", "zero") if f"{e}.{m}.{k}" in self._keys[name]}
+            t = {k: f.get_tensor(f"{e}.{m}.{k}").clone() for k in ("data", "scale", "zero")
+                 if f"{e}.{m}.{k}" in self._keys[name]}
             g = group if group is not None else precision.group_size(shapes[m][1], self.group_size)
             out[m] = QuantizedWeight.from_tensors(precision, shapes[m], g, t)
         for b in layout.BIASES:
             if f"{e}.{b}" in self._keys[name]:
-                out[b] = f.get_tensor(f"{e}.{b}")
+                out[b] = f.get_tensor(f"{e}.{b}").clone()
         return out
 
     def _open(self, name: str):
@@ -103,4 +107,5 @@ class StoreReader:
         return self._handles[name]
 
     def close(self):
+        """Unmap the shards (a later read reopens them)."""
         self._handles.clear()
