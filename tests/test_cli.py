@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import transformers as T
 
 from dynaexq.cli import main
