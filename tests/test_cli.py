@@ -10,6 +10,7 @@ import pytest
 import transformers as T
 
 from dynaexq.cli import main
+from dynaexq.quant.precision import Precision
 from dynaexq.store import layout
 from models import COMMON, make_checkpoint
 
@@ -110,7 +111,7 @@ def test_truncated_safetensors(tiny, tmp_path, capsys):
 def test_corrupted_store_shard_sha256(tiny, tmp_path, capsys):
     store = tmp_path / "st"
     assert run(capsys, "prepare", tiny, "--out", store, "--precisions", "int4")[0] == 0
-    shard = store / layout.expert_shard(1, __import__("dynaexq.quant.precision").quant.precision.Precision.INT4)
+    shard = store / layout.expert_shard(1, Precision.INT4)
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0xFF  # flip bits in tensor data; the header still parses
     shard.write_bytes(bytes(data))
