@@ -96,10 +96,9 @@ class Checkpoint:
     def dtype(self) -> torch.dtype:
         """Dtype of the first floating tensor (the checkpoint's own dtype)."""
         for key in self.key_file:
-            t = self._open(self.key_file[key]).get_slice(key)
-            name = t.get_dtype()
-            if name in _DTYPES:
-                return _DTYPES[name]
+            dtype = self.spec(key)[0]
+            if dtype.is_floating_point:
+                return dtype
         return torch.float32
 
     def fingerprint(self, sample: int = 1 << 20) -> dict:
@@ -121,5 +120,3 @@ class Checkpoint:
         cfg = hashlib.sha256((self.path / "config.json").read_bytes()).hexdigest()
         return {"config_sha256": cfg, "files": files}
 
-
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

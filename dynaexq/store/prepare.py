@@ -54,7 +54,7 @@ def prepare(src, out, precisions=DEFAULT_PRECISIONS, group_size: int = DEFAULT_G
         raise UserError(f"{str(out)!r} already holds a store prepared from another checkpoint or with other "
                         "precisions/group size; choose another --out directory or delete that one")
 
-    nonexpert = _copy_nonexpert(ckpt, arch, out, params_hash)
+    _copy_nonexpert(ckpt, arch, out, params_hash)
     for f in src.iterdir():
         if f.is_file() and f.suffix in _COPIED_SUFFIXES and f.name != INDEX:
             shutil.copyfile(f, out / f.name)
@@ -67,8 +67,8 @@ def prepare(src, out, precisions=DEFAULT_PRECISIONS, group_size: int = DEFAULT_G
                                                                  group_size, out, params_hash)
         ckpt.close()
     first = arch.read_expert(ckpt, index[next(iter(index))], 0)
-    shards = {name: {"size": (out / name).stat().st_size, "sha256": layout.sha256_file(out / name)}
-              for name in nonexpert}
+    name = layout.NONEXPERT_SHARD
+    shards = {name: {"size": (out / name).stat().st_size, "sha256": layout.sha256_file(out / name)}}
     for layer, p in jobs:
         name = layout.expert_shard(layer, p)
         shards[name] = {"size": (out / name).stat().st_size, "sha256": stats[str(layer)][p.value].pop("sha256")}
@@ -140,7 +140,7 @@ def _drop_expert_quantization(config_path: Path) -> None:
         layout.atomic_write_json(config_path, config)
 
 
-def _copy_nonexpert(ckpt: Checkpoint, arch, out: Path, params_hash: str) -> list[str]:
+def _copy_nonexpert(ckpt: Checkpoint, arch, out: Path, params_hash: str) -> None:
     """Stream every non-expert tensor, unchanged, into one shard (kept if already written with the same
     parameters); write the index that lets transformers load the store directory."""
     name = layout.NONEXPERT_SHARD
@@ -161,4 +161,3 @@ def _copy_nonexpert(ckpt: Checkpoint, arch, out: Path, params_hash: str) -> list
         layout.atomic_write(path, lambda tmp: write_streaming(tmp, specs, stream(), {"params_sha256": params_hash,
                                                                                      "format": "pt"}))
     layout.atomic_write_json(out / layout.NONEXPERT_INDEX, {"metadata": {}, "weight_map": {k: name for k in keys}})
-    return [name]
