@@ -7,14 +7,15 @@ PIP := .venv/bin/pip
 	python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.0"  # the CPU wheel on this machine's index; pins nothing beyond pyproject's range
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,eval]"
 	touch $@
 
 .PHONY: demo test install
 install: .venv/.installed
 
 demo: .venv/.installed
-	.venv/bin/dynaexq generate --policy uniform:int4 --max-new-tokens 32 "def fibonacci(n):"
+	.venv/bin/dynaexq generate --policy calibrated-multilevel --expert-budget int3 --max-new-tokens 40 "def fibonacci(n):"
+	.venv/bin/dynaexq eval --expert-budget int3
 
 test: .venv/.installed
 	$(PY) -m pytest -q -m "not slow and not gpu" tests

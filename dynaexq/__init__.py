@@ -14,14 +14,13 @@ __version__ = "0.1.0"
 def load(path, policy="uniform:bf16", expert_budget=None, **kwargs):
     """Load a checkpoint directory (prepared into a cached store on first use) or a store -> Engine.
 
-    expert_budget: bytes (int) or a size string such as "20GiB"; a plan needing more is refused.
-    Keyword arguments: store, device, backend ("cpu" | "cuda" | "reference"), dtype, verify, progress.
+    expert_budget: bytes (int), a size string such as "20GiB", or a precision name such as "int3" (the bytes of
+    every expert at int3); a plan needing more is refused. Keyword arguments: store, device, backend ("cpu" |
+    "cuda" | "reference"), dtype, verify, progress, calibration (text files for the calibrated policies).
     """
     from dynaexq.engine.load import load as _load
-    from dynaexq.sizes import parse_size
 
-    budget = None if expert_budget is None else parse_size(expert_budget)
-    return _load(path, policy, budget, **kwargs)
+    return _load(path, policy, expert_budget, **kwargs)
 
 
 def prepare(checkpoint, out, **kwargs):

@@ -62,18 +62,26 @@ class ExpertBank(nn.Module):
         self.token_counts += counts  # statistics stay on the device: no sync here
         self.routed_mass.index_add_(0, flat_e, flat_w.float())
         order = torch.argsort(flat_e, stable=True)  # pairs grouped by expert, tokens ascending
-        out = torch.zeros_like(hidden)  # [T, H]
+        ys = torch.empty(flat_e.numel(), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)  # [T*K, H]
         start = 0
         for e, n in enumerate(counts.tolist()):  # the split points are needed on the host anyway
             if n == 0:
                 continue
             pairs = order[start:start + n]
-            start += n
-            tokens = pairs // k  # [n]
             v = versions[e]
-            h = v.gate_up(hidden[tokens])  # [n, 2I]
+            h = v.gate_up(hidden[pairs // k])  # [n, 2I]
             y = v.down(self._activate(h))  # [n, H]
-            out.index_add_(0, tokens, (y * flat_w[pairs, None]).to(out.dtype))
+            ys[start:start + n] = (y * flat_w[pairs, None]).to(ys.dtype)
+            start += n
+        # back to (token, slot) order, then each token's K outputs added in ascending expert order: the very
+        # roundings of transformers' per-expert `index_add_` (which is slow on the CPU in bf16), without it
+        by_expert = top_k_index.argsort(dim=-1, stable=True)  # [T, K]
+        slot_of_pair = torch.empty_like(order)
+        slot_of_pair[order] = torch.arange(order.numel(), device=order.device)
+        rows = slot_of_pair.view(-1, k).gather(1, by_expert)  # [T, K]: row of ys per token, by expert id
+        out = ys[rows[:, 0]]
+        for j in range(1, k):
+            out = out + ys[rows[:, j]]
         return out
 
     def _activate(self, h: torch.Tensor) -> torch.Tensor:

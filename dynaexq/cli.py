@@ -1,4 +1,4 @@
-"""The `dynaexq` command: prepare | generate | inspect.
+"""The `dynaexq` command: prepare | generate | eval | inspect.
 
 User errors (UserError) print one paragraph on stderr and exit with code 2, like argparse's own
 usage errors; nothing is left half-written because every file is written to a temporary name first.
@@ -17,9 +17,8 @@ from dynaexq.quant.precision import DEFAULT_GROUP_SIZE, DEFAULT_PRECISIONS
 
 def _model_path(arg) -> Path:
     from dynaexq.demo import default_model
-    from dynaexq.engine.load import cache_root
 
-    return Path(arg) if arg else default_model(cache_root())
+    return Path(arg) if arg else default_model()
 
 
 def cmd_prepare(args) -> int:
@@ -39,7 +38,7 @@ def cmd_generate(args) -> int:
     from dynaexq.sizes import format_size
 
     engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
-                          store=args.store)
+                          store=args.store, calibration=args.calibration)
     if engine.tokenizer is None:
         raise UserError(f"model {args.model!r} has no tokenizer files; generate needs one")
     streamer = TextStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -50,6 +49,77 @@ def cmd_generate(args) -> int:
     n = len(engine.tokenizer(text)["input_ids"])
     print(f"\n[{engine.policy}: {n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s; experts resident "
           f"{format_size(engine.expert_bytes())} {engine.precision_counts()}]", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from dynaexq.eval import harness, report
+
+    if args.sweep:
+        return _sweep(args)
+    out = harness.evaluate(_model_path(args.model), args.data, args.policy, args.expert_budget, args.windows,
+                           args.window_tokens, args.calibration, args.calibration_windows, progress=not args.json,
+                           store=args.store)
+    print(report.table(out), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+def _sweep(args) -> int:
+    from dynaexq.eval import harness, report
+    from dynaexq.sizes import format_size
+
+    model = _model_path(args.model)
+    data = harness.parse_data(args.data, harness._model_dir(model))
+    policies = args.policy or list(harness.HOTNESS_POLICIES)
+    budgets = args.expert_budget or ["int2"]  # the sweep's own budgets start at all-int2
+    args.store = harness.check_plans(model, [harness.parse_policy(p) for p in policies], budgets, args.store)
+    ev = harness.Evaluation(model, data, args.windows, args.window_tokens, args.calibration, args.calibration_windows,
+                            store=args.store)
+    try:
+        budgets = ([harness.resolve_budget(b, ev.reader) for b in args.expert_budget] if args.expert_budget
+                   else report.sweep_budgets(ev.reader))
+        uniform = [f"uniform:{p.value}" for p in ev.reader.precisions if p.bits <= 8]
+        runs = [(u, None) for u in uniform] + [(p, b) for p in policies for b in budgets]
+        results = []
+        for spec, b in runs:
+            print(f"dynaexq eval --sweep: {spec} at {format_size(b) if b else 'its own size'}", file=sys.stderr)
+            results.append(ev.run(spec, b))
+        out = {"model": str(model), "reference_policy": f"uniform:{ev.ref.value}",
+               "reference_expert_bytes": ev.reference_bytes, "windows": {n: list(w.shape) for n, w in ev.windows.items()},
+               "reference": ev.reference(), "results": results}
+    finally:
+        ev.close()
+    outdir = Path(args.out)
+    title = f"{Path(model).name}: {sum(w[0] for w in out['windows'].values())} windows x {args.window_tokens} tokens"
+    report.plot(out, outdir / "sweep.png", title)
+    md = (f"# Quality vs expert bytes: {Path(model).name}\n\nReference: {out['reference_policy']} "
+          f"({format_size(out['reference_expert_bytes'])} of experts). Mean KL is over the domains "
+          f"{', '.join(out['reference'])}.\n\n![sweep](sweep.png)\n\n{report.table(out, markdown=True)}\n")
+    report.atomic_save(outdir / "sweep.md", lambda tmp: Path(tmp).write_text(md))
+    report.atomic_save(outdir / "sweep.json", lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1)))
+    print(report.table(out), file=sys.stderr if args.json else sys.stdout)
+    print(f"wrote {outdir / 'sweep.png'}, {outdir / 'sweep.md'}, {outdir / 'sweep.json'}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+def cmd_lm_eval(args) -> int:
+    import dynaexq
+    from dynaexq.eval import lm_eval_adapter
+
+    engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
+                          store=args.store, calibration=args.calibration)
+    results = lm_eval_adapter.run(engine, args.tasks, args.include_path, args.limit, args.batch_size,
+                                  args.num_fewshot)
+    from lm_eval.utils import make_table
+
+    print(make_table(results), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps({"policy": engine.policy, "expert_bytes": engine.expert_bytes(),
+                          "results": results["results"]}, default=str))
     return 0
 
 
@@ -79,13 +149,55 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("prompt")
     sg.add_argument("--model", help="checkpoint or store directory (default: the bundled model)")
     sg.add_argument("--store", help="use this store for --model (it must have been prepared from that checkpoint)")
-    sg.add_argument("--policy", default="uniform:bf16", help="uniform:<precision> | map:<file.json> "
-                    "(default: %(default)s)")
-    sg.add_argument("--expert-budget", help="bytes for expert weights, e.g. 20GiB, 512MB, 123456")
+    sg.add_argument("--policy", default="uniform:bf16", help="uniform:<precision> | map:<file.json> | calibrated"
+                    "[:hi=int8,lo=int2] | calibrated-multilevel (default: %(default)s)")
+    sg.add_argument("--expert-budget", help="bytes for expert weights, e.g. 20GiB, 512MB, 123456, or a precision "
+                    "name (int3 = the bytes of every expert at int3)")
+    sg.add_argument("--calibration", nargs="+", metavar="FILE", help="calibration texts for the calibrated "
+                    "policies (default: the model's calibration/*.txt)")
     sg.add_argument("--max-new-tokens", type=int, default=64)
     sg.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     sg.add_argument("--seed", type=int)
     sg.set_defaults(fn=cmd_generate)
+
+    se = sub.add_parser("eval", help="quality of precision policies at equal expert bytes vs the full-precision model",
+                        description="Per domain: perplexity, mean KL(reference || policy) per token and top-1 "
+                        "agreement with the reference (the checkpoint at its own dtype), plus the expert bytes "
+                        "actually resident. Hotness policies (calibrated, calibrated-multilevel, oracle) are run at "
+                        "every --expert-budget.")
+    se.add_argument("--model", help="checkpoint or store directory (default: the bundled model)")
+    se.add_argument("--store", help="use this store for --model (it must have been prepared from that checkpoint)")
+    se.add_argument("--data", nargs="+", metavar="NAME=FILE", help="UTF-8 text files to evaluate on "
+                    "(default: the model's eval/*.txt)")
+    se.add_argument("--policy", nargs="+", metavar="SPEC", help="policies (default: uniform int8/int4/int3/int2, "
+                    "plus calibrated, calibrated-multilevel and oracle when a budget is given)")
+    se.add_argument("--expert-budget", nargs="+", metavar="SIZE", help="expert budgets: sizes (20MiB) or precision "
+                    "names (int3 = the bytes of every expert at int3)")
+    se.add_argument("--calibration", nargs="+", metavar="FILE", help="calibration texts for the calibrated "
+                    "policies (default: the model's calibration/*.txt, never its eval texts)")
+    se.add_argument("--calibration-windows", type=int, default=128, help="windows of --window-tokens read from the "
+                    "calibration texts (default: %(default)s)")
+    se.add_argument("--windows", type=int, default=16, help="windows per domain (default: %(default)s)")
+    se.add_argument("--window-tokens", type=int, default=256, help="tokens per window (default: %(default)s)")
+    se.add_argument("--sweep", action="store_true", help="run the hotness policies over a range of budgets (or the "
+                    "given ones) plus every uniform precision; write sweep.png, sweep.md and sweep.json to --out")
+    se.add_argument("--out", default="eval-sweep", help="directory for --sweep output (default: %(default)s)")
+    se.add_argument("--json", action="store_true", help="print the report as one JSON object on the last stdout line")
+    se.set_defaults(fn=cmd_eval)
+
+    sl = sub.add_parser("lm-eval", help="run lm-eval tasks on the model at a policy (needs the `eval` extra)")
+    sl.add_argument("tasks", nargs="+", help="lm-eval task names (its own, or from --include-path)")
+    sl.add_argument("--include-path", nargs="+", metavar="DIR", help="directories of task YAML files")
+    sl.add_argument("--model", help="checkpoint or store directory (default: the bundled model)")
+    sl.add_argument("--store", help="use this store for --model")
+    sl.add_argument("--policy", default="uniform:bf16", help="precision policy (default: %(default)s)")
+    sl.add_argument("--expert-budget", help="bytes for expert weights or a precision name")
+    sl.add_argument("--calibration", nargs="+", metavar="FILE", help="calibration texts for calibrated policies")
+    sl.add_argument("--limit", type=int, help="at most this many documents per task")
+    sl.add_argument("--num-fewshot", type=int)
+    sl.add_argument("--batch-size", type=int, default=8)
+    sl.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
+    sl.set_defaults(fn=cmd_lm_eval)
 
     si = sub.add_parser("inspect", help="architecture, layers x experts, bytes per precision, store integrity")
     si.add_argument("path", help="store or checkpoint directory")

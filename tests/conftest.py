@@ -37,3 +37,12 @@ def checkpoints(tmp_path_factory):
         return cache[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def bundled_store(tmp_path_factory):
+    """The bundled model prepared once per session into a store with the default precisions."""
+    from dynaexq.demo import BUNDLED
+    from dynaexq.store.prepare import prepare
+
+    return prepare(BUNDLED, tmp_path_factory.mktemp("bundled") / "store", progress=False)

@@ -9,8 +9,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
+from dynaexq.bank import ExpertVersion
 from dynaexq.errors import UserError
+from dynaexq.quant import kernels
+from dynaexq.store import layout
 
 
 @dataclass
@@ -22,6 +26,7 @@ class Engine:
     policy: str
     plan: dict = field(repr=False)  # (layer, expert) -> Precision
     backend: str = "cpu"
+    dtype: torch.dtype = torch.bfloat16
 
     def expert_bytes(self) -> int:
         """Bytes of expert weights resident right now (measured on the published versions)."""
@@ -34,6 +39,41 @@ class Engine:
     def take_routing_stats(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Per MoE layer: (token counts [E], routed probability mass [E]) since the last call."""
         return {layer: bank.take_stats() for layer, bank in self.banks.items()}
+
+    def apply(self, plan: dict, progress: bool = False) -> int:
+        """Publish, for every (layer, expert) whose precision differs, the planned version read from the store;
+        returns how many experts changed. (Synchronous: the asynchronous transition engine is the runtime's.)"""
+        changed = [(key, p) for key, p in sorted(plan.items())
+                   if self.banks[key[0]].versions[key[1]] is None or self.banks[key[0]].versions[key[1]].precision != p]
+        try:
+            for (layer, e), p in tqdm(changed, desc="publish experts", unit="expert", disable=not progress):
+                self.banks[layer].publish(e, make_version(self.reader.read_expert(layer, e, p), self.backend,
+                                                          self.dtype))
+        finally:
+            self.reader.close()
+        self.plan = dict(plan)
+        return len(changed)
+
+    @torch.inference_mode()
+    def routing_mass(self, windows: torch.Tensor, batch: int = 8, progress: bool = False) -> dict:
+        """Routed probability mass per MoE layer and expert ({layer: float64 [E]}) over token windows [n, T]."""
+        self.take_routing_stats()
+        for i in tqdm(range(0, len(windows), batch), desc="routing statistics", disable=not progress):
+            self.model(input_ids=windows[i:i + batch].to(self.model.device))
+        return {layer: mass.double().cpu() for layer, (_, mass) in self.take_routing_stats().items()}
+
+    def text_windows(self, text: str, n: int, length: int, what: str = "text") -> torch.Tensor:
+        """n windows of `length` tokens spread evenly over the tokenized text -> [n', length] with n' <= n
+        (fewer only when the text is short); a text shorter than one window is an error."""
+        if self.tokenizer is None:
+            raise UserError("this model has no tokenizer files; text evaluation needs one")
+        ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        if len(ids) < length:
+            raise UserError(f"{what} has {len(ids)} tokens, fewer than one window of {length}; give a longer text "
+                            "or a smaller window")
+        n = min(n, len(ids) // length)
+        starts = torch.linspace(0, len(ids) - length, n).long() if n > 1 else torch.zeros(1, dtype=torch.long)
+        return torch.stack([ids[s:s + length] for s in starts.tolist()])
 
     @torch.inference_mode()
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, streamer=None,
@@ -53,3 +93,11 @@ class Engine:
                                   pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                                   **sampling)
         return self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def make_version(weights: dict, backend: str, dtype: torch.dtype) -> ExpertVersion:
+    """Store tensors of one expert -> a resident, kernel-ready ExpertVersion (biases in the model dtype)."""
+    bias = {b: weights[b].to(dtype) for b in layout.BIASES if b in weights}
+    return ExpertVersion(weights["gate_up"].precision,
+                         kernels.prepare(weights["gate_up"], backend, bias.get("gate_up_bias")),
+                         kernels.prepare(weights["down"], backend, bias.get("down_bias")))

@@ -24,11 +24,10 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from dynaexq.arch import get_arch
-from dynaexq.bank import ExpertBank, ExpertVersion
-from dynaexq.engine.engine import Engine
+from dynaexq.bank import ExpertBank
+from dynaexq.engine.engine import Engine, make_version
 from dynaexq.errors import UserError
-from dynaexq.quant import kernels
-from dynaexq.runtime.planners import parse_policy
+from dynaexq.runtime.planners import parse_policy, resolve_budget
 from dynaexq.sizes import format_size
 from dynaexq.store import layout
 from dynaexq.store.checkpoint import Checkpoint
@@ -64,23 +63,37 @@ def resolve_store(path, store=None, progress: bool = True) -> Path:
     return target
 
 
-def load(path, policy="uniform:bf16", expert_budget: int | None = None, *, store=None, device="cpu",
+def load(path, policy="uniform:bf16", expert_budget=None, *, store=None, device="cpu",
          backend: str | None = None, dtype: torch.dtype | None = None, verify: bool = True,
-         progress: bool = True) -> Engine:
+         progress: bool = True, calibration=None, calibration_windows: int = 128, window_tokens: int = 256) -> Engine:
+    """`expert_budget`: bytes, a size string ('20MiB') or a precision name ('int3': every expert at int3).
+    Policies that rank experts by hotness (calibrated, calibrated-multilevel) load every expert at their cheapest
+    precision, measure routing on the calibration texts (`calibration`: paths; default: the model's
+    calibration/*.txt) and then publish their final map."""
     device = torch.device(device)
     backend = backend or ("cuda" if device.type == "cuda" else "cpu")
     reader = StoreReader(resolve_store(path, store, progress))
     planner = parse_policy(policy) if isinstance(policy, str) else policy
-    plan = planner.plan(reader)
+    budget = resolve_budget(expert_budget, reader)
+    if planner.hotness_source == "eval":
+        raise UserError(f"policy {planner} is an upper bound computed from the evaluated text's own routing; it "
+                        "exists only in `dynaexq eval`")
+    if planner.hotness_source and budget is None:
+        raise UserError(f"policy {planner} needs an expert budget (--expert-budget SIZE, or a precision such as int3 "
+                        "meaning the bytes of every expert at that precision)")
+    calib_files = calibration_files(path, reader, calibration) if planner.hotness_source else []
+    plan = planner.floor(reader) if planner.hotness_source else planner.plan(reader, budget)
     need = sum(reader.expert_bytes(layer, e, p) for (layer, e), p in plan.items())
-    if expert_budget is not None and need > expert_budget:
+    if budget is not None and need > budget:
         fits = [p.value for p in reader.precisions
-                if sum(reader.expert_bytes(layer, e, p) for (layer, e) in plan) <= expert_budget]
+                if sum(reader.expert_bytes(layer, e, p) for (layer, e) in plan) <= budget]
         hint = f"uniform precisions that fit: {', '.join(fits)}" if fits else "no uniform precision fits"
         raise UserError(f"policy {planner} needs {need} bytes ({format_size(need)}) of expert memory but the expert "
-                        f"budget is {expert_budget} bytes ({format_size(expert_budget)}); {hint}")
+                        f"budget is {budget} bytes ({format_size(budget)}); {hint}")
     if verify:
         used = {layout.expert_shard(layer, p) for (layer, _), p in plan.items()}
+        if planner.hotness_source:  # the final map may use any precision of the store
+            used |= {layout.expert_shard(layer, p) for layer in reader.layers for p in reader.precisions}
         used.add(layout.NONEXPERT_SHARD)
         reader.verify(sorted(used), progress=progress)
 
@@ -96,16 +109,30 @@ def load(path, policy="uniform:bf16", expert_budget: int | None = None, *, store
     for (layer, e), p in tqdm(sorted(plan.items()), desc="load experts", unit="expert", disable=not progress):
         banks[layer].publish(e, make_version(reader.read_expert(layer, e, p), backend, dtype))
     reader.close()  # every version owns its memory now; keep no store pages mapped
-    return Engine(model=model, tokenizer=_tokenizer(reader.path), reader=reader, banks=banks,
-                  policy=str(planner), plan=plan, backend=backend)
+    engine = Engine(model=model, tokenizer=_tokenizer(reader.path), reader=reader, banks=banks,
+                    policy=str(planner), plan=plan, backend=backend, dtype=dtype)
+    if calib_files:
+        per_file = -(-calibration_windows // len(calib_files))
+        windows = torch.cat([engine.text_windows(f.read_text(encoding="utf-8"), per_file, window_tokens,
+                                                 f"calibration text {str(f)!r}") for f in calib_files])
+        hotness = engine.routing_mass(windows, progress=progress)
+        engine.apply(planner.plan(reader, budget, hotness), progress=progress)
+    return engine
 
 
-def make_version(weights: dict, backend: str, dtype: torch.dtype) -> ExpertVersion:
-    """Store tensors of one expert -> a resident, kernel-ready ExpertVersion (biases in the model dtype)."""
-    bias = {b: weights[b].to(dtype) for b in layout.BIASES if b in weights}
-    return ExpertVersion(weights["gate_up"].precision,
-                         kernels.prepare(weights["gate_up"], backend, bias.get("gate_up_bias")),
-                         kernels.prepare(weights["down"], backend, bias.get("down_bias")))
+def calibration_files(path, reader, given) -> list[Path]:
+    if given:
+        files = [Path(f) for f in given]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"calibration text(s) {missing} do not exist; give UTF-8 text files")
+        return files
+    for d in (Path(path), Path(reader.manifest["source"]["path"]), reader.path):
+        files = sorted((d / "calibration").glob("*.txt"))
+        if files:
+            return files
+    raise UserError(f"policy needs calibration text and the model at {str(path)!r} ships none (no calibration/*.txt); "
+                    "pass calibration files (--calibration FILE ...)")
 
 
 def _build_model(store_dir: Path, arch, dtype, device):

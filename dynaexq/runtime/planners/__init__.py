@@ -1,23 +1,62 @@
-"""Planners turn what is known (store sizes and errors; later routing statistics) into a precision map.
+"""Planners turn what is known (store sizes and errors, routing statistics) into a precision map.
 
-A planner never touches bytes: it returns {(layer, expert): Precision} and the loader or the
-transition engine makes it so. `parse_policy("uniform:int4")` is the one registry of policies.
+A planner never touches bytes: `plan(reader, budget=None, hotness=None)` returns {(layer, expert): Precision}
+and the loader or the transition engine makes it so. Planners whose `hotness_source` is not None need routing
+statistics ({layer: routed mass [E]}) from that kind of text. `parse_policy(spec)` is the one registry.
 """
 from __future__ import annotations
 
-from dynaexq.errors import UserError
-from dynaexq.runtime.planners.static import MapPlanner, UniformPlanner
 
-PLANNERS = {"uniform": UniformPlanner, "map": MapPlanner}
+from dynaexq.errors import UserError
+from dynaexq.quant.precision import Precision
+from dynaexq.runtime.planners.calibrated import MultilevelPlanner, TwoTierPlanner
+from dynaexq.runtime.planners.static import MapPlanner, UniformPlanner
+from dynaexq.sizes import parse_size
+
+PLANNERS = {
+    "uniform": UniformPlanner.from_arg,
+    "map": MapPlanner.from_arg,
+    "calibrated": TwoTierPlanner.from_arg,
+    "calibrated-multilevel": MultilevelPlanner.from_arg,
+    "oracle": lambda arg: (TwoTierPlanner.from_arg(arg, "eval") if "hi=" in arg or "lo=" in arg
+                           else MultilevelPlanner.from_arg(arg, "eval")),
+}
+VALID = ("uniform:<precision> (e.g. uniform:int4), map:<file.json>, calibrated[:hi=int8,lo=int2], "
+         "calibrated-multilevel[:ladder=bf16/int8/int4/int3/int2,power=2], oracle[:hi=..,lo=..] (eval only)")
 
 
 def parse_policy(spec: str):
     name, _, arg = spec.partition(":")
-    cls = PLANNERS.get(name.strip().lower())
-    if cls is None:
-        raise UserError(f"unknown policy {spec!r}; valid policies are: uniform:<precision> (e.g. uniform:int4) "
-                        "and map:<file.json> (explicit precision per layer and expert)")
-    return cls.from_arg(arg)
+    make = PLANNERS.get(name.strip().lower())
+    if make is None:
+        raise UserError(f"unknown policy {spec!r}; valid policies are: {VALID}")
+    return make(arg)
 
 
-__all__ = ["PLANNERS", "parse_policy", "UniformPlanner", "MapPlanner"]
+def parse_budget(spec) -> int | Precision | None:
+    """'20MiB' / 123456 -> bytes; 'int3' -> Precision (the bytes of every expert at it, see resolve_budget)."""
+    if spec is None or isinstance(spec, (int, Precision)):
+        return spec
+    try:
+        return Precision(str(spec).strip().lower())
+    except ValueError:
+        pass
+    try:
+        return parse_size(spec)
+    except UserError as err:
+        raise UserError(f"{err}; an expert budget may also be a precision name such as int3 (the bytes of every "
+                        f"expert at that precision): {', '.join(p.value for p in Precision)}") from None
+
+
+def resolve_budget(spec, reader) -> int | None:
+    spec = parse_budget(spec)
+    if isinstance(spec, Precision):
+        if spec not in reader.precisions:
+            raise UserError(f"expert budget {spec.value!r}: the store holds no {spec.value} experts "
+                            f"(it has {', '.join(p.value for p in reader.precisions)})")
+        return sum(reader.expert_bytes(layer, e, spec) for layer in reader.layers for e in range(reader.num_experts))
+    return spec
+
+
+__all__ = ["PLANNERS", "parse_policy", "parse_budget", "resolve_budget", "UniformPlanner", "MapPlanner",
+           "TwoTierPlanner", "MultilevelPlanner"]

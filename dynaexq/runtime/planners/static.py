@@ -21,6 +21,7 @@ PrecisionMap = dict[tuple[int, int], Precision]
 @dataclass(frozen=True)
 class UniformPlanner:
     precision: Precision
+    hotness_source = None
 
     @classmethod
     def from_arg(cls, arg: str):
@@ -28,7 +29,7 @@ class UniformPlanner:
             raise UserError("policy 'uniform' needs a precision, e.g. uniform:int4")
         return cls(Precision.parse(arg))
 
-    def plan(self, reader) -> PrecisionMap:
+    def plan(self, reader, budget: int | None = None, hotness=None) -> PrecisionMap:
         return {(layer, e): self.precision for layer in reader.layers for e in range(reader.num_experts)}
 
     def __str__(self):
@@ -39,6 +40,7 @@ class UniformPlanner:
 class MapPlanner:
     path: str
     spec: dict
+    hotness_source = None
 
     @classmethod
     def from_arg(cls, arg: str):
@@ -54,7 +56,7 @@ class MapPlanner:
                             '{"default": "int4", "layers": {"3": "int8", "5": {"0": "bf16"}}}')
         return cls(arg, spec)
 
-    def plan(self, reader) -> PrecisionMap:
+    def plan(self, reader, budget: int | None = None, hotness=None) -> PrecisionMap:
         default = self.spec.get("default")
         out: PrecisionMap = {}
         layers = self.spec.get("layers", {})

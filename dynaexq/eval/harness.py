@@ -1,0 +1,213 @@
+"""Quality at a memory budget: every policy against the full-precision model, on the same token windows.
+
+The model is loaded once at the reference precision (the checkpoint's own dtype); its next-token
+log-probabilities on every window are kept (in a temporary memory-mapped file, so a large vocabulary does not
+need RAM) together with its routing (the oracle's hotness). Each policy x budget is then planned, published
+into the same engine (only the experts whose precision changes are re-read from the store) and run on the same
+windows: perplexity, mean KL(reference || policy) per token and top-1 agreement per domain, plus the expert
+bytes actually resident afterwards (measured on the published versions).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dynaexq.engine.load import calibration_files, load, resolve_store
+from dynaexq.errors import UserError
+from dynaexq.runtime.planners import parse_budget, parse_policy, resolve_budget
+from dynaexq.store.reader import StoreReader
+
+DEFAULT_POLICIES = ("uniform:int8", "uniform:int4", "uniform:int3", "uniform:int2")
+HOTNESS_POLICIES = ("calibrated", "calibrated-multilevel", "oracle")
+
+
+def parse_data(specs, model_dir: Path, subdir: str = "eval") -> dict[str, Path]:
+    """['code=FILE', 'FILE'] -> {name: path}; none -> the model's own <subdir>/*.txt."""
+    if not specs:
+        files = sorted((Path(model_dir) / subdir).glob("*.txt"))
+        if not files:
+            raise UserError(f"the model at {str(model_dir)!r} ships no {subdir}/*.txt texts; give --data NAME=FILE")
+        return {f.stem: f for f in files}
+    out = {}
+    for spec in specs:
+        name, eq, file = spec.partition("=")
+        name, file = (name, file) if eq else (Path(spec).stem, spec)
+        if not name or not file:
+            raise UserError(f"--data {spec!r}: write NAME=FILE (e.g. code=src.txt) or just FILE")
+        path = Path(file)
+        if not path.is_file():
+            raise UserError(f"--data {spec!r}: {file!r} is not a file; give a UTF-8 text file")
+        if name in out:
+            raise UserError(f"--data: the name {name!r} is given twice; names must be unique")
+        out[name] = path
+    return out
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{str(path)!r} is not UTF-8 text ({err})") from None
+
+
+class Evaluation:
+    """A loaded engine plus the reference outputs on the given windows; `run(policy, budget)` -> one result."""
+
+    def __init__(self, model, data: dict[str, Path], windows: int = 16, window_tokens: int = 256,
+                 calibration=None, calibration_windows: int = 128, batch: int = 8, progress: bool = True,
+                 store=None):
+        if windows <= 0 or window_tokens < 2 or calibration_windows <= 0:
+            raise UserError(f"--windows and --calibration-windows must be >= 1 and --window-tokens >= 2 (got "
+                            f"{windows}, {calibration_windows}, {window_tokens})")
+        self.model_path, self.batch, self.progress = Path(model), batch, progress
+        store_dir = resolve_store(model, store, progress)
+        reader = StoreReader(store_dir)
+        held = {p.value: p for p in reader.precisions}  # reference: the checkpoint's own dtype, else the widest
+        self.ref = held.get(reader.manifest["source_dtype"]) or max(reader.precisions, key=lambda p: p.bits)
+        reader.close()
+        texts = {name: read_text(path) for name, path in data.items()}
+        self.calibration_files = calibration
+        self.calibration_windows = calibration_windows
+        self.engine = load(model, f"uniform:{self.ref.value}", store=store_dir, progress=progress)
+        self.reader = self.engine.reader
+        self.reference_bytes = self.engine.expert_bytes()
+        self.windows = {name: self.engine.text_windows(text, windows, window_tokens, f"--data {name} ({data[name]})")
+                        for name, text in texts.items()}
+        short = {n: len(w) for n, w in self.windows.items() if len(w) < windows}
+        if short:
+            print(f"dynaexq eval: text too short for {windows} windows of {window_tokens} tokens, using fewer: {short}",
+                  file=sys.stderr)
+        self._tmp = tempfile.TemporaryDirectory(prefix="dynaexq-eval-")
+        self._files = []
+        self.ref_logp, self.ref_stats = {}, {}
+        self.engine.take_routing_stats()
+        for name, w in self.windows.items():
+            self.ref_logp[name] = []
+            self.ref_stats[name] = self._score(w, ref=None, store=self.ref_logp[name], desc=f"reference {name}")
+        self.eval_hotness = {layer: mass.double().cpu() for layer, (_, mass) in self.engine.take_routing_stats().items()}
+        self._calib_hotness = {}
+
+    def calibration_hotness(self, floor: dict) -> dict:
+        """Routed mass on the calibration texts with the model at `floor` (the planner's cheapest map, exactly
+        as `load` measures it), cached per floor."""
+        key = tuple(sorted((k, p.value) for k, p in floor.items()))
+        if key not in self._calib_hotness:
+            files = calibration_files(self.model_path, self.reader, self.calibration_files)
+            per_file = -(-self.calibration_windows // len(files))
+            t = next(iter(self.windows.values())).shape[1]
+            w = torch.cat([self.engine.text_windows(read_text(f), per_file, t, f"calibration text {str(f)!r}")
+                           for f in files])
+            self.engine.apply(floor)
+            self._calib_hotness[key] = self.engine.routing_mass(w, self.batch, progress=self.progress)
+        return self._calib_hotness[key]
+
+    @torch.inference_mode()
+    def _score(self, windows: torch.Tensor, ref, store=None, desc: str = "") -> dict:
+        nll = kl = agree = 0.0
+        count = 0
+        device = self.engine.model.device
+        for i in tqdm(range(0, len(windows), self.batch), desc=desc, leave=False, disable=not self.progress):
+            x = windows[i:i + self.batch].to(device)
+            logp = F.log_softmax(self.engine.model(input_ids=x).logits[:, :-1].float(), dim=-1).cpu()
+            target = x[:, 1:].cpu()
+            nll += -logp.gather(-1, target[..., None]).sum().item()
+            count += target.numel()
+            if store is not None:  # one memory-mapped .npy per batch: a large vocabulary needs no RAM
+                path = Path(self._tmp.name) / f"{len(self._files)}.npy"
+                self._files.append(path)
+                np.save(path, logp.numpy())
+                store.append(np.load(path, mmap_mode="r"))
+            if ref is not None:
+                r = torch.from_numpy(np.array(ref[i // self.batch]))
+                kl += (r.exp() * (r - logp)).sum().item()
+                agree += (r.argmax(-1) == logp.argmax(-1)).sum().item()
+        out = {"ppl": math.exp(nll / count)}
+        if ref is not None:
+            out.update(kl=kl / count, top1=agree / count)
+        return out
+
+    def run(self, policy: str, budget=None) -> dict:
+        planner = parse_policy(policy)
+        budget_bytes = resolve_budget(budget, self.reader)
+        hotness = None
+        if planner.hotness_source == "calibration":
+            hotness = self.calibration_hotness(planner.floor(self.reader))
+        elif planner.hotness_source == "eval":
+            hotness = self.eval_hotness
+        t0 = time.perf_counter()
+        plan = planner.plan(self.reader, budget_bytes, hotness)
+        if planner.hotness_source is None and budget_bytes is not None:
+            need = sum(self.reader.expert_bytes(layer, e, p) for (layer, e), p in plan.items())
+            if need > budget_bytes:
+                raise UserError(f"policy {planner} needs {need} expert bytes, over the budget {budget_bytes}")
+        self.engine.apply(plan)
+        t1 = time.perf_counter()
+        domains = {name: self._score(w, self.ref_logp[name], desc=f"{planner} {name}")
+                   for name, w in self.windows.items()}
+        counts = {}
+        for p in plan.values():
+            counts[p.value] = counts.get(p.value, 0) + 1
+        return {"policy": str(planner), "budget": budget_bytes, "expert_bytes": self.engine.expert_bytes(),
+                "precisions": counts, "domains": domains,
+                "mean_kl": sum(d["kl"] for d in domains.values()) / len(domains),
+                "seconds": {"publish": round(t1 - t0, 3), "eval": round(time.perf_counter() - t1, 3)}}
+
+    def reference(self) -> dict:
+        return {name: dict(s) for name, s in self.ref_stats.items()}
+
+    def close(self):
+        self.ref_logp.clear()
+        self._tmp.cleanup()
+
+
+def check_plans(model, planners, budgets, store=None) -> Path:
+    """Fail before any heavy work: resolve the store, then plan every policy x budget once with flat hotness
+    (budget parsing, minimum budgets, ladders the store lacks). Returns the store directory."""
+    store_dir = resolve_store(model, store)
+    reader = StoreReader(store_dir)
+    flat = {layer: torch.ones(reader.num_experts, dtype=torch.float64) for layer in reader.layers}
+    for pl in planners:
+        if pl.hotness_source and not budgets:
+            raise UserError(f"policy {pl} needs --expert-budget (a size such as 20MiB, or a precision such as int3)")
+        for b in (budgets if pl.hotness_source else [None]):
+            pl.plan(reader, resolve_budget(b, reader), flat if pl.hotness_source else None)
+    reader.close()
+    return store_dir
+
+
+def evaluate(model, data=None, policies=None, budgets=None, windows=16, window_tokens=256, calibration=None,
+             calibration_windows=128, progress=True, store=None) -> dict:
+    """The whole `dynaexq eval`: every policy (x budget, for hotness policies) -> the JSON report."""
+    budgets = [parse_budget(b) for b in (budgets or [])]
+    policies = list(policies) if policies else list(DEFAULT_POLICIES) + (list(HOTNESS_POLICIES) if budgets else [])
+    planners = [parse_policy(p) for p in policies]  # bad specs fail before any work
+    data = parse_data(data, _model_dir(model))
+    store = check_plans(model, planners, budgets, store)
+    ev = Evaluation(model, data, windows, window_tokens, calibration, calibration_windows, progress=progress,
+                    store=store)
+    try:
+        results = []
+        for spec, pl in zip(policies, planners):
+            for b in (budgets if pl.hotness_source else [None]):
+                results.append(ev.run(spec, b))
+        return {"model": str(model), "reference_policy": f"uniform:{ev.ref.value}",
+                "reference_expert_bytes": ev.reference_bytes, "windows": {n: list(w.shape) for n, w in ev.windows.items()},
+                "reference": ev.reference(), "results": results}
+    finally:
+        ev.close()
+
+
+def _model_dir(model) -> Path:
+    from dynaexq.store import layout
+    path = Path(model)
+    if layout.is_store(path):
+        return Path(StoreReader(path).manifest["source"]["path"])
+    return path
