@@ -59,11 +59,17 @@ def cmd_eval(args) -> int:
         return _sweep(args)
     out = harness.evaluate(_model_path(args.model), args.data, args.policy, args.expert_budget, args.windows,
                            args.window_tokens, args.calibration, args.calibration_windows, progress=not args.json,
-                           store=args.store)
+                           store=args.store, dtype=_dtype(args.dtype))
     print(report.table(out), file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(out))
     return 0
+
+
+def _dtype(name: str):
+    import torch
+
+    return None if name == "model" else getattr(torch, name)
 
 
 def _sweep(args) -> int:
@@ -76,7 +82,7 @@ def _sweep(args) -> int:
     budgets = args.expert_budget or ["int2"]  # the sweep's own budgets start at all-int2
     args.store = harness.check_plans(model, [harness.parse_policy(p) for p in policies], budgets, args.store)
     ev = harness.Evaluation(model, data, args.windows, args.window_tokens, args.calibration, args.calibration_windows,
-                            store=args.store)
+                            store=args.store, dtype=_dtype(args.dtype))
     try:
         budgets = ([harness.resolve_budget(b, ev.reader) for b in args.expert_budget] if args.expert_budget
                    else report.sweep_budgets(ev.reader))
@@ -179,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "calibration texts (default: %(default)s)")
     se.add_argument("--windows", type=int, default=16, help="windows per domain (default: %(default)s)")
     se.add_argument("--window-tokens", type=int, default=256, help="tokens per window (default: %(default)s)")
+    se.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "model"],
+                    help="compute dtype of the non-expert weights and activations (default: %(default)s; 'model' = "
+                    "the checkpoint's own); expert kernels keep theirs")
     se.add_argument("--sweep", action="store_true", help="run the hotness policies over a range of budgets (or the "
                     "given ones) plus every uniform precision; write sweep.png, sweep.md and sweep.json to --out")
     se.add_argument("--out", default="eval-sweep", help="directory for --sweep output (default: %(default)s)")

@@ -63,17 +63,7 @@ class Engine:
         return {layer: mass.double().cpu() for layer, (_, mass) in self.take_routing_stats().items()}
 
     def text_windows(self, text: str, n: int, length: int, what: str = "text") -> torch.Tensor:
-        """n windows of `length` tokens spread evenly over the tokenized text -> [n', length] with n' <= n
-        (fewer only when the text is short); a text shorter than one window is an error."""
-        if self.tokenizer is None:
-            raise UserError("this model has no tokenizer files; text evaluation needs one")
-        ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        if len(ids) < length:
-            raise UserError(f"{what} has {len(ids)} tokens, fewer than one window of {length}; give a longer text "
-                            "or a smaller window")
-        n = min(n, len(ids) // length)
-        starts = torch.linspace(0, len(ids) - length, n).long() if n > 1 else torch.zeros(1, dtype=torch.long)
-        return torch.stack([ids[s:s + length] for s in starts.tolist()])
+        return text_windows(self.tokenizer, text, n, length, what)
 
     @torch.inference_mode()
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, streamer=None,
@@ -101,3 +91,17 @@ def make_version(weights: dict, backend: str, dtype: torch.dtype) -> ExpertVersi
     return ExpertVersion(weights["gate_up"].precision,
                          kernels.prepare(weights["gate_up"], backend, bias.get("gate_up_bias")),
                          kernels.prepare(weights["down"], backend, bias.get("down_bias")))
+
+
+def text_windows(tokenizer, text: str, n: int, length: int, what: str = "text") -> torch.Tensor:
+    """n windows of `length` tokens spread evenly over the tokenized text -> [n', length] with n' <= n
+    (fewer only when the text is short); a text shorter than one window is an error."""
+    if tokenizer is None:
+        raise UserError("this model has no tokenizer files; text evaluation needs one")
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if len(ids) < length:
+        raise UserError(f"{what} has {len(ids)} tokens, fewer than one window of {length}; give a longer text "
+                        "or a smaller window")
+    n = min(n, len(ids) // length)
+    starts = torch.linspace(0, len(ids) - length, n).long() if n > 1 else torch.zeros(1, dtype=torch.long)
+    return torch.stack([ids[s:s + length] for s in starts.tolist()])

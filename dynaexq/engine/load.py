@@ -109,7 +109,7 @@ def load(path, policy="uniform:bf16", expert_budget=None, *, store=None, device=
     for (layer, e), p in tqdm(sorted(plan.items()), desc="load experts", unit="expert", disable=not progress):
         banks[layer].publish(e, make_version(reader.read_expert(layer, e, p), backend, dtype))
     reader.close()  # every version owns its memory now; keep no store pages mapped
-    engine = Engine(model=model, tokenizer=_tokenizer(reader.path), reader=reader, banks=banks,
+    engine = Engine(model=model, tokenizer=load_tokenizer(reader.path), reader=reader, banks=banks,
                     policy=str(planner), plan=plan, backend=backend, dtype=dtype)
     if calib_files:
         per_file = -(-calibration_windows // len(calib_files))
@@ -155,7 +155,7 @@ def _layer_of(module_name: str) -> int:
     return int(parts[parts.index("layers") + 1])
 
 
-def _tokenizer(path: Path):
+def load_tokenizer(path: Path):
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer

@@ -48,7 +48,7 @@ def test_bundled_checkpoint_is_a_plain_transformers_model(store):
 
 def _independent(store, policy, windows, budget=None):
     """log-probs of a freshly loaded engine (no re-publishing), in float64."""
-    engine = dynaexq.load(BUNDLED, policy, budget, store=store, progress=False)
+    engine = dynaexq.load(BUNDLED, policy, budget, store=store, progress=False, dtype=torch.float32)  # as eval
     with torch.no_grad():
         return torch.log_softmax(engine.model(input_ids=windows).logits[:, :-1].double(), -1).numpy()
 
@@ -110,7 +110,8 @@ def test_a_text_file_given_with_data_is_used(store, tmp_path, capsys):
     ids = T.AutoTokenizer.from_pretrained(BUNDLED)(text.read_text(), add_special_tokens=False)["input_ids"]
     starts = np.linspace(0, len(ids) - 64, n // 64).astype(int)
     w = torch.tensor([ids[s:s + 64] for s in starts])
-    model = T.AutoModelForCausalLM.from_pretrained(BUNDLED, experts_implementation="eager").eval()
+    model = T.AutoModelForCausalLM.from_pretrained(BUNDLED, experts_implementation="eager",
+                                                   dtype=torch.float32).eval()
     with torch.no_grad():
         nll = model(input_ids=w, labels=w).loss.item()
     assert rep["reference"]["mine"]["ppl"] == pytest.approx(math.exp(nll), rel=0.02)

@@ -90,7 +90,6 @@ def test_lm_eval_offline_on_local_tasks_matches_our_own_scoring(tasks, tmp_path,
                   for c in d["choices"]]
         hits += int(max(range(3), key=scores.__getitem__) == d["answer"])
     assert res["dxq_mc"]["acc,none"] == pytest.approx(hits / len(mc))
-    assert hits / len(mc) > 1 / 3  # the model prefers the real next line of code over dictionary words
 
 
 def test_unknown_task_is_a_clear_error(tasks, bundled_store):
