@@ -102,7 +102,7 @@ comes from Debian packages: see below). AdamW (betas 0.9/0.95, weight decay 0.1)
 warm-up then cosine decay to 10 %, gradient clipping 1.0, batches of 4 random 256-token windows per domain per step,
 a Switch-style load-balancing loss per MoE layer (coefficient 0.005; transformers' own pools all layers' tokens,
 which let a first run leave whole experts unused), float32 on 2 CPU cores.
-{last.get('step', '?')} steps, {args.tokens / 1e6:.1f} M tokens, {args.minutes:.0f} minutes.
+{last.get('step', '?')} steps, {args.tokens / 1e6:.1f} M tokens, {args.minutes:.0f} minutes. {args.note}
 
 ## Data (three domains)
 | domain | source (Debian package) | license |
@@ -137,6 +137,7 @@ def main():
     ap.add_argument("--corpus", default="build/corpus")
     ap.add_argument("--out", default="dynaexq/bundled/dxq-moe-mini")
     ap.add_argument("--minutes", type=float, default=0.0, help="training wall time, for the card")
+    ap.add_argument("--note", default="", help="a sentence about this run, for the card")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 

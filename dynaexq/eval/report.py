@@ -51,7 +51,8 @@ def plot(report: dict, path: Path, title: str) -> None:
     for name, rs in groups.items():
         rs = sorted(rs, key=lambda r: r["expert_bytes"])
         color, marker = styles.get(name, (None, "x"))
-        label = name + (" (upper bound: eval text's own routing)" if name == "oracle" else "")
+        label = (rs[0]["policy"] if name == "calibrated" else name) + (
+            " (upper bound: eval text's own routing)" if name == "oracle" else "")
         ax.plot([r["expert_bytes"] / 2**20 for r in rs], [r["mean_kl"] for r in rs], marker=marker, color=color,
                 label=label, linestyle="-" if name != "uniform" else "--")
         if name == "uniform":
