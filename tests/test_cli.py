@@ -168,7 +168,7 @@ def test_sizes_parse_units():
     assert parse_size("123456") == 123456 and parse_size("1.5G") == 1_500_000_000
 
 
-def test_generate_without_model_makes_and_uses_the_default_model(capsys):
+def test_generate_without_model_uses_the_bundled_model(capsys):
     code, out, err = run(capsys, "generate", "--policy", "uniform:int2", "--max-new-tokens", 4, "def f(x):")
-    assert code == 0 and out.startswith("def f(x):") and "making a small random Qwen3-MoE" in err
-    assert "{'int2': 64}" in err
+    assert code == 0 and out.startswith("def f(x):") and "dxq-moe-mini" in err and "preparing" in err
+    assert "{'int2': 192}" in err  # 6 MoE layers x 32 experts

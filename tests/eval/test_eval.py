@@ -140,7 +140,7 @@ def test_load_with_a_calibrated_policy_ranks_as_eval_does(store):
     from dynaexq.runtime.planners import parse_policy, resolve_budget
 
     engine = dynaexq.load(BUNDLED, "calibrated-multilevel", "int3", store=store, calibration_windows=6,
-                          window_tokens=64, progress=False)
+                          window_tokens=64, progress=False, dtype=torch.float32)  # eval computes in float32
     ev = Evaluation(BUNDLED, {"code": BUNDLED / "eval" / "code.txt"}, windows=1, window_tokens=64,
                     calibration_windows=6, store=store, progress=False)
     pl = parse_policy("calibrated-multilevel")
