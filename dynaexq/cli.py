@@ -92,9 +92,7 @@ def _sweep(args) -> int:
         for spec, b in runs:
             print(f"dynaexq eval --sweep: {spec} at {format_size(b) if b else 'its own size'}", file=sys.stderr)
             results.append(ev.run(spec, b))
-        out = {"model": str(model), "reference_policy": f"uniform:{ev.ref.value}",
-               "reference_expert_bytes": ev.reference_bytes, "windows": {n: list(w.shape) for n, w in ev.windows.items()},
-               "reference": ev.reference(), "results": results}
+        out = ev.report(results)
     finally:
         ev.close()
     outdir = Path(args.out)

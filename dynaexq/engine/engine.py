@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -46,7 +47,7 @@ class Engine:
         changed = [(key, p) for key, p in sorted(plan.items())
                    if self.banks[key[0]].versions[key[1]] is None or self.banks[key[0]].versions[key[1]].precision != p]
         try:
-            for (layer, e), p in tqdm(changed, desc="publish experts", unit="expert", disable=not progress):
+            for (layer, e), p in tqdm(changed, desc="load experts", unit="expert", disable=not progress):
                 self.banks[layer].publish(e, make_version(self.reader.read_expert(layer, e, p), self.backend,
                                                           self.dtype))
         finally:
@@ -61,9 +62,6 @@ class Engine:
         for i in tqdm(range(0, len(windows), batch), desc="routing statistics", disable=not progress):
             self.model(input_ids=windows[i:i + batch].to(self.model.device))
         return {layer: mass.double().cpu() for layer, (_, mass) in self.take_routing_stats().items()}
-
-    def text_windows(self, text: str, n: int, length: int, what: str = "text") -> torch.Tensor:
-        return text_windows(self.tokenizer, text, n, length, what)
 
     @torch.inference_mode()
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, streamer=None,
@@ -91,6 +89,13 @@ def make_version(weights: dict, backend: str, dtype: torch.dtype) -> ExpertVersi
     return ExpertVersion(weights["gate_up"].precision,
                          kernels.prepare(weights["gate_up"], backend, bias.get("gate_up_bias")),
                          kernels.prepare(weights["down"], backend, bias.get("down_bias")))
+
+
+def read_text(path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{str(path)!r} is not UTF-8 text ({err})") from None
 
 
 def text_windows(tokenizer, text: str, n: int, length: int, what: str = "text") -> torch.Tensor:

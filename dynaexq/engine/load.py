@@ -20,12 +20,11 @@ import threading
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from dynaexq.arch import get_arch
 from dynaexq.bank import ExpertBank
-from dynaexq.engine.engine import Engine, make_version
+from dynaexq.engine.engine import Engine, read_text, text_windows
 from dynaexq.errors import UserError
 from dynaexq.runtime.planners import parse_policy, resolve_budget
 from dynaexq.sizes import format_size
@@ -106,18 +105,20 @@ def load(path, policy="uniform:bf16", expert_budget=None, *, store=None, device=
             module.layer = _layer_of(name)
             banks[module.layer] = module
     assert sorted(banks) == sorted(reader.layers), (sorted(banks), reader.layers)
-    for (layer, e), p in tqdm(sorted(plan.items()), desc="load experts", unit="expert", disable=not progress):
-        banks[layer].publish(e, make_version(reader.read_expert(layer, e, p), backend, dtype))
-    reader.close()  # every version owns its memory now; keep no store pages mapped
     engine = Engine(model=model, tokenizer=load_tokenizer(reader.path), reader=reader, banks=banks,
-                    policy=str(planner), plan=plan, backend=backend, dtype=dtype)
+                    policy=str(planner), plan={}, backend=backend, dtype=dtype)
+    engine.apply(plan, progress=progress)  # every version owns its memory; the store is unmapped after
     if calib_files:
-        per_file = -(-calibration_windows // len(calib_files))
-        windows = torch.cat([engine.text_windows(f.read_text(encoding="utf-8"), per_file, window_tokens,
-                                                 f"calibration text {str(f)!r}") for f in calib_files])
-        hotness = engine.routing_mass(windows, progress=progress)
-        engine.apply(planner.plan(reader, budget, hotness), progress=progress)
+        windows = calibration_tokens(engine.tokenizer, calib_files, calibration_windows, window_tokens)
+        engine.apply(planner.plan(reader, budget, engine.routing_mass(windows, progress=progress)), progress=progress)
     return engine
+
+
+def calibration_tokens(tokenizer, files, n: int, length: int) -> torch.Tensor:
+    """n windows of `length` tokens, split evenly over the calibration files -> [n', length]."""
+    per_file = -(-n // len(files))
+    return torch.cat([text_windows(tokenizer, read_text(f), per_file, length, f"calibration text {str(f)!r}")
+                      for f in files])
 
 
 def calibration_files(path, reader, given) -> list[Path]:

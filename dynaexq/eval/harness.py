@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dynaexq.engine.engine import text_windows
-from dynaexq.engine.load import calibration_files, load, load_tokenizer, resolve_store
+from dynaexq.engine.engine import read_text, text_windows
+from dynaexq.engine.load import calibration_files, calibration_tokens, load, load_tokenizer, resolve_store
 from dynaexq.errors import UserError
 from dynaexq.runtime.planners import parse_budget, parse_policy, resolve_budget
 from dynaexq.store.reader import StoreReader
@@ -54,13 +54,6 @@ def parse_data(specs, model_dir: Path, subdir: str = "eval") -> dict[str, Path]:
     return out
 
 
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{str(path)!r} is not UTF-8 text ({err})") from None
-
-
 class Evaluation:
     """A loaded engine plus the reference outputs on the given windows; `run(policy, budget)` -> one result."""
 
@@ -89,7 +82,7 @@ class Evaluation:
             print(f"dynaexq eval: text too short for {windows} windows of {window_tokens} tokens, using fewer: {short}",
                   file=sys.stderr)
         self._tmp = tempfile.TemporaryDirectory(prefix="dynaexq-eval-")
-        self._files = []
+        self._batches = 0
         self.ref_logp, self.ref_stats = {}, {}
         self.engine.take_routing_stats()
         for name, w in self.windows.items():
@@ -104,10 +97,8 @@ class Evaluation:
         key = tuple(sorted((k, p.value) for k, p in floor.items()))
         if key not in self._calib_hotness:
             files = calibration_files(self.model_path, self.reader, self.calibration_files)
-            per_file = -(-self.calibration_windows // len(files))
-            t = next(iter(self.windows.values())).shape[1]
-            w = torch.cat([self.engine.text_windows(read_text(f), per_file, t, f"calibration text {str(f)!r}")
-                           for f in files])
+            w = calibration_tokens(self.engine.tokenizer, files, self.calibration_windows,
+                                   next(iter(self.windows.values())).shape[1])
             self.engine.apply(floor)
             self._calib_hotness[key] = self.engine.routing_mass(w, self.batch, progress=self.progress)
         return self._calib_hotness[key]
@@ -124,8 +115,8 @@ class Evaluation:
             nll += -logp.gather(-1, target[..., None]).sum().item()
             count += target.numel()
             if store is not None:  # one memory-mapped .npy per batch: a large vocabulary needs no RAM
-                path = Path(self._tmp.name) / f"{len(self._files)}.npy"
-                self._files.append(path)
+                path = Path(self._tmp.name) / f"{self._batches}.npy"
+                self._batches += 1
                 np.save(path, logp.numpy())
                 store.append(np.load(path, mmap_mode="r"))
             if ref is not None:
@@ -163,8 +154,12 @@ class Evaluation:
                 "mean_kl": sum(d["kl"] for d in domains.values()) / len(domains),
                 "seconds": {"publish": round(t1 - t0, 3), "eval": round(time.perf_counter() - t1, 3)}}
 
-    def reference(self) -> dict:
-        return {name: dict(s) for name, s in self.ref_stats.items()}
+    def report(self, results: list) -> dict:
+        """The JSON report of `dynaexq eval` around these results."""
+        return {"model": str(self.model_path), "reference_policy": f"uniform:{self.ref.value}",
+                "reference_expert_bytes": self.reference_bytes,
+                "windows": {n: list(w.shape) for n, w in self.windows.items()},
+                "reference": {name: dict(s) for name, s in self.ref_stats.items()}, "results": results}
 
     def close(self):
         self.ref_logp.clear()
@@ -201,9 +196,7 @@ def evaluate(model, data=None, policies=None, budgets=None, windows=16, window_t
         for spec, pl in zip(policies, planners):
             for b in (budgets if pl.hotness_source else [None]):
                 results.append(ev.run(spec, b))
-        return {"model": str(model), "reference_policy": f"uniform:{ev.ref.value}",
-                "reference_expert_bytes": ev.reference_bytes, "windows": {n: list(w.shape) for n, w in ev.windows.items()},
-                "reference": ev.reference(), "results": results}
+        return ev.report(results)
     finally:
         ev.close()
 
