@@ -13,25 +13,11 @@ the version list once, so it always computes with complete versions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 from transformers.activations import ACT2FN
 
-from dynaexq.quant.precision import Precision
-
-
-@dataclass(frozen=True)
-class ExpertVersion:
-    """One resident version of one expert: kernel-ready weights at one precision."""
-    precision: Precision
-    gate_up: object  # callable x [T, H] -> [T, 2I] (quant.kernels, bias included where the model has one)
-    down: object  # callable h [T, I] -> [T, H]
-
-    @property
-    def nbytes(self) -> int:
-        return self.gate_up.nbytes + self.down.nbytes
+from dynaexq.runtime.version import ExpertVersion
 
 
 class ExpertBank(nn.Module):
@@ -44,7 +30,10 @@ class ExpertBank(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act] if glu == "swiglu" else None
         self.alpha = getattr(config, "swiglu_alpha", None)
         self.limit = getattr(config, "swiglu_limit", None)
-        self.versions: list[ExpertVersion | None] = [None] * num_experts
+        self.versions: list[ExpertVersion | None] = [None] * num_experts  # published by Engine.apply or the table
+        self.table = None  # the runtime's ExpertTable while the dynamic runtime runs: reads take a lease
+        self.routed_tokens = 0  # tokens routed since the controller last looked (a host int: no sync)
+        self.last_read: list = []  # the versions the last forward computed with (tests check against them)
         self.register_buffer("token_counts", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
         self.register_buffer("routed_mass", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
 
@@ -54,7 +43,30 @@ class ExpertBank(nn.Module):
         return old
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        versions = list(self.versions)  # one consistent snapshot for the whole pass
+        table = self.table
+        lease = table.acquire() if table is not None else None  # the versions read below stay unreclaimed
+        try:
+            versions = list(self.versions)  # one consistent snapshot for the whole pass
+            ys, order = self._experts(versions, hidden, top_k_index, top_k_weights)
+        finally:
+            if lease is not None:
+                table.release(lease)
+        self.last_read = versions
+        self.routed_tokens += hidden.shape[0]
+        k = top_k_index.shape[-1]
+        # back to (token, slot) order, then each token's K outputs added in ascending expert order: the very
+        # roundings of transformers' per-expert `index_add_` (which is slow on the CPU in bf16), without it
+        by_expert = top_k_index.argsort(dim=-1, stable=True)  # [T, K]
+        slot_of_pair = torch.empty_like(order)
+        slot_of_pair[order] = torch.arange(order.numel(), device=order.device)
+        rows = slot_of_pair.view(-1, k).gather(1, by_expert)  # [T, K]: row of ys per token, by expert id
+        out = ys[rows[:, 0]]
+        for j in range(1, k):
+            out = out + ys[rows[:, j]]
+        return out
+
+    def _experts(self, versions, hidden, top_k_index, top_k_weights):
+        """-> (ys [T*K, H]: each routed pair's weighted output, grouped by expert; the grouping order [T*K])."""
         k = top_k_index.shape[-1]
         flat_e = top_k_index.reshape(-1)  # [T*K]
         flat_w = top_k_weights.reshape(-1)  # [T*K]
@@ -73,16 +85,7 @@ class ExpertBank(nn.Module):
             y = v.down(self._activate(h))  # [n, H]
             ys[start:start + n] = (y * flat_w[pairs, None]).to(ys.dtype)
             start += n
-        # back to (token, slot) order, then each token's K outputs added in ascending expert order: the very
-        # roundings of transformers' per-expert `index_add_` (which is slow on the CPU in bf16), without it
-        by_expert = top_k_index.argsort(dim=-1, stable=True)  # [T, K]
-        slot_of_pair = torch.empty_like(order)
-        slot_of_pair[order] = torch.arange(order.numel(), device=order.device)
-        rows = slot_of_pair.view(-1, k).gather(1, by_expert)  # [T, K]: row of ys per token, by expert id
-        out = ys[rows[:, 0]]
-        for j in range(1, k):
-            out = out + ys[rows[:, j]]
-        return out
+        return ys, order
 
     def _activate(self, h: torch.Tensor) -> torch.Tensor:
         if self.glu == "swiglu":

@@ -12,10 +12,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dynaexq.bank import ExpertVersion
 from dynaexq.errors import UserError
-from dynaexq.quant import kernels
-from dynaexq.store import layout
+from dynaexq.runtime.version import make_version
 
 
 @dataclass
@@ -28,9 +26,13 @@ class Engine:
     plan: dict = field(repr=False)  # (layer, expert) -> Precision
     backend: str = "cpu"
     dtype: torch.dtype = torch.bfloat16
+    runtime: object | None = None  # engine.dynamic.Runtime while a dynamic policy runs
 
     def expert_bytes(self) -> int:
-        """Bytes of expert weights resident right now (measured on the published versions)."""
+        """Bytes of expert weights resident right now: the runtime's tier arenas (staging not included), or the
+        published versions of a static map."""
+        if self.runtime is not None:
+            return self.runtime.pools.expert_bytes()
         return sum(v.nbytes for bank in self.banks.values() for v in bank.versions if v is not None)
 
     def precision_counts(self) -> dict[str, int]:
@@ -44,6 +46,8 @@ class Engine:
     def apply(self, plan: dict, progress: bool = False) -> int:
         """Publish, for every (layer, expert) whose precision differs, the planned version read from the store;
         returns how many experts changed. (Synchronous: the asynchronous transition engine is the runtime's.)"""
+        if self.runtime is not None:
+            raise RuntimeError("the dynamic runtime owns the experts; call engine.close() before applying a map")
         changed = [(key, p) for key, p in sorted(plan.items())
                    if self.banks[key[0]].versions[key[1]] is None or self.banks[key[0]].versions[key[1]].precision != p]
         try:
@@ -54,6 +58,13 @@ class Engine:
             self.reader.close()
         self.plan = dict(plan)
         return len(changed)
+
+    def close(self) -> None:
+        """Stop the dynamic runtime, if any (drains transitions, saves --hotness-file); experts are unpublished."""
+        if self.runtime is not None:
+            from dynaexq.engine.dynamic import stop_runtime
+            stop_runtime(self, self.runtime)
+            self.runtime = None
 
     @torch.inference_mode()
     def routing_mass(self, windows: torch.Tensor, batch: int = 8, progress: bool = False) -> dict:
@@ -81,14 +92,6 @@ class Engine:
                                   pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                                   **sampling)
         return self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def make_version(weights: dict, backend: str, dtype: torch.dtype) -> ExpertVersion:
-    """Store tensors of one expert -> a resident, kernel-ready ExpertVersion (biases in the model dtype)."""
-    bias = {b: weights[b].to(dtype) for b in layout.BIASES if b in weights}
-    return ExpertVersion(weights["gate_up"].precision,
-                         kernels.prepare(weights["gate_up"], backend, bias.get("gate_up_bias")),
-                         kernels.prepare(weights["down"], backend, bias.get("down_bias")))
 
 
 def read_text(path) -> str:

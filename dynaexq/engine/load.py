@@ -24,8 +24,10 @@ from transformers import AutoModelForCausalLM
 
 from dynaexq.arch import get_arch
 from dynaexq.bank import ExpertBank
+from dynaexq.engine.dynamic import start_runtime
 from dynaexq.engine.engine import Engine, read_text, text_windows
 from dynaexq.errors import UserError
+from dynaexq.runtime.controller import RuntimeConfig
 from dynaexq.runtime.planners import parse_policy, resolve_budget
 from dynaexq.sizes import format_size
 from dynaexq.store import layout
@@ -64,16 +66,24 @@ def resolve_store(path, store=None, progress: bool = True) -> Path:
 
 def load(path, policy="uniform:bf16", expert_budget=None, *, store=None, device="cpu",
          backend: str | None = None, dtype: torch.dtype | None = None, verify: bool = True,
-         progress: bool = True, calibration=None, calibration_windows: int = 128, window_tokens: int = 256) -> Engine:
+         progress: bool = True, calibration=None, calibration_windows: int = 128, window_tokens: int = 256,
+         runtime: RuntimeConfig | None = None) -> Engine:
     """`expert_budget`: bytes, a size string ('20MiB') or a precision name ('int3': every expert at int3).
     Policies that rank experts by hotness (calibrated, calibrated-multilevel) load every expert at their cheapest
     precision, measure routing on the calibration texts (`calibration`: paths; default: the model's
-    calibration/*.txt) and then publish their final map."""
+    calibration/*.txt) and then publish their final map. Runtime policies (dynaexq, multilevel, frozen) start the
+    dynamic runtime (`runtime`: its RuntimeConfig, e.g. `budget='2GiB'` for Eq. 4 on the whole model) with the
+    same calibration as warm start; call `engine.close()` to stop it (and save its hotness file)."""
     device = torch.device(device)
     backend = backend or ("cuda" if device.type == "cuda" else "cpu")
     reader = StoreReader(resolve_store(path, store, progress))
     planner = parse_policy(policy) if isinstance(policy, str) else policy
     budget = resolve_budget(expert_budget, reader)
+    if getattr(planner, "dynamic", False):
+        return _load_dynamic(path, reader, planner, budget, device, backend, dtype, verify, progress, calibration,
+                             calibration_windows, window_tokens, runtime or RuntimeConfig())
+    if runtime is not None:
+        raise UserError(f"runtime options are for the runtime policies (dynaexq, multilevel, frozen), not {planner}")
     if planner.hotness_source == "eval":
         raise UserError(f"policy {planner} is an upper bound computed from the evaluated text's own routing; it "
                         "exists only in `dynaexq eval`")
@@ -111,6 +121,36 @@ def load(path, policy="uniform:bf16", expert_budget=None, *, store=None, device=
     if calib_files:
         windows = calibration_tokens(engine.tokenizer, calib_files, calibration_windows, window_tokens)
         engine.apply(planner.plan(reader, budget, engine.routing_mass(windows, progress=progress)), progress=progress)
+    return engine
+
+
+def _load_dynamic(path, reader, planner, budget, device, backend, dtype, verify, progress, calibration,
+                  calibration_windows, window_tokens, config: RuntimeConfig) -> Engine:
+    if budget is None and config.budget is None:
+        raise UserError(f"policy {planner} needs a memory budget: --budget SIZE (the whole model, DynaExq Eq. 4) or "
+                        "--expert-budget SIZE / a precision name such as int3 (expert weights only)")
+    warm_files = None
+    if not (config.hotness_file and Path(config.hotness_file).is_file()):
+        warm_files = calibration_files(path, reader, calibration)
+    if verify:
+        reader.verify(progress=progress)
+    arch = get_arch(reader.manifest["config"])
+    dtype = dtype or getattr(torch, reader.manifest["source_dtype"])
+    model = _build_model(reader.path, arch, dtype, device)
+    banks = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ExpertBank):
+            module.layer = _layer_of(name)
+            banks[module.layer] = module
+    engine = Engine(model=model, tokenizer=load_tokenizer(reader.path), reader=reader, banks=banks,
+                    policy=str(planner), plan={}, backend=backend, dtype=dtype)
+
+    def calibrate(floor):  # DynaExq's warm start: the model in all-low mode, mean routed mass per token
+        engine.apply(floor, progress=progress)
+        windows = calibration_tokens(engine.tokenizer, warm_files, calibration_windows, window_tokens)
+        return {layer: m / windows.numel() for layer, m in engine.routing_mass(windows, progress=progress).items()}
+
+    engine.runtime = start_runtime(engine, planner, budget, config, calibrate if warm_files else None, progress)
     return engine
 
 

@@ -1,6 +1,7 @@
 """Planners turn what is known (store sizes and errors, routing statistics) into a precision map.
 
-A planner never touches bytes: `plan(reader, budget=None, hotness=None)` returns {(layer, expert): Precision}
+Static planners give one map; dynamic ones (`dynamic = True`: dynaexq, multilevel, frozen) give slot counts and
+re-decide which experts hold them while the model runs (runtime/planners/dynamic.py). A planner never touches bytes: `plan(reader, budget=None, hotness=None)` returns {(layer, expert): Precision}
 and the loader or the transition engine makes it so. Planners whose `hotness_source` is not None need routing
 statistics ({layer: routed mass [E]}) from that kind of text. `parse_policy(spec)` is the one registry.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dynaexq.errors import UserError
 from dynaexq.quant.precision import Precision
 from dynaexq.runtime.planners.calibrated import MultilevelPlanner, TwoTierPlanner
+from dynaexq.runtime.planners.dynamic import DynamicPlanner
 from dynaexq.runtime.planners.static import MapPlanner, UniformPlanner
 from dynaexq.sizes import parse_size
 
@@ -20,9 +22,14 @@ PLANNERS = {
     "calibrated-multilevel": MultilevelPlanner.from_arg,
     "oracle": lambda arg: (TwoTierPlanner.from_arg(arg, "eval") if "hi=" in arg or "lo=" in arg
                            else MultilevelPlanner.from_arg(arg, "eval")),
+    "dynaexq": lambda arg: DynamicPlanner.from_arg("dynaexq", arg),
+    "multilevel": lambda arg: DynamicPlanner.from_arg("multilevel", arg),
+    "frozen": lambda arg: DynamicPlanner.from_arg("frozen", arg),
 }
 VALID = ("uniform:<precision> (e.g. uniform:int4), map:<file.json>, calibrated[:hi=int8,lo=int2], "
-         "calibrated-multilevel[:ladder=bf16/int8/int4/int3/int2,power=2], oracle[:hi=..,lo=..] (eval only)")
+         "calibrated-multilevel[:ladder=bf16/int8/int4/int3/int2,power=2], oracle[:hi=..,lo=..] (eval only); "
+         "runtime policies: dynaexq[:hi=int8,lo=int2,delta=0.01,alloc=proportional|depth,max_pairs=0], "
+         "multilevel[:ladder=..,power=2,delta=0.01], frozen[:hi=int8,lo=int2]")
 
 
 def parse_policy(spec: str):
@@ -59,4 +66,4 @@ def resolve_budget(spec, reader) -> int | None:
 
 
 __all__ = ["PLANNERS", "parse_policy", "parse_budget", "resolve_budget", "UniformPlanner", "MapPlanner",
-           "TwoTierPlanner", "MultilevelPlanner"]
+           "TwoTierPlanner", "MultilevelPlanner", "DynamicPlanner"]

@@ -1,0 +1,179 @@
+"""Start the dynamic runtime on a loaded engine: budget (Eq. 4), pools, table, transitions, controller.
+
+`start_runtime(engine, planner, expert_budget, config, calibrate)`:
+  1. measure: the slot size of every (layer, precision) the planner uses (a real version laid out), the
+     non-expert bytes of the model; with `config.budget`, M_exp = budget - M_fixed (runtime/budget.py); refuse
+     a budget that cannot hold every expert at the lowest tier, naming the minimum;
+  2. warm start: the hotness file (if it exists), else `calibrate(floor_map)` -> routed mass per token measured
+     with every expert at the lowest tier (DynaExq), else a cold start;
+  3. unpublish the engine's own versions (no forward runs during start), allocate the arenas, install the
+     initial map into them, then attach the table to the banks and the controller to every forward step.
+`Runtime.stats()` is the observability API (hotness, maps, transitions, waits, pools).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dynaexq.errors import UserError
+from dynaexq.runtime.budget import BudgetPlan, split_budget
+from dynaexq.runtime.controller import Controller, RuntimeConfig, initial_assign
+from dynaexq.runtime.hotness import Hotness
+from dynaexq.runtime.pool import Pools
+from dynaexq.runtime.table import ExpertTable
+from dynaexq.runtime.transitions import TransitionEngine
+from dynaexq.runtime.version import make_version, slot_layout
+from dynaexq.sizes import format_size, parse_size
+
+
+@dataclass
+class Runtime:
+    planner: object
+    plan: BudgetPlan
+    pools: Pools
+    table: ExpertTable
+    transitions: TransitionEngine
+    controller: Controller
+    hotness: Hotness
+    _hook: object = None
+    blocked_s: float = 0.0  # time the inference thread spent running transitions (blocking mode only)
+
+    def stats(self) -> dict:
+        c, t = self.controller, self.transitions
+        published = {layer: [v.precision.value for v in lst] for layer, lst in self.table.versions.items()}
+        return {"policy": str(self.planner), "steps": c.steps, "tokens": c.tokens, "decisions": c.decisions,
+                "hotness": {layer: s.tolist() for layer, s in self.hotness.snapshot().items()},
+                "published": published,
+                "target": {layer: [c.tiers[i].value for i in a.tolist()] for layer, a in c.assign.items()},
+                "transitions": {**{k: v for k, v in t.stats.items() if k != "errors"}, "in_flight": t.in_flight(),
+                                "pending": t.pending(), "errors": list(t.stats["errors"][-20:])},
+                "forward_wait_s": self.table.lease_wait_s + self.blocked_s,
+                "lease_s": self.table.lease_wait_s, "blocked_s": self.blocked_s,
+                "pools": self.pools.occupancy(),
+                "bytes": {"experts": self.pools.expert_bytes(), "staging": self.pools.nbytes() - self.pools.expert_bytes(),
+                          "peak_used": self.pools.tracker.peak, "cap": self.pools.tracker.total_cap}}
+
+    def check(self, quiescent: bool = True) -> None:
+        self.pools.check()
+        self.table.check(self.pools, quiescent)
+
+
+def nonexpert_bytes(model) -> int:
+    """Bytes of the model's own parameters and buffers (each storage once: tied weights count once)."""
+    from dynaexq.bank import ExpertBank  # noqa: layering: engine may import bank
+    skip = {id(t) for m in model.modules() if isinstance(m, ExpertBank) for t in m.buffers()}
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in skip or t.untyped_storage().data_ptr() in seen:
+            continue
+        seen.add(t.untyped_storage().data_ptr())
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def measure(engine, planner, expert_budget, config: RuntimeConfig):
+    """-> (slot_bytes {(layer, precision): bytes}, staging (K, bytes), expert budget, total, reserves)."""
+    reader, tiers = engine.reader, planner.tiers(engine.reader)
+    slot_bytes = {(layer, p): slot_layout(make_version(reader.read_expert(layer, 0, p), engine.backend,
+                                                       engine.dtype))[1] for layer in reader.layers for p in tiers}
+    reader.close()
+    if config.staging_slots < 1:
+        raise UserError(f"--staging-slots must be >= 1, got {config.staging_slots}")
+    staging = (config.staging_slots, max(slot_bytes.values()))
+    total, reserves = None, {}
+    if config.budget is not None:
+        total = parse_size(config.budget)
+        if not 0 <= config.safety_margin < 1:
+            raise UserError(f"--safety-margin is a fraction in [0, 1), got {config.safety_margin}")
+        reserves = {"non-expert weights": nonexpert_bytes(engine.model), "kv cache": parse_size(config.kv_reserve),
+                    "activations": parse_size(config.activation_reserve),
+                    "safety margin": int(total * config.safety_margin), "staging": staging[0] * staging[1]}
+        room = split_budget(total, reserves)
+        if expert_budget is not None and expert_budget > room:
+            raise UserError(f"--expert-budget {format_size(expert_budget)} does not fit in --budget "
+                            f"{format_size(total)} after the fixed part; at most {format_size(room)}")
+        expert_budget = room if expert_budget is None else expert_budget
+    if expert_budget is None:
+        raise UserError(f"policy {planner} needs a memory budget: --budget SIZE (everything) or --expert-budget "
+                        "SIZE / a precision name such as int3 (expert weights only)")
+    low = tiers[-1]
+    need = sum(reader.num_experts * slot_bytes[(layer, low)] for layer in reader.layers)
+    if need > expert_budget:
+        minimum = need + (sum(reserves.values()) if total is not None else 0)
+        what = "--budget" if total is not None else "expert budget"
+        raise UserError(f"policy {planner}: every expert at {low.value} needs {format_size(need)} but the expert "
+                        f"budget is {format_size(expert_budget)}; the minimum {what} is {format_size(minimum)} "
+                        f"({minimum} bytes)")
+    return slot_bytes, staging, expert_budget, total, reserves
+
+
+def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = RuntimeConfig(), calibrate=None,
+                  progress: bool = True) -> Runtime:
+    reader, device = engine.reader, engine.model.device
+    tiers = planner.tiers(reader)
+    slot_bytes, staging, expert_budget, total, reserves = measure(engine, planner, expert_budget, config)
+    hotness = Hotness(reader.layers, reader.num_experts, config.alpha, device)
+    warm = True
+    if config.hotness_file and Path(config.hotness_file).is_file():
+        hotness.load(config.hotness_file)
+    elif calibrate is not None:
+        hotness.set(calibrate(planner.floor(reader)))
+    else:
+        warm = False
+    S0 = hotness.snapshot() if warm else None
+    counts = planner.counts(reader, slot_bytes, expert_budget, S0)
+    plan = BudgetPlan(counts, slot_bytes, staging, expert_budget, total, reserves)
+    if progress:
+        print(f"dynaexq: {planner}\n{plan.describe()}", file=sys.stderr)
+
+    for bank in engine.banks.values():  # no forward runs now: free the engine's own versions before the arenas
+        bank.versions[:] = [None] * len(bank.versions)
+    pools = Pools(counts, slot_bytes, staging, device)
+    table = ExpertTable({layer: bank.versions for layer, bank in engine.banks.items()}, device)
+
+    def make(layer, e, p):
+        return make_version(reader.read_expert(layer, e, p), engine.backend, engine.dtype)
+
+    transitions = TransitionEngine(table, pools, make, staging[0], config.blocking, config.retries, device)
+    costs = planner.costs(reader)
+    flat = {layer: torch.zeros(reader.num_experts, dtype=torch.float64) for layer in reader.layers}
+    assign = initial_assign(planner, S0 or flat, counts, tiers, costs)
+    todo = [(layer, e) for layer in reader.layers for e in range(reader.num_experts)]
+    for layer, e in tqdm(todo, desc="install experts", unit="expert", disable=not progress):
+        transitions.move(layer, e, tiers[assign[layer][e]])
+    transitions.reset_stats()  # the counters are about the run, not the install
+    controller = Controller(planner, hotness, transitions, assign, costs, tiers, config, cold=not warm)
+    rt = Runtime(planner, plan, pools, table, transitions, controller, hotness)
+    rt.check()
+
+    def on_step(module, args, output):
+        stats = {}
+        for layer, bank in engine.banks.items():
+            _, mass = bank.take_stats()
+            stats[layer] = (bank.routed_tokens, mass)
+            bank.routed_tokens = 0
+        t0 = time.perf_counter()
+        controller.on_step(stats)
+        if config.blocking:
+            rt.blocked_s += time.perf_counter() - t0
+
+    for bank in engine.banks.values():
+        bank.table = table
+        bank.take_stats()
+        bank.routed_tokens = 0
+    rt._hook = engine.model.register_forward_hook(on_step)
+    return rt
+
+
+def stop_runtime(engine, rt: Runtime) -> None:
+    """Drain and stop the runtime; the engine's experts are unpublished (publish a map with `engine.apply`)."""
+    rt._hook.remove()
+    rt.controller.close()
+    for bank in engine.banks.values():
+        bank.table = None
+        bank.versions[:] = [None] * len(bank.versions)

@@ -1,0 +1,91 @@
+"""The controller: hotness in, precision decisions out, between forward steps.
+
+After every step the engine hands over the banks' routing statistics: the hotness EMA is updated (on the
+device, no sync), and every `update_every` steps (or `update_every_tokens` routed tokens) the planner compares
+S with the *target* assignment (what the map will be once every submitted pair is done, so decisions do not
+depend on how fast transitions run: the same statistics stream gives the same sequence of maps) and submits the
+pairs it wants to the transition engine. Policy runs here, never inside a forward pass.
+`RuntimeConfig` holds every runtime default; the CLI derives its flags from it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    budget: str | None = _opt(None, "total device memory for the model (e.g. 2GiB): experts get what is left after "
+                              "the non-expert weights, the reserves and the staging slots (DynaExq Eq. 4)")
+    kv_reserve: str = _opt("0", "KV-cache bytes to keep free out of --budget")
+    activation_reserve: str = _opt("16MiB", "activation bytes to keep free out of --budget")
+    safety_margin: float = _opt(0.02, "fraction of --budget kept free")
+    staging_slots: int = _opt(4, "K: transitions in flight, each with one staging slot of the largest version")
+    alpha: float = _opt(0.9, "hotness EMA: S <- alpha*S + (1-alpha)*c after every step")
+    update_every: int = _opt(200, "steps (forward passes) between decisions")
+    update_every_tokens: int = _opt(0, "decide every N routed tokens instead of every --update-every steps (0: off)")
+    hotness_file: str | None = _opt(None, "load the hotness from this file at start (if it exists) and save it there "
+                                    "on close")
+    blocking: bool = _opt(False, "run transitions inline at each decision (ablation: the forward pass waits)")
+    retries: int = _opt(2, "retries of a transition whose store read fails before it is given up")
+
+
+class Controller:
+    def __init__(self, planner, hotness, transitions, assign: dict, costs: dict, tiers: list,
+                 config: RuntimeConfig, cold: bool):
+        self.planner, self.hotness, self.transitions = planner, hotness, transitions
+        self.assign, self.costs, self.tiers, self.config = assign, costs, tiers, config
+        self.cold = cold  # no warm start: the first decision takes the top-n directly
+        self.steps = self.tokens = self.decisions = 0
+        self._tokens_at_decision = 0
+        self.history: list = []  # the target map after each decision (tuples of tier indices per layer)
+        transitions.on_failed = self._undo
+
+    def on_step(self, stats: dict) -> None:
+        """stats: {layer: (routed tokens, routed mass [E])} of one forward pass."""
+        self.hotness.update(stats)
+        self.steps += 1
+        self.tokens += max((t for t, _ in stats.values()), default=0)
+        c = self.config
+        due = (self.tokens - self._tokens_at_decision >= c.update_every_tokens if c.update_every_tokens
+               else self.steps % c.update_every == 0)
+        if due:
+            self.decide()
+
+    def decide(self) -> list:
+        self._tokens_at_decision = self.tokens
+        pairs = self.planner.decide(self.hotness.snapshot(), self.assign, self.costs, self.tiers, cold=self.cold)
+        self.cold = False
+        self.decisions += 1
+        self.history.append(tuple(tuple(a.tolist()) for _, a in sorted(self.assign.items())))
+        self.transitions.submit(pairs)
+        return pairs
+
+    def _undo(self, pair) -> None:
+        """A pair given up after retries: the target goes back to what is still published."""
+        a = self.assign[pair.layer]
+        a[pair.demote], a[pair.promote] = self.tiers.index(pair.hi), self.tiers.index(pair.lo)
+
+    def target_map(self) -> dict:
+        return {(layer, e): self.tiers[t] for layer, a in self.assign.items() for e, t in enumerate(a.tolist())}
+
+    def close(self) -> None:
+        self.transitions.drain()
+        self.transitions.close()
+        if self.config.hotness_file:
+            self.hotness.save(self.config.hotness_file)
+
+
+def initial_assign(planner, S: dict, counts: dict, tiers: list, costs: dict) -> dict:
+    """The target at start: tiers filled in expert order, then rearranged with no hysteresis (the top-n directly)."""
+    assign = {}
+    for layer in S:
+        slots = [i for i, p in enumerate(tiers) for _ in range(counts.get((layer, p), 0))]
+        assign[layer] = np.array(slots, dtype=np.int64)
+    planner.decide(S, assign, costs, tiers, cold=True)
+    return assign

@@ -1,0 +1,185 @@
+"""Online planners: which experts hold the high-precision slots, re-decided from the live hotness S.
+
+dynaexq[:hi=int8,lo=int2,delta=0.01,alloc=proportional,max_pairs=0]
+    DynaExq: per layer a fixed number n_hi[l] of `hi` slots (Eq. 4, runtime/budget.py), the rest `lo`. Target
+    set H_l = the top-n_hi[l] experts of S. Cold start (no warm start): take the top-n directly. Afterwards pair
+    the highest-scoring outsider with the lowest-scoring incumbent and swap only while S_out - S_in > delta;
+    each swap is an indivisible (demote, promote) pair, highest gap first; max_pairs > 0 limits pairs per decision.
+multilevel[:ladder=bf16/int8/int4/int3/int2,power=2,delta=0.01,max_pairs=0]
+    Beyond the paper: slots of every precision of a ladder, their counts per layer chosen at start by the greedy
+    multilevel allocation (planners/calibrated.py) on the warm-start hotness within the budget. Online, experts
+    trade slots: a swap of a (tier p) with b (tier q, lower) gains S_b*(c_b(q) - c_b(p)) - S_a*(c_a(q) - c_a(p)),
+    c = (measured relative weight error of the store)**power, and is taken while the gain exceeds delta times the
+    mean cost step of the two (for two tiers and equal errors this is exactly DynaExq's rule). Slot counts stay
+    fixed, so the pools never re-carve and the bytes never move off the budget.
+frozen[:hi=int8,lo=int2,alloc=proportional]
+    The paper's static ablation: the warm-start map, never changed.
+
+A planner never touches bytes: `decide` returns pairs and updates the target assignment it is given.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+
+from dynaexq.errors import UserError
+from dynaexq.quant.precision import Precision
+from dynaexq.runtime.budget import ALLOCATIONS, two_tier_counts
+from dynaexq.runtime.planners.calibrated import LADDER, MultilevelPlanner, _options
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One indivisible transition: `demote` goes from `hi` to `lo`, then `promote` from `lo` to `hi`."""
+    layer: int
+    demote: int
+    promote: int
+    hi: Precision
+    lo: Precision
+    gap: float
+
+
+@dataclass(frozen=True)
+class DynamicPlanner:
+    kind: str = "dynaexq"  # dynaexq | multilevel | frozen
+    hi: Precision = Precision.INT8
+    lo: Precision = Precision.INT2
+    ladder: tuple = LADDER
+    power: float = 2.0
+    delta: float = 0.01
+    alloc: str = "proportional"
+    max_pairs: int = 0
+    hotness_source = "calibration"  # the warm start (a --hotness-file replaces it)
+    dynamic = True
+
+    @classmethod
+    def from_arg(cls, kind: str, arg: str):
+        allowed = {"dynaexq": {"hi", "lo", "delta", "alloc", "max_pairs"}, "frozen": {"hi", "lo", "alloc"},
+                   "multilevel": {"ladder", "power", "delta", "max_pairs"}}[kind]
+        spec = f"{kind}:{arg}"
+        o = _options(arg, allowed, spec)
+        hi, lo = Precision.parse(o.get("hi", "int8")), Precision.parse(o.get("lo", "int2"))
+        if hi.bits <= lo.bits:
+            raise UserError(f"policy {spec}: hi ({hi.value}) must be a higher precision than lo ({lo.value})")
+        ladder = tuple(Precision.parse(p) for p in o["ladder"].split("/")) if "ladder" in o else LADDER
+        if len(ladder) < 2:
+            raise UserError(f"policy {spec}: the ladder needs at least two precisions, e.g. ladder=int8/int4/int2")
+        try:
+            power, delta, max_pairs = float(o.get("power", 2)), float(o.get("delta", 0.01)), int(o.get("max_pairs", 0))
+        except ValueError:
+            raise UserError(f"policy {spec}: power and delta must be numbers, max_pairs an integer") from None
+        alloc = o.get("alloc", "proportional")
+        if alloc not in ALLOCATIONS or power <= 0 or delta < 0 or max_pairs < 0:
+            raise UserError(f"policy {spec}: alloc must be one of {', '.join(ALLOCATIONS)}, power > 0, delta >= 0, "
+                            "max_pairs >= 0 (0 = no limit)")
+        return cls(kind, hi, lo, tuple(sorted(ladder, key=lambda p: -p.bits)), power, delta, alloc, max_pairs)
+
+    def tiers(self, reader) -> list:
+        """The precisions this planner uses, highest first."""
+        if self.kind != "multilevel":
+            tiers = [self.hi, self.lo]
+        else:
+            tiers = [p for p in self.ladder if p in reader.precisions]
+        missing = [p.value for p in tiers if p not in reader.precisions]
+        if missing or len(tiers) < 2:
+            raise UserError(f"policy {self}: the store has no {', '.join(missing) or 'two of the ladder'} experts "
+                            f"(it has {', '.join(p.value for p in reader.precisions)})")
+        return tiers
+
+    def floor(self, reader) -> dict:
+        """The cheapest map, where the warm-start calibration routing is measured."""
+        low = self.tiers(reader)[-1]
+        return {(layer, e): low for layer in reader.layers for e in range(reader.num_experts)}
+
+    def counts(self, reader, slot_bytes: dict, expert_budget: int, hotness=None) -> dict:
+        """-> {(layer, precision): slots} within expert_budget (slot_bytes: measured, per (layer, precision))."""
+        tiers, E = self.tiers(reader), reader.num_experts
+        if self.kind != "multilevel":
+            n_hi = two_tier_counts(reader.layers, E, {layer: slot_bytes[(layer, self.hi)] for layer in reader.layers},
+                                   {layer: slot_bytes[(layer, self.lo)] for layer in reader.layers},
+                                   expert_budget, self.alloc)
+            return {(layer, p): (n if p == self.hi else E - n) for layer, n in n_hi.items() for p in tiers}
+        flat = {layer: np.ones(E) for layer in reader.layers}
+        plan = MultilevelPlanner(tuple(tiers), self.power).plan(_SlotSizes(reader, slot_bytes), expert_budget,
+                                                                hotness or flat)
+        out = {(layer, p): 0 for layer in reader.layers for p in tiers}
+        for (layer, _), p in plan.items():
+            out[(layer, p)] += 1
+        return out
+
+    def costs(self, reader) -> dict:
+        """{layer: [E, P]} cost of each expert at each tier (0/1 for two tiers; error**power for multilevel)."""
+        tiers = self.tiers(reader)
+        if self.kind != "multilevel":
+            return {layer: np.tile([0.0, 1.0], (reader.num_experts, 1)) for layer in reader.layers}
+        return {layer: np.array([[reader.expert_error(layer, e, p) ** self.power for p in tiers]
+                                 for e in range(reader.num_experts)]) for layer in reader.layers}
+
+    def decide(self, S: dict, assign: dict, costs: dict, tiers: list, cold: bool = False) -> list:
+        """S {layer: [E]}, assign {layer: int [E] tier index, updated in place} -> pairs, highest gap first."""
+        if self.kind == "frozen" and not cold:
+            return []
+        delta = 0.0 if cold else self.delta
+        per_layer = {layer: _swaps(np.asarray(S[layer], dtype=np.float64), costs[layer], assign[layer].copy(),
+                                   delta) for layer in assign}
+        # merge the layers' sequences by gap, keeping each layer's own order (a later swap may rely on an earlier)
+        heap = [(-seq[0][4], layer, 0) for layer, seq in per_layer.items() if seq]
+        heapq.heapify(heap)
+        pairs = []
+        while heap and (cold or not self.max_pairs or len(pairs) < self.max_pairs):
+            _, layer, i = heapq.heappop(heap)
+            a, b, p, q, gap = per_layer[layer][i]
+            assign[layer][a], assign[layer][b] = q, p
+            pairs.append(Pair(layer, int(a), int(b), tiers[p], tiers[q], float(gap)))
+            if i + 1 < len(per_layer[layer]):
+                heapq.heappush(heap, (-per_layer[layer][i + 1][4], layer, i + 1))
+        return pairs
+
+    def __str__(self):
+        if self.kind == "multilevel":
+            return f"multilevel:ladder={'/'.join(p.value for p in self.ladder)},power={self.power:g},delta={self.delta:g}"
+        extra = "" if self.kind == "frozen" else f",delta={self.delta:g}"
+        return f"{self.kind}:hi={self.hi.value},lo={self.lo.value}{extra},alloc={self.alloc}"
+
+
+def _swaps(S, C, tier, delta: float) -> list:
+    """Greedy slot trades in one layer: repeatedly the (a in tier p, b in lower tier q) swap with the largest
+    margin gain - delta * mean cost step, while that margin is > 0. -> [(a, b, p, q, margin)]."""
+    out = []
+    P = C.shape[1]
+    for _ in range(4 * len(S)):  # each swap lowers sum(S * cost) strictly, so this ends; the cap is a guard
+        best = None
+        for p in range(P):
+            A = np.flatnonzero(tier == p)
+            for q in range(p + 1, P):
+                B = np.flatnonzero(tier == q)
+                if not len(A) or not len(B):
+                    continue
+                dA, dB = C[A, q] - C[A, p], C[B, q] - C[B, p]  # cost added by demoting a / removed by promoting b
+                gain = (S[B] * dB)[None, :] - (S[A] * dA)[:, None]  # [|A|, |B|]
+                margin = gain - delta * (dA[:, None] + dB[None, :]) / 2
+                i, j = np.unravel_index(np.argmax(margin), margin.shape)
+                if margin[i, j] > 1e-12 and gain[i, j] > 0 and (best is None or margin[i, j] > best[4]):
+                    best = (A[i], B[j], p, q, float(margin[i, j]))
+        if best is None:
+            break
+        a, b, p, q, _ = best
+        tier[a], tier[b] = q, p
+        out.append(best)
+    return out
+
+
+class _SlotSizes:
+    """A store reader whose expert sizes are the runtime's measured slot sizes (for the multilevel allocation)."""
+
+    def __init__(self, reader, slot_bytes: dict):
+        self._reader, self._bytes = reader, slot_bytes
+        self.layers, self.num_experts, self.precisions = reader.layers, reader.num_experts, reader.precisions
+
+    def expert_bytes(self, layer, e, p):
+        return self._bytes[(layer, p)]
+
+    def expert_error(self, layer, e, p):
+        return self._reader.expert_error(layer, e, p)
