@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import fields, replace
 from pathlib import Path
 
 from dynaexq.errors import UserError
@@ -31,6 +32,30 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def _runtime_config(args):
+    """The RuntimeConfig from the flags derived from it (None when no runtime flag was given)."""
+    from dynaexq.runtime.controller import RuntimeConfig
+
+    given = {f.name: getattr(args, f.name) for f in fields(RuntimeConfig) if getattr(args, f.name) is not None}
+    return RuntimeConfig(**given) if given else None
+
+
+def add_runtime_flags(parser, defaults=None) -> None:
+    """One flag per RuntimeConfig field (kebab-case), its help and default from the dataclass."""
+    from dynaexq.runtime.controller import RuntimeConfig
+
+    g = parser.add_argument_group("runtime policies (dynaexq, multilevel, frozen)")
+    base = defaults or RuntimeConfig()
+    for f in fields(RuntimeConfig):
+        default = getattr(base, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            g.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
+        else:
+            kind = type(default) if default is not None else str
+            g.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default: {default})")
+
+
 def cmd_generate(args) -> int:
     from transformers import TextStreamer
 
@@ -38,23 +63,34 @@ def cmd_generate(args) -> int:
     from dynaexq.sizes import format_size
 
     engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
-                          store=args.store, calibration=args.calibration)
-    if engine.tokenizer is None:
-        raise UserError(f"model {args.model!r} has no tokenizer files; generate needs one")
-    streamer = TextStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    print(args.prompt, end="", flush=True)
-    t0 = time.perf_counter()
-    text = engine.generate(args.prompt, args.max_new_tokens, args.temperature, streamer=streamer, seed=args.seed)
-    dt = time.perf_counter() - t0
-    n = len(engine.tokenizer(text)["input_ids"])
-    print(f"\n[{engine.policy}: {n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s; experts resident "
-          f"{format_size(engine.expert_bytes())} {engine.precision_counts()}]", file=sys.stderr)
+                          store=args.store, calibration=args.calibration, runtime=_runtime_config(args))
+    try:
+        if engine.tokenizer is None:
+            raise UserError(f"model {args.model!r} has no tokenizer files; generate needs one")
+        streamer = TextStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        print(args.prompt, end="", flush=True)
+        t0 = time.perf_counter()
+        text = engine.generate(args.prompt, args.max_new_tokens, args.temperature, streamer=streamer, seed=args.seed)
+        dt = time.perf_counter() - t0
+        n = len(engine.tokenizer(text)["input_ids"])
+        print(f"\n[{engine.policy}: {n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s; experts resident "
+              f"{format_size(engine.expert_bytes())} {engine.precision_counts()}]", file=sys.stderr)
+        if engine.runtime is not None:
+            t = engine.runtime.stats()["transitions"]
+            print(f"[runtime: {engine.runtime.controller.decisions} decisions, {t['pairs']} pairs switched, "
+                  f"{format_size(t['bytes_moved'])} moved, {t['failures']} failed reads]", file=sys.stderr)
+    finally:
+        engine.close()
     return 0
 
 
 def cmd_eval(args) -> int:
     from dynaexq.eval import harness, report
 
+    if args.scenario == "shift":
+        return _shift(args)
+    if _runtime_config(args) is not None:
+        raise UserError("runtime flags (--update-every, --alpha, ...) apply to --scenario shift only")
     if args.sweep:
         return _sweep(args)
     out = harness.evaluate(_model_path(args.model), args.data, args.policy, args.expert_budget, args.windows,
@@ -110,6 +146,25 @@ def _sweep(args) -> int:
     return 0
 
 
+def _shift(args) -> int:
+    from dynaexq.eval import shift
+    from dynaexq.runtime.controller import RuntimeConfig
+
+    if args.sweep:
+        raise UserError("--sweep and --scenario shift are separate runs; give one of them")
+    config = _runtime_config(args) or RuntimeConfig(update_every=shift.DEFAULT_UPDATE_EVERY)
+    if args.update_every is None:
+        config = replace(config, update_every=shift.DEFAULT_UPDATE_EVERY)
+    out = shift.evaluate_shift(_model_path(args.model), args.data, args.policy, args.expert_budget, args.windows,
+                               args.window_tokens, args.calibration, args.calibration_windows, args.repeats,
+                               args.step_tokens, config, progress=not args.json, store=args.store,
+                               dtype=_dtype(args.dtype))
+    print(shift.table(out["results"]), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
 def cmd_lm_eval(args) -> int:
     import dynaexq
     from dynaexq.eval import lm_eval_adapter
@@ -154,11 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--model", help="checkpoint or store directory (default: the bundled model)")
     sg.add_argument("--store", help="use this store for --model (it must have been prepared from that checkpoint)")
     sg.add_argument("--policy", default="uniform:bf16", help="uniform:<precision> | map:<file.json> | calibrated"
-                    "[:hi=int8,lo=int2] | calibrated-multilevel (default: %(default)s)")
+                    "[:hi=int8,lo=int2] | calibrated-multilevel | runtime policies: dynaexq[:hi=int8,lo=int2,"
+                    "delta=0.01,alloc=proportional|depth] | multilevel | frozen (default: %(default)s)")
     sg.add_argument("--expert-budget", help="bytes for expert weights, e.g. 20GiB, 512MB, 123456, or a precision "
                     "name (int3 = the bytes of every expert at int3)")
     sg.add_argument("--calibration", nargs="+", metavar="FILE", help="calibration texts for the calibrated "
                     "policies (default: the model's calibration/*.txt)")
+    add_runtime_flags(sg)
     sg.add_argument("--max-new-tokens", type=int, default=64)
     sg.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     sg.add_argument("--seed", type=int)
@@ -189,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--sweep", action="store_true", help="run the hotness policies over a range of budgets (or the "
                     "given ones) plus every uniform precision; write sweep.png, sweep.md and sweep.json to --out")
     se.add_argument("--out", default="eval-sweep", help="directory for --sweep output (default: %(default)s)")
+    se.add_argument("--scenario", choices=["shift"], help="shift: the domains in phases (code -> prose -> dict, "
+                    "--repeats times), streamed in steps with the runtime's controller live; default policies "
+                    "dynaexq, multilevel, frozen, calibrated, calibrated-multilevel, uniform:int3 at "
+                    "--expert-budget (default int3)")
+    se.add_argument("--repeats", type=int, default=2, help="shift: times the domain sequence repeats (default: "
+                    "%(default)s)")
+    se.add_argument("--step-tokens", type=int, default=32, help="shift: tokens per forward step (default: "
+                    "%(default)s)")
+    add_runtime_flags(se)
     se.add_argument("--json", action="store_true", help="print the report as one JSON object on the last stdout line")
     se.set_defaults(fn=cmd_eval)
 

@@ -139,7 +139,8 @@ def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = R
     def make(layer, e, p):
         return make_version(reader.read_expert(layer, e, p), engine.backend, engine.dtype)
 
-    transitions = TransitionEngine(table, pools, make, staging[0], config.blocking, config.retries, device)
+    workers = staging[0] if device.type == "cuda" else 1  # CPU: the workers would share the forward's cores
+    transitions = TransitionEngine(table, pools, make, workers, config.blocking, config.retries, device)
     costs = planner.costs(reader)
     flat = {layer: torch.zeros(reader.num_experts, dtype=torch.float64) for layer in reader.layers}
     assign = initial_assign(planner, S0 or flat, counts, tiers, costs)

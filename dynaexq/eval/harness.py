@@ -101,6 +101,7 @@ class Evaluation:
                                    next(iter(self.windows.values())).shape[1])
             self.engine.apply(floor)
             self._calib_hotness[key] = self.engine.routing_mass(w, self.batch, progress=self.progress)
+            self.calibration_token_count = w.numel()
         return self._calib_hotness[key]
 
     @torch.inference_mode()

@@ -8,7 +8,8 @@ A pair (demote a: hi -> lo, promote b: lo -> hi) of one layer runs as:
   staging slot is unread, it goes back. Every publish swaps in a complete version; every reclaim waits for the
   leases of readers that may hold the old one (runtime/table.py) -- the waiting is the worker's, never the
   forward pass's. A single `move` (change one expert's precision within its pool) is steps 1 and 3.
-Up to K workers run pairs concurrently (K = staging slots); pairs that share an expert run in submission order.
+`workers` threads run pairs concurrently (at most K = staging slots; on the CPU one, since the copies share the
+cores with the forward pass); pairs that share an expert run in submission order.
 CUDA: new versions are laid into their slots on a dedicated copy stream and published only after the copy's
 event completes (UNVERIFIED on a GPU so far). `blocking=True` runs every pair inline at submit (the ablation).
 """
@@ -97,6 +98,7 @@ class TransitionEngine:
         return None
 
     def _worker(self) -> None:
+        torch.set_num_threads(1)  # per thread: the copies must not take the forward pass's OpenMP cores
         while True:
             with self._cond:
                 job = None

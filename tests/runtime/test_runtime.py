@@ -1,0 +1,306 @@
+"""The dynamic runtime on a tiny Qwen3-MoE (2 MoE layers x 8 experts): pools, table, transitions, controller."""
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dynaexq.engine.dynamic import measure, start_runtime
+from dynaexq.engine.load import load
+from dynaexq.errors import UserError
+from dynaexq.quant.precision import Precision as P
+from dynaexq.quant.quantize import dequantize
+from dynaexq.runtime.controller import RuntimeConfig
+from dynaexq.runtime.planners import parse_policy, resolve_budget
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoints):
+    _, store = checkpoints("qwen3_moe")
+    eng = load(store, "uniform:int2", progress=False)
+    yield eng
+    eng.close()
+
+
+def start(engine, spec="dynaexq:hi=int8,lo=int2", budget="int4", warm=None, **cfg):
+    """Start the runtime on the engine (int4 bytes: 2 of 8 experts per layer fit at int8, the rest at int2)."""
+    engine.close()
+    rt = start_runtime(engine, parse_policy(spec), resolve_budget(budget, engine.reader), RuntimeConfig(**cfg),
+                       (lambda floor: warm) if warm is not None else None, progress=False)
+    engine.runtime = rt
+    return rt
+
+
+def random_stats(engine, g, tokens=16):
+    E = engine.reader.num_experts
+    return {layer: (tokens, torch.rand(E, generator=g) ** 4 * tokens) for layer in engine.banks}
+
+
+def published(engine):
+    return {(layer, e): v.precision for layer, b in engine.banks.items() for e, v in enumerate(b.versions)}
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10**6), steps=st.integers(1, 8), delta=st.sampled_from([0.0, 0.01, 0.05]),
+       multilevel=st.booleans())
+def test_invariants_hold_and_the_budget_is_never_exceeded_after_random_churn(engine, seed, steps, delta, multilevel):
+    spec = (f"multilevel:ladder=int8/int4/int2,delta={delta}" if multilevel
+            else f"dynaexq:hi=int8,lo=int2,delta={delta}")
+    rt = start(engine, spec, update_every=1)
+    try:
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            rt.controller.on_step(random_stats(engine, g))
+            rt.check(quiescent=False)
+        rt.transitions.drain()
+        rt.check()
+        assert rt.pools.tracker.peak <= rt.pools.nbytes() <= rt.plan.expert_budget + rt.plan.staging[0] * rt.plan.staging[1]
+        assert rt.plan.expert_bytes() <= rt.plan.expert_budget
+        assert published(engine) == rt.controller.target_map()
+        assert not rt.transitions.stats["errors"]
+    finally:
+        engine.close()
+
+
+def _reference_weights(engine, layer):
+    """float64 dequantized (gate_up, down) of every expert at int8 and int2, straight from the store."""
+    out = {}
+    for e in range(engine.reader.num_experts):
+        for p in (P.INT8, P.INT2):
+            w = engine.reader.read_expert(layer, e, p)
+            out[(e, p)] = (dequantize(w["gate_up"], torch.float64), dequantize(w["down"], torch.float64))
+    return out
+
+
+def _reference_forward(ref, versions, x, idx, w):
+    """float64 output of the bank computed from exactly the versions (precisions) a forward read."""
+    flat = idx.reshape(-1).tolist()  # [T*K] experts
+    gu = torch.stack([ref[(e, versions[e].precision)][0] for e in flat])  # [T*K, 2I, H]
+    down = torch.stack([ref[(e, versions[e].precision)][1] for e in flat])  # [T*K, H, I]
+    xs = x.double().repeat_interleave(idx.shape[1], 0)  # [T*K, H]
+    gate, up = (gu @ xs[:, :, None])[..., 0].chunk(2, -1)
+    y = (down @ (torch.nn.functional.silu(gate) * up)[:, :, None])[..., 0]  # [T*K, H]
+    return (y * w.reshape(-1, 1).double()).view(*idx.shape, -1).sum(1)
+
+
+def _race(engine, rt, forwards: int, stop_at_first_tear: bool = False):
+    """A forward loop on one bank racing the transition workers (fed by a churn thread) -> (tears, overlapped)."""
+    layer = min(engine.banks)
+    bank, ref = engine.banks[layer], _reference_weights(engine, layer)
+    g = torch.Generator().manual_seed(0)
+    stop = threading.Event()
+
+    def churn():
+        gc = torch.Generator().manual_seed(1)
+        while not stop.is_set():
+            if rt.transitions.pending() == 0:
+                rt.controller.on_step(random_stats(engine, gc))
+            time.sleep(0.004)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 OpenMP threads per op, 5 Python threads, 2 cores: spinning would dominate
+    thread = threading.Thread(target=churn)
+    thread.start()
+    tears = overlapped = 0
+    try:
+        with torch.inference_mode():
+            for _ in range(forwards):
+                x = torch.randn(4, 64, generator=g)
+                idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(4)])
+                w = torch.rand(4, 2, generator=g)
+                before = rt.table.published
+                y = bank(x, idx, w)
+                overlapped += rt.table.published != before
+                expect = _reference_forward(ref, bank.last_read, x, idx, w)
+                if (y.double() - expect).norm() > 0.05 * expect.norm():
+                    tears += 1
+                    if stop_at_first_tear:
+                        break
+    finally:
+        stop.set()
+        thread.join()
+        torch.set_num_threads(threads)
+    return tears, overlapped
+
+
+def test_no_torn_reads_while_transitions_race_the_forward(engine):
+    rt = start(engine, "dynaexq:hi=int8,lo=int2,delta=0", update_every=1)
+    try:
+        tears, overlapped = _race(engine, rt, 10_000)
+        rt.transitions.drain()
+        rt.check()
+        assert tears == 0
+        assert rt.transitions.stats["pairs"] > 1000 and overlapped > 1000, (rt.transitions.stats["pairs"], overlapped)
+    finally:
+        engine.close()
+
+
+def test_the_race_test_detects_tears_when_reclaim_ignores_leases(engine, monkeypatch):
+    """Negative control: with slots reused while still leased, the reference comparison does catch torn reads."""
+    rt = start(engine, "dynaexq:hi=int8,lo=int2,delta=0", update_every=1)
+    monkeypatch.setattr(rt.table, "wait_unread", lambda retired_at, timeout=60.0: None)
+    try:
+        tears, _ = _race(engine, rt, 10_000, stop_at_first_tear=True)
+        assert tears >= 1
+    finally:
+        engine.close()
+
+
+def test_same_statistics_stream_gives_the_same_sequence_of_maps(engine):
+    def run(blocking):
+        rt = start(engine, "dynaexq:hi=int8,lo=int2", update_every=3, blocking=blocking)
+        try:
+            g = torch.Generator().manual_seed(5)
+            for _ in range(60):
+                rt.controller.on_step(random_stats(engine, g))
+            rt.transitions.drain()
+            assert published(engine) == rt.controller.target_map()
+            return list(rt.controller.history), rt.transitions.stats["pairs"]
+        finally:
+            engine.close()
+
+    a, b, c = run(False), run(False), run(True)
+    assert a == b == c
+    assert a[1] > 0 and len(set(a[0])) > 1  # the maps did change along the stream
+
+
+def test_async_runtime_computes_exactly_what_a_static_map_computes(engine, checkpoints):
+    rt = start(engine, "multilevel:ladder=int8/int4/int2", budget="int3", update_every=2)
+    try:
+        g = torch.Generator().manual_seed(3)
+        ids = torch.randint(0, 128, (2, 12), generator=g)
+        with torch.inference_mode():
+            for _ in range(10):
+                engine.model(input_ids=ids)
+                rt.controller.on_step(random_stats(engine, g))
+            rt.transitions.drain()
+            got = engine.model(input_ids=ids).logits
+        assert rt.transitions.stats["pairs"] > 0
+        static = load(checkpoints("qwen3_moe")[1], "uniform:int2", progress=False)
+        static.apply(published(engine))
+        with torch.inference_mode():
+            assert torch.equal(got, static.model(input_ids=ids).logits)
+    finally:
+        engine.close()
+
+
+def test_hysteresis_reduces_switches_on_a_noisy_stream():
+    g = np.random.default_rng(0)
+    E, n_hi = 32, 6
+    true = g.random(E) ** 3
+    true /= true.sum()
+
+    def switches(delta):
+        pl = parse_policy(f"dynaexq:hi=int8,lo=int2,delta={delta}")
+        assign = {0: np.array([0] * n_hi + [1] * (E - n_hi))}
+        costs = {0: np.tile([0.0, 1.0], (E, 1))}
+        pl.decide({0: true}, assign, costs, [P.INT8, P.INT2], cold=True)
+        n, kept = 0, []
+        rng = np.random.default_rng(1)
+        for _ in range(200):
+            S = true + rng.normal(0, 0.006, E)
+            n += len(pl.decide({0: S}, assign, costs, [P.INT8, P.INT2]))
+            kept.append(true[assign[0] == 0].sum())
+        return n, np.mean(kept)
+
+    (with_h, mass_h), (without, _) = switches(0.01), switches(0.0)
+    best = np.sort(true)[-n_hi:].sum()
+    assert with_h < 0.25 * without, (with_h, without)
+    assert mass_h > 0.9 * best  # and the hot set it keeps is still (nearly) the true one
+
+
+def test_decisions_follow_the_papers_rule():
+    pl = parse_policy("dynaexq:hi=int8,lo=int2,delta=0.1,max_pairs=0")
+    costs = {0: np.tile([0.0, 1.0], (6, 1))}
+    tiers = [P.INT8, P.INT2]
+    assign = {0: np.array([0, 0, 1, 1, 1, 1])}  # experts 0, 1 hold the hi slots
+    S = {0: np.array([0.30, 0.05, 0.50, 0.12, 0.0, 0.01])}
+    pairs = pl.decide(S, assign, costs, tiers)
+    # 2 (0.50) replaces 1 (0.05): gap 0.45 > 0.1; then best outsider 3 (0.12) vs worst incumbent 0 (0.30): stop
+    assert [(p.demote, p.promote) for p in pairs] == [(1, 2)]
+    assert assign[0].tolist() == [0, 1, 0, 1, 1, 1]
+    cold = {0: np.array([0, 0, 1, 1, 1, 1])}
+    pl.decide({0: np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5])}, cold, costs, tiers, cold=True)
+    assert sorted(np.flatnonzero(cold[0] == 0).tolist()) == [4, 5]  # cold start: the top-n directly
+    limited = parse_policy("dynaexq:hi=int8,lo=int2,delta=0,max_pairs=1")
+    a = {0: np.array([0, 0, 1, 1, 1, 1]), 1: np.array([0, 0, 1, 1, 1, 1])}
+    pairs = limited.decide({0: S[0], 1: np.array([0, 0, 0.2, 0.9, 0, 0])}, a, {0: costs[0], 1: costs[0]}, tiers)
+    assert [(p.layer, p.promote, round(p.gap, 3)) for p in pairs] == [(1, 3, 0.9)]  # the highest gap first
+
+
+def test_infeasible_budgets_state_the_minimum(engine):
+    engine.close()
+    with pytest.raises(UserError, match=r"minimum expert budget is .*\(\d+ bytes\)"):
+        start(engine, "dynaexq", budget=1000)
+    lean = dict(activation_reserve="0", safety_margin=0.0)
+    reserves = measure(engine, parse_policy("dynaexq"), None, RuntimeConfig(budget="1GiB", **lean))[4]
+    assert reserves["non-expert weights"] > 0 and reserves["staging"] > 0
+    with pytest.raises(UserError, match=r"minimum --budget is"):  # covers the fixed part, not all-int2 experts
+        start_runtime(engine, parse_policy("dynaexq"), None,
+                      RuntimeConfig(budget=str(sum(reserves.values()) + 100), **lean), progress=False)
+    with pytest.raises(UserError, match="does not cover the fixed part"):
+        start_runtime(engine, parse_policy("dynaexq"), None, RuntimeConfig(budget="100KiB"), progress=False)
+
+
+def test_failed_reads_keep_the_previous_versions_serving_and_are_retried_then_reported(engine):
+    warm = {layer: torch.arange(8, dtype=torch.float32) / 28 for layer in engine.banks}  # experts 6, 7 hot
+    rt = start(engine, "dynaexq:hi=int8,lo=int2,delta=0", warm=warm, update_every=1000)
+    try:
+        real, calls = rt.transitions.make, {"n": 0}
+
+        def flaky(layer, e, p):  # the first read fails, the retry succeeds
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise OSError("injected I/O error")
+            return real(layer, e, p)
+
+        rt.transitions.make = flaky
+        rt.hotness.set({layer: torch.tensor([0.5, 0, 0, 0, 0, 0, 0, 0.5]) for layer in engine.banks})
+        pairs = rt.controller.decide()
+        assert len(pairs) == 2  # expert 0 replaces expert 6 in both layers
+        rt.transitions.drain()
+        assert rt.transitions.stats["failures"] == 1 and rt.transitions.stats["retries"] == 1
+        assert published(engine) == rt.controller.target_map() and not rt.transitions.stats["errors"]
+
+        def broken(layer, e, p):  # expert 1 can never be read
+            if e == 1:
+                raise OSError("injected I/O error on expert 1")
+            return real(layer, e, p)
+
+        rt.transitions.make = broken
+        before = published(engine)
+        rt.hotness.set({layer: torch.tensor([0.4, 0.6, 0, 0, 0, 0, 0, 0]) for layer in engine.banks})
+        assert len(rt.controller.decide()) == 2  # expert 1 replaces expert 7 in both layers
+        rt.transitions.drain()
+        assert published(engine) == before  # the previous versions kept serving
+        assert rt.transitions.stats["failures"] == 1 + 2 * (1 + rt.controller.config.retries)  # 1 from above
+        assert len(rt.transitions.stats["errors"]) == 2 and "expert 1" in rt.transitions.stats["errors"][0]
+        assert rt.controller.target_map() == before  # and the target went back: a later decision may retry
+        rt.check()
+    finally:
+        engine.close()
+
+
+def test_hotness_is_the_ema_of_routed_mass_per_token_and_persists(engine, tmp_path):
+    from dynaexq.runtime.hotness import Hotness
+
+    h = Hotness([0, 1], 4, alpha=0.9)
+    steps = [{0: (10, torch.tensor([5.0, 3, 2, 0])), 1: (5, torch.tensor([0.0, 0, 1, 4]))},
+             {0: (10, torch.tensor([0.0, 0, 0, 10])), 1: (5, torch.tensor([5.0, 0, 0, 0]))}]
+    expect = {0: np.zeros(4), 1: np.zeros(4)}
+    for s in steps:
+        h.update(s)
+        for layer, (n, mass) in s.items():
+            expect[layer] = 0.9 * expect[layer] + 0.1 * mass.numpy() / n
+    for layer in (0, 1):
+        assert np.allclose(h.snapshot()[layer].numpy(), expect[layer])
+    path = tmp_path / "hot.json"
+    h.save(path)
+    h2 = Hotness([0, 1], 4)
+    h2.load(path)
+    assert all(np.allclose(h2.snapshot()[k], h.snapshot()[k]) for k in (0, 1))
+    with pytest.raises(UserError, match="belongs to another model"):
+        Hotness([0, 1, 2], 4).load(path)
