@@ -106,17 +106,7 @@ def load(path, policy="uniform:bf16", expert_budget=None, *, store=None, device=
         used.add(layout.NONEXPERT_SHARD)
         reader.verify(sorted(used), progress=progress)
 
-    arch = get_arch(reader.manifest["config"])
-    dtype = dtype or getattr(torch, reader.manifest["source_dtype"])
-    model = _build_model(reader.path, arch, dtype, device)
-    banks = {}
-    for name, module in model.named_modules():
-        if isinstance(module, ExpertBank):
-            module.layer = _layer_of(name)
-            banks[module.layer] = module
-    assert sorted(banks) == sorted(reader.layers), (sorted(banks), reader.layers)
-    engine = Engine(model=model, tokenizer=load_tokenizer(reader.path), reader=reader, banks=banks,
-                    policy=str(planner), plan={}, backend=backend, dtype=dtype)
+    engine = _empty_engine(reader, planner, device, backend, dtype)
     engine.apply(plan, progress=progress)  # every version owns its memory; the store is unmapped after
     if calib_files:
         windows = calibration_tokens(engine.tokenizer, calib_files, calibration_windows, window_tokens)
@@ -134,16 +124,7 @@ def _load_dynamic(path, reader, planner, budget, device, backend, dtype, verify,
         warm_files = calibration_files(path, reader, calibration)
     if verify:
         reader.verify(progress=progress)
-    arch = get_arch(reader.manifest["config"])
-    dtype = dtype or getattr(torch, reader.manifest["source_dtype"])
-    model = _build_model(reader.path, arch, dtype, device)
-    banks = {}
-    for name, module in model.named_modules():
-        if isinstance(module, ExpertBank):
-            module.layer = _layer_of(name)
-            banks[module.layer] = module
-    engine = Engine(model=model, tokenizer=load_tokenizer(reader.path), reader=reader, banks=banks,
-                    policy=str(planner), plan={}, backend=backend, dtype=dtype)
+    engine = _empty_engine(reader, planner, device, backend, dtype)
 
     def calibrate(floor):  # DynaExq's warm start: the model in all-low mode, mean routed mass per token
         engine.apply(floor, progress=progress)
@@ -152,6 +133,21 @@ def _load_dynamic(path, reader, planner, budget, device, backend, dtype, verify,
 
     engine.runtime = start_runtime(engine, planner, budget, config, calibrate if warm_files else None, progress)
     return engine
+
+
+def _empty_engine(reader, planner, device, backend, dtype) -> Engine:
+    """The model built on the store with an ExpertBank per MoE layer, no expert published yet."""
+    arch = get_arch(reader.manifest["config"])
+    dtype = dtype or getattr(torch, reader.manifest["source_dtype"])
+    model = _build_model(reader.path, arch, dtype, device)
+    banks = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ExpertBank):
+            module.layer = _layer_of(name)
+            banks[module.layer] = module
+    assert sorted(banks) == sorted(reader.layers), (sorted(banks), reader.layers)
+    return Engine(model=model, tokenizer=load_tokenizer(reader.path), reader=reader, banks=banks,
+                  policy=str(planner), plan={}, backend=backend, dtype=dtype)
 
 
 def calibration_tokens(tokenizer, files, n: int, length: int) -> torch.Tensor:
