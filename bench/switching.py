@@ -59,7 +59,6 @@ def prompts(engine, model_dir: Path, n: int, length: int) -> list:
 def sample(engine, planner, budget, warm, blocking, update_every, batch_prompts, new_tokens) -> dict:
     rt = start_runtime(engine, planner, budget, RuntimeConfig(update_every=update_every, blocking=blocking),
                        lambda floor: warm, progress=False)
-    engine.runtime = rt
     try:
         seconds = 0.0
         with CpuLoad() as load_:
@@ -76,7 +75,6 @@ def sample(engine, planner, budget, warm, blocking, update_every, batch_prompts,
                 "switches": s["transitions"]["pairs"], "moved_mib": s["transitions"]["bytes_moved"] / 2**20,
                 "decisions": s["decisions"], "others": load_.others}
     finally:
-        engine.runtime = None
         stop_runtime(engine, rt)
 
 

@@ -79,9 +79,11 @@ def nonexpert_bytes(model) -> int:
 def measure(engine, planner, expert_budget, config: RuntimeConfig):
     """-> (slot_bytes {(layer, precision): bytes}, staging (K, bytes), expert budget, total, reserves)."""
     reader, tiers = engine.reader, planner.tiers(engine.reader)
-    slot_bytes = {(layer, p): slot_layout(make_version(reader.read_expert(layer, 0, p), engine.backend,
-                                                       engine.dtype))[1] for layer in reader.layers for p in tiers}
+    # the store's matrix shapes are the same in every MoE layer: lay out one real version per precision
+    per_precision = {p: slot_layout(make_version(reader.read_expert(reader.layers[0], 0, p), engine.backend,
+                                                 engine.dtype))[1] for p in tiers}
     reader.close()
+    slot_bytes = {(layer, p): per_precision[p] for layer in reader.layers for p in tiers}
     if config.staging_slots < 1:
         raise UserError(f"--staging-slots must be >= 1, got {config.staging_slots}")
     staging = (config.staging_slots, max(slot_bytes.values()))
@@ -114,6 +116,7 @@ def measure(engine, planner, expert_budget, config: RuntimeConfig):
 
 def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = RuntimeConfig(), calibrate=None,
                   progress: bool = True) -> Runtime:
+    """-> the started Runtime, also set as `engine.runtime` (until `stop_runtime` / `engine.close()`)."""
     reader, device = engine.reader, engine.model.device
     tiers = planner.tiers(reader)
     slot_bytes, staging, expert_budget, total, reserves = measure(engine, planner, expert_budget, config)
@@ -168,11 +171,13 @@ def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = R
         bank.take_stats()
         bank.routed_tokens = 0
     rt._hook = engine.model.register_forward_hook(on_step)
+    engine.runtime = rt
     return rt
 
 
 def stop_runtime(engine, rt: Runtime) -> None:
     """Drain and stop the runtime; the engine's experts are unpublished (publish a map with `engine.apply`)."""
+    engine.runtime = None
     rt._hook.remove()
     rt.controller.close()
     for bank in engine.banks.values():

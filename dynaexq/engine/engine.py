@@ -64,7 +64,6 @@ class Engine:
         if self.runtime is not None:
             from dynaexq.engine.dynamic import stop_runtime
             stop_runtime(self, self.runtime)
-            self.runtime = None
 
     @torch.inference_mode()
     def routing_mass(self, windows: torch.Tensor, batch: int = 8, progress: bool = False) -> dict:

@@ -131,7 +131,7 @@ def _load_dynamic(path, reader, planner, budget, device, backend, dtype, verify,
         windows = calibration_tokens(engine.tokenizer, warm_files, calibration_windows, window_tokens)
         return {layer: m / windows.numel() for layer, m in engine.routing_mass(windows, progress=progress).items()}
 
-    engine.runtime = start_runtime(engine, planner, budget, config, calibrate if warm_files else None, progress)
+    start_runtime(engine, planner, budget, config, calibrate if warm_files else None, progress)
     return engine
 
 

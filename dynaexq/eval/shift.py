@@ -54,7 +54,6 @@ def run_shift(ev, policy: str, budget=None, repeats: int = 2, step_tokens: int =
             mass = ev.calibration_hotness(floor)
             return {layer: m / ev.calibration_token_count for layer, m in mass.items()}
         rt = start_runtime(engine, planner, budget_bytes, config, calibrate, progress=False)
-        engine.runtime = rt
     else:
         hotness = ev.calibration_hotness(planner.floor(ev.reader)) if planner.hotness_source == "calibration" else (
             ev.eval_hotness if planner.hotness_source == "eval" else None)
@@ -102,7 +101,6 @@ def run_shift(ev, policy: str, budget=None, repeats: int = 2, step_tokens: int =
         return out
     finally:
         if rt is not None:
-            engine.runtime = None
             stop_runtime(engine, rt)
 
 

@@ -82,18 +82,10 @@ class BudgetTracker:
             self.pending[tier] -= n
             self.committed[tier] += n
 
-    def cancel(self, tier, n: int) -> None:
-        with self._lock:
-            assert self.pending[tier] >= n, (tier, self.pending[tier], n)
-            self.pending[tier] -= n
-
     def release(self, tier, n: int) -> None:
         with self._lock:
             assert self.committed[tier] >= n, (tier, self.committed[tier], n)
             self.committed[tier] -= n
-
-    def used(self) -> int:
-        return sum(self.pending.values()) + sum(self.committed.values())
 
     def check(self) -> None:
         for tier, cap in self.caps.items():
@@ -139,11 +131,6 @@ class Pools:
 
     def commit(self, key) -> None:
         self.tracker.commit(self.tier(key), self.pools[key].slot_bytes)
-
-    def cancel(self, key, i: int) -> None:
-        with self._lock:
-            self.tracker.cancel(self.tier(key), self.pools[key].slot_bytes)
-            self.pools[key].give_back(i)
 
     def reclaim(self, key, i: int) -> None:
         with self._lock:

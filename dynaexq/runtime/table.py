@@ -74,12 +74,8 @@ class ExpertTable:
         return self.versions[layer][e]
 
     # --- reclaim (transition workers) --------------------------------------------------------------------------
-    def unread(self, retired_at: int) -> bool:
-        """True once no lease that could have read a version retired at `retired_at` is active."""
-        with self._cond:
-            return self._unread(retired_at)
-
     def _unread(self, retired_at: int) -> bool:
+        """True once no lease that could have read a version retired at `retired_at` is active (lock held)."""
         if self._gpu_leases:
             self._gpu_leases = [(ep, ev) for ep, ev in self._gpu_leases if not ev.query()]
         return all(ep > retired_at for ep in self.readers) and all(ep > retired_at for ep, _ in self._gpu_leases)

@@ -30,7 +30,7 @@ def start(engine, spec="dynaexq:hi=int8,lo=int2", budget="int4", warm=None, **cf
     engine.close()
     rt = start_runtime(engine, parse_policy(spec), resolve_budget(budget, engine.reader), RuntimeConfig(**cfg),
                        (lambda floor: warm) if warm is not None else None, progress=False)
-    engine.runtime = rt
+    assert engine.runtime is rt
     return rt
 
 
