@@ -1,4 +1,4 @@
-"""The `dynaexq` command: prepare | generate | eval | inspect.
+"""The `dynaexq` command: prepare | generate | eval | serve | lm-eval | inspect.
 
 User errors (UserError) print one paragraph on stderr and exit with code 2, like argparse's own
 usage errors; nothing is left half-written because every file is written to a temporary name first.
@@ -33,27 +33,60 @@ def cmd_prepare(args) -> int:
 
 
 def _runtime_config(args):
-    """The RuntimeConfig from the flags derived from it (None when no runtime flag was given)."""
     from dynaexq.runtime.controller import RuntimeConfig
 
-    given = {f.name: getattr(args, f.name) for f in fields(RuntimeConfig) if getattr(args, f.name) is not None}
-    return RuntimeConfig(**given) if given else None
+    return _config(args, RuntimeConfig)
+
+
+def _config(args, cls):
+    """The `cls` config from the flags derived from it (None when none of its flags was given)."""
+    given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None}
+    return cls(**given) if given else None
 
 
 def add_runtime_flags(parser, defaults=None) -> None:
-    """One flag per RuntimeConfig field (kebab-case), its help and default from the dataclass."""
     from dynaexq.runtime.controller import RuntimeConfig
 
-    g = parser.add_argument_group("runtime policies (dynaexq, multilevel, frozen)")
-    base = defaults or RuntimeConfig()
-    for f in fields(RuntimeConfig):
+    add_config_flags(parser.add_argument_group("runtime policies (dynaexq, multilevel, frozen)"),
+                     defaults or RuntimeConfig())
+
+
+def add_config_flags(group, base) -> None:
+    """One flag per field of the frozen config dataclass `base` (kebab-case), help and default from the field."""
+    for f in fields(base):
         default = getattr(base, f.name)
         flag = "--" + f.name.replace("_", "-")
         if isinstance(default, bool):
-            g.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
+            group.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
         else:
-            kind = type(default) if default is not None else str
-            g.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default: {default})")
+            kind = type(default) if default is not None else (int if "int" in str(f.type) else str)
+            group.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default: {default})")
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    import dynaexq
+    from dynaexq.serve.app import create_app
+    from dynaexq.serve.config import ServeConfig
+
+    config = _config(args, ServeConfig) or ServeConfig()
+    if args.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
+        print(f"dynaexq: warning: serving on {args.host} without --api-key: anyone who can reach this address can "
+              "use the server", file=sys.stderr)
+    engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
+                          store=args.store, calibration=args.calibration, runtime=_runtime_config(args))
+    try:
+        app = create_app(engine, config)
+    except BaseException:
+        engine.close()
+        raise
+    server = app.state.server
+    print(f"dynaexq: serving {server.model_name} ({engine.policy}, max batch {server.scheduler.max_batch}, context "
+          f"{server.context}) at http://{args.host}:{args.port}/v1 (dashboard /dashboard, metrics /metrics)",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)  # its shutdown closes the engine
+    return 0
 
 
 def cmd_generate(args) -> int:
@@ -271,6 +304,23 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--batch-size", type=int, default=8)
     sl.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     sl.set_defaults(fn=cmd_lm_eval)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, completions, models) with "
+                        "continuous batching, Prometheus metrics and a live expert dashboard")
+    sv.add_argument("--model", help="checkpoint or store directory (default: the bundled model)")
+    sv.add_argument("--store", help="use this store for --model (it must have been prepared from that checkpoint)")
+    sv.add_argument("--policy", default="uniform:bf16", help="precision policy, as for generate; the runtime "
+                    "policies (dynaexq, multilevel) learn from the served traffic (default: %(default)s)")
+    sv.add_argument("--expert-budget", help="bytes for expert weights, e.g. 20GiB, or a precision name (int3)")
+    sv.add_argument("--calibration", nargs="+", metavar="FILE", help="calibration texts for the hotness policies")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                    help="uvicorn's log level (default: %(default)s)")
+    from dynaexq.serve.config import ServeConfig
+    add_config_flags(sv.add_argument_group("server"), ServeConfig())
+    add_runtime_flags(sv)
+    sv.set_defaults(fn=cmd_serve)
 
     si = sub.add_parser("inspect", help="architecture, layers x experts, bytes per precision, store integrity")
     si.add_argument("path", help="store or checkpoint directory")

@@ -14,25 +14,25 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-def _opt(default, help: str):
+def option(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    budget: str | None = _opt(None, "total device memory for the model (e.g. 2GiB): experts get what is left after "
+    budget: str | None = option(None, "total device memory for the model (e.g. 2GiB): experts get what is left after "
                               "the non-expert weights, the reserves and the staging slots (DynaExq Eq. 4)")
-    kv_reserve: str = _opt("0", "KV-cache bytes to keep free out of --budget")
-    activation_reserve: str = _opt("16MiB", "activation bytes to keep free out of --budget")
-    safety_margin: float = _opt(0.02, "fraction of --budget kept free")
-    staging_slots: int = _opt(4, "K: transitions in flight, each with one staging slot of the largest version")
-    alpha: float = _opt(0.9, "hotness EMA: S <- alpha*S + (1-alpha)*c after every step")
-    update_every: int = _opt(200, "steps (forward passes) between decisions")
-    update_every_tokens: int = _opt(0, "decide every N routed tokens instead of every --update-every steps (0: off)")
-    hotness_file: str | None = _opt(None, "load the hotness from this file at start (if it exists) and save it there "
+    kv_reserve: str = option("0", "KV-cache bytes to keep free out of --budget")
+    activation_reserve: str = option("16MiB", "activation bytes to keep free out of --budget")
+    safety_margin: float = option(0.02, "fraction of --budget kept free")
+    staging_slots: int = option(4, "K: transitions in flight, each with one staging slot of the largest version")
+    alpha: float = option(0.9, "hotness EMA: S <- alpha*S + (1-alpha)*c after every step")
+    update_every: int = option(200, "steps (forward passes) between decisions")
+    update_every_tokens: int = option(0, "decide every N routed tokens instead of every --update-every steps (0: off)")
+    hotness_file: str | None = option(None, "load the hotness from this file at start (if it exists) and save it there "
                                     "on close")
-    blocking: bool = _opt(False, "run transitions inline at each decision (ablation: the forward pass waits)")
-    retries: int = _opt(2, "retries of a transition whose store read fails before it is given up")
+    blocking: bool = option(False, "run transitions inline at each decision (ablation: the forward pass waits)")
+    retries: int = option(2, "retries of a transition whose store read fails before it is given up")
 
 
 class Controller:

@@ -1,0 +1,224 @@
+"""Continuous batching: many sequences share every decode step; a sequence joins and leaves between steps.
+
+`BatchDecoder` keeps the running sequences' KV cache as one left-padded DynamicCache (keys/values [B, h, L, d])
+with an attention mask [B, L]. One `step()`:
+  1. prefill: one chunk (<= `prefill_chunk` tokens) of the oldest waiting sequence, in that sequence's own cache;
+     after its last chunk its first token is sampled and it joins the batch (the shorter cache is left-padded);
+  2. decode: one forward of [B, 1] (every row's newest token at its own position), one token sampled per row;
+  3. finished or cancelled rows leave, and columns that are padding in every remaining row are dropped.
+Chunked prefill bounds how long a newcomer stalls the running streams (one chunk per step). Padding never
+reaches a router: prefill is per sequence and a decode step has one real token per row, so the experts'
+routing statistics (and the hotness controller) see only real tokens.
+
+`Sequence` holds one request's tokens, its sampler (transformers' logits warpers, its own torch.Generator)
+and its detokenized text with stop strings applied; it knows nothing of HTTP.
+"""
+from __future__ import annotations
+
+import sys
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import (DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                          TopPLogitsWarper)
+from transformers.cache_utils import DynamicLayer
+
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")  # chat templates' turn ends
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not 0 <= self.temperature <= 2:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k!r}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+
+class Sequence:
+    def __init__(self, prompt_ids, params: SamplingParams, tokenizer, stop_ids=(), context: int | None = None):
+        self.prompt = [int(t) for t in prompt_ids]
+        self.params, self.tokenizer, self.stop_ids = params, tokenizer, frozenset(stop_ids)
+        self.context = context  # the model's maximum positions: generation stops there
+        self.out: list[int] = []
+        self.cache = None  # own DynamicCache while prefilling
+        self.prefilled = 0
+        self.finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+        self.error: str | None = None
+        self.generator = torch.Generator()
+        self.generator.manual_seed(params.seed if params.seed is not None else self.generator.seed())
+        warpers = []
+        if params.temperature > 0:
+            warpers.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k:
+                warpers.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1:
+                warpers.append(TopPLogitsWarper(params.top_p))
+        self.warpers = LogitsProcessorList(warpers)
+        self.text = ""  # generated text, cut at a stop string
+        self._sent = 0  # characters of `text` already handed out by delta()
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """logits [V] -> the next token (argmax when temperature is 0)."""
+        if self.params.temperature == 0:
+            return int(logits.argmax())
+        scores = self.warpers(None, logits.float()[None])  # [1, V]
+        return int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator))
+
+    def append(self, token: int) -> None:
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+            return
+        self.out.append(token)
+        if self.tokenizer is not None:
+            self._detokenize()
+        if self.finish_reason is None and (len(self.out) >= self.params.max_tokens or
+                                           (self.context and len(self.prompt) + len(self.out) >= self.context)):
+            self.finish_reason = "length"
+
+    def _detokenize(self) -> None:
+        old = len(self.text)
+        self.text = self.tokenizer.decode(self.out, skip_special_tokens=True)
+        if self.params.stop:
+            start = max(0, old - max(map(len, self.params.stop)))
+            hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                self.finish_reason = "stop"
+
+    def delta(self) -> str:
+        """New text safe to show: while running, hold back an incomplete UTF-8 character and any tail that
+        could still become a stop string."""
+        end = len(self.text)
+        if not self.finished:
+            end -= self.text.endswith("\ufffd")
+            head, hold = self.text[:end], 0
+            for s in self.params.stop:
+                hold = max(hold, next((k for k in range(min(len(s) - 1, len(head)), 0, -1) if head.endswith(s[:k])), 0))
+            end -= hold
+        end = max(end, self._sent)
+        out, self._sent = self.text[self._sent:end], end
+        return out
+
+
+def _lpad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Left-pad t with zeros along `dim` (counted from the end: -1 for a mask, -2 for keys/values) to `width`."""
+    n = width - t.shape[dim]
+    return t if n == 0 else F.pad(t, (0, 0) * (-dim - 1) + (n, 0))
+
+
+class BatchDecoder:
+    def __init__(self, model, max_batch: int = 8, prefill_chunk: int = 128):
+        if max_batch < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
+        self.model, self.prefill_chunk = model, prefill_chunk
+        self.device = next(model.parameters()).device
+        probe = DynamicCache(config=model.config)
+        if not all(type(layer) is DynamicLayer for layer in probe.layers):  # sliding / linear-attention states
+            if max_batch > 1:
+                print("dynaexq: continuous batching needs a full-attention KV cache; this model's cache "
+                      f"({sorted({type(x).__name__ for x in probe.layers})}) is served one sequence at a time",
+                      file=sys.stderr)
+            max_batch = 1
+        self.max_batch = max_batch
+        self.waiting: deque[Sequence] = deque()
+        self.rows: list[Sequence] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [B, L]: 1 = real token
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def idle(self) -> bool:
+        return not self.rows and not self.waiting
+
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """One prefill chunk and/or one decode step -> the sequences that got a token or finished."""
+        self._drop_finished()
+        touched, joining = [], None
+        if self.waiting and len(self.rows) < self.max_batch:
+            seq = self.waiting[0]
+            if self._prefill_chunk(seq):
+                self.waiting.popleft()
+                touched.append(seq)
+                joining = None if seq.finished else seq
+        if self.rows:
+            self._decode()
+            touched.extend(self.rows)
+        if joining is not None:  # after the others' decode: its first token is already sampled
+            self._join(joining)
+        self._drop_finished()
+        return touched
+
+    def _prefill_chunk(self, seq: Sequence) -> bool:
+        """Run the next chunk of seq's prompt; True once the whole prompt is in its cache (first token sampled)."""
+        if seq.cache is None:
+            seq.cache = DynamicCache(config=self.model.config)
+        chunk = seq.prompt[seq.prefilled:seq.prefilled + self.prefill_chunk]
+        ids = torch.tensor([chunk], device=self.device)
+        logits = self.model(input_ids=ids, past_key_values=seq.cache, use_cache=True, logits_to_keep=1).logits
+        seq.prefilled += len(chunk)
+        if seq.prefilled < len(seq.prompt):
+            return False
+        seq.append(seq.sample(logits[0, -1]))
+        return True
+
+    def _join(self, seq: Sequence) -> None:
+        cache, seq.cache = seq.cache, None
+        mask = torch.ones(1, cache.get_seq_length(), dtype=torch.long, device=self.device)
+        if not self.rows:
+            self.cache, self.mask = cache, mask
+        else:
+            width = max(self.mask.shape[1], mask.shape[1])
+            for mine, new in zip(self.cache.layers, cache.layers):
+                mine.keys = torch.cat([_lpad(mine.keys, width, -2), _lpad(new.keys, width, -2)])
+                mine.values = torch.cat([_lpad(mine.values, width, -2), _lpad(new.values, width, -2)])
+            self.mask = torch.cat([_lpad(self.mask, width, -1), _lpad(mask, width, -1)])
+        self.rows.append(seq)
+
+    def _decode(self) -> None:
+        B = len(self.rows)
+        ids = torch.tensor([[s.out[-1]] for s in self.rows], device=self.device)  # [B, 1]
+        pos = torch.tensor([[len(s.prompt) + len(s.out) - 1] for s in self.rows], device=self.device)  # [B, 1]
+        self.mask = torch.cat([self.mask, self.mask.new_ones(B, 1)], dim=1)  # [B, L+1]
+        logits = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
+                            use_cache=True).logits[:, -1]  # [B, V]
+        for seq, row in zip(self.rows, logits):
+            if not seq.finished:
+                seq.append(seq.sample(row))
+
+    def _drop_finished(self) -> None:
+        if any(s.finished for s in self.waiting):  # cancelled before they ran
+            self.waiting = deque(s for s in self.waiting if not s.finished)
+        keep = [i for i, s in enumerate(self.rows) if not s.finished]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = None
+            return
+        idx = torch.tensor(keep, device=self.device)
+        first = int(self.mask[idx].any(0).nonzero()[0])  # leading columns that are padding in every row
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[idx, :, first:], layer.values[idx, :, first:]
+        self.mask = self.mask[idx, first:]

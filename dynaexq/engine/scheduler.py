@@ -1,0 +1,130 @@
+"""Scheduler: the one thread that runs the model for concurrent requests.
+
+`submit(prompt_ids, params, on_event)` admits a request (bounded: at most `max_batch` running plus `max_queue`
+waiting, else `QueueFull`), and the scheduler thread loops: apply cancellations and newcomers, run one
+`BatchDecoder.step()`, hand every touched sequence's new text to its `on_event(seq, delta)` (called on the
+scheduler thread: it must be quick, e.g. `loop.call_soon_threadsafe`). `on_step(info)` is called after each step
+with {"batch": rows decoded, "prefill": prompt tokens run, "seconds": step time}; it runs on this thread, between
+forwards, so it may read the banks' routing statistics. A step that raises fails the sequences in it (their
+`finish_reason` becomes "error", with the message in `seq.error`) and the scheduler goes on serving.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import traceback
+
+from dynaexq.engine.batch import END_OF_TURN, BatchDecoder, SamplingParams, Sequence
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Scheduler:
+    def __init__(self, engine, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 128, on_step=None,
+                 context: int | None = None):
+        self.engine, self.max_queue, self.on_step = engine, max_queue, on_step
+        self.decoder = BatchDecoder(engine.model, max_batch, prefill_chunk)
+        self.max_batch = self.decoder.max_batch
+        tok, config = engine.tokenizer, engine.model.config
+        self.context = context or getattr(config, "max_position_embeddings", None)  # generation stops there
+        eos = engine.model.generation_config.eos_token_id if engine.model.generation_config else None
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if tok is not None and tok.eos_token_id is not None:
+            self.eos_ids.add(tok.eos_token_id)
+        vocab = tok.get_vocab() if tok is not None else {}
+        self.turn_end_ids = {vocab[t] for t in END_OF_TURN if t in vocab}  # chat: the template's end of turn
+        self.steps = 0
+        self._new: list = []
+        self._cancel: list = []
+        self._callbacks: dict = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="dynaexq-scheduler", daemon=True)
+        self._thread.start()
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) sequences."""
+        with self._cond:
+            return len(self.decoder.rows), len(self.decoder.waiting) + len(self._new)
+
+    def submit(self, prompt_ids, params: SamplingParams, on_event, chat: bool = False) -> Sequence:
+        stop_ids = self.eos_ids | (self.turn_end_ids if chat else set())
+        seq = Sequence(prompt_ids, params, self.engine.tokenizer, stop_ids, self.context)
+        with self._cond:
+            if self._closed:
+                raise QueueFull("the server is shutting down")
+            running = len(self.decoder.rows)
+            waiting = len(self.decoder.waiting) + len(self._new)
+            if waiting >= self.max_queue + max(0, self.max_batch - running):
+                raise QueueFull(f"the server is at capacity ({running} running, {waiting} queued; --max-batch "
+                                f"{self.max_batch}, --max-queue {self.max_queue}); retry later")
+            self._new.append(seq)
+            self._callbacks[id(seq)] = on_event
+            self._cond.notify()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop generating for seq (a client went away); its slot is freed before the next step."""
+        with self._cond:
+            self._cancel.append(seq)
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._closed or self._new or self._cancel or not self.decoder.idle()):
+                    self._cond.wait()
+                if self._closed:
+                    break
+                new, self._new = self._new, []
+                cancel, self._cancel = self._cancel, []
+            for seq in new:
+                self.decoder.add(seq)
+            for seq in cancel:
+                if not seq.finished:
+                    seq.finish_reason = "cancelled"
+                    self._callbacks.pop(id(seq), None)
+            self._step()
+        for seq in list(self.decoder.rows) + list(self.decoder.waiting):  # shutting down: end every stream
+            self._fail(seq, "the server shut down")
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        batch = len(self.decoder.rows)
+        waiting = self.decoder.waiting[0] if self.decoder.waiting and batch < self.max_batch else None
+        before = waiting.prefilled if waiting is not None else 0
+        try:
+            touched = self.decoder.step()
+        except Exception as err:  # a failing step must not take the server down: fail its sequences
+            traceback.print_exc(file=sys.stderr)
+            for seq in list(self.decoder.rows) + ([waiting] if waiting is not None else []):
+                self._fail(seq, f"generation failed: {type(err).__name__}: {err}")
+            self.decoder.rows, self.decoder.cache, self.decoder.mask = [], None, None
+            if waiting is not None and waiting in self.decoder.waiting:
+                self.decoder.waiting.remove(waiting)
+            return
+        self.steps += 1
+        if self.on_step is not None:
+            prefill = (waiting.prefilled - before) if waiting is not None else 0
+            self.on_step({"batch": batch, "prefill": prefill, "seconds": time.perf_counter() - t0})
+        for seq in touched:
+            callback = self._callbacks.get(id(seq))
+            if seq.finished:
+                self._callbacks.pop(id(seq), None)
+            if callback is not None:
+                callback(seq, seq.delta())
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        seq.finish_reason, seq.error, seq.cache = "error", message, None
+        callback = self._callbacks.pop(id(seq), None)
+        if callback is not None:
+            callback(seq, "")

@@ -1,0 +1,114 @@
+"""Continuous batching against transformers' own generate: every sequence of a batch whose members join, leave
+and are cancelled at different steps gets exactly the tokens it gets alone."""
+import pytest
+import torch
+
+import dynaexq
+from dynaexq.engine.batch import BatchDecoder, SamplingParams, Sequence
+
+PROMPTS = ["def fibonacci(n):", "The history of the", "import numpy as np\nclass Matrix:", "apple (noun): a",
+           "Hello", "    for i in range(len(items)):\n        if"]
+
+
+@pytest.fixture(scope="module")
+def engine(bundled_store):
+    eng = dynaexq.load(bundled_store, policy="uniform:int8", dtype=torch.float32, progress=False)
+    yield eng
+    eng.close()
+
+
+def _reference(engine, prompt, n):
+    ids = engine.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out = engine.model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def _run(decoder, seqs, join_every=2, cancel=None):
+    for i, s in enumerate(seqs):
+        decoder.add(s)
+        for _ in range(join_every):
+            decoder.step()
+        if cancel is not None and i == cancel[1]:
+            cancel[0].finish_reason = "cancelled"
+    steps = 0
+    while not decoder.idle():
+        decoder.step()
+        steps += 1
+        assert steps < 500
+    assert decoder.rows == [] and decoder.cache is None
+
+
+def test_continuous_batching_gives_each_sequence_its_own_greedy_tokens(engine):
+    lengths = [24, 7, 30, 18, 26, 12]
+    refs = [_reference(engine, p, n) for p, n in zip(PROMPTS, lengths)]
+    dec = BatchDecoder(engine.model, max_batch=4, prefill_chunk=3)  # prompts span several chunks; some wait
+    seqs = [Sequence(engine.tokenizer(p)["input_ids"], SamplingParams(max_tokens=n, temperature=0), engine.tokenizer)
+            for p, n in zip(PROMPTS, lengths)]
+    _run(dec, seqs, cancel=(seqs[2], 5))  # the third is cancelled while it and the others run
+    for i, (s, ref) in enumerate(zip(seqs, refs)):
+        if i == 2:
+            assert s.finish_reason == "cancelled" and 0 < len(s.out) < lengths[2]
+            assert s.out == ref[:len(s.out)]
+        else:
+            assert s.finish_reason == "length" and s.out == ref, (i, s.out, ref)
+            assert s.text == engine.tokenizer.decode(ref, skip_special_tokens=True)
+
+
+def test_a_seeded_sample_does_not_depend_on_what_else_is_in_the_batch(engine):
+    params = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    ids = engine.tokenizer(PROMPTS[0])["input_ids"]
+    alone = Sequence(ids, params, engine.tokenizer)
+    _run(BatchDecoder(engine.model, max_batch=1), [alone])
+    crowd = [Sequence(engine.tokenizer(p)["input_ids"], SamplingParams(max_tokens=20, temperature=1.0, seed=k),
+                      engine.tokenizer) for k, p in enumerate(PROMPTS[1:4])]
+    again = Sequence(ids, params, engine.tokenizer)
+    _run(BatchDecoder(engine.model, max_batch=4), crowd + [again], join_every=1)
+    assert again.out == alone.out
+    other = Sequence(ids, SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, top_k=50, seed=99),
+                     engine.tokenizer)
+    _run(BatchDecoder(engine.model, max_batch=1), [other])
+    assert other.out != alone.out  # the seed matters (20 tokens at T=0.9: equal only by a very rare accident)
+    top1 = Sequence(ids, SamplingParams(max_tokens=12, temperature=1.0, top_k=1, seed=5), engine.tokenizer)
+    _run(BatchDecoder(engine.model), [top1])
+    assert top1.out == _reference(engine, PROMPTS[0], 12)  # top_k=1 sampling is greedy decoding
+
+
+def test_stop_strings_end_the_text_before_them_and_are_never_streamed(engine):
+    tok = engine.tokenizer
+    ref_text = tok.decode(_reference(engine, PROMPTS[0], 40), skip_special_tokens=True)
+    stop = ref_text[12:16]
+    assert stop.strip(), ref_text
+    expected = ref_text[:ref_text.find(stop)]
+    seq = Sequence(tok(PROMPTS[0])["input_ids"], SamplingParams(max_tokens=40, temperature=0, stop=(stop, "\x00")),
+                   tok)
+    dec, streamed = BatchDecoder(engine.model), []
+    dec.add(seq)
+    while not dec.idle():
+        dec.step()
+        streamed.append(seq.delta())
+    assert seq.finish_reason == "stop" and seq.text == expected == "".join(streamed)
+    assert all(stop not in "".join(streamed[:i + 1]) for i in range(len(streamed)))
+
+
+def test_end_of_sequence_and_context_limit_finish_a_sequence(engine):
+    tok = engine.tokenizer
+    ids = tok(PROMPTS[1])["input_ids"]
+    first = _reference(engine, PROMPTS[1], 3)
+    eos = Sequence(ids, SamplingParams(max_tokens=10, temperature=0), tok, stop_ids=[first[2]])
+    dec = BatchDecoder(engine.model)
+    dec.add(eos)
+    while not dec.idle():
+        dec.step()
+    assert eos.finish_reason == "stop" and eos.out == first[:2]  # the stop token itself is not output
+    ctx = Sequence(ids, SamplingParams(max_tokens=10, temperature=0), tok, context=len(ids) + 4)
+    dec.add(ctx)
+    while not dec.idle():
+        dec.step()
+    assert ctx.finish_reason == "length" and len(ctx.out) == 4
+
+
+@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-0.1), dict(top_p=0.0), dict(top_k=-1),
+                                 dict(stop=("",))])
+def test_invalid_sampling_parameters_name_the_problem(bad):
+    with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
+        SamplingParams(**bad)
