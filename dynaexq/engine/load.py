@@ -144,6 +144,7 @@ def _empty_engine(reader, planner, device, backend, dtype) -> Engine:
     for name, module in model.named_modules():
         if isinstance(module, ExpertBank):
             module.layer = _layer_of(name)
+            module.take_stats()  # from_pretrained allocates buffers without running __init__'s zeros
             banks[module.layer] = module
     assert sorted(banks) == sorted(reader.layers), (sorted(banks), reader.layers)
     return Engine(model=model, tokenizer=load_tokenizer(reader.path), reader=reader, banks=banks,
