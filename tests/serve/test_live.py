@@ -1,0 +1,175 @@
+"""`dynaexq serve` as a user starts it (a subprocess, the dynaexq runtime policy), under load, and its dashboard in
+headless Chromium. The load: 16 concurrent streaming clients for 30 s whose prompts move from code to dictionary
+text halfway, so the hot experts change while requests stream."""
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+import requests
+from PIL import Image
+
+from dynaexq.demo import BUNDLED
+
+CLIENTS, SECONDS = 16, 30
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+                  "--window-size=1100,1000", "--virtual-time-budget=4000"]
+
+
+def _snippets(domain: str, n: int = 24) -> list[str]:
+    text = (BUNDLED / "eval" / f"{domain}.txt").read_text()
+    starts = range(0, len(text) - 400, (len(text) - 400) // n)
+    return [text[s:s + 240] for s in starts][:n]
+
+
+@pytest.fixture(scope="module")
+def served(bundled_store, tmp_path_factory):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    work = tmp_path_factory.mktemp("serve")
+    log, hot = work / "serve.log", work / "hotness.json"
+    cmd = [sys.executable, "-m", "dynaexq.cli", "serve", "--model", str(bundled_store), "--policy", "dynaexq",
+           "--expert-budget", "int3", "--update-every", "16", "--max-batch", "16", "--max-model-len", "320",
+           "--port", str(port), "--log-level", "warning", "--hotness-file", str(hot)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if requests.get(url + "/health", timeout=1).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.5)
+    yield url, proc, log
+    proc.terminate()  # uvicorn shuts down gracefully, then exits by the same signal
+    assert proc.wait(timeout=60) in (0, -15), log.read_text()[-3000:]
+    assert json.loads(hot.read_text())["steps"] > 0  # the shutdown closed the engine: the runtime saved its hotness
+
+
+def test_sixteen_streaming_clients_for_30s_all_complete_within_budget_while_precisions_switch(served):
+    url, proc, _ = served
+    code, words = _snippets("code"), _snippets("dict")
+    start = requests.get(url + "/v1/experts").json()
+    t0 = time.monotonic()
+    errors, done, started, polls = [], [0], [0], []
+    lock = threading.Lock()
+    rss = {}
+
+    def client(i):
+        rng = random.Random(i)
+        api = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        while time.monotonic() - t0 < SECONDS:
+            prompts = code if time.monotonic() - t0 < SECONDS / 2 else words  # the workload shifts halfway
+            with lock:
+                started[0] += 1
+            try:
+                finish, text = None, ""
+                for chunk in api.completions.create(model="dxq-moe-mini", prompt=rng.choice(prompts), stream=True,
+                                                    max_tokens=rng.randint(16, 48), temperature=0.8,
+                                                    seed=rng.randint(0, 1 << 30)):
+                    text += chunk.choices[0].text
+                    finish = chunk.choices[0].finish_reason or finish
+                assert finish in ("stop", "length"), finish
+                with lock:
+                    done[0] += 1
+            except Exception as err:  # noqa: BLE001 - every failure is counted and reported
+                with lock:
+                    errors.append(repr(err))
+
+    def monitor():
+        while time.monotonic() - t0 < SECONDS + 5:
+            polls.append(requests.get(url + "/v1/experts").json())
+            if "warm" not in rss and time.monotonic() - t0 > 8:
+                rss["warm"] = psutil.Process(proc.pid).memory_info().rss
+            time.sleep(0.5)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)] + [threading.Thread(target=monitor)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=SECONDS + 180)
+    rss["end"] = psutil.Process(proc.pid).memory_info().rss
+    end = requests.get(url + "/v1/experts").json()
+
+    print(f"\n{done[0]} streams, rss {rss['warm'] >> 20} -> {rss['end'] >> 20} MiB, transitions "
+          f"{end['transitions']}, peak {end['budget']['peak_used']} of {end['budget']['cap']}")
+    assert errors == [] and done[0] == started[0] and done[0] >= CLIENTS, (errors[:5], done, started)
+    assert rss["end"] - rss["warm"] < 128 << 20, rss  # no growth with the number of requests served
+    for rep in polls + [end]:
+        b = rep["budget"]
+        assert b["expert_bytes"] <= b["cap"] and b["peak_used"] <= b["cap"], b
+    moved = {k: end["transitions"][k] - start["transitions"][k] for k in ("pairs", "promotions", "demotions")}
+    assert moved["promotions"] > 0 and moved["demotions"] > 0, moved  # the served traffic moved the hot set
+    assert any(p["transitions"]["pairs"] > start["transitions"]["pairs"] for p in polls[:len(polls) // 2 + 2])
+    metrics = requests.get(url + "/metrics").text
+    assert 'dynaexq_requests_total{endpoint="/v1/completions",status="200"}' in metrics
+
+
+def _chromium(*args, timeout=90):
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert exe, "Debian chromium is not installed (make test installs it: apt-get install chromium)"
+    return subprocess.run([exe, *CHROMIUM_FLAGS, *args], capture_output=True, timeout=timeout,
+                          env={**os.environ, "HOME": os.environ.get("HOME", "/tmp")})
+
+
+def test_dashboard_renders_the_heatmap_and_its_numbers_match_the_experts_report(served, tmp_path):
+    url, _, _ = served
+    for _ in range(100):  # let transitions from the load test finish: the map is then still
+        rep = requests.get(url + "/v1/experts").json()
+        if rep["transitions"]["in_flight"] == 0 and rep["transitions"]["pending"] == 0:
+            break
+        time.sleep(0.1)
+    shot = tmp_path / "dashboard.png"
+    dom = _chromium(f"--user-data-dir={tmp_path / 'profile-dom'}", "--dump-dom", url + "/dashboard").stdout.decode()
+    _chromium(f"--user-data-dir={tmp_path / 'profile-shot'}", f"--screenshot={shot}", url + "/dashboard")
+    rep = requests.get(url + "/v1/experts").json()
+
+    from html.parser import HTMLParser
+
+    class Parse(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.attrs, self.cells, self.layer, self.prec = {}, {}, None, None
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if "id" in a:
+                self.attrs[a["id"]] = a
+            if tag == "tr" and "data-layer" in a:
+                self.layer = int(a["data-layer"])
+            self.prec = a.get("data-precision") if tag == "td" else None
+
+        def handle_data(self, data):
+            if self.prec is not None and self.layer is not None:
+                self.cells[(self.layer, self.prec)] = int(data)
+                self.prec = None
+
+    page = Parse()
+    page.feed(dom)
+    assert int(page.attrs["expert-bytes"]["data-value"]) == rep["budget"]["expert_bytes"], dom[:2000]
+    assert int(page.attrs["cap"]["data-value"]) == rep["budget"]["cap"]
+    t = rep["transitions"]
+    assert int(page.attrs["switches"]["data-value"]) == t["promotions"] + t["demotions"]
+    expected = {(layer["layer"], p): layer["precision"].count(p) for layer in rep["layers"] for p in rep["precisions"]}
+    assert page.cells == expected and len(set(rep["precisions"])) >= 2
+    left, top, width, height = map(int, page.attrs["heatmap"]["data-rect"].split(","))
+    img = Image.open(shot).convert("RGB").crop((left, top, left + width, top + height))
+    colours = img.getcolors(maxcolors=1 << 20)
+    non_white = sum(n for n, c in colours if sum(c) < 3 * 245)
+    assert non_white > 0.5 * width * height and len(colours) > 8, (non_white, len(colours))
