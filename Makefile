@@ -10,6 +10,14 @@ PIP := .venv/bin/pip
 	$(PIP) install -q -e ".[dev,eval,server]"
 	touch $@
 
+# the dashboard test drives Debian's chromium headless; install it when missing (needs root or sudo)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium
+
 .PHONY: demo test install
 install: .venv/.installed
 
@@ -17,5 +25,5 @@ demo: .venv/.installed
 	.venv/bin/dynaexq generate --policy calibrated-multilevel --expert-budget int3 --max-new-tokens 40 "def fibonacci(n):"
 	.venv/bin/dynaexq eval --expert-budget int3
 
-test: .venv/.installed
+test: .venv/.installed $(CHROMIUM)
 	$(PY) -m pytest -q -m "not slow and not gpu" tests

@@ -74,17 +74,16 @@ class ExpertBank(nn.Module):
         self.token_counts += counts  # statistics stay on the device: no sync here
         self.routed_mass.index_add_(0, flat_e, flat_w.float())
         order = torch.argsort(flat_e, stable=True)  # pairs grouped by expert, tokens ascending
+        x = hidden[order // k]  # [T*K, H]: each pair's token, grouped by expert (one gather for all experts)
         ys = torch.empty(flat_e.numel(), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)  # [T*K, H]
         start = 0
         for e, n in enumerate(counts.tolist()):  # the split points are needed on the host anyway
             if n == 0:
                 continue
-            pairs = order[start:start + n]
             v = versions[e]
-            h = v.gate_up(hidden[pairs // k])  # [n, 2I]
-            y = v.down(self._activate(h))  # [n, H]
-            ys[start:start + n] = (y * flat_w[pairs, None]).to(ys.dtype)
+            ys[start:start + n] = v.down(self._activate(v.gate_up(x[start:start + n])))  # [n, H]
             start += n
+        ys.mul_(flat_w[order, None])  # routing weights for all pairs at once (computed in their dtype, one rounding)
         return ys, order
 
     def _activate(self, h: torch.Tensor) -> torch.Tensor:

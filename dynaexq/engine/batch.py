@@ -81,8 +81,9 @@ class Sequence:
         """logits [V] -> the next token (argmax when temperature is 0)."""
         if self.params.temperature == 0:
             return int(logits.argmax())
-        scores = self.warpers(None, logits.float()[None])  # [1, V]
-        return int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator))
+        cdf = self.warpers(None, logits.float()[None])[0].softmax(-1).cumsum(0)  # [V]
+        u = torch.rand((), generator=self.generator) * cdf[-1]  # inverse-CDF draw: torch.multinomial costs ~10x
+        return int(torch.searchsorted(cdf, u, right=True).clamp(max=cdf.numel() - 1))
 
     def append(self, token: int) -> None:
         if token in self.stop_ids:
