@@ -198,3 +198,22 @@ def test_experts_report_is_the_published_map_and_the_served_hotness(engine, serv
     schema = requests.get(f"{server.url}/openapi.json").json()
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/experts", "/health"} <= set(schema["paths"])
     assert json.dumps(schema).count('"422"') == 0  # our 400s are what is documented
+
+
+def test_a_failing_step_fails_its_requests_with_a_server_error_and_the_server_goes_on(server, client, monkeypatch):
+    decoder = server.app.state.server.scheduler.decoder
+    real, calls = decoder._prefill_chunk, []
+
+    def broken(seq):
+        calls.append(seq)
+        if len(calls) == 1:
+            raise RuntimeError("injected kernel failure")
+        return real(seq)
+
+    monkeypatch.setattr(decoder, "_prefill_chunk", broken)
+    r = requests.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": MODEL, "prompt": "x = 1", "max_tokens": 4})
+    assert r.status_code == 500 and "injected kernel failure" in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "server_error"
+    again = client.completions.create(model=MODEL, prompt="x = 1", max_tokens=4, temperature=0)
+    assert again.usage.completion_tokens == 4
