@@ -145,6 +145,8 @@ class BatchDecoder:
         self.rows: list[Sequence] = []
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [B, L]: 1 = real token
+        self.decoded = 0  # rows decoded by the last step
+        self.prefilling: Sequence | None = None  # the sequence whose prompt chunk the current step runs
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -156,13 +158,14 @@ class BatchDecoder:
     def step(self) -> list[Sequence]:
         """One prefill chunk and/or one decode step -> the sequences that got a token or finished."""
         self._drop_finished()
-        touched, joining = [], None
+        touched, joining, self.decoded = [], None, 0
         if self.waiting and len(self.rows) < self.max_batch:
-            seq = self.waiting[0]
+            seq = self.prefilling = self.waiting[0]
             if self._prefill_chunk(seq):
                 self.waiting.popleft()
                 touched.append(seq)
                 joining = None if seq.finished else seq
+            self.prefilling = None
         if self.rows:
             self._decode()
             touched.extend(self.rows)
@@ -198,7 +201,7 @@ class BatchDecoder:
         self.rows.append(seq)
 
     def _decode(self) -> None:
-        B = len(self.rows)
+        B = self.decoded = len(self.rows)
         ids = torch.tensor([[s.out[-1]] for s in self.rows], device=self.device)  # [B, 1]
         pos = torch.tensor([[len(s.prompt) + len(s.out) - 1] for s in self.rows], device=self.device)  # [B, 1]
         self.mask = torch.cat([self.mask, self.mask.new_ones(B, 1)], dim=1)  # [B, L+1]

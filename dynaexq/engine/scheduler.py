@@ -4,7 +4,7 @@
 waiting, else `QueueFull`), and the scheduler thread loops: apply cancellations and newcomers, run one
 `BatchDecoder.step()`, hand every touched sequence's new text to its `on_event(seq, delta)` (called on the
 scheduler thread: it must be quick, e.g. `loop.call_soon_threadsafe`). `on_step(info)` is called after each step
-with {"batch": rows decoded, "prefill": prompt tokens run, "seconds": step time}; it runs on this thread, between
+with {"batch": rows decoded (0 for a prefill-only step), "seconds": step time}; it runs on this thread, between
 forwards, so it may read the banks' routing statistics. A step that raises fails the sequences in it (their
 `finish_reason` becomes "error", with the message in `seq.error`) and the scheduler goes on serving.
 """
@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 
 from dynaexq.engine.batch import END_OF_TURN, BatchDecoder, SamplingParams, Sequence
 
@@ -99,23 +100,20 @@ class Scheduler:
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        batch = len(self.decoder.rows)
-        waiting = self.decoder.waiting[0] if self.decoder.waiting and batch < self.max_batch else None
-        before = waiting.prefilled if waiting is not None else 0
         try:
             touched = self.decoder.step()
         except Exception as err:  # a failing step must not take the server down: fail its sequences
             traceback.print_exc(file=sys.stderr)
-            for seq in list(self.decoder.rows) + ([waiting] if waiting is not None else []):
+            d = self.decoder
+            failed = d.rows + ([d.prefilling] if d.prefilling is not None else [])
+            for seq in failed:
                 self._fail(seq, f"generation failed: {type(err).__name__}: {err}")
-            self.decoder.rows, self.decoder.cache, self.decoder.mask = [], None, None
-            if waiting is not None and waiting in self.decoder.waiting:
-                self.decoder.waiting.remove(waiting)
+            d.waiting = deque(s for s in d.waiting if s is not d.prefilling)
+            d.rows, d.cache, d.mask, d.prefilling = [], None, None, None
             return
         self.steps += 1
         if self.on_step is not None:
-            prefill = (waiting.prefilled - before) if waiting is not None else 0
-            self.on_step({"batch": batch, "prefill": prefill, "seconds": time.perf_counter() - t0})
+            self.on_step({"batch": self.decoder.decoded, "seconds": time.perf_counter() - t0})
         for seq in touched:
             callback = self._callbacks.get(id(seq))
             if seq.finished:
