@@ -26,7 +26,7 @@ from dynaexq.runtime.controller import Controller, RuntimeConfig, initial_assign
 from dynaexq.runtime.hotness import Hotness
 from dynaexq.runtime.pool import Pools
 from dynaexq.runtime.table import ExpertTable
-from dynaexq.runtime.transitions import TransitionEngine
+from dynaexq.runtime.transitions import CopyStream, TransitionEngine
 from dynaexq.runtime.version import make_version, slot_layout
 from dynaexq.sizes import format_size, parse_size
 
@@ -142,8 +142,9 @@ def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = R
     def make(layer, e, p):
         return make_version(reader.read_expert(layer, e, p), engine.backend, engine.dtype)
 
-    workers = staging[0] if device.type == "cuda" else 1  # CPU: the workers would share the forward's cores
-    transitions = TransitionEngine(table, pools, make, workers, config.blocking, config.retries, device)
+    workers = config.transition_workers or (staging[0] if device.type == "cuda" else 1)
+    transitions = TransitionEngine(table, pools, make, workers, config.blocking, config.retries,
+                                   CopyStream(device) if device.type == "cuda" else None)
     costs = planner.costs(reader)
     flat = {layer: torch.zeros(reader.num_experts, dtype=torch.float64) for layer in reader.layers}
     assign = initial_assign(planner, S0 or flat, counts, tiers, costs)
@@ -179,7 +180,9 @@ def stop_runtime(engine, rt: Runtime) -> None:
     """Drain and stop the runtime; the engine's experts are unpublished (publish a map with `engine.apply`)."""
     engine.runtime = None
     rt._hook.remove()
-    rt.controller.close()
-    for bank in engine.banks.values():
-        bank.table = None
-        bank.versions[:] = [None] * len(bank.versions)
+    try:
+        rt.controller.close()
+    finally:
+        for bank in engine.banks.values():
+            bank.table = None
+            bank.versions[:] = [None] * len(bank.versions)

@@ -60,7 +60,7 @@ class Engine:
         return len(changed)
 
     def close(self) -> None:
-        """Stop the dynamic runtime, if any (drains transitions, saves --hotness-file); experts are unpublished."""
+        """Stop the dynamic runtime, if any (stops its transitions, saves --hotness-file); experts are unpublished."""
         if self.runtime is not None:
             from dynaexq.engine.dynamic import stop_runtime
             stop_runtime(self, self.runtime)

@@ -9,6 +9,7 @@ pairs it wants to the transition engine. Policy runs here, never inside a forwar
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,8 @@ class RuntimeConfig:
     activation_reserve: str = option("16MiB", "activation bytes to keep free out of --budget")
     safety_margin: float = option(0.02, "fraction of --budget kept free")
     staging_slots: int = option(4, "K: transitions in flight, each with one staging slot of the largest version")
+    transition_workers: int = option(0, "threads running transitions (0: K on CUDA, 1 on the CPU, where they share the "
+                                     "forward pass's cores)")
     alpha: float = option(0.9, "hotness EMA: S <- alpha*S + (1-alpha)*c after every step")
     update_every: int = option(200, "steps (forward passes) between decisions")
     update_every_tokens: int = option(0, "decide every N routed tokens instead of every --update-every steps (0: off)")
@@ -33,6 +36,9 @@ class RuntimeConfig:
                                     "on close")
     blocking: bool = option(False, "run transitions inline at each decision (ablation: the forward pass waits)")
     retries: int = option(2, "retries of a transition whose store read fails before it is given up")
+
+
+HISTORY = 64  # target maps kept for inspection (one per decision; older ones are dropped)
 
 
 class Controller:
@@ -43,11 +49,11 @@ class Controller:
         self.cold = cold  # no warm start: the first decision takes the top-n directly
         self.steps = self.tokens = self.decisions = 0
         self._tokens_at_decision = 0
-        self.history: list = []  # the target map after each decision (tuples of tier indices per layer)
-        transitions.on_failed = self._undo
+        self.history: deque = deque(maxlen=HISTORY)  # the target map after the latest decisions (tier indices)
 
     def on_step(self, stats: dict) -> None:
         """stats: {layer: (routed tokens, routed mass [E])} of one forward pass."""
+        self._sync()
         self.hotness.update(stats)
         self.steps += 1
         self.tokens += max((t for t, _ in stats.values()), default=0)
@@ -58,6 +64,7 @@ class Controller:
             self.decide()
 
     def decide(self) -> list:
+        self._sync()
         self._tokens_at_decision = self.tokens
         pairs = self.planner.decide(self.hotness.snapshot(), self.assign, self.costs, self.tiers, cold=self.cold)
         self.cold = False
@@ -66,19 +73,33 @@ class Controller:
         self.transitions.submit(pairs)
         return pairs
 
-    def _undo(self, pair) -> None:
-        """A pair given up after retries: the target goes back to what is still published."""
-        a = self.assign[pair.layer]
-        a[pair.demote], a[pair.promote] = self.tiers.index(pair.hi), self.tiers.index(pair.lo)
+    def _sync(self) -> None:
+        """Pairs were given up (a failed read and the pairs planned on it): the target of their layers becomes what
+        is published plus what is still queued or in flight. Runs on the controller's thread, the assignment's
+        only writer; the transition workers only leave a message (`take_failed`)."""
+        layers = self.transitions.take_failed()
+        if not layers:
+            return
+        published, pending = self.transitions.snapshot()
+        for layer in layers:
+            a = self.assign[layer]
+            a[:] = [self.tiers.index(p) for p in published[layer]]
+            for pair in pending:
+                if pair.layer == layer:
+                    a[pair.demote], a[pair.promote] = self.tiers.index(pair.lo), self.tiers.index(pair.hi)
 
     def target_map(self) -> dict:
+        self._sync()
         return {(layer, e): self.tiers[t] for layer, a in self.assign.items() for e, t in enumerate(a.tolist())}
 
     def close(self) -> None:
-        self.transitions.drain()
-        self.transitions.close()
-        if self.config.hotness_file:
-            self.hotness.save(self.config.hotness_file)
+        """Stop the transitions (queued pairs are dropped, the one in flight ends) and save the hotness file,
+        whatever happens while stopping."""
+        try:
+            self.transitions.close()
+        finally:
+            if self.config.hotness_file:
+                self.hotness.save(self.config.hotness_file)
 
 
 def initial_assign(planner, S: dict, counts: dict, tiers: list, costs: dict) -> dict:

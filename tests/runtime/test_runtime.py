@@ -14,33 +14,8 @@ from dynaexq.errors import UserError
 from dynaexq.quant.precision import Precision as P
 from dynaexq.quant.quantize import dequantize
 from dynaexq.runtime.controller import RuntimeConfig
-from dynaexq.runtime.planners import parse_policy, resolve_budget
-
-
-@pytest.fixture(scope="module")
-def engine(checkpoints):
-    _, store = checkpoints("qwen3_moe")
-    eng = load(store, "uniform:int2", progress=False)
-    yield eng
-    eng.close()
-
-
-def start(engine, spec="dynaexq:hi=int8,lo=int2", budget="int4", warm=None, **cfg):
-    """Start the runtime on the engine (int4 bytes: 2 of 8 experts per layer fit at int8, the rest at int2)."""
-    engine.close()
-    rt = start_runtime(engine, parse_policy(spec), resolve_budget(budget, engine.reader), RuntimeConfig(**cfg),
-                       (lambda floor: warm) if warm is not None else None, progress=False)
-    assert engine.runtime is rt
-    return rt
-
-
-def random_stats(engine, g, tokens=16):
-    E = engine.reader.num_experts
-    return {layer: (tokens, torch.rand(E, generator=g) ** 4 * tokens) for layer in engine.banks}
-
-
-def published(engine):
-    return {(layer, e): v.precision for layer, b in engine.banks.items() for e, v in enumerate(b.versions)}
+from dynaexq.runtime.planners import parse_policy
+from rt import published, random_stats, start
 
 
 @settings(max_examples=12, deadline=None)

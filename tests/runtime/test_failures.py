@@ -1,0 +1,124 @@
+"""Failure paths of the runtime: failed and dependent pairs, retries, close, CUDA lease bookkeeping, bounded state,
+and negative controls showing that every `check()` can fail."""
+import json
+import threading
+
+import pytest
+import torch
+
+from dynaexq.quant.precision import Precision as P
+from dynaexq.runtime.pool import STAGING, BudgetTracker, Pools, SlotPool
+from dynaexq.runtime.table import ExpertTable
+from rt import published, start
+
+WARM = torch.arange(8, dtype=torch.float32) / 28  # experts 6 and 7 hold the two int8 slots of each layer
+
+
+def hot(**experts):
+    """A hotness vector over 8 experts: hot(e0=0.5, e7=0.4)."""
+    s = torch.zeros(8)
+    for name, v in experts.items():
+        s[int(name[1:])] = v
+    return s
+
+
+def close_within(engine, seconds: float) -> bool:
+    """engine.close() on a thread; True when it returned within `seconds` (a hang must not hang the suite)."""
+    t = threading.Thread(target=engine.close, daemon=True)
+    t.start()
+    t.join(seconds)
+    return not t.is_alive()
+
+
+def decide(rt, layers: dict):
+    """Set the hotness of the given layers (others keep theirs) and decide now -> the pairs submitted."""
+    S = rt.hotness.snapshot()
+    rt.hotness.set({layer: layers.get(layer, S[layer]) for layer in S})
+    return rt.controller.decide()
+
+
+def gated(rt, fail=lambda layer, e, p, attempt: False):
+    """Replace the engine's store reads: they wait for the returned event, then fail where `fail` says."""
+    real, gate, calls = rt.transitions.make, threading.Event(), {}
+
+    def make(layer, e, p):
+        gate.wait(30)
+        calls[(layer, e, p)] = calls.get((layer, e, p), 0) + 1
+        if fail(layer, e, p, calls[(layer, e, p)]):
+            raise OSError(f"injected I/O error on expert {e} of layer {layer} at {p.value}")
+        return real(layer, e, p)
+
+    rt.transitions.make = make
+    return gate
+
+
+def test_a_failed_pair_cancels_the_pairs_planned_on_it_without_leaks_or_hangs(engine, tmp_path):
+    hotfile = tmp_path / "hot.json"
+    L0, L1 = sorted(engine.banks)
+    rt = start(engine, "dynaexq:hi=int8,lo=int2,delta=0", warm={layer: WARM for layer in engine.banks},
+               update_every=10**6, transition_workers=2, staging_slots=1, retries=0, hotness_file=str(hotfile))
+    closed = False
+    try:
+        gate = gated(rt, fail=lambda layer, e, p, n: (layer, e, p) == (L0, 0, P.INT8))
+        p1 = decide(rt, {L0: hot(e0=0.5, e7=0.4)})  # 0 replaces 6 in layer L0 -- its int8 read will fail
+        p2 = decide(rt, {L0: hot(e1=0.6, e7=0.5)})  # 1 replaces 0: planned on top of p1
+        p3 = decide(rt, {L1: hot(e0=0.5, e7=0.4)})  # independent: layer L1
+        assert [(p.layer, p.demote, p.promote) for p in p1 + p2 + p3] == [(L0, 6, 0), (L0, 0, 1), (L1, 6, 0)]
+        gate.set()
+        rt.transitions.drain(timeout=20)
+        stats = rt.transitions.stats
+        assert stats["pairs"] == 1 and stats["cancelled"] == 1 and len(stats["errors"]) == 2, stats
+        assert not any(e.startswith("FATAL") for e in stats["errors"]), stats["errors"]
+        rt.check()  # nothing leaked: every taken slot is published, the staging slot is back
+        assert published(engine) == rt.controller.target_map()  # the target went back to what is published
+        assert published(engine)[(L0, 6)] == P.INT8 and published(engine)[(L1, 0)] == P.INT8
+        closed = close_within(engine, 10)
+        assert closed, "close() did not return"
+        assert json.loads(hotfile.read_text())["num_experts"] == 8
+    finally:
+        if not closed:
+            close_within(engine, 10)
+
+
+def test_a_retried_pair_keeps_its_place_before_the_pairs_that_depend_on_it(engine):
+    L0, _ = sorted(engine.banks)
+    rt = start(engine, "dynaexq:hi=int8,lo=int2,delta=0", warm={layer: WARM for layer in engine.banks},
+               update_every=10**6, transition_workers=2, retries=2)
+    try:
+        gate = gated(rt, fail=lambda layer, e, p, n: (layer, e, p) == (L0, 0, P.INT8) and n == 1)  # once
+        decide(rt, {L0: hot(e0=0.5, e7=0.4)})
+        decide(rt, {L0: hot(e1=0.6, e7=0.5)})
+        gate.set()
+        rt.transitions.drain(timeout=20)
+        stats = rt.transitions.stats
+        assert stats["pairs"] == 2 and stats["retries"] == 1 and not stats["errors"], stats
+        rt.check()
+        assert published(engine) == rt.controller.target_map()
+        assert [e for e in range(8) if published(engine)[(L0, e)] == P.INT8] == [1, 7]
+    finally:
+        assert close_within(engine, 10)
+
+
+def test_close_returns_while_a_pair_waits_for_a_staging_slot(engine, tmp_path):
+    L0, _ = sorted(engine.banks)
+    hotfile = tmp_path / "hot.json"
+    rt = start(engine, "dynaexq:hi=int8,lo=int2,delta=0", warm={layer: WARM for layer in engine.banks},
+               update_every=10**6, staging_slots=1, hotness_file=str(hotfile))
+    held = rt.pools.take(STAGING)  # the only staging slot: the pair below can never start its first publish
+    assert held is not None
+    decide(rt, {L0: hot(e0=0.5, e7=0.4)})
+    before = published(engine)
+    assert close_within(engine, 10)
+    assert before[(L0, 0)] == P.INT2 and hotfile.is_file()
+
+
+def test_controller_history_is_bounded(engine):
+    rt = start(engine, "dynaexq:hi=int8,lo=int2", warm={layer: WARM for layer in engine.banks}, update_every=1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for _ in range(300):
+            rt.controller.on_step({layer: (4, torch.rand(8, generator=g)) for layer in engine.banks})
+        rt.transitions.drain()
+        assert rt.controller.decisions == 300 and len(rt.controller.history) <= 64
+    finally:
+        engine.close()
