@@ -6,23 +6,26 @@ the time it reads its snapshot: `acquire()` returns the current epoch, `release(
 replaced at epoch r may still be read by leases taken at epochs <= r, so its slot is handed back only once none
 of those is active (`wait_unread(r)`; transition workers wait there, a forward pass never does). On CUDA a
 lease ends when the compute stream has passed the point where the forward released it (an event), not when
-Python returned. The lists are the banks' own `versions` lists: the table holds them, it never imports a bank.
+Python returned; forwards run on one compute stream, so its events complete in order: completed ones are dropped
+at every release and a newer event of the same epoch replaces the older one (the list stays a few entries long). The lists are the banks' own `versions` lists: the table holds them, it never imports a bank.
 """
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 
 import torch
 
 
 class ExpertTable:
-    def __init__(self, versions: dict, device="cpu"):
+    def __init__(self, versions: dict, device="cpu", event=None):
         self.versions = versions  # layer -> list[ExpertVersion | None] (the banks' lists)
-        self.cuda = torch.device(device).type == "cuda"
+        # CUDA: a lease ends when an event recorded at release completes (`event`: torch.cuda.Event, or a fake)
+        self._event = event or (torch.cuda.Event if torch.device(device).type == "cuda" else None)
         self.epoch = 0
         self.readers: dict[int, int] = {}  # epoch at acquire -> active leases
-        self._gpu_leases: list = []  # (epoch, cuda event) leases whose kernels may still run
+        self._gpu_leases: deque = deque()  # (epoch, event) of leases whose kernels may still run, in record order
         self._cond = threading.Condition()
         self.published = 0
         self.lease_wait_s = 0.0  # time forward passes waited for the table lock (held by a publish or a reclaim)
@@ -45,13 +48,17 @@ class ExpertTable:
 
     def release(self, epoch: int) -> None:
         event = None
-        if self.cuda:
-            event = torch.cuda.Event()
+        if self._event is not None:
+            event = self._event()
             event.record()  # on the current (compute) stream: the lease lasts until its kernels are done
         self._lock()
         try:
-            if event is not None:
-                self._gpu_leases.append((epoch, event))
+            if event is not None:  # bounded: one entry per epoch whose kernels may still run
+                self._prune()
+                if self._gpu_leases and self._gpu_leases[-1][0] == epoch:
+                    self._gpu_leases[-1] = (epoch, event)  # later on the same stream: it completes last
+                else:
+                    self._gpu_leases.append((epoch, event))
             self.readers[epoch] -= 1
             if not self.readers[epoch]:
                 del self.readers[epoch]
@@ -76,9 +83,13 @@ class ExpertTable:
     # --- reclaim (transition workers) --------------------------------------------------------------------------
     def _unread(self, retired_at: int) -> bool:
         """True once no lease that could have read a version retired at `retired_at` is active (lock held)."""
-        if self._gpu_leases:
-            self._gpu_leases = [(ep, ev) for ep, ev in self._gpu_leases if not ev.query()]
+        self._prune()
         return all(ep > retired_at for ep in self.readers) and all(ep > retired_at for ep, _ in self._gpu_leases)
+
+    def _prune(self) -> None:
+        """Drop the leases whose events completed (lock held); events of one stream complete in order."""
+        while self._gpu_leases and self._gpu_leases[0][1].query():
+            self._gpu_leases.popleft()
 
     def wait_unread(self, retired_at: int, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

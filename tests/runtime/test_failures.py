@@ -122,3 +122,38 @@ def test_controller_history_is_bounded(engine):
         assert rt.controller.decisions == 300 and len(rt.controller.history) <= 64
     finally:
         engine.close()
+
+
+class FakeEvent:
+    """Stands in for torch.cuda.Event on the CPU: 'completes' when the test says so."""
+    pending: list = []
+
+    def __init__(self):
+        self.done = False
+
+    def record(self, stream=None):
+        FakeEvent.pending.append(self)
+
+    def query(self) -> bool:
+        return self.done
+
+    @classmethod
+    def complete_all(cls):
+        for ev in cls.pending:
+            ev.done = True
+        cls.pending.clear()
+
+
+def test_gpu_leases_stay_bounded_with_a_stable_hot_set_and_still_guard_reclaim():
+    table = ExpertTable({0: [None] * 4}, event=FakeEvent)
+    for step in range(5000):  # the GPU keeps up: events complete one step later
+        table.release(table.acquire())
+        if step % 2:
+            FakeEvent.complete_all()
+    assert len(table._gpu_leases) <= 4, len(table._gpu_leases)
+    table.release(table.acquire())  # a lease whose kernels are still running
+    _, retired_at = table.publish(0, 0, "v1")
+    with pytest.raises(TimeoutError):
+        table.wait_unread(retired_at, timeout=0.05)
+    FakeEvent.complete_all()
+    table.wait_unread(retired_at, timeout=1)
