@@ -27,7 +27,7 @@ from dynaexq.runtime.hotness import Hotness
 from dynaexq.runtime.pool import Pools
 from dynaexq.runtime.table import ExpertTable
 from dynaexq.runtime.transitions import CopyStream, TransitionEngine
-from dynaexq.runtime.version import make_version, slot_layout
+from dynaexq.runtime.version import slot_layout
 from dynaexq.sizes import format_size, parse_size
 
 
@@ -80,8 +80,7 @@ def measure(engine, planner, expert_budget, config: RuntimeConfig):
     """-> (slot_bytes {(layer, precision): bytes}, staging (K, bytes), expert budget, total, reserves)."""
     reader, tiers = engine.reader, planner.tiers(engine.reader)
     # the store's matrix shapes are the same in every MoE layer: lay out one real version per precision
-    per_precision = {p: slot_layout(make_version(reader.read_expert(reader.layers[0], 0, p), engine.backend,
-                                                 engine.dtype))[1] for p in tiers}
+    per_precision = {p: slot_layout(engine.make_version(reader.layers[0], 0, p))[1] for p in tiers}
     reader.close()
     slot_bytes = {(layer, p): per_precision[p] for layer in reader.layers for p in tiers}
     if config.staging_slots < 1:
@@ -139,11 +138,8 @@ def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = R
     pools = Pools(counts, slot_bytes, staging, device)
     table = ExpertTable({layer: bank.versions for layer, bank in engine.banks.items()}, device)
 
-    def make(layer, e, p):
-        return make_version(reader.read_expert(layer, e, p), engine.backend, engine.dtype)
-
     workers = config.transition_workers or (staging[0] if device.type == "cuda" else 1)
-    transitions = TransitionEngine(table, pools, make, workers, config.blocking, config.retries,
+    transitions = TransitionEngine(table, pools, engine.make_version, workers, config.blocking, config.retries,
                                    CopyStream(device) if device.type == "cuda" else None)
     costs = planner.costs(reader)
     flat = {layer: torch.zeros(reader.num_experts, dtype=torch.float64) for layer in reader.layers}

@@ -52,12 +52,15 @@ class Engine:
                    if self.banks[key[0]].versions[key[1]] is None or self.banks[key[0]].versions[key[1]].precision != p]
         try:
             for (layer, e), p in tqdm(changed, desc="load experts", unit="expert", disable=not progress):
-                self.banks[layer].publish(e, make_version(self.reader.read_expert(layer, e, p), self.backend,
-                                                          self.dtype))
+                self.banks[layer].publish(e, self.make_version(layer, e, p))
         finally:
             self.reader.close()
         self.plan = dict(plan)
         return len(changed)
+
+    def make_version(self, layer: int, e: int, p):
+        """Expert e of `layer` at precision p, read from the store, kernel-ready on the model's device."""
+        return make_version(self.reader.read_expert(layer, e, p), self.backend, self.dtype, self.model.device)
 
     def close(self) -> None:
         """Stop the dynamic runtime, if any (stops its transitions, saves --hotness-file); experts are unpublished."""

@@ -127,29 +127,31 @@ def fast_int_shape_ok(qw: QuantizedWeight) -> bool:
     return n % 16 == 0 and k % qw.group_size == 0 and qw.group_size in (32, 64, 128, 256)
 
 
-def prepare(qw: QuantizedWeight, backend: str = "cpu", bias: torch.Tensor | None = None):
-    """-> kernel-ready callable x [T, K] -> x @ W^T (+ bias) [T, N], with `.nbytes` resident."""
-    kernel = _prepare(qw, backend)
+def prepare(qw: QuantizedWeight, backend: str = "cpu", bias: torch.Tensor | None = None, device=None):
+    """-> kernel-ready callable x [T, K] -> x @ W^T (+ bias) [T, N], with `.nbytes` resident on `device` (the
+    model's device; default: the CPU, or the current CUDA device for the cuda backend)."""
+    device = torch.device(device if device is not None else "cuda" if backend == "cuda" else "cpu")
+    kernel = _prepare(qw, backend, device)
     if bias is None:
         return kernel
-    return Biased(kernel, bias.to("cuda" if backend == "cuda" else "cpu"))
+    return Biased(kernel, bias.to(device))
 
 
-def _prepare(qw: QuantizedWeight, backend: str):
+def _prepare(qw: QuantizedWeight, backend: str, device: torch.device):
     if backend == "reference":
         return Reference(qw)
     if qw.precision.is_float:
-        return FloatLinear(qw.data.to("cuda") if backend == "cuda" else qw.data)
+        return FloatLinear(qw.data.to(device))
     if not fast_int_shape_ok(qw):
         warnings.warn(f"{qw.precision.value} weight of shape {list(qw.shape)} with group {qw.group_size}: "
                       f"no fast {backend} kernel takes it (int8: K % 32 == 0; int4/3/2: N % 16 == 0, K % G == 0, G in 32..256); "
                       "using a per-call float32 dequantize (slower)", stacklevel=2)
-        return DequantFallback(qw if backend == "cpu" else _to(qw, "cuda"))
+        return DequantFallback(_to(qw, device))
     if backend == "cpu":
         return _prepare_cpu(qw)
     if backend == "cuda":
         from dynaexq.quant import kernels_cuda
-        return kernels_cuda.prepare(qw)
+        return kernels_cuda.prepare(qw, device)
     raise ValueError(f"unknown kernel backend {backend!r}; valid: {', '.join(BACKENDS)}")
 
 
@@ -168,5 +170,7 @@ def _prepare_cpu(qw: QuantizedWeight):
 
 
 def _to(qw: QuantizedWeight, device) -> QuantizedWeight:
+    if qw.data.device == torch.device(device):
+        return qw
     return QuantizedWeight.from_tensors(qw.precision, qw.shape, qw.group_size,
                                         {k: v.to(device) for k, v in qw.tensors().items()})

@@ -18,9 +18,6 @@ from dynaexq.quant.packing import unpack
 from dynaexq.quant.precision import Precision
 from dynaexq.quant.quantize import QuantizedWeight
 
-_DEV = "cuda"
-
-
 def _inner_k_tiles(k: int) -> int:
     for tiles in (8, 4, 2):
         if k % (tiles * 16) == 0:
@@ -34,9 +31,9 @@ def _int4pack(codes: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack(u8.contiguous(), _inner_k_tiles(codes.shape[1]))
 
 
-def _scale_zero(qw: QuantizedWeight) -> torch.Tensor:
+def _scale_zero(qw: QuantizedWeight, device) -> torch.Tensor:
     s, z = qw.scale.float(), qw.zero.float()
-    return torch.stack([s, s * (8 - z)], -1).transpose(0, 1).contiguous().to(torch.bfloat16).to(_DEV)
+    return torch.stack([s, s * (8 - z)], -1).transpose(0, 1).contiguous().to(torch.bfloat16).to(device)
 
 
 @dataclass
@@ -88,10 +85,11 @@ class Int8Cuda:
         return F.linear(x.to(torch.bfloat16), w).to(x.dtype)
 
 
-def prepare(qw: QuantizedWeight):
+def prepare(qw: QuantizedWeight, device):
+    """-> the kernel for `qw` on `device` (a CUDA device, e.g. cuda:1: every tensor is placed there)."""
     if qw.precision is Precision.INT8:
-        return Int8Cuda(qw.codes().to(torch.uint8).to(_DEV), qw.scale.to(torch.bfloat16).to(_DEV),
-                        qw.zero.to(torch.bfloat16).to(_DEV))
+        return Int8Cuda(qw.codes().to(torch.uint8).to(device), qw.scale.to(torch.bfloat16).to(device),
+                        qw.zero.to(torch.bfloat16).to(device))
     if qw.precision is Precision.INT4:
-        return Int4Cuda(_int4pack(qw.codes().to(_DEV)), qw.group_size, _scale_zero(qw))
-    return LowbitCuda(qw.data.to(_DEV), qw.precision.bits, qw.shape, qw.group_size, _scale_zero(qw))
+        return Int4Cuda(_int4pack(qw.codes().to(device)), qw.group_size, _scale_zero(qw, device))
+    return LowbitCuda(qw.data.to(device), qw.precision.bits, qw.shape, qw.group_size, _scale_zero(qw, device))

@@ -33,12 +33,13 @@ class ExpertVersion:
         return self.gate_up.nbytes + self.down.nbytes
 
 
-def make_version(weights: dict, backend: str, dtype: torch.dtype) -> ExpertVersion:
-    """Store tensors of one expert -> a kernel-ready ExpertVersion owning its memory (biases in the model dtype)."""
+def make_version(weights: dict, backend: str, dtype: torch.dtype, device=None) -> ExpertVersion:
+    """Store tensors of one expert -> a kernel-ready ExpertVersion owning its memory on `device` (the model's;
+    biases in the model dtype)."""
     bias = {b: weights[b].to(dtype) for b in layout.BIASES if b in weights}
     return ExpertVersion(weights["gate_up"].precision,
-                         kernels.prepare(weights["gate_up"], backend, bias.get("gate_up_bias")),
-                         kernels.prepare(weights["down"], backend, bias.get("down_bias")))
+                         kernels.prepare(weights["gate_up"], backend, bias.get("gate_up_bias"), device),
+                         kernels.prepare(weights["down"], backend, bias.get("down_bias"), device))
 
 
 def _tensors(obj, path=()) -> list:

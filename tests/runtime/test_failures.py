@@ -1,5 +1,6 @@
 """Failure paths of the runtime: failed and dependent pairs, retries, close, CUDA lease bookkeeping, bounded state,
 and negative controls showing that every `check()` can fail."""
+import contextlib
 import json
 import threading
 
@@ -157,3 +158,60 @@ def test_gpu_leases_stay_bounded_with_a_stable_hot_set_and_still_guard_reclaim()
         table.wait_unread(retired_at, timeout=0.05)
     FakeEvent.complete_all()
     table.wait_unread(retired_at, timeout=1)
+
+
+class FakeCopyStream:
+    """Stands in for transitions.CopyStream on the CPU: records what ran on it and when it was synchronized."""
+
+    def __init__(self, log):
+        self.log, self.active = log, threading.local()
+
+    @contextlib.contextmanager
+    def use(self):
+        self.active.on = True
+        try:
+            yield
+        finally:
+            self.active.on = False
+
+    def on(self) -> bool:
+        return getattr(self.active, "on", False)
+
+    def synchronize(self):
+        self.log.append("sync")
+
+
+def test_cuda_transitions_build_and_copy_on_the_copy_stream_and_publish_after_it_completes(engine, monkeypatch):
+    from dynaexq.runtime import transitions as T
+
+    L0, _ = sorted(engine.banks)
+    rt = start(engine, "dynaexq:hi=int8,lo=int2,delta=0", warm={layer: WARM for layer in engine.banks},
+               update_every=10**6)
+    log = []
+    stream = FakeCopyStream(log)
+    rt.transitions.copy_stream = stream
+    make, place, publish = rt.transitions.make, T.place, rt.table.publish
+    rt.transitions.make = lambda *a: log.append(("make", stream.on())) or make(*a)
+    monkeypatch.setattr(T, "place", lambda *a, **k: log.append(("place", stream.on())) or place(*a, **k))
+    monkeypatch.setattr(rt.table, "publish", lambda *a: log.append("publish") or publish(*a))
+    try:
+        decide(rt, {L0: hot(e0=0.5, e7=0.4)})
+        rt.transitions.drain(timeout=20)
+        assert rt.transitions.stats["pairs"] == 1
+        assert [x for x in log if isinstance(x, tuple)] == [("make", True)] * 2 + [("place", True)] * 3
+        publishes = [i for i, x in enumerate(log) if x == "publish"]
+        assert len(publishes) == 3 and all(log[i - 1] == "sync" for i in publishes)  # each copy complete first
+    finally:
+        engine.close()
+
+
+def test_cuda_kernels_are_placed_on_the_engines_device_not_a_hard_coded_one(monkeypatch):
+    from dynaexq.quant import kernels_cuda
+    from dynaexq.quant.quantize import quantize
+    from dynaexq.runtime.version import make_version
+
+    seen = []
+    monkeypatch.setattr(kernels_cuda, "prepare", lambda qw, device: seen.append(torch.device(device)) or qw)
+    w = {m: quantize(torch.randn(64, 64), P.INT4) for m in ("gate_up", "down")}
+    make_version(w, "cuda", torch.bfloat16, torch.device("cuda", 1))
+    assert seen == [torch.device("cuda", 1)] * 2
