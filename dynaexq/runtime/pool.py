@@ -140,8 +140,9 @@ class Pools:
     def reuse(self, key, i: int) -> None:
         """A slot whose version was replaced and is unread now holds the next version: committed -> pending."""
         tier, n = self.tier(key), self.pools[key].slot_bytes
-        self.tracker.release(tier, n)
-        assert self.tracker.reserve(tier, n), "re-reserving a slot just released cannot fail"
+        with self._lock:
+            self.tracker.release(tier, n)
+            assert self.tracker.reserve(tier, n), "re-reserving a slot just released cannot fail"
 
     def slot(self, key, i: int) -> torch.Tensor:
         return self.pools[key].slot(i)
@@ -154,6 +155,14 @@ class Pools:
         return out
 
     def check(self) -> None:
-        for p in self.pools.values():
-            p.check()
-        self.tracker.check()
+        """Each arena's free list, the tracker's caps, and the two agreeing: per tier, the tracker's pending +
+        committed bytes are exactly the bytes of the taken slots."""
+        with self._lock:
+            taken = {}
+            for key, p in self.pools.items():
+                p.check()
+                taken[self.tier(key)] = taken.get(self.tier(key), 0) + len(p.in_use()) * p.slot_bytes
+            t = self.tracker
+            counted = {tier: t.pending[tier] + t.committed[tier] for tier in t.caps}
+            assert counted == taken, f"tracker bytes {counted} != taken slots {taken}"
+            t.check()

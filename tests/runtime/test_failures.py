@@ -215,3 +215,73 @@ def test_cuda_kernels_are_placed_on_the_engines_device_not_a_hard_coded_one(monk
     w = {m: quantize(torch.randn(64, 64), P.INT4) for m in ("gate_up", "down")}
     make_version(w, "cuda", torch.bfloat16, torch.device("cuda", 1))
     assert seen == [torch.device("cuda", 1)] * 2
+
+
+def test_slot_pool_check_fails_on_a_corrupted_free_list():
+    pool = SlotPool("k", 64, 4)
+    pool.check()
+    i = pool.take()
+    pool._free.append(i)  # given back without clearing its flag
+    with pytest.raises(AssertionError, match="disagree"):
+        pool.check()
+    pool._free[:] = [0, 0, 1]
+    with pytest.raises(AssertionError, match="free twice"):
+        pool.check()
+
+
+def test_budget_tracker_check_fails_over_its_cap_or_below_zero():
+    t = BudgetTracker({"int8": 100})
+    assert t.reserve("int8", 60) and not t.reserve("int8", 60)
+    t.check()
+    t.committed["int8"] = 90  # 60 pending + 90 committed > the cap of 100
+    with pytest.raises(AssertionError, match="over its cap"):
+        t.check()
+    t.committed["int8"], t.pending["int8"] = 0, -1
+    with pytest.raises(AssertionError):
+        t.check()
+
+
+def test_pools_check_fails_when_the_tracker_and_the_slots_disagree():
+    pools = Pools({(0, P.INT8): 2}, {(0, P.INT8): 64}, (1, 64))
+    i = pools.take((0, P.INT8))
+    pools.commit((0, P.INT8))
+    pools.check()
+    pools.pools[(0, P.INT8)].take()  # a slot taken behind the tracker's back: its bytes are not counted
+    with pytest.raises(AssertionError, match="tracker"):
+        pools.check()
+    pools.pools[(0, P.INT8)].give_back(1 - i)
+    pools.check()
+    pools.tracker.release("int8", 64)  # bytes released while the slot is still taken
+    with pytest.raises(AssertionError, match="tracker"):
+        pools.check()
+
+
+def test_expert_table_check_fails_on_double_slots_missing_versions_and_untracked_slots(engine):
+    rt = start(engine, "dynaexq:hi=int8,lo=int2", warm={layer: WARM for layer in engine.banks}, update_every=10**6)
+    try:
+        rt.check()
+        L0, _ = sorted(engine.banks)
+        versions = rt.table.versions[L0]
+        saved = list(versions)
+        versions[1] = versions[0]  # two experts in one slot
+        with pytest.raises(AssertionError, match="holds"):
+            rt.table.check(rt.pools)
+        versions[:] = saved
+        versions[2] = None  # an expert with no version
+        with pytest.raises(AssertionError, match="no published version"):
+            rt.table.check(rt.pools)
+        versions[:] = saved
+        key, i = versions[0].slot
+        rt.pools.pools[key].give_back(i)  # published in a slot the pool thinks is free
+        with pytest.raises(AssertionError, match="not taken"):
+            rt.table.check(rt.pools)
+        rt.pools.pools[key]._free.remove(i)
+        rt.pools.pools[key]._taken[i] = True
+        spare = rt.pools.pools[STAGING].take()  # taken, never published: a leak when quiescent
+        with pytest.raises(AssertionError, match="unpublished"):
+            rt.table.check(rt.pools)
+        rt.table.check(rt.pools, quiescent=False)  # mid-transition that is allowed
+        rt.pools.pools[STAGING].give_back(spare)
+        rt.check()
+    finally:
+        engine.close()
