@@ -146,7 +146,8 @@ class BatchDecoder:
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [B, L]: 1 = real token
         self.decoded = 0  # rows decoded by the last step
-        self.prefilling: Sequence | None = None  # the sequence whose prompt chunk the current step runs
+        self.prefilling: Sequence | None = None  # the sequence whose prompt chunk the current step runs (set until
+        # the step ends, popped from `waiting` or not: the scheduler fails it with the rows if the step raises)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -165,12 +166,12 @@ class BatchDecoder:
                 self.waiting.popleft()
                 touched.append(seq)
                 joining = None if seq.finished else seq
-            self.prefilling = None
         if self.rows:
             self._decode()
             touched.extend(self.rows)
         if joining is not None:  # after the others' decode: its first token is already sampled
             self._join(joining)
+        self.prefilling = None  # only now: a step that raises fails this sequence too, wherever it was
         self._drop_finished()
         return touched
 

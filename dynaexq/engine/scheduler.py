@@ -105,7 +105,7 @@ class Scheduler:
         except Exception as err:  # a failing step must not take the server down: fail its sequences
             traceback.print_exc(file=sys.stderr)
             d = self.decoder
-            failed = d.rows + ([d.prefilling] if d.prefilling is not None else [])
+            failed = d.rows + ([d.prefilling] if d.prefilling is not None and d.prefilling not in d.rows else [])
             for seq in failed:
                 self._fail(seq, f"generation failed: {type(err).__name__}: {err}")
             d.waiting = deque(s for s in d.waiting if s is not d.prefilling)
