@@ -24,7 +24,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from dynaexq.engine.batch import SamplingParams
@@ -167,12 +169,42 @@ class _BodyLimit:
         await self.app(scope, counted, send)
 
 
-def _messages_text(messages) -> list[dict]:
-    out = []
-    for m in messages:
+def _text(text: str, param: str) -> str:
+    """Client text the tokenizer can take: valid Unicode (JSON lets a lone surrogate through as \\udXXX)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise APIError(400, f"{param}: not valid Unicode text (a lone surrogate {text[err.start]!r} at character "
+                       f"{err.start}); send UTF-8 text", param) from None
+    return text
+
+
+def _chat_ids(tok, req) -> list[int]:
+    if not getattr(tok, "chat_template", None):
+        raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
+    messages = []
+    for i, m in enumerate(req.messages):
         content = m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
-        out.append({"role": m.role, "content": content or ""})
-    return out
+        messages.append({"role": m.role, "content": _text(content or "", f"messages.{i}.content")})
+    try:
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except TemplateError as err:  # the model's template refuses this conversation (e.g. roles must alternate)
+        raise APIError(400, f"messages: the model's chat template rejects them: {err}", "messages") from None
+    return tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _prompt_ids(tok, req) -> list[int]:
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise APIError(400, "one prompt per request (a list of one string, a string, or token ids)", "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return tok(_text(prompt, "prompt"), add_special_tokens=False, verbose=False)["input_ids"]
+    vocab = len(tok)
+    if any(not 0 <= t < vocab for t in prompt):
+        raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+    return list(prompt)
 
 
 def create_app(engine, config: ServeConfig = ServeConfig()) -> FastAPI:
@@ -229,32 +261,16 @@ def create_app(engine, config: ServeConfig = ServeConfig()) -> FastAPI:
     stream_doc = {**P.ERRORS, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                                     "description": "the completion (JSON), or SSE chunks when stream is true"}}
 
+    # tokenization (and the chat template) run in the thread pool: a long prompt must not stall other streams
     @app.post("/v1/chat/completions", response_model=P.ChatCompletion, responses=stream_doc,
               dependencies=[Depends(authorized)])
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):
-        tok = engine.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise APIError(400, f"model '{server.model_name}' has no chat template; use /v1/completions", "messages")
-        text = tok.apply_chat_template(_messages_text(req.messages), add_generation_prompt=True, tokenize=False)
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        return await _respond(req, request, ids, chat=True)
+        return await _respond(req, request, await run_in_threadpool(_chat_ids, engine.tokenizer, req), chat=True)
 
     @app.post("/v1/completions", response_model=P.Completion, responses=stream_doc,
               dependencies=[Depends(authorized)])
     async def completions(req: P.CompletionRequest, request: Request):
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise APIError(400, "one prompt per request (a list of one string, a string, or token ids)", "prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        else:
-            vocab = len(engine.tokenizer)
-            if any(not 0 <= t < vocab for t in prompt):
-                raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
-            ids = list(prompt)
-        return await _respond(req, request, ids, chat=False)
+        return await _respond(req, request, await run_in_threadpool(_prompt_ids, engine.tokenizer, req), chat=False)
 
     async def _respond(req, request: Request, ids, chat: bool):
         params = server.prepare(req, ids, chat)
@@ -330,8 +346,9 @@ def create_app(engine, config: ServeConfig = ServeConfig()) -> FastAPI:
             raise APIError(404, f"The model '{model_id}' does not exist", "model", "model_not_found")
         return _model(server)
 
+    # the reports read the runtime (a device sync under CUDA): plain `def` routes run in the thread pool
     @app.get("/v1/experts", response_model=P.ExpertsReport, responses=P.ERRORS, dependencies=[Depends(authorized)])
-    async def experts():
+    def experts():
         return server.report()
 
     @app.get("/health", response_model=P.Health)
@@ -340,7 +357,7 @@ def create_app(engine, config: ServeConfig = ServeConfig()) -> FastAPI:
         return P.Health(status="ok", running=running, waiting=waiting)
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics():
+    def metrics():
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     dashboard_html = resources.files("dynaexq.serve").joinpath("dashboard.html").read_text(encoding="utf-8")

@@ -22,7 +22,8 @@ class _Request(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, description="-1 or 0 = off")
     stop: str | list[str] | None = Field(None, description="up to 4 strings; generation ends before the first")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="a 64-bit integer: the same seed, the "
+                             "same text")
     n: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
     stream: bool | None = False
     stream_options: StreamOptions | None = None

@@ -27,23 +27,45 @@ def server(bundled_store):
     live.close()
 
 
-def test_generated_requests_get_no_5xx_and_schema_conforming_responses(server):
-    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
-    operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"}
-    statuses = Counter()
+def _run(server, operations, statuses, modes=(GenerationMode.POSITIVE, GenerationMode.NEGATIVE), examples=30):
     for op in operations:
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+        for mode in modes:
             if mode is GenerationMode.NEGATIVE and op.method.upper() == "GET" and "{" not in op.path:
                 continue  # nothing to make invalid
 
             @given(case=op.as_strategy(generation_mode=mode))
-            @settings(max_examples=30, deadline=None, derandomize=True, database=None,
+            @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
                       suppress_health_check=list(HealthCheck))
             def run(case):
                 if mode is GenerationMode.POSITIVE and isinstance(case.body, dict) and "model" in case.body:
                     case.body["model"] = "dxq-moe-mini"  # a random model id would only ever meet the 404
-                statuses[case.call_and_validate(base_url=server.url, checks=CHECKS).status_code] += 1
+                statuses[(op.path, case.call_and_validate(base_url=server.url, checks=CHECKS).status_code)] += 1
 
             run()
-    assert statuses[200] > 20 and statuses[400] > 20, statuses  # both accepted and rejected requests were tried
+
+
+def test_generated_requests_get_no_5xx_and_schema_conforming_responses(server):
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"}
+    body = server.app.openapi()["components"]["schemas"]["CompletionRequest"]["properties"]["seed"]["anyOf"][0]
+    assert float(body["minimum"]) == -2.0**63 and float(body["maximum"]) == 2.0**63  # (as floats): negative mode
+    # generates seeds outside the 64-bit range, which once reached torch.Generator.manual_seed (a 500)
+    statuses = Counter()
+    _run(server, operations, statuses)
+    total = Counter()
+    for (_, status), n in statuses.items():
+        total[status] += n
+    assert total[200] > 20 and total[400] > 20, statuses  # both accepted and rejected requests were tried
+
+
+def test_generated_conversations_against_a_template_that_raises_get_400s_not_500s(server, monkeypatch):
+    """A chat template that rejects role orders (Mixtral's, Qwen3's do) meets random conversations."""
+    from test_robustness import STRICT_TEMPLATE
+
+    monkeypatch.setattr(server.app.state.server.engine.tokenizer, "chat_template", STRICT_TEMPLATE)
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    chat = [r.ok() for r in schema.get_all_operations() if r.ok().path == "/v1/chat/completions"]
+    statuses = Counter()
+    _run(server, chat, statuses, modes=(GenerationMode.POSITIVE,), examples=40)
+    assert statuses[("/v1/chat/completions", 400)] > 5, statuses  # the template did refuse some
