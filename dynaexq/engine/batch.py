@@ -71,6 +71,7 @@ class Sequence:
                 warpers.append(TopPLogitsWarper(params.top_p))
         self.warpers = LogitsProcessorList(warpers)
         self.text = ""  # generated text, cut at a stop string
+        self._offsets = (0, 0)  # (prefix, read): out[prefix:read] is decoded context for the unread out[read:]
         self._sent = 0  # characters of `text` already handed out by delta()
 
     @property
@@ -88,17 +89,30 @@ class Sequence:
     def append(self, token: int) -> None:
         if token in self.stop_ids:
             self.finish_reason = "stop"
+            self._detokenize(flush=True)
             return
         self.out.append(token)
-        if self.tokenizer is not None:
-            self._detokenize()
         if self.finish_reason is None and (len(self.out) >= self.params.max_tokens or
                                            (self.context and len(self.prompt) + len(self.out) >= self.context)):
             self.finish_reason = "length"
+        self._detokenize(flush=self.finished)
 
-    def _detokenize(self) -> None:
+    def _detokenize(self, flush: bool) -> None:
+        """Incremental (TGI's and vLLM's prefix-offset method): decode only out[prefix:] against out[prefix:read],
+        the few tokens before the unread ones, so that a token's text comes out right (a leading space, a
+        multi-byte character split across tokens) at a cost that does not grow with the output. Text waits while
+        it ends in an incomplete character, unless the sequence is finishing (`flush`), when it is what a full
+        decode gives."""
+        if self.tokenizer is None or self.finish_reason == "stop" and not flush:
+            return
+        p, r = self._offsets
+        prefix = self.tokenizer.decode(self.out[p:r], skip_special_tokens=True)
+        new = self.tokenizer.decode(self.out[p:], skip_special_tokens=True)
+        if len(new) <= len(prefix) or (new.endswith("\ufffd") and not flush):
+            return
         old = len(self.text)
-        self.text = self.tokenizer.decode(self.out, skip_special_tokens=True)
+        self.text += new[len(prefix):]
+        self._offsets = (r, len(self.out))
         if self.params.stop:
             start = max(0, old - max(map(len, self.params.stop)))
             hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
@@ -107,12 +121,10 @@ class Sequence:
                 self.finish_reason = "stop"
 
     def delta(self) -> str:
-        """New text safe to show: while running, hold back an incomplete UTF-8 character and any tail that
-        could still become a stop string."""
+        """New text safe to show: while running, hold back any tail that could still become a stop string."""
         end = len(self.text)
         if not self.finished:
-            end -= self.text.endswith("\ufffd")
-            head, hold = self.text[:end], 0
+            head, hold = self.text, 0
             for s in self.params.stop:
                 hold = max(hold, next((k for k in range(min(len(s) - 1, len(head)), 0, -1) if head.endswith(s[:k])), 0))
             end -= hold

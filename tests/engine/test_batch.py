@@ -112,3 +112,36 @@ def test_end_of_sequence_and_context_limit_finish_a_sequence(engine):
 def test_invalid_sampling_parameters_name_the_problem(bad):
     with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
         SamplingParams(**bad)
+
+
+def test_incremental_detokenization_equals_a_full_decode_and_cuts_at_stop_strings(engine):
+    import random
+
+    tok, rng = engine.tokenizer, random.Random(0)
+    base = tok("héllo wörld — ünïcödé 漢字 def f(x):\n    return x**2  # ☃ 🎉", add_special_tokens=False)["input_ids"]
+    for trial in range(40):  # random tokens split multi-byte characters across tokens
+        ids = base + [rng.randrange(len(tok)) for _ in range(60)]
+        seq = Sequence([0], SamplingParams(max_tokens=len(ids), temperature=0), tok)
+        shown = ""
+        for t in ids:
+            seq.append(t)
+            shown += seq.delta()
+        assert seq.finish_reason == "length"
+        assert seq.text == shown == tok.decode(ids, skip_special_tokens=True), trial
+    ids = tok("one two three four five", add_special_tokens=False)["input_ids"]
+    seq = Sequence([0], SamplingParams(max_tokens=50, temperature=0, stop=("thr",)), tok)
+    for t in ids:
+        if not seq.finished:
+            seq.append(t)
+    assert seq.finish_reason == "stop" and seq.text == "one two "
+
+
+def test_detokenization_decodes_a_bounded_window_per_token(engine, monkeypatch):
+    tok = engine.tokenizer
+    seq = Sequence([0], SamplingParams(max_tokens=2000, temperature=0), tok)
+    widths, decode = [], tok.decode
+    monkeypatch.setattr(tok, "decode", lambda ids, **kw: widths.append(len(ids)) or decode(ids, **kw))
+    ids = tok("the quick brown fox jumps over the lazy dog. " * 300, add_special_tokens=False)["input_ids"][:2000]
+    for t in ids:
+        seq.append(t)
+    assert len(widths) <= 2 * len(ids) + 1 and max(widths[:-1]) <= 8, (len(widths), max(widths))
