@@ -91,23 +91,23 @@ def cmd_serve(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from transformers import TextStreamer
-
     import dynaexq
     from dynaexq.sizes import format_size
 
     engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
-                          store=args.store, calibration=args.calibration, runtime=_runtime_config(args))
+                          store=args.store, calibration=args.calibration, runtime=_runtime_config(args),
+                          dtype=_dtype(args.dtype))
     try:
         if engine.tokenizer is None:
             raise UserError(f"model {args.model!r} has no tokenizer files; generate needs one")
-        streamer = TextStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
         print(args.prompt, end="", flush=True)
         t0 = time.perf_counter()
-        text = engine.generate(args.prompt, args.max_new_tokens, args.temperature, streamer=streamer, seed=args.seed)
+        text = engine.generate(args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
+                               on_text=lambda delta: print(delta, end="", flush=True))
         dt = time.perf_counter() - t0
-        n = len(engine.tokenizer(text)["input_ids"])
-        print(f"\n[{engine.policy}: {n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s; experts resident "
+        print()
+        n = len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+        print(f"[{engine.policy}: {n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s; experts resident "
               f"{format_size(engine.expert_bytes())} {engine.precision_counts()}]", file=sys.stderr)
         if engine.runtime is not None:
             t = engine.runtime.stats()["transitions"]
@@ -252,7 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_flags(sg)
     sg.add_argument("--max-new-tokens", type=int, default=64)
     sg.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    sg.add_argument("--seed", type=int)
+    sg.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: %(default)s = off)")
+    sg.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (default: 0 = off)")
+    sg.add_argument("--seed", type=int, help="the same seed gives the same text here and from `dynaexq serve`")
+    sg.add_argument("--dtype", default="model", choices=["model", "float32", "bfloat16", "float16"],
+                    help="dtype of the non-expert weights and activations (default: %(default)s = the checkpoint's "
+                    "own); expert kernels keep theirs")
     sg.set_defaults(fn=cmd_generate)
 
     se = sub.add_parser("eval", help="quality of precision policies at equal expert bytes vs the full-precision model",

@@ -28,6 +28,18 @@ from transformers.cache_utils import DynamicLayer
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")  # chat templates' turn ends
 
 
+def stop_token_ids(model, tokenizer, chat: bool = False) -> set[int]:
+    """The tokens that end a generation: the model's and tokenizer's EOS, plus the chat templates' turn ends."""
+    eos = model.generation_config.eos_token_id if model.generation_config else None
+    ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if chat and tokenizer is not None:
+        vocab = tokenizer.get_vocab()
+        ids |= {vocab[t] for t in END_OF_TURN if t in vocab}
+    return ids
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16

@@ -51,7 +51,7 @@ class Runtime:
                 "published": published,
                 "target": {layer: [c.tiers[i].value for i in a.tolist()] for layer, a in c.assign.items()},
                 "transitions": {**{k: v for k, v in t.stats.items() if k != "errors"}, "in_flight": t.in_flight(),
-                                "pending": t.pending(), "errors": list(t.stats["errors"][-20:])},
+                                "pending": t.pending(), "errors": list(t.stats["errors"])[-20:]},
                 "forward_wait_s": self.table.lease_wait_s + self.blocked_s,
                 "lease_s": self.table.lease_wait_s, "blocked_s": self.blocked_s,
                 "pools": self.pools.occupancy(),

@@ -76,24 +76,33 @@ class Engine:
             self.model(input_ids=windows[i:i + batch].to(self.model.device))
         return {layer: mass.double().cpu() for layer, (_, mass) in self.take_routing_stats().items()}
 
-    @torch.inference_mode()
-    def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, streamer=None,
-                 seed: int | None = None) -> str:
+    def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, on_text=None) -> str:
+        """Sample a continuation of `prompt` with the server's sampler (the same seed gives the same text here
+        and from `dynaexq serve`); `on_text(delta)` receives the text as it is generated."""
+        from dynaexq.engine.batch import BatchDecoder, SamplingParams, Sequence, stop_token_ids
+
         if self.tokenizer is None:
             raise UserError("this model has no tokenizer files (tokenizer.json / tokenizer_config.json); "
                             "generation needs one")
-        if max_new_tokens <= 0:
-            raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
-        if temperature < 0:
-            raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if seed is not None:
-            torch.manual_seed(seed)
-        inputs = self.tokenizer(prompt, return_tensors="pt").to(self.model.device)
-        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
-                                  pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-                                  **sampling)
-        return self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        try:
+            params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                    seed=seed)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        ids = self.tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
+        if not ids:
+            raise UserError("the prompt is empty after tokenization; give some text")
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        seq = Sequence(ids, params, self.tokenizer, stop_token_ids(self.model, self.tokenizer), context)
+        decoder = BatchDecoder(self.model, max_batch=1)
+        decoder.add(seq)
+        while not seq.finished:
+            decoder.step()
+            delta = seq.delta()
+            if delta and on_text is not None:
+                on_text(delta)
+        return seq.text
 
 
 def read_text(path) -> str:

@@ -16,7 +16,7 @@ import time
 import traceback
 from collections import deque
 
-from dynaexq.engine.batch import END_OF_TURN, BatchDecoder, SamplingParams, Sequence
+from dynaexq.engine.batch import BatchDecoder, SamplingParams, Sequence, stop_token_ids
 
 
 class QueueFull(Exception):
@@ -29,14 +29,8 @@ class Scheduler:
         self.engine, self.max_queue, self.on_step = engine, max_queue, on_step
         self.decoder = BatchDecoder(engine.model, max_batch, prefill_chunk)
         self.max_batch = self.decoder.max_batch
-        tok, config = engine.tokenizer, engine.model.config
-        self.context = context or getattr(config, "max_position_embeddings", None)  # generation stops there
-        eos = engine.model.generation_config.eos_token_id if engine.model.generation_config else None
-        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        if tok is not None and tok.eos_token_id is not None:
-            self.eos_ids.add(tok.eos_token_id)
-        vocab = tok.get_vocab() if tok is not None else {}
-        self.turn_end_ids = {vocab[t] for t in END_OF_TURN if t in vocab}  # chat: the template's end of turn
+        self.context = context or getattr(engine.model.config, "max_position_embeddings", None)  # stops there
+        self.stop_ids = {chat: stop_token_ids(engine.model, engine.tokenizer, chat) for chat in (False, True)}
         self.steps = 0
         self._new: list = []
         self._cancel: list = []
@@ -52,8 +46,7 @@ class Scheduler:
             return len(self.decoder.rows), len(self.decoder.waiting) + len(self._new)
 
     def submit(self, prompt_ids, params: SamplingParams, on_event, chat: bool = False) -> Sequence:
-        stop_ids = self.eos_ids | (self.turn_end_ids if chat else set())
-        seq = Sequence(prompt_ids, params, self.engine.tokenizer, stop_ids, self.context)
+        seq = Sequence(prompt_ids, params, self.engine.tokenizer, self.stop_ids[chat], self.context)
         with self._cond:
             if self._closed:
                 raise QueueFull("the server is shutting down")

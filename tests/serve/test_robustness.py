@@ -147,3 +147,17 @@ def test_a_slow_metrics_scrape_never_stalls_token_streaming(server, monkeypatch)
     # on the loop, chunks pile up behind each 1 s scrape (gaps of ~1 s); off it, they arrive at the decode rate
     assert max(gaps) < 0.6, (max(gaps), statistics.median(gaps))
     assert server.thread.name not in loop_threads  # the event loop's thread never ran the report
+
+
+def test_the_cli_and_the_server_sample_the_same_text_for_the_same_seed(server, bundled_store, capsys):
+    from dynaexq.cli import main
+
+    prompt, params = "def parse(line):", {"temperature": 0.9, "top_p": 0.9, "top_k": 40, "seed": 1234}
+    r = post(server, "completions", {"model": MODEL, "prompt": prompt, "max_tokens": 24, **params})
+    served = r.json()["choices"][0]["text"]
+    code = main(["generate", "--model", str(bundled_store), "--policy", "uniform:int4", "--dtype", "float32",
+                 "--max-new-tokens", "24", "--temperature", "0.9", "--top-p", "0.9", "--top-k", "40", "--seed", "1234",
+                 prompt])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out == prompt + served + "\n" and len(served) > 10, (out, served)
