@@ -247,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "delta=0.01,alloc=proportional|depth] | multilevel | frozen (default: %(default)s)")
     sg.add_argument("--expert-budget", help="bytes for expert weights, e.g. 20GiB, 512MB, 123456, or a precision "
                     "name (int3 = the bytes of every expert at int3)")
-    sg.add_argument("--calibration", nargs="+", metavar="FILE", help="calibration texts for the calibrated "
-                    "policies (default: the model's calibration/*.txt)")
+    sg.add_argument("--calibration", nargs="+", action="extend", metavar="[NAME=]FILE", help="calibration texts for "
+                    "the calibrated policies (default: the model's calibration/*.txt)")
     add_runtime_flags(sg)
     sg.add_argument("--max-new-tokens", type=int, default=64)
     sg.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -267,13 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "every --expert-budget.")
     se.add_argument("--model", help="checkpoint or store directory (default: the bundled model)")
     se.add_argument("--store", help="use this store for --model (it must have been prepared from that checkpoint)")
-    se.add_argument("--data", nargs="+", metavar="NAME=FILE", help="UTF-8 text files to evaluate on "
+    se.add_argument("--data", nargs="+", action="extend", metavar="NAME=FILE", help="UTF-8 text files to evaluate on "
                     "(default: the model's eval/*.txt)")
-    se.add_argument("--policy", nargs="+", metavar="SPEC", help="policies (default: uniform int8/int4/int3/int2, "
-                    "plus calibrated, calibrated-multilevel and oracle when a budget is given)")
-    se.add_argument("--expert-budget", nargs="+", metavar="SIZE", help="expert budgets: sizes (20MiB) or precision "
-                    "names (int3 = the bytes of every expert at int3)")
-    se.add_argument("--calibration", nargs="+", metavar="FILE", help="calibration texts for the calibrated "
+    se.add_argument("--policy", nargs="+", action="extend", metavar="SPEC", help="policies (default: uniform "
+                    "int8/int4/int3/int2, plus calibrated, calibrated-multilevel and oracle when a budget is given)")
+    se.add_argument("--expert-budget", nargs="+", action="extend", metavar="SIZE", help="expert budgets: sizes "
+                    "(20MiB) or precision names (int3 = the bytes of every expert at int3)")
+    se.add_argument("--calibration", nargs="+", action="extend", metavar="[NAME=]FILE", help="calibration texts for "
+                    "the calibrated "
                     "policies (default: the model's calibration/*.txt, never its eval texts)")
     se.add_argument("--calibration-windows", type=int, default=128, help="windows of --window-tokens read from the "
                     "calibration texts (default: %(default)s)")
@@ -299,12 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sl = sub.add_parser("lm-eval", help="run lm-eval tasks on the model at a policy (needs the `eval` extra)")
     sl.add_argument("tasks", nargs="+", help="lm-eval task names (its own, or from --include-path)")
-    sl.add_argument("--include-path", nargs="+", metavar="DIR", help="directories of task YAML files")
+    sl.add_argument("--include-path", nargs="+", action="extend", metavar="DIR", help="directories of task YAML files")
     sl.add_argument("--model", help="checkpoint or store directory (default: the bundled model)")
     sl.add_argument("--store", help="use this store for --model")
     sl.add_argument("--policy", default="uniform:bf16", help="precision policy (default: %(default)s)")
     sl.add_argument("--expert-budget", help="bytes for expert weights or a precision name")
-    sl.add_argument("--calibration", nargs="+", metavar="FILE", help="calibration texts for calibrated policies")
+    sl.add_argument("--calibration", nargs="+", action="extend", metavar="[NAME=]FILE",
+                    help="calibration texts for calibrated policies")
     sl.add_argument("--limit", type=int, help="at most this many documents per task")
     sl.add_argument("--num-fewshot", type=int)
     sl.add_argument("--batch-size", type=int, default=8)
@@ -318,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--policy", default="uniform:bf16", help="precision policy, as for generate; the runtime "
                     "policies (dynaexq, multilevel) learn from the served traffic (default: %(default)s)")
     sv.add_argument("--expert-budget", help="bytes for expert weights, e.g. 20GiB, or a precision name (int3)")
-    sv.add_argument("--calibration", nargs="+", metavar="FILE", help="calibration texts for the hotness policies")
+    sv.add_argument("--calibration", nargs="+", action="extend", metavar="[NAME=]FILE",
+                    help="calibration texts for the hotness policies")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     sv.add_argument("--dtype", default="model", choices=["model", "float32", "bfloat16", "float16"],

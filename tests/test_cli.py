@@ -172,3 +172,26 @@ def test_generate_without_model_uses_the_bundled_model(capsys):
     code, out, err = run(capsys, "generate", "--policy", "uniform:int2", "--max-new-tokens", 4, "def f(x):")
     assert code == 0 and out.startswith("def f(x):") and "dxq-moe-mini" in err and "preparing" in err
     assert "{'int2': 192}" in err  # 6 MoE layers x 32 experts
+
+
+@pytest.mark.parametrize("command,flag,extra", [
+    ("eval", "--data", []), ("eval", "--policy", []), ("eval", "--expert-budget", []), ("eval", "--calibration", []),
+    ("generate", "--calibration", ["x"]), ("serve", "--calibration", []), ("lm-eval", "--calibration", ["task"]),
+    ("lm-eval", "--include-path", ["task"])])
+def test_list_flags_accept_repeated_and_space_separated_values(command, flag, extra):
+    from dynaexq.cli import build_parser
+
+    dest = flag.lstrip("-").replace("-", "_")
+    repeated = build_parser().parse_args([command, *extra, flag, "a=1", flag, "b=2"])
+    spaced = build_parser().parse_args([command, *extra, flag, "a=1", "b=2"])
+    assert getattr(repeated, dest) == getattr(spaced, dest) == ["a=1", "b=2"]
+
+
+def test_calibration_accepts_name_equals_file_like_data(tmp_path):
+    from dynaexq.engine.load import calibration_files
+
+    f = tmp_path / "notes.txt"
+    f.write_text("some text")
+    assert calibration_files(tmp_path, None, [f"prose={f}", str(f)]) == [f, f]
+    with pytest.raises(Exception, match="do not exist"):
+        calibration_files(tmp_path, None, [f"prose={tmp_path / 'missing.txt'}"])

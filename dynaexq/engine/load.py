@@ -159,8 +159,8 @@ def calibration_tokens(tokenizer, files, n: int, length: int) -> torch.Tensor:
 
 
 def calibration_files(path, reader, given) -> list[Path]:
-    if given:
-        files = [Path(f) for f in given]
+    if given:  # FILE or NAME=FILE (the name is informational, as in eval's --data)
+        files = [Path(f) if Path(f).is_file() or "=" not in f else Path(f.partition("=")[2]) for f in given]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise UserError(f"calibration text(s) {missing} do not exist; give UTF-8 text files")

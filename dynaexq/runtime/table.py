@@ -7,7 +7,8 @@ replaced at epoch r may still be read by leases taken at epochs <= r, so its slo
 of those is active (`wait_unread(r)`; transition workers wait there, a forward pass never does). On CUDA a
 lease ends when the compute stream has passed the point where the forward released it (an event), not when
 Python returned; forwards run on one compute stream, so its events complete in order: completed ones are dropped
-at every release and a newer event of the same epoch replaces the older one (the list stays a few entries long). The lists are the banks' own `versions` lists: the table holds them, it never imports a bank.
+at every release and a newer event of the same epoch replaces the older one (the list stays a few entries long).
+The lists are the banks' own `versions` lists: the table holds them, it never imports a bank.
 """
 from __future__ import annotations
 
