@@ -18,7 +18,7 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -q
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium
 
-.PHONY: demo test install
+.PHONY: demo test test-slow install
 install: .venv/.installed
 
 demo: .venv/.installed
@@ -27,3 +27,7 @@ demo: .venv/.installed
 
 test: .venv/.installed $(CHROMIUM)
 	$(PY) -m pytest -q -m "not slow and not gpu" tests
+
+# soaks, browsers and latency figures (CI runs them after `make test`)
+test-slow: .venv/.installed $(CHROMIUM)
+	$(PY) -m pytest -q -m "slow and not gpu" tests

@@ -61,8 +61,9 @@ def _reference_forward(ref, versions, x, idx, w):
     return (y * w.reshape(-1, 1).double()).view(*idx.shape, -1).sum(1)
 
 
-def _race(engine, rt, forwards: int, stop_at_first_tear: bool = False):
-    """A forward loop on one bank racing the transition workers (fed by a churn thread) -> (tears, overlapped)."""
+def _race(engine, rt, overlaps: int, stop_at_first_tear: bool = False, max_forwards: int = 50_000):
+    """A forward loop on one bank racing the transition workers (fed by a churn thread) until `overlaps` forwards
+    overlapped a publish (however fast the machine is) -> (tears, overlapped)."""
     layer = min(engine.banks)
     bank, ref = engine.banks[layer], _reference_weights(engine, layer)
     g = torch.Generator().manual_seed(0)
@@ -82,7 +83,9 @@ def _race(engine, rt, forwards: int, stop_at_first_tear: bool = False):
     tears = overlapped = 0
     try:
         with torch.inference_mode():
-            for _ in range(forwards):
+            for n in range(max_forwards):
+                if overlapped >= overlaps and n >= 2000:
+                    break
                 x = torch.randn(4, 64, generator=g)
                 idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(4)])
                 w = torch.rand(4, 2, generator=g)
@@ -104,11 +107,11 @@ def _race(engine, rt, forwards: int, stop_at_first_tear: bool = False):
 def test_no_torn_reads_while_transitions_race_the_forward(engine):
     rt = start(engine, "dynaexq:hi=int8,lo=int2,delta=0", update_every=1)
     try:
-        tears, overlapped = _race(engine, rt, 10_000)
+        tears, overlapped = _race(engine, rt, overlaps=500)
         rt.transitions.drain()
         rt.check()
         assert tears == 0
-        assert rt.transitions.stats["pairs"] > 1000 and overlapped > 1000, (rt.transitions.stats["pairs"], overlapped)
+        assert overlapped >= 500, overlapped  # the race did happen (the loop runs until it has, or 50k forwards)
     finally:
         engine.close()
 
@@ -118,7 +121,7 @@ def test_the_race_test_detects_tears_when_reclaim_ignores_leases(engine, monkeyp
     rt = start(engine, "dynaexq:hi=int8,lo=int2,delta=0", update_every=1)
     monkeypatch.setattr(rt.table, "wait_unread", lambda retired_at, timeout=60.0: None)
     try:
-        tears, _ = _race(engine, rt, 10_000, stop_at_first_tear=True)
+        tears, _ = _race(engine, rt, overlaps=10**9, stop_at_first_tear=True, max_forwards=10_000)
         assert tears >= 1
     finally:
         engine.close()

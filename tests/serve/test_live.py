@@ -19,6 +19,8 @@ from PIL import Image
 
 from dynaexq.demo import BUNDLED
 
+pytestmark = pytest.mark.slow  # a 30-s soak and a browser: CI runs them after `make test` (.ci/run)
+
 CLIENTS, SECONDS = 16, 30
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",

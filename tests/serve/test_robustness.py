@@ -110,6 +110,15 @@ def test_client_input_is_never_a_server_error(server, engine, monkeypatch):
         assert r.status_code == 200, (name, r.text)
 
 
+def test_report_endpoints_run_off_the_event_loop(server, monkeypatch):
+    srv, threads = server.app.state.server, set()
+    real = srv.report
+    monkeypatch.setattr(srv, "report", lambda: threads.add(threading.current_thread().name) or real())
+    assert requests.get(f"{server.url}/metrics", timeout=30).ok and requests.get(f"{server.url}/v1/experts").ok
+    assert threads and server.thread.name not in threads, threads  # the event loop's thread ran neither
+
+
+@pytest.mark.slow  # a latency figure under contention; the property it rests on is the test above
 def test_a_slow_metrics_scrape_never_stalls_token_streaming(server, monkeypatch):
     srv = server.app.state.server
     real, loop_threads = srv.report, set()
