@@ -106,7 +106,7 @@ def cmd_generate(args) -> int:
                                on_text=lambda delta: print(delta, end="", flush=True))
         dt = time.perf_counter() - t0
         print()
-        n = len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+        n = len(engine.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         print(f"[{engine.policy}: {n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s; experts resident "
               f"{format_size(engine.expert_bytes())} {engine.precision_counts()}]", file=sys.stderr)
         if engine.runtime is not None:

@@ -117,7 +117,8 @@ def text_windows(tokenizer, text: str, n: int, length: int, what: str = "text") 
     (fewer only when the text is short); a text shorter than one window is an error."""
     if tokenizer is None:
         raise UserError("this model has no tokenizer files; text evaluation needs one")
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    # a whole text is longer than the model's context on purpose (windows come next): no length warning
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     if len(ids) < length:
         raise UserError(f"{what} has {len(ids)} tokens, fewer than one window of {length}; give a longer text "
                         "or a smaller window")

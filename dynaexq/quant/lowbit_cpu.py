@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -76,6 +77,9 @@ def build(extra_cflags: tuple[str, ...] = ()) -> ctypes.CDLL:
     name = "dynaexq_lowbit" + (f"_{_sha(' '.join(extra_cflags))}" if extra_cflags else "")
     build_dir = Path(root) / f"{name}_{_sha(_cpu_tag())}"  # -march=native: one build per kind of CPU
     build_dir.mkdir(parents=True, exist_ok=True)
+    if not (build_dir / f"{name}.so").is_file():  # the first load of a session would sit silently otherwise
+        print(f"dynaexq: compiling the int2/int3 CPU kernel for this CPU (once, ~20 s; cached in {build_dir})",
+              file=sys.stderr, flush=True)
     path = cpp_extension.load(name, [str(_SRC)], build_directory=str(build_dir), is_python_module=False,
                               extra_cflags=["-O3", "-march=native", "-fopenmp", *extra_cflags],
                               extra_ldflags=["-fopenmp"])

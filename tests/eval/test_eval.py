@@ -166,3 +166,19 @@ def test_sweep_writes_plot_table_and_json(store, tmp_path, capsys):
                                                                     "oracle"}
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| policy |" in (out / "sweep.md").read_text()
+
+
+def test_eval_on_the_bundled_model_prints_no_warning(store):
+    """What a new user sees: no tokenizer length false alarm, no library warning, nothing that reads like a bug."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "dynaexq"
+    proc = subprocess.run([str(exe), "eval", "--store", str(store), "--policy", "uniform:int4", "uniform:int2",
+                           "--windows", "2", "--window-tokens", "64"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    noisy = [line for line in (proc.stderr + proc.stdout).splitlines()
+             if "warn" in line.lower() or "token indices" in line.lower() or "deprecat" in line.lower()]
+    assert noisy == [], noisy
+    assert "uniform:int2" in proc.stdout

@@ -2,6 +2,8 @@
 the fused C++ kernel (AVX-512 here, and its AVX2 variant), the pure-torch fallback, resident bytes,
 and calls from several threads at once."""
 import threading
+import types
+from pathlib import Path
 import warnings
 
 import pytest
@@ -147,3 +149,24 @@ def test_build_failure_warns_and_falls_back(monkeypatch):
     assert p.blob is None
     x = torch.randn(2, 64)
     assert _rel(p(x), x.double() @ codes.double().T) <= TOL
+
+
+def test_the_first_build_says_it_is_compiling_and_a_cached_one_is_silent(monkeypatch, tmp_path, capsys):
+    from torch.utils import cpp_extension
+
+    built = []
+
+    def fake_load(name, sources, build_directory, **kw):  # what cpp_extension.load leaves behind: the library
+        built.append(name)
+        path = Path(build_directory) / f"{name}.so"
+        path.write_bytes(b"")
+        return str(path)
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(lowbit_cpu.ctypes, "CDLL", lambda path: types.SimpleNamespace(
+        dynaexq_lowbit_mm=types.SimpleNamespace()))
+    lowbit_cpu.build()
+    first = capsys.readouterr().err
+    lowbit_cpu.build()
+    assert "compiling the int2/int3 CPU kernel" in first and capsys.readouterr().err == "" and len(built) == 2
