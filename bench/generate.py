@@ -16,7 +16,7 @@ What it measures
                         (transformers 5.23: "grouped_mm")
     transformers-eager  the same model after model.set_experts_implementation("eager") (per-expert loop)
     dynaexq-bf16 / -int4 / -int2   dynaexq.load(checkpoint, policy="uniform:<p>", store=<prepared store>,
-                        backend cpu, verify=False)
+                        backend cpu, verify="off")
   One sample: prefill a random prompt of --prompt tokens per sequence (not timed), then --new-tokens greedy
   decode steps with the KV cache (model(input_ids=last, past_key_values=cache)), timed with
   perf_counter around the steps only. tokens/s = batch x steps / seconds. Median of --repeats samples,
@@ -169,7 +169,7 @@ def main(argv=None):
         r0 = proc_status().get("RssAnon", 0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            eng = dynaexq.load(str(ckpt), policy=pol, store=str(store), progress=False, verify=False)
+            eng = dynaexq.load(str(ckpt), policy=pol, store=str(store), progress=False, verify="off")
         engines[pol] = eng
         variants.append(Variant("dynaexq-" + pol.split(":", 1)[-1], eng.model, None, eng.expert_bytes(),
                                 time.perf_counter() - t0, proc_status().get("RssAnon", 0) - r0))

@@ -18,8 +18,10 @@ What it measures
   reports its own VmHWM at exit and its RSS right after importing torch + transformers + dynaexq (the
   constant C of the target). Reported: wall time of prepare(), throughput in GB of source-dtype expert
   weights per second and in expert parameters per second (each parameter is quantized once per
-  precision), seconds per (layer, precision) job (from the finish times of the shards), peak RSS, one
-  layer's experts in the source dtype (E_layer), and peak RSS / E_layer.
+  precision), seconds per MoE layer (from the finish times of its shards), peak RSS, one layer's experts in
+  the source dtype (E_layer), and peak RSS / E_layer; then the start-up integrity check of the store a load
+  pays: lazy (the default: stamps) and full (sha256 of every shard), cold (evicted from the page cache with
+  posix_fadvise) and warm.
   Target (pass/miss): peak RSS <= 2 x E_layer + C.
   The source shards were just written or read, so they are mostly in the page cache: this measures
   prepare's compute, not disk reads. The store is deleted before each run (prepare resumes finished
@@ -103,15 +105,40 @@ def run_child(src, out, precisions, group_size, threads, progress, interval=0.1,
 
 
 def job_times(out: Path, t_start_epoch: float) -> list[dict]:
-    """(layer, precision) shards in the order they finished, with the seconds each took."""
-    files = sorted((f.stat().st_mtime, f.name) for f in (out / "experts").glob("*.safetensors"))
-    rows, prev = [], None
+    """MoE layers in the order they finished (all precisions of a layer are written together), with the seconds
+    each took."""
+    done = {}
+    for f in (out / "experts").glob("*.safetensors"):
+        layer = f.name.split(".")[0]
+        done[layer] = max(done.get(layer, 0.0), f.stat().st_mtime)
     firsts = sorted(f.stat().st_mtime for f in out.glob("nonexpert*.safetensors"))
-    prev = firsts[-1] if firsts else t_start_epoch
-    for mtime, name in files:
-        rows.append({"shard": name, "seconds": mtime - prev})
+    rows, prev = [], firsts[-1] if firsts else t_start_epoch
+    for mtime, layer in sorted((t, layer) for layer, t in done.items()):
+        rows.append({"layer": layer, "seconds": mtime - prev})
         prev = mtime
     return rows
+
+
+def startup_cost(out: Path) -> dict:
+    """Seconds of a load's integrity check of the store: lazy (stamps) and full (sha256 of every shard), each with
+    the store in the page cache (warm) and evicted first with posix_fadvise(DONTNEED) (cold, as after a reboot)."""
+    from dynaexq.store.reader import StoreReader
+
+    def evict():
+        for f in out.rglob("*.safetensors"):
+            fd = os.open(f, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+    res = {}
+    for mode in ("lazy", "full"):
+        for cache in ("cold", "warm"):
+            if cache == "cold":
+                evict()
+            t0 = time.perf_counter()
+            StoreReader(out).check(mode)
+            res[f"{mode}_{cache}_s"] = time.perf_counter() - t0
+    return res
 
 
 def main(argv=None):
@@ -198,14 +225,16 @@ def main(argv=None):
     w = max(len(r[0]) for r in rows)
     for k, v in rows:
         print(f"  {k:<{w}}  {v}")
-    print("\n== seconds per (layer, precision) shard, in finishing order")
-    per_prec = {}
+    print("\n== seconds per MoE layer (every precision written from one read of each expert), in finishing order")
     for j in jobs:
-        p = j["shard"].split(".")[1]
-        per_prec.setdefault(p, []).append(j["seconds"])
-        print(f"  {j['shard']:<32} {j['seconds']:8.1f} s   ({params_per_layer / max(j['seconds'], 1e-9) / 1e6:7.2f} M params/s)")
-    for p, s in per_prec.items():
-        print(f"  mean {p:<6} {sum(s) / len(s):8.1f} s per layer  -> {sum(s) / len(s) / args.experts * 1e3:7.1f} ms per expert")
+        print(f"  {j['layer']:<8} {j['seconds']:8.1f} s   ({j['seconds'] / args.experts * 1e3:7.1f} ms per expert, all "
+              f"{len(precisions)} precisions)")
+    start = startup_cost(out)
+    print(f"\n== start-up integrity check of this {fmt_bytes(store_bytes)} store (what every load pays)")
+    for mode, what in (("lazy", "lazy (default): sizes + sampled hashes now, each expert's digest on first read"),
+                       ("full", "full (--verify full, inspect --verify): sha256 of every shard")):
+        print(f"  {what}: {start[mode + '_cold_s']:.2f} s cold, {start[mode + '_warm_s']:.2f} s in the page cache")
+    print("  previous releases hashed every shard at every load (= full)")
     passed = peak <= limit
     print("\n== targets")
     print(f"  {'PASS' if passed else 'MISS'}  peak RSS {fmt_bytes(peak)} <= 2 x E_layer + C = 2 x {fmt_bytes(e_layer)} + "
@@ -223,7 +252,7 @@ def main(argv=None):
         "baseline_rss": base, "peak_rss": peak, "vmhwm": res["end"].get("VmHWM"), "sampled_peak": res["sampled_peak"],
         "e_layer_bytes": e_layer, "peak_over_e_layer": peak / e_layer, "peak_minus_c_over_e_layer": (peak - base) / e_layer,
         "target_limit_bytes": limit, "target_pass": passed, "jobs": jobs, "others_cores": res["others_cores"],
-        "rss_timeline_s_bytes": tl[::step], "build_s": build_s, "total_s": total,
+        "rss_timeline_s_bytes": tl[::step], "build_s": build_s, "total_s": total, "startup": start,
     }
     print(json.dumps(result))
 

@@ -76,7 +76,7 @@ def cmd_serve(args) -> int:
               "use the server", file=sys.stderr)
     engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
                           store=args.store, calibration=args.calibration, runtime=_runtime_config(args),
-                          dtype=_dtype(args.dtype))
+                          dtype=_dtype(args.dtype), verify=args.verify)
     try:
         app = create_app(engine, config)
     except BaseException:
@@ -96,7 +96,7 @@ def cmd_generate(args) -> int:
 
     engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
                           store=args.store, calibration=args.calibration, runtime=_runtime_config(args),
-                          dtype=_dtype(args.dtype))
+                          dtype=_dtype(args.dtype), verify=args.verify)
     try:
         if engine.tokenizer is None:
             raise UserError(f"model {args.model!r} has no tokenizer files; generate needs one")
@@ -129,7 +129,7 @@ def cmd_eval(args) -> int:
         return _sweep(args)
     out = harness.evaluate(_model_path(args.model), args.data, args.policy, args.expert_budget, args.windows,
                            args.window_tokens, args.calibration, args.calibration_windows, progress=not args.json,
-                           store=args.store, dtype=_dtype(args.dtype))
+                           store=args.store, dtype=_dtype(args.dtype), verify=args.verify)
     print(report.table(out), file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(out))
@@ -152,7 +152,7 @@ def _sweep(args) -> int:
     budgets = args.expert_budget or ["int2"]  # the sweep's own budgets start at all-int2
     args.store = harness.check_plans(model, [harness.parse_policy(p) for p in policies], budgets, args.store)
     ev = harness.Evaluation(model, data, args.windows, args.window_tokens, args.calibration, args.calibration_windows,
-                            store=args.store, dtype=_dtype(args.dtype))
+                            store=args.store, dtype=_dtype(args.dtype), verify=args.verify)
     try:
         budgets = ([harness.resolve_budget(b, ev.reader) for b in args.expert_budget] if args.expert_budget
                    else report.sweep_budgets(ev.reader))
@@ -192,7 +192,7 @@ def _shift(args) -> int:
     out = shift.evaluate_shift(_model_path(args.model), args.data, args.policy, args.expert_budget, args.windows,
                                args.window_tokens, args.calibration, args.calibration_windows, args.repeats,
                                args.step_tokens, config, progress=not args.json, store=args.store,
-                               dtype=_dtype(args.dtype))
+                               dtype=_dtype(args.dtype), verify=args.verify)
     print(shift.table(out["results"]), file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(out))
@@ -204,7 +204,7 @@ def cmd_lm_eval(args) -> int:
     from dynaexq.eval import lm_eval_adapter
 
     engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
-                          store=args.store, calibration=args.calibration)
+                          store=args.store, calibration=args.calibration, verify=args.verify)
     results = lm_eval_adapter.run(engine, args.tasks, args.include_path, args.limit, args.batch_size,
                                   args.num_fewshot)
     from lm_eval.utils import make_table
@@ -219,9 +219,15 @@ def cmd_lm_eval(args) -> int:
 def cmd_inspect(args) -> int:
     from dynaexq.store import inspect as store_inspect
 
-    report = store_inspect.inspect(args.path)
+    report = store_inspect.inspect(args.path, args.verify)
     print(json.dumps(report, indent=1) if args.json else store_inspect.format_report(report))
-    return 0 if report.get("integrity", "ok") == "ok" else 2
+    return 0 if report.get("integrity", "ok").startswith(("ok", "stamps ok")) else 2
+
+
+def _add_verify(parser) -> None:
+    parser.add_argument("--verify", default="lazy", choices=["lazy", "full", "off"], help="store integrity at load: "
+                        "lazy = shard sizes and sampled hashes now, each expert's digest on its first read; full = "
+                        "sha256 of every shard now (slow on big stores); off (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("prompt")
     sg.add_argument("--model", help="checkpoint or store directory (default: the bundled model)")
     sg.add_argument("--store", help="use this store for --model (it must have been prepared from that checkpoint)")
+    _add_verify(sg)
     sg.add_argument("--policy", default="uniform:bf16", help="uniform:<precision> | map:<file.json> | calibrated"
                     "[:hi=int8,lo=int2] | calibrated-multilevel | runtime policies: dynaexq[:hi=int8,lo=int2,"
                     "delta=0.01,alloc=proportional|depth] | multilevel | frozen (default: %(default)s)")
@@ -267,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "every --expert-budget.")
     se.add_argument("--model", help="checkpoint or store directory (default: the bundled model)")
     se.add_argument("--store", help="use this store for --model (it must have been prepared from that checkpoint)")
+    _add_verify(se)
     se.add_argument("--data", nargs="+", action="extend", metavar="NAME=FILE", help="UTF-8 text files to evaluate on "
                     "(default: the model's eval/*.txt)")
     se.add_argument("--policy", nargs="+", action="extend", metavar="SPEC", help="policies (default: uniform "
@@ -303,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--include-path", nargs="+", action="extend", metavar="DIR", help="directories of task YAML files")
     sl.add_argument("--model", help="checkpoint or store directory (default: the bundled model)")
     sl.add_argument("--store", help="use this store for --model")
+    _add_verify(sl)
     sl.add_argument("--policy", default="uniform:bf16", help="precision policy (default: %(default)s)")
     sl.add_argument("--expert-budget", help="bytes for expert weights or a precision name")
     sl.add_argument("--calibration", nargs="+", action="extend", metavar="[NAME=]FILE",
@@ -317,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "continuous batching, Prometheus metrics and a live expert dashboard")
     sv.add_argument("--model", help="checkpoint or store directory (default: the bundled model)")
     sv.add_argument("--store", help="use this store for --model (it must have been prepared from that checkpoint)")
+    _add_verify(sv)
     sv.add_argument("--policy", default="uniform:bf16", help="precision policy, as for generate; the runtime "
                     "policies (dynaexq, multilevel) learn from the served traffic (default: %(default)s)")
     sv.add_argument("--expert-budget", help="bytes for expert weights, e.g. 20GiB, or a precision name (int3)")
@@ -337,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     si = sub.add_parser("inspect", help="architecture, layers x experts, bytes per precision, store integrity")
     si.add_argument("path", help="store or checkpoint directory")
+    si.add_argument("--verify", action="store_true", help="hash every shard of a store against its manifest "
+                    "(sha256; without it: sizes and sampled hashes)")
     si.add_argument("--json", action="store_true", help="print JSON instead of a table")
     si.set_defaults(fn=cmd_inspect)
     return p

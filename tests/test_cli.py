@@ -47,7 +47,7 @@ def test_prepare_inspect_generate_roundtrip(tiny, tmp_path, capsys):
     store = tmp_path / "st"
     code, _, err = run(capsys, "prepare", tiny, "--out", store, "--precisions", "bf16,int4,int2")
     assert code == 0 and "store ready" in err and layout.is_store(store)
-    code, out, _ = run(capsys, "inspect", store, "--json")
+    code, out, _ = run(capsys, "inspect", store, "--json", "--verify")
     report = json.loads(out)
     assert code == 0 and report["integrity"] == "ok" and set(report["precisions"]) == {"bf16", "int4", "int2"}
     assert report["precisions"]["int2"]["bytes"] < report["precisions"]["int4"]["bytes"]
@@ -116,8 +116,10 @@ def test_corrupted_store_shard_sha256(tiny, tmp_path, capsys):
     data[-5] ^= 0xFF  # flip bits in tensor data; the header still parses
     shard.write_bytes(bytes(data))
     code, _, err = run(capsys, "generate", "--model", store, "--policy", "uniform:int4", "x")
+    assert code == 2 and "does not match its size and sampled hash" in err and "L001.int4" in err  # the stamp
+    code, _, err = run(capsys, "generate", "--model", store, "--policy", "uniform:int4", "--verify", "full", "x")
     assert code == 2 and "does not match its sha256" in err and "L001.int4" in err
-    code, out, _ = run(capsys, "inspect", store)
+    code, out, _ = run(capsys, "inspect", store, "--verify")
     assert code == 2 and "does not match its sha256" in out
 
 

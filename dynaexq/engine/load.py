@@ -65,7 +65,7 @@ def resolve_store(path, store=None, progress: bool = True) -> Path:
 
 
 def load(path, policy="uniform:bf16", expert_budget=None, *, store=None, device="cpu",
-         backend: str | None = None, dtype: torch.dtype | None = None, verify: bool = True,
+         backend: str | None = None, dtype: torch.dtype | None = None, verify: str = "lazy",
          progress: bool = True, calibration=None, calibration_windows: int = 128, window_tokens: int = 256,
          runtime: RuntimeConfig | None = None) -> Engine:
     """`expert_budget`: bytes, a size string ('20MiB') or a precision name ('int3': every expert at int3).
@@ -73,14 +73,17 @@ def load(path, policy="uniform:bf16", expert_budget=None, *, store=None, device=
     precision, measure routing on the calibration texts (`calibration`: paths; default: the model's
     calibration/*.txt) and then publish their final map. Runtime policies (dynaexq, multilevel, frozen) start the
     dynamic runtime (`runtime`: its RuntimeConfig, e.g. `budget='2GiB'` for Eq. 4 on the whole model) with the
-    same calibration as warm start; call `engine.close()` to stop it (and save its hotness file)."""
+    same calibration as warm start; call `engine.close()` to stop it (and save its hotness file).
+    `verify`: "lazy" (shard stamps now, each expert's digest on its first read), "full" (hash every shard now) or
+    "off" (store/reader.py)."""
     device = torch.device(device)
     backend = backend or ("cuda" if device.type == "cuda" else "cpu")
     reader = StoreReader(resolve_store(path, store, progress))
+    reader.check(verify, progress)
     planner = parse_policy(policy) if isinstance(policy, str) else policy
     budget = resolve_budget(expert_budget, reader)
     if getattr(planner, "dynamic", False):
-        return _load_dynamic(path, reader, planner, budget, device, backend, dtype, verify, progress, calibration,
+        return _load_dynamic(path, reader, planner, budget, device, backend, dtype, progress, calibration,
                              calibration_windows, window_tokens, runtime or RuntimeConfig())
     if runtime is not None:
         raise UserError(f"runtime options are for the runtime policies (dynaexq, multilevel, frozen), not {planner}")
@@ -99,13 +102,6 @@ def load(path, policy="uniform:bf16", expert_budget=None, *, store=None, device=
         hint = f"uniform precisions that fit: {', '.join(fits)}" if fits else "no uniform precision fits"
         raise UserError(f"policy {planner} needs {need} bytes ({format_size(need)}) of expert memory but the expert "
                         f"budget is {budget} bytes ({format_size(budget)}); {hint}")
-    if verify:
-        used = {layout.expert_shard(layer, p) for (layer, _), p in plan.items()}
-        if planner.hotness_source:  # the final map may use any precision of the store
-            used |= {layout.expert_shard(layer, p) for layer in reader.layers for p in reader.precisions}
-        used.add(layout.NONEXPERT_SHARD)
-        reader.verify(sorted(used), progress=progress)
-
     engine = _empty_engine(reader, planner, device, backend, dtype)
     engine.apply(plan, progress=progress)  # every version owns its memory; the store is unmapped after
     if calib_files:
@@ -114,7 +110,7 @@ def load(path, policy="uniform:bf16", expert_budget=None, *, store=None, device=
     return engine
 
 
-def _load_dynamic(path, reader, planner, budget, device, backend, dtype, verify, progress, calibration,
+def _load_dynamic(path, reader, planner, budget, device, backend, dtype, progress, calibration,
                   calibration_windows, window_tokens, config: RuntimeConfig) -> Engine:
     if budget is None and config.budget is None:
         raise UserError(f"policy {planner} needs a memory budget: --budget SIZE (the whole model, DynaExq Eq. 4) or "
@@ -122,8 +118,6 @@ def _load_dynamic(path, reader, planner, budget, device, backend, dtype, verify,
     warm_files = None
     if not (config.hotness_file and Path(config.hotness_file).is_file()):
         warm_files = calibration_files(path, reader, calibration)
-    if verify:
-        reader.verify(progress=progress)
     engine = _empty_engine(reader, planner, device, backend, dtype)
 
     def calibrate(floor):  # DynaExq's warm start: the model in all-low mode, mean routed mass per token

@@ -59,7 +59,7 @@ class Evaluation:
 
     def __init__(self, model, data: dict[str, Path], windows: int = 16, window_tokens: int = 256,
                  calibration=None, calibration_windows: int = 128, batch: int = 8, progress: bool = True,
-                 store=None, dtype: torch.dtype | None = torch.float32):
+                 store=None, dtype: torch.dtype | None = torch.float32, verify: str = "lazy"):
         if windows <= 0 or window_tokens < 2 or calibration_windows <= 0:
             raise UserError(f"--windows and --calibration-windows must be >= 1 and --window-tokens >= 2 (got "
                             f"{windows}, {calibration_windows}, {window_tokens})")
@@ -74,7 +74,8 @@ class Evaluation:
         tokenizer = load_tokenizer(store_dir)  # windows first: a bad text fails before the model loads
         self.windows = {name: text_windows(tokenizer, read_text(path), windows, window_tokens, f"--data {name} ({path})")
                         for name, path in data.items()}
-        self.engine = load(model, f"uniform:{self.ref.value}", store=store_dir, progress=progress, dtype=dtype)
+        self.engine = load(model, f"uniform:{self.ref.value}", store=store_dir, progress=progress, dtype=dtype,
+                           verify=verify)
         self.reader = self.engine.reader
         self.reference_bytes = self.engine.expert_bytes()
         short = {n: len(w) for n, w in self.windows.items() if len(w) < windows}
@@ -183,7 +184,7 @@ def check_plans(model, planners, budgets, store=None) -> Path:
 
 
 def evaluate(model, data=None, policies=None, budgets=None, windows=16, window_tokens=256, calibration=None,
-             calibration_windows=128, progress=True, store=None, dtype=torch.float32) -> dict:
+             calibration_windows=128, progress=True, store=None, dtype=torch.float32, verify="lazy") -> dict:
     """The whole `dynaexq eval`: every policy (x budget, for hotness policies) -> the JSON report."""
     budgets = [parse_budget(b) for b in (budgets or [])]
     policies = list(policies) if policies else list(DEFAULT_POLICIES) + (list(HOTNESS_POLICIES) if budgets else [])
@@ -191,7 +192,7 @@ def evaluate(model, data=None, policies=None, budgets=None, windows=16, window_t
     data = parse_data(data, _model_dir(model))
     store = check_plans(model, planners, budgets, store)
     ev = Evaluation(model, data, windows, window_tokens, calibration, calibration_windows, progress=progress,
-                    store=store, dtype=dtype)
+                    store=store, dtype=dtype, verify=verify)
     try:
         results = []
         for spec, pl in zip(policies, planners):

@@ -121,7 +121,7 @@ SHIFT_POLICIES = ("dynaexq:hi=int8,lo=int2", "multilevel", "frozen:hi=int8,lo=in
 def evaluate_shift(model, data=None, policies=None, budgets=None, windows=16, window_tokens=256, calibration=None,
                    calibration_windows=128, repeats: int = 2, step_tokens: int = 32,
                    config: RuntimeConfig = RuntimeConfig(update_every=DEFAULT_UPDATE_EVERY), progress=True, store=None,
-                   dtype=torch.float32) -> dict:
+                   dtype=torch.float32, verify="lazy") -> dict:
     """The whole `dynaexq eval --scenario shift` -> JSON report (every policy at every budget; default int3)."""
     from dynaexq.eval.harness import Evaluation, _model_dir, check_plans, parse_data
 
@@ -131,7 +131,7 @@ def evaluate_shift(model, data=None, policies=None, budgets=None, windows=16, wi
     data = parse_data(data, _model_dir(model))
     store = check_plans(model, [p for p in planners if not getattr(p, "dynamic", False)], budgets, store)
     ev = Evaluation(model, data, windows, window_tokens, calibration, calibration_windows, progress=progress,
-                    store=store, dtype=dtype)
+                    store=store, dtype=dtype, verify=verify)
     try:
         phases(ev.windows, repeats)  # too few windows fails before any policy runs
         results = [run_shift(ev, spec, b, repeats, step_tokens, config)

@@ -13,13 +13,14 @@ from dynaexq.store.checkpoint import Checkpoint
 from dynaexq.store.reader import StoreReader
 
 
-def inspect(path) -> dict:
+def inspect(path, verify: bool = False) -> dict:
+    """What a store or checkpoint holds; for a store, its integrity: every shard hashed (`verify`) or its stamps."""
     if layout.is_store(path):
-        return _inspect_store(path)
+        return _inspect_store(path, verify)
     return _inspect_checkpoint(path)
 
 
-def _inspect_store(path) -> dict:
+def _inspect_store(path, verify: bool) -> dict:
     r = StoreReader(path)
     per = {}
     for p in r.precisions:
@@ -27,13 +28,18 @@ def _inspect_store(path) -> dict:
         errors = [r.expert_error(layer, e, p) for layer in r.layers for e in range(r.num_experts)]
         per[p.value] = {"bytes": sum(sizes), "mean_error": sum(errors) / len(errors), "max_error": max(errors)}
     try:
-        r.verify(progress=True)
-        integrity = "ok"
+        if verify:
+            r.verify(progress=True)
+            integrity = "ok"
+        else:
+            r.check_stamps()
+            integrity = "stamps ok (sizes and sampled hashes; contents not verified: inspect --verify hashes them)"
     except UserError as err:
         integrity = str(err)
     return {"kind": "store", "path": str(path), "arch": r.arch, "moe_layers": r.layers, "num_experts": r.num_experts,
             "group_size": r.group_size, "expert_shapes": r.manifest["shapes"], "source": r.manifest["source"]["path"],
-            "precisions": per, "shards": len(r.manifest["shards"]), "integrity": integrity}
+            "precisions": per, "shards": len(r.manifest["shards"]), "integrity": integrity,
+            "verified": verify}
 
 
 def _inspect_checkpoint(path) -> dict:
@@ -51,7 +57,7 @@ def _inspect_checkpoint(path) -> dict:
     expert_keys = [k for k in ckpt.keys() if arch.is_expert_key(k)]
     return {"kind": "checkpoint", "path": str(path), "arch": arch.model_type, "moe_layers": list(index),
             "num_experts": n_exp, "expert_shapes": {m: list(s) for m, s in shapes.items()},
-            "source_dtype": str(ckpt.dtype()).removeprefix("torch."),
+            "source_dtype": str(ckpt.dtype()).removeprefix("torch."), "quantization": ckpt.quantization(),
             "expert_bytes_on_disk": sum(ckpt.nbytes(k) for k in expert_keys),
             "nonexpert_bytes_on_disk": sum(ckpt.nbytes(k) for k in ckpt.keys() if not arch.is_expert_key(k)),
             "precisions": per}
@@ -63,7 +69,10 @@ def format_report(r: dict) -> str:
              f"expert shapes: gate_up {r['expert_shapes']['gate_up']}, down {r['expert_shapes']['down']}"]
     if r["kind"] == "checkpoint":
         lines += [f"source dtype: {r['source_dtype']}; on disk: experts {format_size(r['expert_bytes_on_disk'])}, "
-                  f"other weights {format_size(r['nonexpert_bytes_on_disk'])}",
+                  f"other weights {format_size(r['nonexpert_bytes_on_disk'])}"]
+        if r["quantization"]:
+            lines.append(f"stored quantized: {r['quantization']}")
+        lines += [
                   "all experts at each precision (estimated from shapes; `prepare` measures them):"]
         lines += [f"  {p:>5}  {format_size(v['bytes']):>12}" for p, v in r["precisions"].items()]
     else:
@@ -71,5 +80,6 @@ def format_report(r: dict) -> str:
                   "all experts at each precision (measured packed bytes, relative weight error):"]
         lines += [f"  {p:>5}  {format_size(v['bytes']):>12}  error mean {v['mean_error']:.4f} max {v['max_error']:.4f}"
                   for p, v in r["precisions"].items()]
-        lines.append(f"integrity ({r['shards']} shards, sha256): {r['integrity']}")
+        how = "sha256 of every shard" if r["verified"] else "stamps"
+        lines.append(f"integrity ({r['shards']} shards, {how}): {r['integrity']}")
     return "\n".join(lines)

@@ -1,15 +1,16 @@
 """`prepare`: checkpoint -> expert store, every routed expert at every requested precision.
 
-Streams one (MoE layer, precision) shard at a time, one expert at a time: each expert is read alone
-(`Checkpoint.get` slices, source unmapped right after), quantized, and written straight into the
-shard (`shard_writer`), so peak memory is about one expert's working copies plus the interpreter,
-whatever the checkpoint size. Shards are written under a temporary name and renamed; a sidecar
-`experts/L003.int4.json` (per-expert bytes, errors, sha256 and the prepare parameters) is written
+Streams one MoE layer at a time, one expert at a time: each expert is read once (`Checkpoint.get` slices,
+source unmapped right after), quantized at every precision, and each version written straight into its
+(layer, precision) shard (`shard_writer`), so peak memory is about one expert's working copies plus the
+interpreter, whatever the checkpoint size. Shards are written under a temporary name and renamed; a sidecar
+`experts/L003.int4.json` (per-expert bytes, errors, digests, sha256 and the prepare parameters) is written
 after its shard, so a killed run resumes by skipping the shards whose sidecar matches.
 Non-expert weights are copied unchanged (source dtype) into `nonexpert.safetensors`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -26,7 +27,7 @@ from dynaexq.quant.precision import DEFAULT_GROUP_SIZE, DEFAULT_PRECISIONS, Prec
 from dynaexq.quant.quantize import dequantize, quantize
 from dynaexq.store import layout
 from dynaexq.store.checkpoint import INDEX, Checkpoint
-from dynaexq.store.shard_writer import write_streaming
+from dynaexq.store.shard_writer import StreamingWriter, write_streaming
 
 _COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".md", ".tiktoken")
 
@@ -61,81 +62,112 @@ def prepare(src, out, precisions=DEFAULT_PRECISIONS, group_size: int = DEFAULT_G
     _drop_expert_quantization(out / "config.json")
 
     stats: dict = {}
-    jobs = [(layer, p) for layer in index for p in precisions]
-    for layer, p in tqdm(jobs, desc="prepare experts", unit="layer-precision", disable=not progress):
-        stats.setdefault(str(layer), {})[p.value] = _layer_shard(ckpt, arch, index[layer], layer, n_exp, p,
-                                                                 group_size, out, params_hash)
+    bar = tqdm(total=len(index) * n_exp, desc="prepare experts", unit="expert", disable=not progress)
+    for layer in index:  # each expert is read once and written at every precision
+        stats[str(layer)] = _layer_shards(ckpt, arch, index[layer], layer, n_exp, precisions, group_size, out,
+                                          params_hash, bar)
         ckpt.close()
-    first = arch.read_expert(ckpt, index[next(iter(index))], 0)
+    bar.close()
     name = layout.NONEXPERT_SHARD
-    shards = {name: {"size": (out / name).stat().st_size, "sha256": layout.sha256_file(out / name)}}
-    for layer, p in jobs:
-        name = layout.expert_shard(layer, p)
-        shards[name] = {"size": (out / name).stat().st_size, "sha256": stats[str(layer)][p.value].pop("sha256")}
+    shards = {name: {"size": (out / name).stat().st_size, "sha256": layout.sha256_file(out / name),
+                     **layout.stamp(out / name)}}
+    for layer in index:
+        for p in precisions:
+            name = layout.expert_shard(layer, p)
+            shards[name] = {"sha256": stats[str(layer)][p.value].pop("sha256"), **layout.stamp(out / name)}
+    first = stats[str(next(iter(index)))][precisions[0].value]
     manifest = {
         "format_version": layout.FORMAT_VERSION, "params_sha256": params_hash,
         "arch": arch.model_type, "config": ckpt.config, "source": {"path": str(src.resolve()), **params["source"]},
         "precisions": params["precisions"], "group_size": group_size, "num_experts": n_exp,
-        "moe_layers": list(index), "shapes": {m: list(first[m].shape) for m in layout.MATRICES},
+        "moe_layers": list(index), "shapes": first.pop("shapes"),
         "source_dtype": str(ckpt.dtype()).removeprefix("torch."), "experts": stats, "shards": shards,
     }
+    for layer in stats.values():
+        for stat in layer.values():
+            stat.pop("shapes", None)
     layout.atomic_write_json(out / layout.MANIFEST, manifest)
     return out
 
 
-def _layer_shard(ckpt, arch, layer_index, layer, n_exp, p, group_size, out, params_hash) -> dict:
-    """Quantize one layer's experts at precision p into one shard, streamed one expert at a time.
+def _layer_shards(ckpt, arch, layer_index, layer, n_exp, precisions, group_size, out, params_hash, bar) -> dict:
+    """Quantize one layer's experts at every precision into one shard per precision, reading each expert of the
+    source once (the quantizations of one expert are all that is in memory).
 
-    Returns {"bytes": [...], "error": [...], "sha256": ...}, also kept in a sidecar JSON written after
-    the shard: a shard whose sidecar has the same parameters is finished and is skipped on resume."""
-    path = out / layout.expert_shard(layer, p)
-    stats_path = path.with_suffix(".json")
-    if path.is_file() and stats_path.is_file():
-        stat = json.loads(stats_path.read_text())
-        if stat.pop("params_sha256", None) == params_hash:
-            return stat
-    nbytes, errors = [], []
+    Returns {precision: {"bytes": [...], "error": [...], "digest": [...], "sha256": ..., "shapes": ...}}, each also
+    kept in a sidecar JSON written after its shard: a shard whose sidecar has the same parameters is finished and
+    is skipped on resume."""
+    out_stats, todo = {}, []
+    for p in precisions:
+        stats_path = (out / layout.expert_shard(layer, p)).with_suffix(".json")
+        if (out / layout.expert_shard(layer, p)).is_file() and stats_path.is_file():
+            stat = json.loads(stats_path.read_text())
+            if stat.pop("params_sha256", None) == params_hash:
+                out_stats[p.value] = stat
+                continue
+        todo.append(p)
+    if not todo:
+        bar.update(n_exp)
+        return out_stats
+    stats = {p: {"bytes": [], "error": [], "digest": []} for p in todo}
+    shapes = {}  # matrix -> [N, K] of the source expert
 
-    def expert(e: int) -> dict[str, torch.Tensor]:
+    def expert(e: int) -> dict:
+        """-> {precision: {name: tensor}} of expert e, read once."""
         if arch.layout == "per_expert" and e not in layer_index:
             raise UserError(f"checkpoint has no weights for expert {e} of layer {layer} (config says "
                             f"{n_exp} experts); the checkpoint is incomplete")
         w = arch.read_expert(ckpt, layer_index, e)
         ckpt.close()  # unmap the source: its touched pages would otherwise stay resident
-        tensors, num, den = {}, 0.0, 0.0
-        for m in layout.MATRICES:
-            qw = quantize(w[m], p, group_size)
-            tensors.update({f"{m}.{name}": t for name, t in qw.tensors().items()})
-            w64 = w[m].double()
-            den += float(w64.pow(2).sum())
-            if not (p.is_float and w[m].dtype == p.dtype):  # same dtype: exact copy, error 0
-                num += float((w64 - dequantize(qw, torch.float64)).pow(2).sum())
-        tensors.update({b: w[b] for b in layout.BIASES if b in w})
-        nbytes.append(sum(t.numel() * t.element_size() for t in tensors.values()))
-        errors.append((num / max(den, 1e-30)) ** 0.5)
-        return tensors
+        shapes.update({m: list(w[m].shape) for m in layout.MATRICES})
+        w64 = {m: w[m].double() for m in layout.MATRICES}
+        den = sum(float(w64[m].pow(2).sum()) for m in layout.MATRICES)
+        result = {}
+        for p in todo:
+            tensors, num = {}, 0.0
+            for m in layout.MATRICES:
+                qw = quantize(w[m], p, group_size)
+                tensors.update({f"{m}.{name}": t for name, t in qw.tensors().items()})
+                if not (p.is_float and w[m].dtype == p.dtype):  # same dtype: exact copy, error 0
+                    num += float((w64[m] - dequantize(qw, torch.float64)).pow(2).sum())
+            tensors.update({b: w[b] for b in layout.BIASES if b in w})
+            s = stats[p]
+            s["bytes"].append(sum(t.numel() * t.element_size() for t in tensors.values()))
+            s["error"].append((num / max(den, 1e-30)) ** 0.5)
+            s["digest"].append(layout.expert_digest(tensors.values()))
+            result[p] = tensors
+        bar.update(1)
+        return result
 
     first = expert(0)
-    specs = [(f"{e}.{name}", t.dtype, t.shape) for e in range(n_exp) for name, t in first.items()]
-
-    def stream():
-        yield from first.values()
-        for e in range(1, n_exp):
-            yield from expert(e).values()
-
     meta = {"params_sha256": params_hash, "group_size": str(group_size)}
-    digest = []
-    layout.atomic_write(path, lambda tmp: digest.append(write_streaming(tmp, specs, stream(), meta)))
-    stat = {"bytes": nbytes, "error": errors, "sha256": digest[0]}
-    layout.atomic_write_json(stats_path, {**stat, "params_sha256": params_hash})
-    return stat
+    with contextlib.ExitStack() as stack:
+        writers = {}
+        for p in todo:
+            tmp = stack.enter_context(layout.atomic_path(out / layout.expert_shard(layer, p)))
+            specs = [(f"{e}.{name}", t.dtype, t.shape) for e in range(n_exp) for name, t in first[p].items()]
+            writers[p] = StreamingWriter(tmp, specs, meta)
+            stack.callback(writers[p].fh.close)  # closed before its temporary file is renamed or deleted
+        for e in range(n_exp):
+            for p, tensors in (first if e == 0 else expert(e)).items():
+                for t in tensors.values():
+                    writers[p].write(t)
+        for p in todo:
+            stats[p]["sha256"] = writers[p].close()
+    for p in todo:
+        stat = {**stats[p], "shapes": shapes}
+        layout.atomic_write_json((out / layout.expert_shard(layer, p)).with_suffix(".json"),
+                                 {**stat, "params_sha256": params_hash})
+        out_stats[p.value] = stat
+    return out_stats
 
 
 def _drop_expert_quantization(config_path: Path) -> None:
-    """MXFP4 GPT-OSS: only the experts were quantized, and the store holds them itself; the non-expert
-    weights are plain, so the store's config must not ask transformers for a quantized model."""
+    """MXFP4 GPT-OSS (experts quantized) and block-scaled FP8 (DeepSeek-V3: every linear weight): the store holds
+    the experts itself and the non-expert weights dequantized, so its config must not ask transformers for a
+    quantized model."""
     config = json.loads(config_path.read_text())
-    if config.get("quantization_config", {}).get("quant_method") == "mxfp4":
+    if config.get("quantization_config", {}).get("quant_method") in ("mxfp4", "fp8"):
         del config["quantization_config"]
         layout.atomic_write_json(config_path, config)
 

@@ -2,6 +2,10 @@
 
 Shards are memory-mapped by safetensors; reading an expert copies only its tensors. The reader
 knows nothing of budgets or which precision an expert should have.
+Integrity (`check(verify)`, called by load): "lazy" (default) checks every shard's stamp (size and sampled hash,
+milliseconds) at once and each expert's digest on its first read, so a flipped byte is caught where it is read
+at a cost proportional to what is read; "full" hashes every shard (what `inspect --verify` does); "off" trusts
+the files.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from dynaexq.errors import UserError
 from dynaexq.quant.precision import Precision
 from dynaexq.quant.quantize import QuantizedWeight
 from dynaexq.store import layout
+
+VERIFY = ("lazy", "full", "off")
 
 
 class StoreReader:
@@ -37,8 +43,30 @@ class StoreReader:
         self._handles: dict[str, object] = {}
         self._keys: dict[str, set[str]] = {}
         self._verified: set[str] = set()
+        self.lazy = False  # check each expert's digest on its first read (set by check("lazy"))
+        self._read_ok: set = set()  # (layer, expert, precision) whose digest matched
 
     # --- integrity -------------------------------------------------------------------------------
+    def check(self, verify: str = "lazy", progress: bool = False) -> None:
+        """verify: "lazy" | "full" | "off" (see the module docstring); raises UserError on a mismatch."""
+        if verify not in VERIFY:
+            raise UserError(f"verify must be one of {', '.join(VERIFY)}, got {verify!r}")
+        if verify == "full":
+            self.verify(progress=progress)
+        elif verify == "lazy":
+            self.check_stamps()
+        self.lazy = verify == "lazy"
+
+    def check_stamps(self, names=None) -> None:
+        """Each named shard (default: all) exists with the size and sampled hash the manifest records."""
+        for name in (list(self.manifest["shards"]) if names is None else names):
+            want, p = self.manifest["shards"][name], self.path / name
+            if not p.is_file():
+                raise UserError(f"store shard {name!r} is missing from {str(self.path)!r}; prepare the store again")
+            if layout.stamp(p) != {"size": want["size"], "sampled": want["sampled"]}:
+                raise UserError(f"store shard {str(p)!r} does not match its size and sampled hash in the manifest "
+                                "(truncated, replaced or modified); delete the store and prepare it again")
+
     def verify(self, names=None, progress: bool = False) -> None:
         """sha256 of each named shard (default: all) against the manifest; raises UserError on mismatch."""
         names = list(self.manifest["shards"]) if names is None else list(names)
@@ -85,15 +113,24 @@ class StoreReader:
         f = self._open(name)
         shapes = self.manifest["shapes"]
         group = 0 if precision.is_float else None
-        out = {}
+        out, in_file_order = {}, []
         for m in layout.MATRICES:
             t = {k: f.get_tensor(f"{e}.{m}.{k}").clone() for k in ("data", "scale", "zero")
                  if f"{e}.{m}.{k}" in self._keys[name]}
+            in_file_order += t.values()
             g = group if group is not None else precision.group_size(shapes[m][1], self.group_size)
             out[m] = QuantizedWeight.from_tensors(precision, shapes[m], g, t)
         for b in layout.BIASES:
             if f"{e}.{b}" in self._keys[name]:
                 out[b] = f.get_tensor(f"{e}.{b}").clone()
+                in_file_order.append(out[b])
+        if self.lazy and (layer, e, precision) not in self._read_ok:
+            want = self.manifest["experts"][str(layer)][precision.value]["digest"][e]
+            if layout.expert_digest(in_file_order) != want:
+                raise UserError(f"expert {e} of layer {layer} at {precision.value} in {str(self.path / name)!r} does "
+                                "not match its digest in the manifest (corrupted on disk); delete the store and "
+                                "prepare it again")
+            self._read_ok.add((layer, e, precision))
         return out
 
     def _open(self, name: str):
