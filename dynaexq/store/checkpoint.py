@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from dynaexq.errors import UserError
+from dynaexq.store.layout import stamp
 
 INDEX = "model.safetensors.index.json"
 _FP8 = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
@@ -166,18 +167,7 @@ class Checkpoint:
         """What identifies this checkpoint cheaply: config hash, and per shard its size and the sha256 of
         its header plus three 1 MiB samples of its data (start, middle, end) -- two checkpoints of the
         same shapes differ there, and hashing 60 GB in full on every load would take minutes."""
-        files = {}
-        for f in self.files():
-            p = self.path / f
-            size = p.stat().st_size
-            h = hashlib.sha256()
-            with open(p, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                h.update(fh.read(n))
-                for offset in (8 + n, (8 + n + size) // 2, size - sample):
-                    fh.seek(max(offset, 8 + n))
-                    h.update(fh.read(sample))
-            files[f] = {"size": size, "sha256_sampled": h.hexdigest()}
+        files = {f: stamp(self.path / f, sample) for f in self.files()}
         cfg = hashlib.sha256((self.path / "config.json").read_bytes()).hexdigest()
         return {"config_sha256": cfg, "files": files}
 
