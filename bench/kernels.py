@@ -6,10 +6,11 @@ Command (full run, ~3 min on 2 cores; `--quick` is a ~30 s smoke test):
     .venv/bin/python bench/kernels.py --quick
 
 What it measures
-  1. Relative weight error ||W - deq(Q(W))||_F / ||W||_F of `dynaexq.quant.quantize.quantize` for each
+  1. Relative output error sqrt(tr(dW H dW^T) / tr(W H W^T)) of `dynaexq.quant.quantize.quantize` for each
      precision, on Gaussian weights and on heavy-tailed Student-t (2 dof) weights of one expert-shaped
-     matrix (default [1536, 2048]); for integer precisions once per refinement ("none" = round to
-     nearest, "hqq", "lsq"), with the seconds each quantization took.
+     matrix (default [1536, 2048]) with inputs of a synthetic second moment H (correlated, a few loud
+     channels); for integer precisions without H (rtn) and with GPTQ against H (gptq), with the seconds
+     each quantization took.
   2. Matmul time of `dynaexq.quant.kernels.prepare(qw, backend="cpu")` at decode shapes: x [M, K] bf16,
      M = 1 and 8, for the Qwen3-30B-A3B expert matrices gate_up [1536, 2048] and down [2048, 768].
      For every (shape, precision) `--matrices` (default 256) distinct weights are made once and kept
@@ -18,7 +19,7 @@ What it measures
      `--repeats` samples (default 11) is reported in microseconds per matmul, with its ratio to bf16
      (ratio of medians) taken in the same run; the targets use paired ratios (per repeat, then the
      median). Repeats interleave the precisions (rotating their order), so drift in the machine's load
-     hits all of them alike. Timed weights are made from random codes and random fp16 scales/zeros
+     hits all of them alike. Timed weights are made from random codes and random scale codes
      (random packed bytes are valid codes at every bit width): a kernel's speed does not depend on the
      values, and quantizing 2 x 256 matrices per precision would take minutes. Resident bytes per
      weight are the `.nbytes` of the prepared kernel divided by N*K.
@@ -50,6 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CpuLoad, wait_for_quiet  # noqa: E402
 from dynaexq.quant import kernels  # noqa: E402
 from dynaexq.quant.precision import Precision  # noqa: E402
+from dynaexq.quant.formats import spec  # noqa: E402
+from dynaexq.quant.packing import packed_nbytes  # noqa: E402
 from dynaexq.quant.quantize import QuantizedWeight, quantize, relative_error  # noqa: E402
 
 DEFAULT_SHAPES = "gate_up=1536x2048,down=2048x768"
@@ -81,9 +84,17 @@ def _student_t(n, k, g):
     return (z / torch.sqrt(-torch.log(u))).float()  # chi2_2 / 2 = -log U
 
 
-def error_table(shape, precisions, refines, seed):
+def _moment(k, g, n=8192):
+    """A second moment of correlated inputs with a few loud channels, as LLM activations have."""
+    X = torch.randn(n, k, generator=g) @ (torch.eye(k) + 0.3 * torch.randn(k, k, generator=g) / k ** 0.5)
+    X *= torch.rand(k, generator=g) * 2 + (torch.rand(k, generator=g) > 0.98) * 8
+    return X.T @ X / n
+
+
+def error_table(shape, precisions, methods, seed):
     g = torch.Generator().manual_seed(seed)
     n, k = shape
+    H = _moment(k, g)
     weights = {
         "gaussian": torch.randn(n, k, generator=g) * 0.02,
         # Student-t with 2 dof (infinite variance): the heavy tails of real expert weights, exaggerated
@@ -92,18 +103,19 @@ def error_table(shape, precisions, refines, seed):
     rows = []
     for dist, w in weights.items():
         for p in precisions:
-            for r in (["-"] if p.is_float else refines):
+            for r in (["-"] if p.is_float else methods):
                 t0 = time.perf_counter()
-                qw = quantize(w, p, refine="lsq" if r == "-" else r)
+                qw = quantize(w, p, "gate_up", H if r == "gptq" else None)
                 dt = time.perf_counter() - t0
                 rows.append({"dist": dist, "precision": p.value, "refine": r,
-                             "rel_error": relative_error(w, qw), "quantize_s": dt})
+                             "rel_error": relative_error(w, qw, H), "quantize_s": dt})
     return rows
 
 
 def print_errors(rows, shape, refines):
-    print(f"\n== relative weight error ||W - deq(Q(W))||_F / ||W||_F   (one [{shape[0]}, {shape[1]}] matrix, "
-          f"group 64; quantize seconds in brackets)")
+    print(f"\n== relative output error sqrt(tr(dW H dW^T) / tr(W H W^T)) for correlated inputs with outlier channels"
+          f"   (one [{shape[0]}, {shape[1]}] gate_up matrix in its format; rtn: without H, gptq: against H; "
+          "quantize seconds in brackets)")
     cols = refines
     head = f"{'weights':<11} {'precision':<9} " + " ".join(f"{c:>18}" for c in cols)
     print(head)
@@ -119,34 +131,37 @@ def print_errors(rows, shape, refines):
             cells = [f"{d[c]['rel_error']:>9.5f} [{d[c]['quantize_s']:5.2f}s]" if c in d else f"{'':>18}"
                      for c in cols]
         print(f"{dist:<11} {prec:<9} " + " ".join(cells))
-    print("(float precisions have no refinement: their single value is in the first column)")
+    print("(float precisions have one value: their single value is in the first column)")
 
 
 # -------------------------------------------------------------------------------------------- timing
 
 
-def random_qweight(p: Precision, shape, group_size, g) -> QuantizedWeight:
-    """A valid QuantizedWeight of random content, made without running the quantizer."""
+def random_qweight(p: Precision, matrix: str, shape, g) -> QuantizedWeight:
+    """A valid QuantizedWeight of random content in p's format for `matrix`, made without running the quantizer."""
     n, k = shape
+    f = spec(p, matrix)
     if p.is_float:
-        return QuantizedWeight(p, (n, k), 0, (torch.randn(n, k, generator=g) * 0.02).to(p.dtype))
-    gs = p.group_size(k, group_size)
+        return QuantizedWeight(p, (n, k), 0, 0, (torch.randn(n, k, generator=g) * 0.02).to(p.dtype))
+    gs = f.group_for(k)
     ng = -(-k // gs)
     # random bytes are valid packed codes at every width (int3 packs 8 codes in 3 bytes, all patterns valid)
-    from dynaexq.quant.packing import packed_nbytes
-    data = torch.randint(0, 256, (packed_nbytes(n * k, p.bits),), dtype=torch.uint8, generator=g)
-    scale = (torch.rand(n, ng, generator=g) * 0.002 + 0.0005).half()
-    zero = (torch.rand(n, ng, generator=g) * ((1 << p.bits) - 1)).half()
-    return QuantizedWeight(p, (n, k), gs, data, scale, zero)
+    data = torch.randint(0, 256, (packed_nbytes(n * k, f.bits),), dtype=torch.uint8, generator=g)
+    if f.kind == "int8":
+        return QuantizedWeight(p, (n, k), 8, k, data, (torch.rand(n, 1, generator=g) * 1e-3).half(),
+                               (torch.rand(n, 1, generator=g) * 255).half())
+    codes = [torch.randint(1, 256, (n, ng), dtype=torch.uint8, generator=g) for _ in range(2)]
+    ranges = torch.tensor([[1e-5, 1e-4, -0.01]] * (-(-n // 16))).half()
+    return QuantizedWeight(p, (n, k), f.bits, gs, data, codes[0], codes[1], ranges)
 
 
-def build_kernels(p, shape, count, group_size, seed):
+def build_kernels(p, matrix, shape, count, seed):
     g = torch.Generator().manual_seed(seed)
     ks = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(count):
-            ks.append(kernels.prepare(random_qweight(p, shape, group_size, g), backend="cpu"))
+            ks.append(kernels.prepare(random_qweight(p, matrix, shape, g), backend="cpu"))
     return ks, [str(w.message) for w in caught]
 
 
@@ -157,13 +172,14 @@ def one_pass(ks, x) -> float:
     return (time.perf_counter() - t0) / len(ks) * 1e6  # us per matmul
 
 
-def time_shape(name, shape, precisions, ms, count, repeats, group_size, seed):
+def time_shape(name, shape, precisions, ms, count, repeats, seed):
     n, k = shape
     built, info = {}, {}
     t0 = time.perf_counter()
     for i, p in enumerate(precisions):
         try:
-            ks, warns = build_kernels(p, shape, count, group_size, seed + 1000 * i)
+            ks, warns = build_kernels(p, name if name in ("gate_up", "down") else "gate_up", shape, count,
+                                      seed + 1000 * i)
         except Exception as e:  # e.g. the int2/int3 kernel module mid-rewrite: report, keep going
             info[p.value] = {"error": f"{type(e).__name__}: {e}"}
             print(f"  [{name}] {p.value}: kernels.prepare failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -207,10 +223,9 @@ def main(argv=None):
     ap.add_argument("--ms", default="1,8", help="activation rows M (decode batch) to time")
     ap.add_argument("--matrices", type=int, default=256, help="distinct weights per (shape, precision)")
     ap.add_argument("--repeats", type=int, default=11, help="timed passes per (shape, precision, M); median")
-    ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
     ap.add_argument("--error-shape", default="1536x2048", help="matrix shape of the error table")
-    ap.add_argument("--refines", default="none,hqq,lsq")
+    ap.add_argument("--methods", default="rtn,gptq")
     ap.add_argument("--skip-errors", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -229,7 +244,7 @@ def main(argv=None):
         precisions.insert(0, Precision.BF16)
     shapes = parse_shapes(args.shapes)
     ms = [int(m) for m in args.ms.split(",")]
-    refines = [r.strip() for r in args.refines.split(",")]
+    refines = [r.strip() for r in args.methods.split(",")]
     en, ek = (int(v) for v in args.error_shape.lower().split("x"))
 
     print(f"bench/kernels.py  torch {torch.__version__}  threads {torch.get_num_threads()}  "
@@ -249,7 +264,7 @@ def main(argv=None):
     if not args.skip_timing:
         for i, (name, shape) in enumerate(shapes.items()):
             timing[name], infos[name], setup[name] = time_shape(name, shape, precisions, ms, args.matrices,
-                                                                args.repeats, args.group_size, args.seed + 7 * i)
+                                                                args.repeats, args.seed + 7 * i)
         print_timing(timing, infos, shapes, ms, args)
 
     targets = evaluate_targets(timing, shapes, ms) if timing else {}
@@ -262,7 +277,7 @@ def main(argv=None):
     result = {
         "bench": "kernels", "torch": torch.__version__, "threads": torch.get_num_threads(),
         "config": {"precisions": [p.value for p in precisions], "shapes": {k: list(v) for k, v in shapes.items()},
-                   "ms": ms, "matrices": args.matrices, "repeats": args.repeats, "group_size": args.group_size,
+                   "ms": ms, "matrices": args.matrices, "repeats": args.repeats,
                    "error_shape": [en, ek], "quick": args.quick},
         "errors": errors,
         "timing_us": {s: {p: {str(m): {k: v for k, v in d.items()} for m, d in pm.items()} for p, pm in t.items()}

@@ -32,6 +32,7 @@ class ExpertBank(nn.Module):
         self.limit = getattr(config, "swiglu_limit", None)
         self.versions: list[ExpertVersion | None] = [None] * num_experts  # published by Engine.apply or the table
         self.table = None  # the runtime's ExpertTable while the dynamic runtime runs: reads take a lease
+        self.calibrator = None  # set only while `prepare` calibrates: it computes the layer from source experts
         self.routed_tokens = 0  # tokens routed since the controller last looked (a host int: no sync)
         self.last_read: list = []  # the versions the last forward computed with (tests check against them)
         self.register_buffer("token_counts", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
@@ -43,6 +44,8 @@ class ExpertBank(nn.Module):
         return old
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.calibrator is not None:  # `prepare`'s calibration pass (engine/calibrate.py) computes this layer
+            return self.calibrator(self, hidden, top_k_index, top_k_weights)
         table = self.table
         lease = table.acquire() if table is not None else None  # the versions read below stay unreclaimed
         try:

@@ -13,7 +13,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from dynaexq.errors import UserError
-from dynaexq.quant.precision import DEFAULT_GROUP_SIZE, DEFAULT_PRECISIONS
+from dynaexq.quant.precision import DEFAULT_PRECISIONS
 
 
 def _model_path(arg) -> Path:
@@ -23,11 +23,12 @@ def _model_path(arg) -> Path:
 
 
 def cmd_prepare(args) -> int:
+    from dynaexq.engine.calibrate import prepare_store
     from dynaexq.quant.precision import Precision
-    from dynaexq.store.prepare import prepare
 
     t0 = time.perf_counter()
-    out = prepare(args.checkpoint, args.out, Precision.parse_list(args.precisions), args.group_size)
+    out = prepare_store(args.checkpoint, args.out, Precision.parse_list(args.precisions), args.calibration,
+                        args.calibration_windows)
     print(f"store ready at {out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return 0
 
@@ -240,8 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="store directory to write")
     sp.add_argument("--precisions", default=",".join(p.value for p in DEFAULT_PRECISIONS),
                     help="comma-separated precisions (default: %(default)s)")
-    sp.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
-                    help="quantization group along the input dim for <= 4 bits (default: %(default)s)")
+    sp.add_argument("--calibration", nargs="+", action="extend", metavar="[NAME=]FILE", help="text whose tokens "
+                    "each expert is quantized against (GPTQ on the inputs routed to it; default: the model's "
+                    "calibration/*.txt, else dynaexq's own corpus; 'none': weight error only)")
+    sp.add_argument("--calibration-windows", type=int, default=128, help="windows of 256 tokens of calibration "
+                    "text, run in one forward pass (default: %(default)s)")
     sp.set_defaults(fn=cmd_prepare)
 
     sg = sub.add_parser("generate", help="generate text, streaming tokens to the terminal")

@@ -41,8 +41,9 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bundled_store(tmp_path_factory):
-    """The bundled model prepared once per session into a store with the default precisions."""
+    """The bundled model prepared once per session into a store with the default precisions, calibrated on its
+    calibration texts as `dynaexq prepare` does (a smaller calibration set keeps the session quick)."""
     from dynaexq.demo import BUNDLED
-    from dynaexq.store.prepare import prepare
+    from dynaexq.engine.calibrate import prepare_store
 
-    return prepare(BUNDLED, tmp_path_factory.mktemp("bundled") / "store", progress=False)
+    return prepare_store(BUNDLED, tmp_path_factory.mktemp("bundled") / "store", windows=32, progress=False)

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from dynaexq.arch import get_arch
 from dynaexq.bank import ExpertBank
+from dynaexq.demo import BUNDLED
 from dynaexq.engine.dynamic import start_runtime
 from dynaexq.engine.engine import Engine, read_text, text_windows
 from dynaexq.errors import UserError
@@ -32,10 +33,10 @@ from dynaexq.runtime.planners import parse_policy, resolve_budget
 from dynaexq.sizes import format_size
 from dynaexq.store import layout
 from dynaexq.store.checkpoint import Checkpoint
-from dynaexq.store.prepare import prepare
 from dynaexq.store.reader import StoreReader
 
 _PATCH_LOCK = threading.Lock()
+DEFAULT_CORPUS = BUNDLED / "calibration"  # generic calibration text for models that ship none (see its model card)
 
 
 def cache_root() -> Path:
@@ -59,8 +60,10 @@ def resolve_store(path, store=None, progress: bool = True) -> Path:
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
     target = cache_root() / "stores" / f"{path.resolve().name}-{digest}"
     if not layout.is_store(target):
+        from dynaexq.engine.calibrate import prepare_store
+
         print(f"dynaexq: preparing {path} into the store {target} (once; later loads reuse it)", file=sys.stderr)
-        prepare(path, target, progress=progress)
+        prepare_store(path, target, progress=progress)
     return target
 
 
@@ -134,15 +137,21 @@ def _empty_engine(reader, planner, device, backend, dtype) -> Engine:
     arch = get_arch(reader.manifest["config"])
     dtype = dtype or getattr(torch, reader.manifest["source_dtype"])
     model = _build_model(reader.path, arch, dtype, device)
+    banks = banks_of(model)
+    assert sorted(banks) == sorted(reader.layers), (sorted(banks), reader.layers)
+    return Engine(model=model, tokenizer=load_tokenizer(reader.path), reader=reader, banks=banks,
+                  policy=str(planner), plan={}, backend=backend, dtype=dtype)
+
+
+def banks_of(model) -> dict:
+    """{MoE layer: its ExpertBank}, each told its layer."""
     banks = {}
     for name, module in model.named_modules():
         if isinstance(module, ExpertBank):
             module.layer = _layer_of(name)
             module.take_stats()  # from_pretrained allocates buffers without running __init__'s zeros
             banks[module.layer] = module
-    assert sorted(banks) == sorted(reader.layers), (sorted(banks), reader.layers)
-    return Engine(model=model, tokenizer=load_tokenizer(reader.path), reader=reader, banks=banks,
-                  policy=str(planner), plan={}, backend=backend, dtype=dtype)
+    return banks
 
 
 def calibration_tokens(tokenizer, files, n: int, length: int) -> torch.Tensor:
@@ -159,12 +168,12 @@ def calibration_files(path, reader, given) -> list[Path]:
         if missing:
             raise UserError(f"calibration text(s) {missing} do not exist; give UTF-8 text files")
         return files
-    for d in (Path(path), Path(reader.manifest["source"]["path"]), reader.path):
+    dirs = [Path(path)] + ([Path(reader.manifest["source"]["path"]), reader.path] if reader is not None else [])
+    for d in dirs:
         files = sorted((d / "calibration").glob("*.txt"))
         if files:
             return files
-    raise UserError(f"policy needs calibration text and the model at {str(path)!r} ships none (no calibration/*.txt); "
-                    "pass calibration files (--calibration FILE ...)")
+    return sorted(DEFAULT_CORPUS.glob("*.txt"))  # the model ships none: dynaexq's own (code, prose, dictionary)
 
 
 def _build_model(store_dir: Path, arch, dtype, device):

@@ -33,12 +33,6 @@ class Precision(str, Enum):
         """Storage dtype of a float precision."""
         return _FLOAT_DTYPE[self]
 
-    def group_size(self, k: int, requested: int) -> int:
-        """Group length along the input dim K: per channel (= K) for int8, `requested` for <= 4 bits."""
-        if self is Precision.INT8:
-            return k
-        return min(requested, k)
-
     @classmethod
     def parse(cls, text: str) -> "Precision":
         try:
@@ -60,4 +54,3 @@ _BITS = {Precision.FP32: 32, Precision.BF16: 16, Precision.FP16: 16, Precision.I
 _FLOAT_DTYPE = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 
 DEFAULT_PRECISIONS = (Precision.BF16, Precision.INT8, Precision.INT4, Precision.INT3, Precision.INT2)
-DEFAULT_GROUP_SIZE = 64

@@ -1,28 +1,20 @@
 """Quantized weights as data, the quantizer that makes them, and the reference dequantizer.
 
-A `QuantizedWeight` is a plain record (packed codes + per-group scale/zero + shape), never a module:
-changing an expert's precision repoints a handle, it never edits the module tree.
-
-Integer format (all integer precisions alike): groups of G consecutive input columns of a row share
-an fp16 `scale` s and fp16 `zero` z; the weight is  W[n, k] = (q[n, k] - z[n, g]) * s[n, g],  g = k // G,
-with codes q in [0, 2**bits). int8 uses one group per row (per channel). The zero is a float, so
-the format is asymmetric and exactly what the int4 kernels of PyTorch compute.
-
-Quantizer: round-to-nearest from the group min/max, then an error-minimizing refinement of
-(scale, zero), chosen by `refine`:
-  "lsq"  (default) alternating least squares: codes fixed -> exact least-squares scale and zero ->
-         re-round, 5 rounds (10 rounds gained < 1% more);
-  "hqq"  HQQ's half-quadratic zero update (Badri & Shaji 2023: alternate a proximal lp-norm shrinkage
-         of the error with a closed-form zero; scale fixed), implemented here in ~10 lines rather
-         than taken from the `hqq` package, whose import pulls CUDA extension builds and model-patching
-         code we do not use;
-  "none" round-to-nearest only.
-Per group the candidate with the lowest squared error is kept, so refinement never loses to RTN.
-int8 is always round-to-nearest: with 256 levels refinement changed its error by < 1% (measured),
-and skipping it makes `prepare` ~40% faster.
-Measured by `bench/kernels.py` on one [1536, 2048] matrix (seed 0), relative error at int2:
-Gaussian RTN 0.450, HQQ 0.431, LSQ 0.327; Student-t (2 dof) RTN 0.450, HQQ 0.239, LSQ 0.217 (LSQ
-7-10x faster than HQQ's 20 iterations). HQQ then LSQ was no better than LSQ alone.
+A `QuantizedWeight` is a plain record (packed codes + per-group scale/offset codes + ranges + shape), never a
+module: changing an expert's precision repoints a handle, it never edits the module tree. The formats are
+quant/formats.py's:
+  float    data [N, K] in the float dtype
+  int8     data = uint8 codes, scale/zero fp16 [N, 1]:           W = (q - z) * s
+  grouped  data = bit-packed codes, scale/zero uint8 [N, ng] (codes), ranges fp16 [ceil(N/16), 3] = (ds, db, bmin)
+           per tile of 16 rows:                                  W = ds*sc * q + (bmin + db*oc)
+Quantizer (`quantize_many`, a stack of matrices at once: the experts of a layer): GPTQ (Frantar et al. 2023)
+against H = E[x x^T], the second moment of the matrix's input over the calibration tokens routed to the expert
+(engine/calibrate.py), so the error minimized is the one the layer's output sees, ||(W - W') x||^2; without H
+(no calibration) H = I and it is round-to-nearest. Per group, (s, b) is the weighted least-squares fit (weights
+diag H) of the group's current (error-compensated) weights, best of a shrink grid, then coded in 8 bits against
+its tile's ranges (fixed first from a fit of the original weights). Columns are processed in blocks of 128 with
+lazy updates; everything runs batched over the stack. int8 is round-to-nearest per row (its error is already
+tiny), floats are copies.
 """
 from __future__ import annotations
 
@@ -30,143 +22,216 @@ from dataclasses import dataclass
 
 import torch
 
-from dynaexq.quant.packing import pack, packed_nbytes, unpack
-from dynaexq.quant.precision import DEFAULT_GROUP_SIZE, Precision
+from dynaexq.quant.formats import TILE, MatrixFormat, spec
+from dynaexq.quant.packing import pack, unpack
+from dynaexq.quant.precision import Precision
+
+DAMP = 0.01  # GPTQ dampening: H + DAMP * mean(diag H) * I
+GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)  # shrink factors of the min/max range tried for each group's fit
+BLOCK = 128  # GPTQ lazy-update block (columns)
 
 
 @dataclass(frozen=True)
 class QuantizedWeight:
     precision: Precision
     shape: tuple[int, int]  # [N out, K in]
-    group_size: int  # G; == K for per-channel; 0 for float precisions
-    data: torch.Tensor  # float precisions: [N, K] in their dtype; integer: flat packed uint8
-    scale: torch.Tensor | None = None  # [N, ceil(K/G)] fp16
-    zero: torch.Tensor | None = None  # [N, ceil(K/G)] fp16
+    bits: int  # 0 for float formats
+    group_size: int  # G along K; K for int8; 0 for floats
+    data: torch.Tensor
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    ranges: torch.Tensor | None = None  # grouped: fp16 [ceil(N/16), 3]
+
+    @property
+    def kind(self) -> str:
+        return "float" if self.bits == 0 else "int8" if self.bits == 8 else "grouped"
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors, in file order."""
         out = {"data": self.data}
-        if self.scale is not None:
-            out.update(scale=self.scale, zero=self.zero)
+        for name in ("scale", "zero", "ranges"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
         return out
 
     @classmethod
-    def from_tensors(cls, precision: Precision, shape, group_size: int, t: dict[str, torch.Tensor]):
-        return cls(precision, tuple(shape), group_size, t["data"], t.get("scale"), t.get("zero"))
+    def from_tensors(cls, precision: Precision, matrix: str, shape, t: dict[str, torch.Tensor]):
+        f = spec(precision, matrix)
+        return cls(precision, tuple(shape), f.bits, f.group_for(shape[1]), t["data"], t.get("scale"), t.get("zero"),
+                   t.get("ranges"))
 
     def codes(self) -> torch.Tensor:
         """Integer codes [N, K] (int32)."""
         n, k = self.shape
-        return unpack(self.data, self.precision.bits, n * k).view(n, k)
+        return unpack(self.data, self.bits, n * k).view(n, k)
+
+    def group_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grouped formats: the decoded per-group (s, b) [N, ng] float32 of W = s * q + b."""
+        n = self.shape[0]
+        r = self.ranges.float().repeat_interleave(TILE, 0)[:n]  # [N, 3]
+        return r[:, :1] * self.scale.float(), r[:, 2:] + r[:, 1:2] * self.zero.float()
 
 
-def expected_nbytes(precision: Precision, shape: tuple[int, int], group_size: int) -> int:
-    n, k = shape
-    if precision.is_float:
-        return n * k * precision.dtype.itemsize
-    g = precision.group_size(k, group_size)
-    return packed_nbytes(n * k, precision.bits) + 2 * n * (-(-k // g)) * 2
-
-
-REFINE = ("lsq", "hqq", "none")
-
-
-def quantize(w: torch.Tensor, precision: Precision, group_size: int = DEFAULT_GROUP_SIZE,
-             refine: str = "lsq") -> QuantizedWeight:
-    """w: [N, K] float -> QuantizedWeight at `precision`."""
-    n, k = w.shape
-    if precision.is_float:
-        return QuantizedWeight(precision, (n, k), 0, w.detach().to(precision.dtype).contiguous())
-    g = precision.group_size(k, group_size)
-    qmax = (1 << precision.bits) - 1
-    wg = _grouped(w.detach().float(), g)  # [N, ng, G]
-    mn, mx = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-    scale = ((mx - mn) / qmax).clamp(min=1e-8)  # [N, ng, 1]
-    zero = -mn / scale
-    if precision is Precision.INT8:
-        refine = "none"
-    if refine == "lsq":
-        scale, zero = _best(wg, qmax, [(scale, zero), _least_squares(wg, scale, zero, qmax)])
-    elif refine == "hqq":
-        scale, zero = _best(wg, qmax, [(scale, zero), (scale, _hqq_zero(wg, scale, zero, qmax))])
-    else:
-        assert refine == "none", refine
-    scale, zero = scale.half().float(), zero.half().float()  # the stored values define the codes
-    q = torch.round(wg / scale + zero).clamp(0, qmax)
-    codes = q.view(n, -1)[:, :k]
-    return QuantizedWeight(precision, (n, k), g, pack(codes, precision.bits),
-                           scale.view(n, -1).half().contiguous(), zero.view(n, -1).half().contiguous())
+def expected_nbytes(precision: Precision, matrix: str, shape: tuple[int, int]) -> int:
+    return spec(precision, matrix).nbytes(*shape, precision.dtype.itemsize if precision.is_float else 2)
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Reference dequantizer: [N, K] in `dtype` (use float64 for the independent reference)."""
-    if qw.precision.is_float:
+    if qw.kind == "float":
         return qw.data.to(dtype)
     n, k = qw.shape
-    g = qw.group_size
     q = qw.codes().to(dtype)
-    s = qw.scale.to(dtype).repeat_interleave(g, dim=1)[:, :k]
-    z = qw.zero.to(dtype).repeat_interleave(g, dim=1)[:, :k]
-    return (q - z) * s
+    if qw.kind == "int8":
+        return (q - qw.zero.to(dtype)) * qw.scale.to(dtype)
+    g = qw.group_size
+    r = qw.ranges.to(dtype).repeat_interleave(TILE, 0)[:n]
+    s = (r[:, :1] * qw.scale.to(dtype)).repeat_interleave(g, 1)[:, :k]
+    b = (r[:, 2:] + r[:, 1:2] * qw.zero.to(dtype)).repeat_interleave(g, 1)[:, :k]
+    return s * q + b
 
 
-def relative_error(w: torch.Tensor, qw: QuantizedWeight) -> float:
-    """||W - deq(Q(W))||_F / ||W||_F."""
-    w64 = w.double()
-    return float((w64 - dequantize(qw, torch.float64)).norm() / w64.norm().clamp(min=1e-30))
+def quantize(w: torch.Tensor, precision: Precision, matrix: str = "gate_up", H: torch.Tensor | None = None):
+    """w [N, K] float -> QuantizedWeight at `precision` (H [K, K]: the input's second moment, or None)."""
+    return quantize_many(w[None], precision, matrix, None if H is None else H[None])[0]
 
 
-def _grouped(w: torch.Tensor, g: int) -> torch.Tensor:
-    n, k = w.shape
-    pad = (-k) % g
-    if pad:  # repeat the last column so padding never widens a group's range
-        w = torch.cat([w, w[:, -1:].expand(n, pad)], dim=1)
-    return w.view(n, -1, g)
+def quantize_many(W: torch.Tensor, precision: Precision, matrix: str, H: torch.Tensor | None = None) -> list:
+    """W [B, N, K] (a stack of same-shape matrices, e.g. one layer's experts), H [B, K, K] or None ->
+    [QuantizedWeight] x B."""
+    b, n, k = W.shape
+    f = spec(precision, matrix)
+    if f.kind == "float":
+        return [QuantizedWeight(precision, (n, k), 0, 0, w.detach().to(precision.dtype).contiguous()) for w in W]
+    if f.kind == "int8":
+        return [_int8(w, precision) for w in W]
+    g = f.group_for(k)
+    codes, sc, oc, ranges = _gptq(W.detach().float(), f.bits, g, None if H is None else H.float())
+    return [QuantizedWeight(precision, (n, k), f.bits, g, pack(codes[i], f.bits), sc[i].contiguous(),
+                            oc[i].contiguous(), ranges[i].contiguous()) for i in range(b)]
 
 
-def _hqq_zero(wg, scale, zero, qmax, iters: int = 20, lp: float = 0.7, beta: float = 10.0, kappa: float = 1.01):
-    """HQQ: minimize ||W - (Q - z) s||_p^p over z with half-quadratic splitting (scale fixed)."""
-    inv = 1.0 / scale
-    for _ in range(iters):
-        q = torch.round(wg * inv + zero).clamp(0, qmax)
-        err = wg - (q - zero) * scale
-        # proximal step of the lp norm (p < 1): shrink the error, keep its sign
-        e = torch.sign(err) * torch.relu(err.abs() - (1.0 / beta) * err.abs().clamp(min=1e-12).pow(lp - 1))
-        zero = torch.mean(q - (wg - e) * inv, dim=-1, keepdim=True)
-        beta *= kappa
-    return zero
+def _int8(w: torch.Tensor, precision: Precision) -> QuantizedWeight:
+    w = w.detach().float()
+    mn, mx = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    s = ((mx - mn) / 255).clamp(min=1e-8).half().float()
+    z = (-mn / s).half().float()
+    q = torch.round(w / s + z).clamp(0, 255)
+    return QuantizedWeight(precision, tuple(w.shape), 8, w.shape[1], pack(q, 8), s.half(), z.half())
 
 
-def _least_squares(wg, scale, zero, qmax, iters: int = 5):
-    """Alternate: codes fixed -> least-squares (scale, offset) per group -> re-round the codes.
-
-    With n = G codes q and weights w of a group, the fit w ~ s*q + b has s = cov(q, w) / var(q) and
-    b = mean(w) - s*mean(q), i.e. z = -b/s; only four sums per group per round are needed."""
-    n = wg.shape[-1]
-    sw = wg.sum(-1, keepdim=True)
-    for _ in range(iters):
-        q = torch.round(wg / scale + zero).clamp_(0, qmax)
-        sq = q.sum(-1, keepdim=True)
-        var = (q * q).sum(-1, keepdim=True) - sq * sq / n
-        cov = (q * wg).sum(-1, keepdim=True) - sq * sw / n
-        scale = torch.where(var > 1e-6, cov / var.clamp(min=1e-6), scale).clamp(min=1e-8)
-        zero = (sq - sw / scale) / n
-    return scale, zero
-
-
-def _best(wg, qmax, candidates):
-    """Per group, the (scale, zero) candidate with the lowest squared error after fp16 rounding."""
-    best_s, best_z, best_e = None, None, None
-    for s, z in candidates:
-        s, z = s.clamp(min=1e-8).half().float(), z.half().float()
-        q = torch.round(wg / s + z).clamp(0, qmax)
-        e = ((wg - (q - z) * s) ** 2).sum(-1, keepdim=True)
-        if best_e is None:
-            best_s, best_z, best_e = s, z, e
+def _fit(wg: torch.Tensor, a: torch.Tensor, qmax: int, iters: int = 4):
+    """Per group, s and b of w ~ s*q + b minimizing sum a*(w - s q - b)^2: best over GRID of alternating
+    least squares from a shrunk min/max range. wg [..., G], a [..., G] >= 0 -> (s, b) [..., 1]."""
+    mn, mx = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    mid, sa = (mn + mx) / 2, a.sum(-1, keepdim=True).clamp(min=1e-30)
+    best = None
+    for shrink in GRID:
+        lo, hi = mid + (mn - mid) * shrink, mid + (mx - mid) * shrink
+        s, b = ((hi - lo) / qmax).clamp(min=1e-12), lo
+        for _ in range(iters):
+            q = torch.round((wg - b) / s).clamp_(0, qmax)
+            mq, mw = (a * q).sum(-1, keepdim=True) / sa, (a * wg).sum(-1, keepdim=True) / sa
+            var = (a * (q - mq) ** 2).sum(-1, keepdim=True)
+            cov = (a * (q - mq) * (wg - mw)).sum(-1, keepdim=True)
+            s = torch.where(var > 1e-20, cov / var.clamp(min=1e-20), s).clamp(min=1e-12)
+            b = mw - s * mq
+        err = (a * (wg - s * torch.round((wg - b) / s).clamp(0, qmax) - b) ** 2).sum(-1, keepdim=True)
+        if best is None:
+            best = [s, b, err]
         else:
-            take = e < best_e
-            best_s, best_z, best_e = torch.where(take, s, best_s), torch.where(take, z, best_z), torch.minimum(e, best_e)
-    return best_s, best_z
+            take = err < best[2]
+            best = [torch.where(take, s, best[0]), torch.where(take, b, best[1]), torch.minimum(err, best[2])]
+    return best[0], best[1]
+
+
+def _tile_ranges(W: torch.Tensor, a: torch.Tensor, qmax: int, g: int) -> torch.Tensor:
+    """fp16 (ds, db, bmin) per tile of 16 rows [B, T, 3], from a fit of the original weights."""
+    b, n, k = W.shape
+    s, off = _fit(W.view(b, n, k // g, g), a.view(b, 1, k // g, g).expand(b, n, k // g, g), qmax)
+    pad = -n % TILE
+    s, off = s.view(b, n, -1), off.view(b, n, -1)
+    if pad:
+        s = torch.cat([s, s[:, -1:].expand(b, pad, -1)], 1)
+        off = torch.cat([off, off[:, -1:].expand(b, pad, -1)], 1)
+    s, off = s.view(b, -1, TILE * (k // g)), off.view(b, -1, TILE * (k // g))
+    lo, hi = off.amin(-1), off.amax(-1)
+    return torch.stack([s.amax(-1) / 255, (hi - lo) / 255, lo], -1).clamp(-65000, 65000).half()
+
+
+def _code(s, off, r):
+    """(s, b) [B, N, 1] -> their 8-bit codes against the rows' ranges r [B, N, 3] and the decoded values."""
+    ds, db, lo = r[..., :1].clamp(min=1e-12), r[..., 1:2].clamp(min=1e-12), r[..., 2:]
+    sc = torch.round(s / ds).clamp(1, 255)
+    oc = torch.round((off - lo) / db).clamp(0, 255)
+    return sc, oc, ds * sc, lo + db * oc
+
+
+def _gptq(W: torch.Tensor, bits: int, g: int, H: torch.Tensor | None):
+    """Batched GPTQ into the grouped format -> (codes [B, N, K] int32, scale codes, offset codes [B, N, ng] uint8,
+    ranges [B, T, 3] fp16)."""
+    b, n, k = W.shape
+    qmax = (1 << bits) - 1
+    if H is None:  # no calibration: plain (weight) error; with H = I the error feedback below vanishes
+        diag, Hinv = torch.ones(b, k), None
+    else:
+        H = H.double().clone()
+        diag = torch.diagonal(H, dim1=-2, dim2=-1)
+        dead = diag <= 0
+        diag[dead] = 1  # inputs that never fire: any value serves
+        diag += DAMP * diag.mean(-1, keepdim=True)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+        diag = diag.float()
+    ranges = _tile_ranges(W, diag, qmax, g)
+    r = ranges.float().repeat_interleave(TILE, 1)[:, :n]  # [B, N, 3]
+    W = W.clone()
+    codes = torch.empty(b, n, k, dtype=torch.int32)
+    sc_all = torch.empty(b, n, k // g, dtype=torch.uint8)
+    oc_all = torch.empty_like(sc_all)
+    block = max(g, BLOCK // g * g)
+    for c0 in range(0, k, block):
+        c1 = min(c0 + block, k)
+        W1 = W[:, :, c0:c1].clone()
+        err = torch.zeros_like(W1)
+        for i in range(c1 - c0):
+            j = c0 + i
+            if j % g == 0:  # this group's (s, b), fitted on its current, error-compensated weights
+                s, off = _fit(W1[:, :, i:i + g], diag[:, None, j:j + g].expand(b, n, g), qmax)
+                sc, oc, s, off = _code(s, off, r)
+                sc_all[:, :, j // g], oc_all[:, :, j // g] = sc[..., 0].to(torch.uint8), oc[..., 0].to(torch.uint8)
+            col = W1[:, :, i]
+            q = torch.round((col - off[..., 0]) / s[..., 0]).clamp_(0, qmax)
+            codes[:, :, j] = q.to(torch.int32)
+            if Hinv is None:
+                continue
+            e = (col - (s[..., 0] * q + off[..., 0])) / Hinv[:, j, j][:, None]  # [B, N]
+            W1[:, :, i:] -= e[:, :, None] * Hinv[:, None, j, j:c1]
+            err[:, :, i] = e
+        if Hinv is not None and c1 < k:
+            W[:, :, c1:] -= err @ Hinv[:, c0:c1, c1:]
+    return codes, sc_all, oc_all, ranges
+
+
+def activation_error(w: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor | None) -> tuple[float, float]:
+    """(tr(dW H dW^T), tr(W H W^T)) in float64: the output error energy and the output energy for inputs of
+    second moment H (identity: the weight-space Frobenius norms)."""
+    w64 = w.double()
+    d = w64 - dequantize(qw, torch.float64)
+    if H is None:
+        return float(d.pow(2).sum()), float(w64.pow(2).sum())
+    H = H.double()
+    return float(((d @ H) * d).sum()), float(((w64 @ H) * w64).sum())
+
+
+def relative_error(w: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor | None = None) -> float:
+    """sqrt(tr(dW H dW^T) / tr(W H W^T)); H = I: ||W - W'||_F / ||W||_F."""
+    num, den = activation_error(w, qw, H)
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+__all__ = ["QuantizedWeight", "MatrixFormat", "quantize", "quantize_many", "dequantize", "relative_error",
+           "activation_error", "expected_nbytes"]

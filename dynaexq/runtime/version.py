@@ -25,6 +25,7 @@ class ExpertVersion:
     precision: Precision
     gate_up: object  # callable x [T, H] -> [T, 2I] (quant.kernels, bias included where the model has one)
     down: object  # callable h [T, I] -> [T, H]
+    tensor_data_names = ("gate_up", "down")
     number: int = 0  # version number, unique per runtime (0: published outside the runtime)
     slot: tuple | None = None  # (pool key, slot index) whose bytes the tensors view; None: owns its memory
 
@@ -42,26 +43,32 @@ def make_version(weights: dict, backend: str, dtype: torch.dtype, device=None) -
                          kernels.prepare(weights["down"], backend, bias.get("down_bias"), device))
 
 
+def _names(obj) -> tuple:
+    """The fields of obj holding its resident tensors: a kernel declares them (`tensor_data_names`, as torchao's
+    tensor subclasses do); any other dataclass (a version, a QuantizedWeight) is walked field by field."""
+    return getattr(obj, "tensor_data_names", None) or tuple(f.name for f in dataclasses.fields(obj))
+
+
 def _tensors(obj, path=()) -> list:
-    """[(field path, tensor)] of every tensor reachable through the dataclass fields of obj, in field order."""
+    """[(field path, tensor)] of every resident tensor reachable from obj, in declaration order."""
     out = []
-    for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
+    for name in _names(obj):
+        v = getattr(obj, name)
         if isinstance(v, torch.Tensor):
-            out.append(((*path, f.name), v))
+            out.append(((*path, name), v))
         elif dataclasses.is_dataclass(v) and not isinstance(v, type):
-            out += _tensors(v, (*path, f.name))
+            out += _tensors(v, (*path, name))
     return out
 
 
 def _rebuild(obj, new: dict, path=()):
     changes = {}
-    for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
+    for name in _names(obj):
+        v = getattr(obj, name)
         if isinstance(v, torch.Tensor):
-            changes[f.name] = new[(*path, f.name)]
+            changes[name] = new[(*path, name)]
         elif dataclasses.is_dataclass(v) and not isinstance(v, type):
-            changes[f.name] = _rebuild(v, new, (*path, f.name))
+            changes[name] = _rebuild(v, new, (*path, name))
     return dataclasses.replace(obj, **changes)
 
 
@@ -85,4 +92,8 @@ def place(version: ExpertVersion, slot: torch.Tensor, number: int, key, non_bloc
         view = slot[off:off + n].view(dtype).view(shape)
         view.copy_(src[path], non_blocking=non_blocking)
         views[path] = view
-    return dataclasses.replace(_rebuild(version, views), number=number, slot=key)
+    placed = dataclasses.replace(_rebuild(version, views), number=number, slot=key)
+    lo, hi = slot.data_ptr(), slot.data_ptr() + slot.numel()
+    for path, t in _tensors(placed):  # every tensor the kernels read lies in the slot: nothing owns memory
+        assert lo <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= hi, (path, key)
+    return placed

@@ -5,7 +5,8 @@ from transformers import AutoConfig
 
 from dynaexq.arch import get_arch
 from dynaexq.errors import UserError
-from dynaexq.quant.precision import DEFAULT_GROUP_SIZE, DEFAULT_PRECISIONS
+from dynaexq.quant.formats import FORMATS
+from dynaexq.quant.precision import DEFAULT_PRECISIONS
 from dynaexq.quant.quantize import expected_nbytes
 from dynaexq.sizes import format_size
 from dynaexq.store import layout
@@ -37,9 +38,15 @@ def _inspect_store(path, verify: bool) -> dict:
     except UserError as err:
         integrity = str(err)
     return {"kind": "store", "path": str(path), "arch": r.arch, "moe_layers": r.layers, "num_experts": r.num_experts,
-            "group_size": r.group_size, "expert_shapes": r.manifest["shapes"], "source": r.manifest["source"]["path"],
+            "formats": {p.value: _format_text(p) for p in r.precisions}, "calibration": r.calibration,
+            "expert_shapes": r.manifest["shapes"], "source": r.manifest["source"]["path"],
             "precisions": per, "shards": len(r.manifest["shards"]), "integrity": integrity,
             "verified": verify}
+
+
+def _format_text(p) -> str:
+    f = FORMATS[p]
+    return f"gate_up {f.gate_up.describe()}, down {f.down.describe()}"
 
 
 def _inspect_checkpoint(path) -> dict:
@@ -52,7 +59,7 @@ def _inspect_checkpoint(path) -> dict:
     first = arch.read_expert(ckpt, index[next(iter(index))], 0)
     shapes = {m: tuple(first[m].shape) for m in layout.MATRICES}
     n_moe = len(index) * n_exp
-    per = {p.value: {"bytes": n_moe * sum(expected_nbytes(p, s, DEFAULT_GROUP_SIZE) for s in shapes.values()),
+    per = {p.value: {"bytes": n_moe * sum(expected_nbytes(p, m, s) for m, s in shapes.items()),
                      "estimated": True} for p in DEFAULT_PRECISIONS}
     expert_keys = [k for k in ckpt.keys() if arch.is_expert_key(k)]
     return {"kind": "checkpoint", "path": str(path), "arch": arch.model_type, "moe_layers": list(index),
@@ -76,10 +83,14 @@ def format_report(r: dict) -> str:
                   "all experts at each precision (estimated from shapes; `prepare` measures them):"]
         lines += [f"  {p:>5}  {format_size(v['bytes']):>12}" for p, v in r["precisions"].items()]
     else:
-        lines += [f"prepared from: {r['source']}; group size {r['group_size']}",
-                  "all experts at each precision (measured packed bytes, relative weight error):"]
-        lines += [f"  {p:>5}  {format_size(v['bytes']):>12}  error mean {v['mean_error']:.4f} max {v['max_error']:.4f}"
-                  for p, v in r["precisions"].items()]
+        cal = r["calibration"]
+        how = (f"calibrated on {cal['tokens']} tokens of {', '.join(f['name'] for f in cal['files'])}" if cal
+               else "not calibrated (weight error)")
+        lines += [f"prepared from: {r['source']}; {how}",
+                  "all experts at each precision (format, measured packed bytes, relative error"
+                  + (" of the experts' outputs on the calibration tokens):" if cal else "):")]
+        lines += [f"  {p:>5}  {r['formats'][p]:<28} {format_size(v['bytes']):>12}  error mean {v['mean_error']:.4f} "
+                  f"max {v['max_error']:.4f}" for p, v in r["precisions"].items()]
         how = "sha256 of every shard" if r["verified"] else "stamps"
         lines.append(f"integrity ({r['shards']} shards, {how}): {r['integrity']}")
     return "\n".join(lines)

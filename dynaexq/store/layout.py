@@ -6,14 +6,16 @@ STORE/
   model.safetensors.index.json   maps the non-expert weights to their shard, so that transformers
   nonexpert.safetensors          loads the store directory like a checkpoint without experts
   experts/L003.int4.safetensors  one shard per (MoE layer, precision): for expert e the tensors
-                                 `e.gate_up.data|scale|zero`, `e.down.data|scale|zero` (+ `e.gate_up_bias`,
-                                 `e.down_bias`)
+                                 `e.gate_up.data|scale|zero|ranges`, `e.down.data|...` (those its format has;
+                                 + `e.gate_up_bias`, `e.down_bias`)
   experts/L003.int4.json         written after its shard: per-expert bytes, errors and digests, sha256, and
                                  the prepare parameters (a resumed prepare skips shards whose sidecar matches)
 Integrity, at three costs: the manifest holds each shard's sha256 (`inspect --verify` hashes whole shards), a
 *stamp* (size + sha256 of the header and three 64 KiB samples: what a load checks, milliseconds per shard), and
 each expert's digest (sha256 of its tensors in file order, checked on the expert's first read).
-Format 2: per-expert digests and shard stamps; prepare reads each expert once for all precisions.
+Format 2: per-expert digests and shard stamps; prepare reads each expert once for all precisions. Format 3: the
+grouped formats of quant/formats.py (8-bit scale/offset codes, `e.gate_up.ranges`), GPTQ against calibration
+Hessians, activation-aware errors; the manifest records each precision's format and the calibration.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import torch
 
 from dynaexq.quant.precision import Precision
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 NONEXPERT_INDEX = "model.safetensors.index.json"
 MATRICES = ("gate_up", "down")

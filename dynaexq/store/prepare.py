@@ -1,12 +1,18 @@
 """`prepare`: checkpoint -> expert store, every routed expert at every requested precision.
 
-Streams one MoE layer at a time, one expert at a time: each expert is read once (`Checkpoint.get` slices,
-source unmapped right after), quantized at every precision, and each version written straight into its
-(layer, precision) shard (`shard_writer`), so peak memory is about one expert's working copies plus the
-interpreter, whatever the checkpoint size. Shards are written under a temporary name and renamed; a sidecar
-`experts/L003.int4.json` (per-expert bytes, errors, digests, sha256 and the prepare parameters) is written
-after its shard, so a killed run resumes by skipping the shards whose sidecar matches.
-Non-expert weights are copied unchanged (source dtype) into `nonexpert.safetensors`.
+Streams one MoE layer at a time: its experts are read from the source once (`Checkpoint.get` slices, source
+unmapped right after), quantized at every precision in chunks of CHUNK experts (quant.quantize_many: batched
+GPTQ), and each version written straight into its (layer, precision) shard (`shard_writer`), so peak memory is
+about one layer of source experts plus one chunk's working copies, whatever the checkpoint size.
+With calibration (engine/calibrate.py drives a `PrepareJob` from inside one forward pass of the calibration
+text), each expert is quantized against the second moments of its own inputs, H = E[x x^T] over the tokens
+routed to it (pooled with the layer's mean for experts that see few tokens), and the error recorded per expert
+and precision is the activation-aware relative error sqrt(mean over its two matrices of
+tr(dW H dW^T) / tr(W H W^T)); without, H = I (weight error).
+Shards are written under a temporary name and renamed; a sidecar `experts/L003.int4.json` (per-expert bytes,
+errors, digests, sha256 and the prepare parameters) is written after its shard, so a killed run resumes by
+skipping the shards whose sidecar matches. Non-expert weights are copied unchanged (source dtype) into
+`nonexpert.safetensors`.
 """
 from __future__ import annotations
 
@@ -23,143 +29,186 @@ from transformers import AutoConfig
 
 from dynaexq.arch import get_arch
 from dynaexq.errors import UserError
-from dynaexq.quant.precision import DEFAULT_GROUP_SIZE, DEFAULT_PRECISIONS, Precision
-from dynaexq.quant.quantize import dequantize, quantize
+from dynaexq.quant.formats import manifest_entry
+from dynaexq.quant.precision import DEFAULT_PRECISIONS, Precision
+from dynaexq.quant.quantize import activation_error, quantize_many
 from dynaexq.store import layout
 from dynaexq.store.checkpoint import INDEX, Checkpoint
 from dynaexq.store.shard_writer import StreamingWriter, write_streaming
 
 _COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".md", ".tiktoken")
+CHUNK = 16  # experts quantized together (GPTQ is batched over them)
 
 
-def prepare(src, out, precisions=DEFAULT_PRECISIONS, group_size: int = DEFAULT_GROUP_SIZE,
-            progress: bool = True) -> Path:
-    src, out = Path(src), Path(out)
-    precisions = [Precision(p) for p in precisions]
-    if group_size not in (32, 64, 128, 256):
-        raise UserError(f"group size {group_size} is not supported; valid group sizes are 32, 64, 128, 256")
-    ckpt = Checkpoint(src)
-    arch = get_arch(ckpt.config)
-    index = arch.index(ckpt.keys())
-    if not index:
-        raise UserError(f"{str(src)!r} is a {arch.model_type} checkpoint without routed expert weights "
-                        "(a dense configuration?): there is nothing for dynaexq to manage")
-    n_exp = arch.num_experts(AutoConfig.from_pretrained(src))
-    params = {"format_version": layout.FORMAT_VERSION, "source": ckpt.fingerprint(),
-              "precisions": [p.value for p in precisions], "group_size": group_size}
-    params_hash = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
-    if layout.is_store(out):
-        manifest = json.loads((out / layout.MANIFEST).read_text())
-        if manifest.get("params_sha256") == params_hash:
-            return out
-        raise UserError(f"{str(out)!r} already holds a store prepared from another checkpoint or with other "
-                        "precisions/group size; choose another --out directory or delete that one")
+class PrepareJob:
+    """One `prepare` run: checks and parameters up front, then `read_layer` / `write_layer` per MoE layer (in any
+    order, each once), then `finish()` writes the manifest. `calibration`: a dict describing the calibration
+    (file digests, windows) -- part of the parameters, so a store is never reused for another calibration."""
 
-    _copy_nonexpert(ckpt, arch, out, params_hash)
-    for f in src.iterdir():
-        if f.is_file() and f.suffix in _COPIED_SUFFIXES and f.name != INDEX:
-            shutil.copyfile(f, out / f.name)
-    _drop_expert_quantization(out / "config.json")
+    def __init__(self, src, out, precisions=DEFAULT_PRECISIONS, progress: bool = True, calibration=None):
+        self.src, self.out = Path(src), Path(out)
+        self.precisions = [Precision(p) for p in precisions]
+        self.ckpt = Checkpoint(self.src)
+        self.arch = get_arch(self.ckpt.config)
+        self.index = self.arch.index(self.ckpt.keys())
+        if not self.index:
+            raise UserError(f"{str(self.src)!r} is a {self.arch.model_type} checkpoint without routed expert weights "
+                            "(a dense configuration?): there is nothing for dynaexq to manage")
+        self.n_exp = self.arch.num_experts(AutoConfig.from_pretrained(self.src))
+        self.calibration = calibration
+        self.params = {"format_version": layout.FORMAT_VERSION, "source": self.ckpt.fingerprint(),
+                       "precisions": [p.value for p in self.precisions], "calibration": calibration,
+                       "formats": {p.value: manifest_entry(p) for p in self.precisions}}
+        self.params_hash = hashlib.sha256(json.dumps(self.params, sort_keys=True).encode()).hexdigest()
+        self.done = False
+        if layout.is_store(self.out):
+            manifest = json.loads((self.out / layout.MANIFEST).read_text())
+            if manifest.get("params_sha256") != self.params_hash:
+                raise UserError(f"{str(self.out)!r} already holds a store prepared from another checkpoint or with "
+                                "other precisions or calibration; choose another --out directory or delete that one")
+            self.done = True
+            return
+        _copy_nonexpert(self.ckpt, self.arch, self.out, self.params_hash)
+        for f in self.src.iterdir():
+            if f.is_file() and f.suffix in _COPIED_SUFFIXES and f.name != INDEX:
+                shutil.copyfile(f, self.out / f.name)
+        _drop_expert_quantization(self.out / "config.json")
+        self.stats: dict = {}
+        self.bar = tqdm(total=len(self.index) * self.n_exp, desc="prepare experts", unit="expert",
+                        disable=not progress)
 
-    stats: dict = {}
-    bar = tqdm(total=len(index) * n_exp, desc="prepare experts", unit="expert", disable=not progress)
-    for layer in index:  # each expert is read once and written at every precision
-        stats[str(layer)] = _layer_shards(ckpt, arch, index[layer], layer, n_exp, precisions, group_size, out,
-                                          params_hash, bar)
-        ckpt.close()
-    bar.close()
-    name = layout.NONEXPERT_SHARD
-    shards = {name: {"size": (out / name).stat().st_size, "sha256": layout.sha256_file(out / name),
-                     **layout.stamp(out / name)}}
-    for layer in index:
-        for p in precisions:
-            name = layout.expert_shard(layer, p)
-            shards[name] = {"sha256": stats[str(layer)][p.value].pop("sha256"), **layout.stamp(out / name)}
-    first = stats[str(next(iter(index)))][precisions[0].value]
-    manifest = {
-        "format_version": layout.FORMAT_VERSION, "params_sha256": params_hash,
-        "arch": arch.model_type, "config": ckpt.config, "source": {"path": str(src.resolve()), **params["source"]},
-        "precisions": params["precisions"], "group_size": group_size, "num_experts": n_exp,
-        "moe_layers": list(index), "shapes": first.pop("shapes"),
-        "source_dtype": str(ckpt.dtype()).removeprefix("torch."), "experts": stats, "shards": shards,
-    }
-    for layer in stats.values():
-        for stat in layer.values():
-            stat.pop("shapes", None)
-    layout.atomic_write_json(out / layout.MANIFEST, manifest)
-    return out
+    def finished(self, layer: int) -> bool:
+        """True when every shard of `layer` is on disk from a run with the same parameters (then it is kept)."""
+        todo = self._todo(layer)
+        return not todo
 
+    def _todo(self, layer: int) -> list:
+        todo = []
+        for p in self.precisions:
+            path = self.out / layout.expert_shard(layer, p)
+            side = path.with_suffix(".json")
+            if path.is_file() and side.is_file():
+                stat = json.loads(side.read_text())
+                if stat.pop("params_sha256", None) == self.params_hash:
+                    self.stats.setdefault(str(layer), {})[p.value] = stat
+                    continue
+            todo.append(p)
+        return todo
 
-def _layer_shards(ckpt, arch, layer_index, layer, n_exp, precisions, group_size, out, params_hash, bar) -> dict:
-    """Quantize one layer's experts at every precision into one shard per precision, reading each expert of the
-    source once (the quantizations of one expert are all that is in memory).
+    def read_layer(self, layer: int) -> list[dict]:
+        """Every expert of `layer` from the source, read once: [{"gate_up": [2I, H], "down": [H, I], (biases)}]."""
+        layer_index = self.index[layer]
+        experts = []
+        for e in range(self.n_exp):
+            if self.arch.layout == "per_expert" and e not in layer_index:
+                raise UserError(f"checkpoint has no weights for expert {e} of layer {layer} (config says "
+                                f"{self.n_exp} experts); the checkpoint is incomplete")
+            experts.append(self.arch.read_expert(self.ckpt, layer_index, e))
+            self.ckpt.close()  # unmap the source: its touched pages would otherwise stay resident
+        return experts
 
-    Returns {precision: {"bytes": [...], "error": [...], "digest": [...], "sha256": ..., "shapes": ...}}, each also
-    kept in a sidecar JSON written after its shard: a shard whose sidecar has the same parameters is finished and
-    is skipped on resume."""
-    out_stats, todo = {}, []
-    for p in precisions:
-        stats_path = (out / layout.expert_shard(layer, p)).with_suffix(".json")
-        if (out / layout.expert_shard(layer, p)).is_file() and stats_path.is_file():
-            stat = json.loads(stats_path.read_text())
-            if stat.pop("params_sha256", None) == params_hash:
-                out_stats[p.value] = stat
-                continue
-        todo.append(p)
-    if not todo:
-        bar.update(n_exp)
-        return out_stats
-    stats = {p: {"bytes": [], "error": [], "digest": []} for p in todo}
-    shapes = {}  # matrix -> [N, K] of the source expert
-
-    def expert(e: int) -> dict:
-        """-> {precision: {name: tensor}} of expert e, read once."""
-        if arch.layout == "per_expert" and e not in layer_index:
-            raise UserError(f"checkpoint has no weights for expert {e} of layer {layer} (config says "
-                            f"{n_exp} experts); the checkpoint is incomplete")
-        w = arch.read_expert(ckpt, layer_index, e)
-        ckpt.close()  # unmap the source: its touched pages would otherwise stay resident
-        shapes.update({m: list(w[m].shape) for m in layout.MATRICES})
-        w64 = {m: w[m].double() for m in layout.MATRICES}
-        den = sum(float(w64[m].pow(2).sum()) for m in layout.MATRICES)
-        result = {}
+    def write_layer(self, layer: int, experts: list[dict], hessians=None) -> None:
+        """Quantize `experts` (read_layer's) at every precision still to do and write their shards.
+        hessians(e) -> {"gate_up": H [H, H], "down": H [I, I]} per-token second moments of the inputs, or None."""
+        todo = self._todo(layer)
+        if not todo:
+            self.bar.update(self.n_exp)
+            return
+        stats = {p: {"bytes": [], "error": [], "digest": []} for p in todo}
+        shapes = {m: list(experts[0][m].shape) for m in layout.MATRICES}
+        meta = {"params_sha256": self.params_hash}
+        with contextlib.ExitStack() as stack:
+            writers = {}
+            for c0 in range(0, self.n_exp, CHUNK):
+                chunk = range(c0, min(c0 + CHUNK, self.n_exp))
+                H = [hessians(e) for e in chunk] if hessians is not None else None
+                versions = self._quantize(experts, chunk, H, todo, stats)
+                if not writers:  # the shapes of every expert's tensors are those of the first
+                    for p in todo:
+                        tmp = stack.enter_context(layout.atomic_path(self.out / layout.expert_shard(layer, p)))
+                        specs = [(f"{e}.{name}", t.dtype, t.shape) for e in range(self.n_exp)
+                                 for name, t in versions[p][0].items()]
+                        writers[p] = StreamingWriter(tmp, specs, meta)
+                        stack.callback(writers[p].fh.close)  # closed before its temporary is renamed or deleted
+                for p in todo:
+                    for tensors in versions[p]:
+                        for t in tensors.values():
+                            writers[p].write(t)
+                self.bar.update(len(chunk))
+            for p in todo:
+                stats[p]["sha256"] = writers[p].close()
         for p in todo:
-            tensors, num = {}, 0.0
-            for m in layout.MATRICES:
-                qw = quantize(w[m], p, group_size)
-                tensors.update({f"{m}.{name}": t for name, t in qw.tensors().items()})
-                if not (p.is_float and w[m].dtype == p.dtype):  # same dtype: exact copy, error 0
-                    num += float((w64[m] - dequantize(qw, torch.float64)).pow(2).sum())
-            tensors.update({b: w[b] for b in layout.BIASES if b in w})
-            s = stats[p]
-            s["bytes"].append(sum(t.numel() * t.element_size() for t in tensors.values()))
-            s["error"].append((num / max(den, 1e-30)) ** 0.5)
-            s["digest"].append(layout.expert_digest(tensors.values()))
-            result[p] = tensors
-        bar.update(1)
-        return result
+            stat = {**stats[p], "shapes": shapes}
+            layout.atomic_write_json((self.out / layout.expert_shard(layer, p)).with_suffix(".json"),
+                                     {**stat, "params_sha256": self.params_hash})
+            self.stats.setdefault(str(layer), {})[p.value] = stat
 
-    first = expert(0)
-    meta = {"params_sha256": params_hash, "group_size": str(group_size)}
-    with contextlib.ExitStack() as stack:
-        writers = {}
+    def _quantize(self, experts, chunk, H, todo, stats) -> dict:
+        """-> {precision: [{name: tensor} per expert of the chunk]}, recording bytes, errors and digests."""
+        out = {p: [{} for _ in chunk] for p in todo}
+        rel = {p: [0.0] * len(chunk) for p in todo}
+        for m in layout.MATRICES:
+            W = torch.stack([experts[e][m] for e in chunk])  # [B, N, K] source dtype
+            Hm = None if H is None else torch.stack([h[m] for h in H]).float()
+            for p in todo:
+                for i, qw in enumerate(quantize_many(W, p, m, Hm)):
+                    out[p][i].update({f"{m}.{name}": t for name, t in qw.tensors().items()})
+                    if not (p.is_float and W.dtype == p.dtype):  # same dtype: exact copy, error 0
+                        num, den = activation_error(W[i], qw, None if Hm is None else Hm[i])
+                        rel[p][i] += num / max(den, 1e-30) / len(layout.MATRICES)
         for p in todo:
-            tmp = stack.enter_context(layout.atomic_path(out / layout.expert_shard(layer, p)))
-            specs = [(f"{e}.{name}", t.dtype, t.shape) for e in range(n_exp) for name, t in first[p].items()]
-            writers[p] = StreamingWriter(tmp, specs, meta)
-            stack.callback(writers[p].fh.close)  # closed before its temporary file is renamed or deleted
-        for e in range(n_exp):
-            for p, tensors in (first if e == 0 else expert(e)).items():
-                for t in tensors.values():
-                    writers[p].write(t)
-        for p in todo:
-            stats[p]["sha256"] = writers[p].close()
-    for p in todo:
-        stat = {**stats[p], "shapes": shapes}
-        layout.atomic_write_json((out / layout.expert_shard(layer, p)).with_suffix(".json"),
-                                 {**stat, "params_sha256": params_hash})
-        out_stats[p.value] = stat
-    return out_stats
+            for i, e in enumerate(chunk):
+                out[p][i].update({b: experts[e][b] for b in layout.BIASES if b in experts[e]})
+                s = stats[p]
+                s["bytes"].append(sum(t.numel() * t.element_size() for t in out[p][i].values()))
+                s["error"].append(rel[p][i] ** 0.5)
+                s["digest"].append(layout.expert_digest(out[p][i].values()))
+        return out
+
+    def finish(self) -> Path:
+        """Write the manifest (the store is complete from now on)."""
+        if self.done:
+            return self.out
+        self.bar.close()
+        out, stats = self.out, self.stats
+        missing = [layer for layer in self.index if str(layer) not in stats or len(stats[str(layer)]) < len(self.precisions)]
+        assert not missing, f"layers {missing} were never written"
+        name = layout.NONEXPERT_SHARD
+        shards = {name: {"size": (out / name).stat().st_size, "sha256": layout.sha256_file(out / name),
+                         **layout.stamp(out / name)}}
+        for layer in self.index:
+            for p in self.precisions:
+                name = layout.expert_shard(layer, p)
+                shards[name] = {"sha256": stats[str(layer)][p.value].pop("sha256"), **layout.stamp(out / name)}
+        shapes = stats[str(next(iter(self.index)))][self.precisions[0].value]["shapes"]
+        for layer in stats.values():
+            for stat in layer.values():
+                stat.pop("shapes", None)
+        manifest = {
+            "format_version": layout.FORMAT_VERSION, "params_sha256": self.params_hash, "arch": self.arch.model_type,
+            "config": self.ckpt.config, "source": {"path": str(self.src.resolve()), **self.params["source"]},
+            "precisions": self.params["precisions"], "formats": self.params["formats"],
+            "calibration": self.calibration, "num_experts": self.n_exp, "moe_layers": list(self.index),
+            "shapes": shapes, "source_dtype": str(self.ckpt.dtype()).removeprefix("torch."), "experts": stats,
+            "shards": shards,
+        }
+        layout.atomic_write_json(out / layout.MANIFEST, manifest)
+        self.done = True
+        return out
+
+
+def prepare(src, out, precisions=DEFAULT_PRECISIONS, progress: bool = True) -> Path:
+    """Weight-only prepare (H = I): every layer read once and written; see engine/calibrate.py for the calibrated
+    one, which `dynaexq prepare` and `load` use when calibration text is at hand."""
+    job = PrepareJob(src, out, precisions, progress)
+    if job.done:
+        return job.out
+    for layer in job.index:
+        if job.finished(layer):
+            job.bar.update(job.n_exp)
+            continue
+        job.write_layer(layer, job.read_layer(layer))
+    return job.finish()
 
 
 def _drop_expert_quantization(config_path: Path) -> None:

@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from dynaexq.errors import UserError
+from dynaexq.quant.formats import manifest_entry
 from dynaexq.quant.precision import Precision
 from dynaexq.quant.quantize import QuantizedWeight
 from dynaexq.store import layout
@@ -39,7 +40,11 @@ class StoreReader:
         self.layers: list[int] = m["moe_layers"]
         self.num_experts: int = m["num_experts"]
         self.precisions = [Precision(p) for p in m["precisions"]]
-        self.group_size: int = m["group_size"]
+        changed = [p.value for p in self.precisions if m["formats"].get(p.value) != manifest_entry(p)]
+        if changed:
+            raise UserError(f"store {str(self.path)!r} holds {', '.join(changed)} in another format than this dynaexq "
+                            "reads: prepare the checkpoint again")
+        self.calibration = m.get("calibration")
         self._handles: dict[str, object] = {}
         self._keys: dict[str, set[str]] = {}
         self._verified: set[str] = set()
@@ -112,14 +117,12 @@ class StoreReader:
         name = layout.expert_shard(layer, precision)
         f = self._open(name)
         shapes = self.manifest["shapes"]
-        group = 0 if precision.is_float else None
         out, in_file_order = {}, []
         for m in layout.MATRICES:
-            t = {k: f.get_tensor(f"{e}.{m}.{k}").clone() for k in ("data", "scale", "zero")
+            t = {k: f.get_tensor(f"{e}.{m}.{k}").clone() for k in ("data", "scale", "zero", "ranges")
                  if f"{e}.{m}.{k}" in self._keys[name]}
             in_file_order += t.values()
-            g = group if group is not None else precision.group_size(shapes[m][1], self.group_size)
-            out[m] = QuantizedWeight.from_tensors(precision, shapes[m], g, t)
+            out[m] = QuantizedWeight.from_tensors(precision, m, shapes[m], t)
         for b in layout.BIASES:
             if f"{e}.{b}" in self._keys[name]:
                 out[b] = f.get_tensor(f"{e}.{b}").clone()

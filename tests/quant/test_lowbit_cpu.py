@@ -1,5 +1,5 @@
-"""int2/int3 CPU matmuls (`dynaexq.quant.lowbit_cpu`) held to the float64 dequantize-then-matmul reference:
-the fused C++ kernel (AVX-512 here, and its AVX2 variant), the pure-torch fallback, resident bytes,
+"""Grouped 2/3/4-bit CPU matmuls (`dynaexq.quant.lowbit_cpu`) held to the float64 dequantize-then-matmul
+reference: the fused C++ kernel (AVX-512 here, and its AVX2 variant), aten's int4 fallback, resident bytes,
 and calls from several threads at once."""
 import threading
 import types
@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from dynaexq.quant import kernels, lowbit_cpu
+from dynaexq.quant.packing import pack
 from dynaexq.quant.precision import Precision
-from dynaexq.quant.quantize import quantize
+from dynaexq.quant.quantize import QuantizedWeight
 
 TOL = 0.03
 SHAPES = [(16, 64, 64), (48, 128, 32), (96, 512, 64), (256, 768, 128)]  # N, K, G
+BITS = (2, 3, 4)
 MS = (1, 3, 8, 17)
 
 
@@ -33,7 +35,7 @@ def _rel(y, ref):
 def ext():
     lib = lowbit_cpu.extension()
     if lib is None:
-        pytest.skip("the C++ int2/int3 kernel did not build here (a warning said why)")
+        pytest.skip("the C++ low-bit kernel did not build here (a warning said why)")
     return lib
 
 
@@ -41,15 +43,23 @@ def ext():
 def weights():
     """(bits, dist, shape) -> QuantizedWeight, quantized once."""
     out = {}
-    for bits in (2, 3):
+    for bits in BITS:
         for dist in ("normal", "student_t"):
             for i, (n, k, g) in enumerate(SHAPES):
                 w = _weight(n, k, dist, 100 * bits + i)
-                out[bits, dist, (n, k, g)] = quantize(w, Precision(f"int{bits}"), group_size=g)
+                out[bits, dist, (n, k, g)] = _grouped(w, bits, g)
     return out
 
 
-@pytest.mark.parametrize("bits", [2, 3])
+def _grouped(w, bits, g):
+    """w quantized in the grouped format with `bits` and groups of g (whatever precision normally uses them)."""
+    from dynaexq.quant.quantize import _gptq
+
+    codes, sc, oc, ranges = _gptq(w[None].float(), bits, g, None)
+    return QuantizedWeight(Precision.INT4, tuple(w.shape), bits, g, pack(codes[0], bits), sc[0], oc[0], ranges[0])
+
+
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("dist", ["normal", "student_t"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_fused_matches_reference(ext, weights, bits, dist, shape):
@@ -80,19 +90,18 @@ def test_fallback_gives_same_results(ext, weights, monkeypatch):
         assert lowbit_cpu.extension() is None
     for qw, nbytes, x, y_fast in cases:
         slow = kernels.prepare(qw, "cpu")
-        assert slow.blob is None and slow.nbytes == nbytes
+        assert slow.blob is None and slow.packed is not None  # aten int4: 4 bits resident whatever the bits
         y_slow, want = slow(x), kernels.prepare(qw, "reference")(x.double())
         assert _rel(y_slow, want) <= TOL and _rel(y_slow, y_fast) <= TOL, (qw.precision, qw.shape, x.shape)
 
 
-@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("bits", BITS)
 def test_resident_bytes_are_true_bits(ext, bits):
-    n, k, g = 64, 256, 64
-    codes = torch.randint(0, 1 << bits, (n, k))
-    s, z = torch.rand(n, k // g).half(), torch.rand(n, k // g).half()
-    p = lowbit_cpu.LowbitCpu.from_codes(codes, bits, g, s, z)
-    assert p.nbytes == n * k * bits // 8 + n * (k // g) * 4  # codes + fp16 scale and zero per group
-    assert p.nbytes == p.blob.numel()
+    n, k, g = 64, 256, 32
+    qw = _grouped(torch.randn(n, k), bits, g)
+    p = kernels.prepare(qw, "cpu")
+    # codes + an 8-bit scale and offset code per group and row + three fp16 ranges per 16 rows: the stored bytes
+    assert p.nbytes == p.blob.numel() == n * k * bits // 8 + n * (k // g) * 2 + (n // 16) * 6 == qw.nbytes
 
 
 def test_avx2_kernel_matches_reference(weights):
@@ -105,7 +114,7 @@ def test_avx2_kernel_matches_reference(weights):
         pytest.skip("this CPU has no AVX2+FMA+F16C")
     for (bits, dist, shape), qw in weights.items():
         n, k, g = shape
-        blob = lowbit_cpu.pack_blob(qw.codes().view(n, k), bits, g, qw.scale, qw.zero)
+        blob = lowbit_cpu.pack_blob(qw.codes().view(n, k), bits, g, qw.scale, qw.zero, qw.ranges)
         for m in MS:
             x = torch.randn(m, k, dtype=torch.bfloat16)
             y = torch.empty(m, n, dtype=torch.bfloat16)
@@ -144,11 +153,11 @@ def test_build_failure_warns_and_falls_back(monkeypatch):
         assert lowbit_cpu.extension() is None
         assert lowbit_cpu.extension() is None
     assert len(caught) == 1 and "no compiler" in str(caught[0].message)
-    codes = torch.randint(0, 4, (32, 64))
-    p = lowbit_cpu.LowbitCpu.from_codes(codes, 2, 64, torch.ones(32, 1).half(), torch.zeros(32, 1).half())
+    qw = _grouped(torch.randn(32, 64), 2, 32)
+    p = lowbit_cpu.LowbitCpu.from_weight(qw)
     assert p.blob is None
     x = torch.randn(2, 64)
-    assert _rel(p(x), x.double() @ codes.double().T) <= TOL
+    assert _rel(p(x), kernels.prepare(qw, "reference")(x.double())) <= TOL
 
 
 def test_the_first_build_says_it_is_compiling_and_a_cached_one_is_silent(monkeypatch, tmp_path, capsys):
@@ -169,4 +178,4 @@ def test_the_first_build_says_it_is_compiling_and_a_cached_one_is_silent(monkeyp
     lowbit_cpu.build()
     first = capsys.readouterr().err
     lowbit_cpu.build()
-    assert "compiling the int2/int3 CPU kernel" in first and capsys.readouterr().err == "" and len(built) == 2
+    assert "compiling the low-bit CPU kernel" in first and capsys.readouterr().err == "" and len(built) == 2

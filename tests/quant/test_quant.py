@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from dynaexq.quant.kernels import prepare
 from dynaexq.quant.packing import pack, packed_nbytes, unpack
 from dynaexq.quant.precision import Precision
-from dynaexq.quant.quantize import dequantize, expected_nbytes, quantize, relative_error
+from dynaexq.quant.formats import FORMATS
+from dynaexq.quant.quantize import dequantize, expected_nbytes, quantize, quantize_many, relative_error
 from dynaexq.errors import UserError
 
 INT = [Precision.INT8, Precision.INT4, Precision.INT3, Precision.INT2]
@@ -37,13 +38,22 @@ def _weights(kind, shape, seed=0):
     return torch.tan(torch.pi * (u - 0.5)).clamp(-50, 50) * 0.1
 
 
+def _moment(k, seed=0, n=4096):
+    """A realistic input second moment: correlated inputs with a few loud channels (as LLM activations)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, k, generator=g) @ (torch.eye(k) + 0.3 * torch.randn(k, k, generator=g) / k ** 0.5)
+    X *= torch.rand(k, generator=g) * 2 + (torch.rand(k, generator=g) > 0.98) * 8
+    return X, X.T @ X / n
+
+
 @pytest.mark.parametrize("kind", ["normal", "heavy"])
-def test_error_grows_as_bits_drop_and_matches_dequantize(kind):
+@pytest.mark.parametrize("matrix", ["gate_up", "down"])
+def test_error_grows_as_bits_drop_and_matches_dequantize(kind, matrix):
     w = _weights(kind, (64, 256))
     errs = []
     for p in INT:
-        qw = quantize(w, p)
-        assert qw.nbytes == expected_nbytes(p, (64, 256), 64)
+        qw = quantize(w, p, matrix)
+        assert qw.nbytes == expected_nbytes(p, matrix, (64, 256))
         ref = float((w.double() - dequantize(qw, torch.float64)).norm() / w.double().norm())
         assert relative_error(w, qw) == pytest.approx(ref)
         errs.append(ref)
@@ -51,19 +61,39 @@ def test_error_grows_as_bits_drop_and_matches_dequantize(kind):
 
 
 @pytest.mark.parametrize("p", INT[1:])
-@pytest.mark.parametrize("refine", ["lsq", "hqq"])
-def test_refinement_never_worse_than_round_to_nearest_and_helps_heavy_tails(p, refine):
+def test_gptq_lowers_the_output_error_the_layer_sees(p):
+    """Against H = E[x x^T] of its inputs GPTQ's output error ||(W - W') x|| (measured here directly on the
+    inputs, in float64) is well below round-to-nearest's, and the formula the store records agrees."""
     w = _weights("heavy", (128, 256), seed=1)
-    rtn, ref = relative_error(w, quantize(w, p, refine="none")), relative_error(w, quantize(w, p, refine=refine))
-    assert ref <= rtn + 1e-9
-    if refine == "lsq":
-        assert ref < 0.9 * rtn
+    X, H = _moment(256)
+    rtn, gptq = quantize(w, p, "gate_up"), quantize(w, p, "gate_up", H)
+
+    def out_err(qw):
+        d = X.double() @ (w.double() - dequantize(qw, torch.float64)).T
+        return float(d.norm() / (X.double() @ w.double().T).norm())
+
+    assert out_err(gptq) < 0.85 * out_err(rtn), (out_err(gptq), out_err(rtn))
+    assert relative_error(w, gptq, H) == pytest.approx(out_err(gptq), rel=1e-6)
 
 
-def test_codes_in_range_and_fp16_metadata():
-    qw = quantize(torch.randn(32, 128), Precision.INT3)
-    assert int(qw.codes().min()) >= 0 and int(qw.codes().max()) <= 7
-    assert qw.scale.dtype == torch.float16 and qw.scale.shape == (32, 2) and qw.group_size == 64
+def test_a_batch_quantizes_each_matrix_as_alone_and_dead_inputs_stay_finite():
+    W = torch.stack([_weights("normal", (32, 128), seed=s) for s in range(3)])
+    H = torch.stack([_moment(128, seed=s)[1] for s in range(3)])
+    H[1, :, 5] = H[1, 5, :] = 0  # an input that never fires
+    many = quantize_many(W, Precision.INT3, "down", H)
+    for i in range(3):
+        alone = quantize(W[i], Precision.INT3, "down", H[i])
+        assert all(torch.equal(a, b) for a, b in zip(many[i].tensors().values(), alone.tensors().values()))
+        assert torch.isfinite(dequantize(many[i])).all()
+
+
+def test_codes_in_range_and_grouped_metadata():
+    qw = quantize(torch.randn(40, 128), Precision.INT3)
+    assert int(qw.codes().min()) >= 0 and int(qw.codes().max()) <= 7 and qw.group_size == 32
+    assert qw.scale.dtype == qw.zero.dtype == torch.uint8 and qw.scale.shape == (40, 4)
+    assert qw.ranges.dtype == torch.float16 and qw.ranges.shape == (3, 3)  # 40 rows: 3 tiles of 16
+    f = FORMATS[Precision.INT2]
+    assert (f.gate_up.bits, f.down.bits) == (2, 3)  # int2 keeps the sensitive down projection at 3 bits
 
 
 def test_int8_is_per_channel():
@@ -82,28 +112,19 @@ SHAPES = [(128, 256), (64, 64), (48, 128), (32, 96), (20, 70)]  # the last three
 @pytest.mark.filterwarnings("ignore:.*no fast cpu kernel.*")
 @pytest.mark.parametrize("p", [Precision.BF16, Precision.FP16, *INT])
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("kind", ["normal", "heavy"])
-def test_cpu_kernel_matches_float64_dequantize_reference(p, shape, kind):
-    w = _weights(kind, shape, seed=2)
-    qw = quantize(w, p)
+@pytest.mark.parametrize("matrix", ["gate_up", "down"])
+def test_cpu_kernel_matches_float64_dequantize_reference(p, shape, matrix):
+    w = _weights("heavy", shape, seed=2)
+    qw = quantize(w, p, matrix, _moment(shape[1])[1])
     x = torch.randn(5, shape[1], generator=torch.Generator().manual_seed(3))
     want = x.double() @ dequantize(qw, torch.float64).T  # independent: dequantize, then matmul in float64
     fast = prepare(qw, "cpu")
     got = fast(x)
     assert got.dtype == x.dtype and got.shape == (5, shape[0])
     rel = float((got.double() - want).norm() / want.norm())
-    assert rel < 2e-2, rel
-    assert fast.nbytes == qw.nbytes  # resident bytes are the stored bytes
-
-
-@pytest.mark.parametrize("m", [1, 8, 33])
-def test_int4_cpu_kernel_decode_shapes(m):
-    w = torch.randn(256, 512)
-    qw = quantize(w, Precision.INT4)
-    x = torch.randn(m, 512).to(torch.bfloat16)
-    want = x.double() @ dequantize(qw, torch.float64).T
-    rel = float((prepare(qw, "cpu")(x).double() - want).norm() / want.norm())
-    assert rel < 1e-2
+    assert rel < (2e-2 if p in (Precision.INT8, Precision.BF16, Precision.FP16) else 1e-5), rel
+    if p.is_float or p is Precision.INT8:
+        assert fast.nbytes == qw.nbytes  # resident bytes are the stored bytes
 
 
 def test_odd_shape_falls_back_with_a_warning():
@@ -117,7 +138,7 @@ def test_odd_shape_falls_back_with_a_warning():
 @pytest.mark.parametrize("p", INT)
 def test_cuda_kernel_matches_float64_dequantize_reference(p):
     w = _weights("heavy", (256, 512), seed=4)
-    qw = quantize(w, p)
+    qw = quantize(w, p, "gate_up", _moment(512)[1])
     x = torch.randn(8, 512)
     want = x.double() @ dequantize(qw, torch.float64).T
     got = prepare(qw, "cuda")(x.cuda()).cpu()

@@ -21,7 +21,7 @@ def test_manifest_records_measured_bytes_errors_and_shard_hashes(tmp_path):
     mean_err = []
     for p in ["bf16", "int8", "int4", "int3", "int2"]:
         stat = m["experts"]["0"][p]
-        want = expected_nbytes(Precision(p), (64, 64), 64) + expected_nbytes(Precision(p), (64, 32), 64)
+        want = expected_nbytes(Precision(p), "gate_up", (64, 64)) + expected_nbytes(Precision(p), "down", (64, 32))
         assert stat["bytes"] == [want] * 8
         mean_err.append(sum(stat["error"]) / 8)
     assert mean_err == sorted(mean_err)
@@ -43,15 +43,15 @@ def test_nonexpert_weights_keep_the_source_dtype(tmp_path):
 def test_killed_prepare_resumes_and_keeps_finished_shards(tmp_path, monkeypatch):
     ckpt = make_checkpoint("olmoe", tmp_path / "ck")
     out = tmp_path / "st"
-    real, calls = prep.quantize, {"n": 0}
+    real, calls = prep.quantize_many, {"n": 0}
 
     def dying(*a, **k):
         calls["n"] += 1
-        if calls["n"] > 60:  # 2 x 3 quantizations per expert, 48 per layer: dies inside the second layer
+        if calls["n"] > 8:  # 2 matrices x 3 precisions per chunk of 8 experts (a layer): dies inside the second
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(prep, "quantize", dying)
+    monkeypatch.setattr(prep, "quantize_many", dying)
     with pytest.raises(KeyboardInterrupt):
         prep.prepare(ckpt, out, precisions=["int8", "int4", "int2"], progress=False)
     assert not layout.is_store(out) and not list(out.rglob("*.tmp"))
@@ -59,7 +59,7 @@ def test_killed_prepare_resumes_and_keeps_finished_shards(tmp_path, monkeypatch)
     assert done == ["L000.int2.safetensors", "L000.int4.safetensors", "L000.int8.safetensors"]  # layer 1: none
     stamps = {n: (out / "experts" / n).stat().st_mtime_ns for n in done}
 
-    monkeypatch.setattr(prep, "quantize", real)
+    monkeypatch.setattr(prep, "quantize_many", real)
     calls["n"] = 0
     prep.prepare(ckpt, out, precisions=["int8", "int4", "int2"], progress=False)
     assert {n: (out / "experts" / n).stat().st_mtime_ns for n in done} == stamps  # reused, not rewritten

@@ -1,18 +1,20 @@
-// Fused int2/int3 matmul for the CPU: y[M, N] = x[M, K] @ W^T with W read as 2/3-bit codes and
-// dequantized in registers. Plain C ABI, called through ctypes by dynaexq/quant/lowbit_cpu.py,
-// which builds the weight blob (layout below) and compiles this file with -march=native; the ISA
-// (AVX-512F, else AVX2+FMA+F16C, else none: dynaexq_lowbit_isa() == 0) is chosen at compile time.
+// Fused grouped low-bit matmul for the CPU: y[M, N] = x[M, K] @ W^T with W read as 2/3/4-bit codes and
+// dequantized in registers. Plain C ABI, called through ctypes by dynaexq/quant/lowbit_cpu.py, which builds
+// the weight blob (layout below) and compiles this file with -march=native; the ISA (AVX-512F, else
+// AVX2+FMA+F16C, else none: dynaexq_lowbit_isa() == 0) is chosen at compile time.
 //
-// Blob layout: panels of 16 output rows (one 32-bit vector lane per row), panel-major; per panel,
-// per group g of G inputs, a record of the group's codes then 16 fp16 scales and 16 fp16 zeros:
-//   int2: G/16 chunks of 16 lanes; lane i bits 2j..2j+1 = code[row i, k = 16c + j]           (64 B)
+// Blob layout: panels of 16 output rows (one 32-bit vector lane per row), panel-major; per panel a 6-byte
+// header (fp16 ds, db, bmin: the ranges of the panel's scale and offset codes), then per group g of G inputs a
+// record of the group's codes, 16 uint8 scale codes and 16 uint8 offset codes (one per row):
+//   int4: G/8 chunks of 16 lanes; lane i bits 4j..4j+3 = code[row i, k = 8c + j]              (64 B a chunk)
+//   int2: G/16 chunks of 16 lanes; lane i bits 2j..2j+1 = code[row i, k = 16c + j]            (64 B)
 //   int3: G/32 chunks of 3 x 16 lanes A, B, C; lane i bits 3j..3j+2 = code[row i, k = 32c + 10w + j]
 //         for j < 10 in word w = A, B, C; A bits 30-31 / C bits 30-31 = low two bits of k = 30 / 31,
 //         B bits 30 / 31 = their third bits                                                     (192 B)
-// Math per group: y += s * (sum_k q[k] x[k] - z * sum_k x[k]), i.e. W = (q - z) * s exactly. A word
-// shifted right by `bits` per k leaves the next code in its low bits; one vpermps on a table of
-// code values (it reads only the low 4 index bits, AVX2: 3) turns 16 codes into floats, and one FMA
-// per row of x accumulates them: 3 vector ops per 16 weights at M = 1 (int3's k = 30, 31: 5).
+// Math per group: y += s * sum_k q[k] x[k] + b * sum_k x[k], s = ds * scale code, b = bmin + db * offset code,
+// i.e. W = s * q + b exactly. A word shifted right by `bits` per k leaves the next code in its low bits; one
+// vpermps on a table of code values (it reads only the low 4 index bits; AVX2: 3, so int4 masks and converts)
+// turns 16 codes into floats, and one FMA per row of x accumulates them: 3 vector ops per 16 weights at M = 1.
 // Tiles: MT rows of x x NV panels in registers; OpenMP over units of 4 panels (64 output rows).
 #include <immintrin.h>
 #include <stdint.h>
@@ -35,7 +37,7 @@ static inline vf vf_perm(vf lut, vi idx) { return _mm512_permutexvar_ps(idx, lut
 static inline vf vf_zero() { return _mm512_setzero_ps(); }
 static inline vf vf_set1(float a) { return _mm512_set1_ps(a); }
 static inline vf vf_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
-static inline vf vf_fnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a*b
+static inline vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 static inline vf vf_load(const float* p) { return _mm512_loadu_ps(p); }
 static inline void vf_store(float* p, vf a) { _mm512_storeu_ps(p, a); }
 static inline vf vf_load_ph(const void* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
@@ -44,7 +46,12 @@ static inline void vf_store_ph(void* p, vf a) {
 }
 static inline vf make_lut(int bits) {  // index -> its low `bits` bits, as a float
   return bits == 2 ? _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3)
-                   : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
+       : bits == 3 ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7)
+                   : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+template <int BITS> static inline vf decode(vf lut, vi cur) { return vf_perm(lut, cur); }
+static inline vf vf_load_u8(const void* p) {  // 16 bytes -> 16 floats
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define ISA 256
@@ -68,7 +75,7 @@ static inline vf vf_perm(vf lut, vi i) {  // 8-entry table: reads the low 3 inde
 static inline vf vf_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
 static inline vf vf_set1(float a) { return {_mm256_set1_ps(a), _mm256_set1_ps(a)}; }
 static inline vf vf_fma(vf x, vf y, vf z) { return {_mm256_fmadd_ps(x.a, y.a, z.a), _mm256_fmadd_ps(x.b, y.b, z.b)}; }
-static inline vf vf_fnma(vf x, vf y, vf z) { return {_mm256_fnmadd_ps(x.a, y.a, z.a), _mm256_fnmadd_ps(x.b, y.b, z.b)}; }
+static inline vf vf_mul(vf x, vf y) { return {_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
 static inline vf vf_load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
 static inline void vf_store(float* p, vf x) { _mm256_storeu_ps(p, x.a); _mm256_storeu_ps(p + 8, x.b); }
 static inline vf vf_load_ph(const void* p) {
@@ -83,10 +90,23 @@ static inline vf make_lut(int bits) {
   __m256 t = bits == 2 ? _mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3) : _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
   return {t, t};
 }
+template <int BITS> static inline vf decode(vf lut, vi cur) {
+  if constexpr (BITS < 4) {
+    return vf_perm(lut, cur);
+  } else {  // permutevar8x32 reads 3 index bits: mask the nibble and convert
+    const __m256i m = _mm256_set1_epi32(15);
+    return {_mm256_cvtepi32_ps(_mm256_and_si256(cur.a, m)), _mm256_cvtepi32_ps(_mm256_and_si256(cur.b, m))};
+  }
+}
+static inline vf vf_load_u8(const void* p) {
+  const __m128i b = _mm_loadu_si128((const __m128i*)p);
+  return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)))};
+}
 #else
 #define ISA 0
 #endif
 
+constexpr int HEADER = 6;  // bytes of a panel's range header
 constexpr int PF = 2;  // software prefetch distance, in groups (the hardware's alone is 10-25% slower)
 
 extern "C" int dynaexq_lowbit_isa() { return ISA; }
@@ -97,7 +117,7 @@ enum { F32 = 0, BF16 = 1, F16 = 2 };  // dtype codes of x and y
 struct Args {
   int M, N, K, G;     // this block of rows: x [M, K], y [M, N]
   const uint8_t* w;   // blob
-  long panel_bytes, rec_bytes, code_bytes;
+  long panel_bytes, rec_bytes, code_bytes;  // a panel: 6-byte header + ng records
   const float* x;     // [M, K] fp32
   const float* xsum;  // [M, K/G]: per-group sums of x
   char* y;            // [M, N] in dtype ydt
@@ -117,21 +137,29 @@ static void store16(char* dst, int dt, const float* src) {  // 16 floats -> dst 
 // MT rows of x (from row m0) times NV panels (from panel p0): y[m0:m0+MT, 16*p0 : 16*(p0+NV)].
 template <int BITS, int MT, int NV>
 static void tile(const Args& a, int p0, int m0) {
-  constexpr int CK = BITS == 2 ? 16 : 32, CB = 2 * BITS * CK;  // k per chunk, bytes per chunk
-  constexpr int PER = BITS == 2 ? 16 : 10;                        // codes per word read by shifting
+  constexpr int CK = BITS == 2 ? 16 : BITS == 3 ? 32 : 8, CB = 2 * BITS * CK;  // k per chunk, bytes per chunk
+  constexpr int PER = BITS == 2 ? 16 : BITS == 3 ? 10 : 8;                       // codes per word read by shifting
   const int ng = a.K / a.G, nchunk = a.G / CK;
   const vf lut = make_lut(BITS);
   const vi low2 = vi_set1(3);
   float ybuf[MT][NV * 16] = {};
+  vf ds[NV], db[NV], lo[NV];
+  for (int v = 0; v < NV; ++v) {
+    uint16_t h[3];
+    memcpy(h, a.w + (p0 + v) * a.panel_bytes, 6);
+    ds[v] = vf_set1(_cvtsh_ss(h[0])); db[v] = vf_set1(_cvtsh_ss(h[1])); lo[v] = vf_set1(_cvtsh_ss(h[2]));
+  }
   for (int g = 0; g < ng; ++g) {
     vf acc[MT][NV];
     for (int m = 0; m < MT; ++m)
       for (int v = 0; v < NV; ++v) acc[m][v] = vf_zero();
     const uint8_t* rec[NV];
     for (int v = 0; v < NV; ++v) {
-      rec[v] = a.w + (p0 + v) * a.panel_bytes + g * a.rec_bytes;
+      rec[v] = a.w + (p0 + v) * a.panel_bytes + HEADER + g * a.rec_bytes;
       // prefetch the record PF groups ahead; near the end, that of the next tile (panel v + NV)
-      const char* ahead = (const char*)rec[v] + (g + PF < ng ? PF : NV * ng + PF - ng) * a.rec_bytes;
+      const char* ahead = g + PF < ng ? (const char*)rec[v] + PF * a.rec_bytes
+                                      : (const char*)(a.w + (p0 + v + NV) * a.panel_bytes + HEADER
+                                                      + (g + PF - ng) * a.rec_bytes);
       for (int b = 0; b < a.rec_bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
     }
     for (int c = 0; c < nchunk; ++c) {
@@ -142,13 +170,13 @@ static void tile(const Args& a, int p0, int m0) {
       for (int j = 0; j < CK; ++j) {
         vf w[NV];
         for (int v = 0; v < NV; ++v) {
-          if (BITS == 2 || j < 30) {
+          if (BITS != 3 || j < 30) {
             if (j % PER == 0) {  // next word (int3: A, B, C)
-              if (j == 10) a30[v] = cur[v];
-              if (j == 20) b30[v] = cur[v];
+              if (BITS == 3 && j == 10) a30[v] = cur[v];
+              if (BITS == 3 && j == 20) b30[v] = cur[v];
               cur[v] = vi_load(rec[v] + c * CB + 64 * (j / PER));
             }
-            w[v] = vf_perm(lut, cur[v]);
+            w[v] = decode<BITS>(lut, cur[v]);
             cur[v] = vi_srl(cur[v], BITS);
           } else {  // k = 30: low bits A >> 30, third bit B[30]; k = 31: C >> 30 and B[31]
             w[v] = vf_perm(lut, j == 30 ? vi_select(low2, a30[v], vi_sll(b30[v], 2))
@@ -162,10 +190,11 @@ static void tile(const Args& a, int p0, int m0) {
       }
     }
     for (int v = 0; v < NV; ++v) {
-      const vf s = vf_load_ph(rec[v] + a.code_bytes), z = vf_load_ph(rec[v] + a.code_bytes + 32);
+      const vf s = vf_mul(ds[v], vf_load_u8(rec[v] + a.code_bytes));
+      const vf b = vf_fma(db[v], vf_load_u8(rec[v] + a.code_bytes + 16), lo[v]);
       for (int m = 0; m < MT; ++m) {
         const vf xs = vf_set1(a.xsum[(long)(m0 + m) * ng + g]);
-        vf_store(ybuf[m] + 16 * v, vf_fma(s, vf_fnma(z, xs, acc[m][v]), vf_load(ybuf[m] + 16 * v)));
+        vf_store(ybuf[m] + 16 * v, vf_fma(s, acc[m][v], vf_fma(b, xs, vf_load(ybuf[m] + 16 * v))));
       }
     }
   }
@@ -200,8 +229,9 @@ static void to_f32(const void* src, int dt, float* dst, long n) {
 }
 #endif
 
-// y[M, N] (dtype dt) = x[M, K] (dtype dt) @ W^T for the blob `w` of a [N, K] int2/int3 weight with
-// groups of G (N % 16 == 0, K % G == 0, G % 32 == 0). Returns 0, or -1 when built without a kernel.
+// y[M, N] (dtype dt) = x[M, K] (dtype dt) @ W^T for the blob `w` of a [N, K] 2/3/4-bit weight with groups
+// of G (N % 16 == 0, K % G == 0, G a multiple of the chunk: 8 / 16 / 32 for 4 / 2 / 3 bits). Returns 0, or -1
+// when built without a kernel.
 extern "C" int dynaexq_lowbit_mm(int bits, int G, int M, int N, int K, const void* x, int dt,
                                  const uint8_t* w, void* y, int nthreads) {
 #if ISA
@@ -212,8 +242,8 @@ extern "C" int dynaexq_lowbit_mm(int bits, int G, int M, int N, int K, const voi
   Args a;
   a.N = N; a.K = K; a.G = G; a.w = w; a.ydt = dt;
   a.code_bytes = 2L * G * bits;
-  a.rec_bytes = a.code_bytes + 64;
-  a.panel_bytes = ng * a.rec_bytes;
+  a.rec_bytes = a.code_bytes + 32;
+  a.panel_bytes = HEADER + ng * a.rec_bytes;
   for (int r0 = 0; r0 < M; r0 += MB) {
     a.M = std::min(MB, M - r0);
     float* xf = buf.data();
@@ -231,7 +261,8 @@ extern "C" int dynaexq_lowbit_mm(int bits, int G, int M, int N, int K, const voi
       for (int m0 = 0; m0 < a.M; m0 += MT_MAX) {
         const int mt = std::min(MT_MAX, a.M - m0);
         if (bits == 2) run_rows<2>(a, p0, np, m0, mt);
-        else run_rows<3>(a, p0, np, m0, mt);
+        else if (bits == 3) run_rows<3>(a, p0, np, m0, mt);
+        else run_rows<4>(a, p0, np, m0, mt);
       }
     }
   }
