@@ -206,6 +206,10 @@ def synthetic_checkpoint(workdir, layers: int = 2, experts: int = 128, vocab: in
     (path / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_parameters": n_params, "total_size": total}, "weight_map": weight_map}, indent=2))
     cfg.save_pretrained(path)
+    if vocab >= 8192:  # the bundled model's tokenizer (8192 tokens): prepare can calibrate on real text
+        from dynaexq.demo import BUNDLED
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(BUNDLED / f, path / f)
     expert_bytes = sum(int(torch.Size(s).numel()) * itemsize for k, s in layout.items() if _EXPERT_KEY.match(k))
     done.write_text(json.dumps({"total_bytes": total, "expert_bytes": expert_bytes, "params": n_params,
                                 "layers": layers, "experts": experts, "vocab": vocab, "dtype": dtype}))

@@ -54,7 +54,7 @@ NEEDED = ("bf16", "int4", "int2")
 QUIET = 0.3  # cores used by other processes below which a sample counts as uncontended
 
 
-def find_store(workdir: Path, ckpt: Path, needed, group_size: int):
+def find_store(workdir: Path, ckpt: Path, needed):
     """A complete store of this checkpoint in workdir (e.g. bench/prepare.py's) holding the needed precisions."""
     from dynaexq.store import layout
     from dynaexq.store.checkpoint import Checkpoint
@@ -65,7 +65,7 @@ def find_store(workdir: Path, ckpt: Path, needed, group_size: int):
             continue
         man = json.loads(m.read_text())
         src = man.get("source", {})
-        if (set(needed) <= set(man.get("precisions", [])) and man.get("group_size") == group_size
+        if (set(needed) <= set(man.get("precisions", []))
                 and man.get("format_version") == layout.FORMAT_VERSION
                 and src.get("config_sha256") == fingerprint["config_sha256"] and src.get("files") == fingerprint["files"]):
             return d
@@ -142,13 +142,13 @@ def main(argv=None):
     ckpt = synthetic_checkpoint(workdir, layers=args.layers, experts=args.experts, vocab=args.vocab,
                                 log=lambda m: print(m, file=sys.stderr))
     info = checkpoint_info(ckpt)
-    store = find_store(workdir, ckpt, needed, 64)
+    store = find_store(workdir, ckpt, needed)
     prep_s = 0.0
     if store is None:
         store = workdir / f"store-{ckpt.name}-{'_'.join(['bf16', 'int4', 'int2'])}-g64"
         print(f"  preparing {store} (no prepared store with {','.join(needed)} in {workdir}; once)", file=sys.stderr)
         t0 = time.perf_counter()
-        prepare(ckpt, store, precisions=sorted(set(needed) | set(NEEDED)), group_size=64, progress=True)
+        prepare(ckpt, store, precisions=sorted(set(needed) | set(NEEDED)), progress=True)
         prep_s = time.perf_counter() - t0
     print(f"  checkpoint {ckpt} ({info['total_bytes'] / 1e9:.2f} GB)\n  store {store}", file=sys.stderr)
 

@@ -13,7 +13,8 @@ What it measures
   moe_intermediate 768, 128 experts, top-8, 32 heads / 4 KV heads of 128), `--layers` layers (default 2:
   2 x 1.21 GB of bf16 experts), vocabulary 4096, written shard by shard (<= 1 GiB each) as sharded
   safetensors with transformers' save_pretrained key names (`bench/_common.py`); cached in --workdir.
-  The run: `prepare(src, out, precisions, group_size)` in a fresh Python subprocess, so its RSS is
+  The run: `prepare_store(src, out, precisions)` (calibrated on the bundled tokenizer's calibration texts,
+  128 x 256 tokens, as `dynaexq prepare` does; --no-calibration: weight-only) in a fresh Python subprocess, so its RSS is
   prepare's alone. The parent samples /proc/PID/status (VmRSS, RssAnon, RssFile) every 0.1 s; the child
   reports its own VmHWM at exit and its RSS right after importing torch + transformers + dynaexq (the
   constant C of the target). Reported: wall time of prepare(), throughput in GB of source-dtype expert
@@ -56,21 +57,22 @@ def st():
 t_import = time.perf_counter()
 import torch, transformers
 torch.set_num_threads(int(os.environ['BENCH_THREADS']))
-from dynaexq.store.prepare import prepare
+from dynaexq.engine.calibrate import prepare_store
 import dynaexq.quant.quantize, dynaexq.store.checkpoint
 t_import = time.perf_counter() - t_import
 base = st()
 args = json.loads(sys.argv[1])
 t0 = time.perf_counter()
-prepare(args['src'], args['out'], precisions=args['precisions'], group_size=args['group_size'], progress=args['progress'])
+prepare_store(args['src'], args['out'], args['precisions'], args['calibration'], args['windows'], progress=args['progress'])
 wall = time.perf_counter() - t0
 print('BENCH_RESULT ' + json.dumps({'baseline': base, 'end': st(), 'wall_s': wall, 'import_s': t_import}), flush=True)
 """
 
 
-def run_child(src, out, precisions, group_size, threads, progress, interval=0.1, extra_env=None):
+def run_child(src, out, precisions, calibration, windows, threads, progress, interval=0.1, extra_env=None):
     env = {**os.environ, **(extra_env or {}), "BENCH_THREADS": str(threads)}
-    payload = json.dumps({"src": str(src), "out": str(out), "precisions": precisions, "group_size": group_size,
+    payload = json.dumps({"src": str(src), "out": str(out), "precisions": precisions, "calibration": calibration,
+                          "windows": windows,
                           "progress": progress})
     proc = subprocess.Popen([sys.executable, "-c", CHILD, payload], stdout=subprocess.PIPE, stderr=None,
                             text=True, env=env)
@@ -148,8 +150,10 @@ def main(argv=None):
     ap.add_argument("--precisions", default="bf16,int8,int4,int3,int2")
     ap.add_argument("--layers", type=int, default=2, help="MoE layers (each: 128 experts, 1.21 GB in bf16)")
     ap.add_argument("--experts", type=int, default=128)
-    ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=8192, help=">= 8192: the bundled tokenizer is added, so prepare "
+                    "calibrates")
+    ap.add_argument("--calibration-windows", type=int, default=128, help="windows of 256 tokens (default 128)")
+    ap.add_argument("--no-calibration", action="store_true", help="weight-only prepare (no calibration pass)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in the prepare process")
     ap.add_argument("--progress", action="store_true", help="show prepare's tqdm bar (stderr)")
     ap.add_argument("--child-env", action="append", default=[], metavar="KEY=VALUE",
@@ -182,12 +186,13 @@ def main(argv=None):
                 pass
     warm_s = time.perf_counter() - t0
 
-    out = workdir / f"store-{src.name}-{'_'.join(precisions)}-g{args.group_size}"
+    out = workdir / f"store-{src.name}-{'_'.join(precisions)}{'-nocal' if args.no_calibration else ''}"
     if out.exists():
         shutil.rmtree(out)
     t_epoch = time.time()
     child_env = dict(kv.split("=", 1) for kv in args.child_env)
-    res = run_child(src, out, precisions, args.group_size, args.threads, args.progress, extra_env=child_env)
+    res = run_child(src, out, precisions, ["none"] if args.no_calibration else None, args.calibration_windows,
+                    args.threads, args.progress, extra_env=child_env)
     jobs = job_times(out, t_epoch)
 
     e_layer = info["expert_bytes"] / args.layers
@@ -203,7 +208,8 @@ def main(argv=None):
     print(f"  total {fmt_bytes(info['total_bytes'])} ({info['total_bytes'] / 1e9:.2f} GB), experts "
           f"{fmt_bytes(info['expert_bytes'])} ({info['expert_bytes'] / 1e9:.2f} GB) in {info['dtype']}; "
           f"{info['params'] / 1e9:.2f} B params; built in {build_s:.0f}s (0 = cached); page-cache warm read {warm_s:.1f}s")
-    print(f"\n== prepare ({','.join(precisions)}, group {args.group_size}) -> {out}")
+    how = "no calibration" if args.no_calibration else f"calibrated on {args.calibration_windows} x 256 tokens"
+    print(f"\n== prepare ({','.join(precisions)}, {how}) -> {out}")
     rows = [
         ("wall time of prepare()", f"{wall:.1f} s"),
         ("throughput, source experts", f"{info['expert_bytes'] / 1e9 / wall:.4f} GB/s   "
@@ -245,7 +251,7 @@ def main(argv=None):
     step = max(1, len(tl) // 200)
     result = {
         "bench": "prepare", "quick": args.quick, "checkpoint": str(src), "store": str(out),
-        "layers": args.layers, "experts": args.experts, "precisions": precisions, "group_size": args.group_size,
+        "layers": args.layers, "experts": args.experts, "precisions": precisions, "calibration_windows": None if args.no_calibration else args.calibration_windows,
         "threads": args.threads, "child_env": args.child_env, "checkpoint_bytes": info["total_bytes"], "expert_bytes": info["expert_bytes"],
         "expert_params": expert_params, "wall_s": wall, "gb_per_s": info["expert_bytes"] / 1e9 / wall,
         "params_per_s": expert_params / wall, "store_bytes": store_bytes,

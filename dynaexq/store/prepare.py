@@ -1,14 +1,15 @@
 """`prepare`: checkpoint -> expert store, every routed expert at every requested precision.
 
 Streams one MoE layer at a time: its experts are read from the source once (`Checkpoint.get` slices, source
-unmapped right after), quantized at every precision in chunks of CHUNK experts (quant.quantize_many: batched
-GPTQ), and each version written straight into its (layer, precision) shard (`shard_writer`), so peak memory is
+unmapped right after), quantized at every precision in chunks of up to CHUNK experts (quant.quantize_many:
+batched GPTQ), and each version written straight into its (layer, precision) shard (`shard_writer`), so peak memory is
 about one layer of source experts plus one chunk's working copies, whatever the checkpoint size.
 With calibration (engine/calibrate.py drives a `PrepareJob` from inside one forward pass of the calibration
 text), each expert is quantized against the second moments of its own inputs, H = E[x x^T] over the tokens
 routed to it (pooled with the layer's mean for experts that see few tokens), and the error recorded per expert
 and precision is the activation-aware relative error sqrt(mean over its two matrices of
-tr(dW H dW^T) / tr(W H W^T)); without, H = I (weight error).
+tr(dW H dW^T) / tr(W H W^T)), with the expert's output energy tr(W_down H_h W_down^T) beside it (the planners'
+cost is error x sqrt(energy): the size of the output error, what the next layers see); without, H = I.
 Shards are written under a temporary name and renamed; a sidecar `experts/L003.int4.json` (per-expert bytes,
 errors, digests, sha256 and the prepare parameters) is written after its shard, so a killed run resumes by
 skipping the shards whose sidecar matches. Non-expert weights are copied unchanged (source dtype) into
@@ -37,7 +38,8 @@ from dynaexq.store.checkpoint import INDEX, Checkpoint
 from dynaexq.store.shard_writer import StreamingWriter, write_streaming
 
 _COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".md", ".tiktoken")
-CHUNK = 16  # experts quantized together (GPTQ is batched over them)
+CHUNK = 16  # experts quantized together at most (GPTQ is batched over them)
+CHUNK_BYTES = 256 << 20  # ... and at most this many bytes of their float64 gate_up second moments (K x K each)
 
 
 class PrepareJob:
@@ -114,13 +116,15 @@ class PrepareJob:
         if not todo:
             self.bar.update(self.n_exp)
             return
-        stats = {p: {"bytes": [], "error": [], "digest": []} for p in todo}
+        stats = {p: {"bytes": [], "error": [], "energy": [], "digest": []} for p in todo}
         shapes = {m: list(experts[0][m].shape) for m in layout.MATRICES}
         meta = {"params_sha256": self.params_hash}
+        k = experts[0]["gate_up"].shape[1]
+        size = max(1, min(CHUNK, CHUNK_BYTES // (8 * k * k)))
         with contextlib.ExitStack() as stack:
             writers = {}
-            for c0 in range(0, self.n_exp, CHUNK):
-                chunk = range(c0, min(c0 + CHUNK, self.n_exp))
+            for c0 in range(0, self.n_exp, size):
+                chunk = range(c0, min(c0 + size, self.n_exp))
                 H = [hessians(e) for e in chunk] if hessians is not None else None
                 versions = self._quantize(experts, chunk, H, todo, stats)
                 if not writers:  # the shapes of every expert's tensors are those of the first
@@ -147,14 +151,17 @@ class PrepareJob:
         """-> {precision: [{name: tensor} per expert of the chunk]}, recording bytes, errors and digests."""
         out = {p: [{} for _ in chunk] for p in todo}
         rel = {p: [0.0] * len(chunk) for p in todo}
+        energy = [0.0] * len(chunk)  # tr(W_down H_h W_down^T): the expert's output energy per token
         for m in layout.MATRICES:
             W = torch.stack([experts[e][m] for e in chunk])  # [B, N, K] source dtype
             Hm = None if H is None else torch.stack([h[m] for h in H]).float()
             for p in todo:
                 for i, qw in enumerate(quantize_many(W, p, m, Hm)):
                     out[p][i].update({f"{m}.{name}": t for name, t in qw.tensors().items()})
+                    num, den = activation_error(W[i], qw, None if Hm is None else Hm[i])
+                    if m == "down":
+                        energy[i] = den
                     if not (p.is_float and W.dtype == p.dtype):  # same dtype: exact copy, error 0
-                        num, den = activation_error(W[i], qw, None if Hm is None else Hm[i])
                         rel[p][i] += num / max(den, 1e-30) / len(layout.MATRICES)
         for p in todo:
             for i, e in enumerate(chunk):
@@ -162,6 +169,7 @@ class PrepareJob:
                 s = stats[p]
                 s["bytes"].append(sum(t.numel() * t.element_size() for t in out[p][i].values()))
                 s["error"].append(rel[p][i] ** 0.5)
+                s["energy"].append(energy[i])
                 s["digest"].append(layout.expert_digest(out[p][i].values()))
         return out
 
@@ -171,7 +179,8 @@ class PrepareJob:
             return self.out
         self.bar.close()
         out, stats = self.out, self.stats
-        missing = [layer for layer in self.index if str(layer) not in stats or len(stats[str(layer)]) < len(self.precisions)]
+        missing = [layer for layer in self.index
+                   if str(layer) not in stats or len(stats[str(layer)]) < len(self.precisions)]
         assert not missing, f"layers {missing} were never written"
         name = layout.NONEXPERT_SHARD
         shards = {name: {"size": (out / name).stat().st_size, "sha256": layout.sha256_file(out / name),

@@ -26,6 +26,8 @@ class FakeReader:
     def expert_error(self, layer, e, p):
         return ERROR[p] * self.jitter.get((layer, e), 1.0)
 
+    output_error = expert_error
+
 
 def cost(plan, reader):
     return sum(reader.expert_bytes(layer, e, p) for (layer, e), p in plan.items())

@@ -6,9 +6,10 @@ calibrated[:hi=int8,lo=int2]   DynaExq's offline mixed precision ("MP-Offline"):
 calibrated-multilevel[:ladder=bf16/int8/int4/int3/int2,power=2]
                                DynaMo-style: each expert's precision from a ladder, greedy by the largest
                                (hotness x reduction of error**power) per byte, on the lower convex hull of every
-                               expert's (bytes, cost) options; `error` is the store's measured relative weight
-                               error. power=2: the output perturbation an expert adds is ~ p * err, and KL is
-                               quadratic in it.
+                               expert's (bytes, cost) options; `error` is the store's output error of the expert
+                               (`StoreReader.output_error`: its relative error on the calibration inputs x the
+                               size of its output). power=2: the output perturbation an expert adds is ~ p * err,
+                               and KL is quadratic in it.
 oracle[:hi=..,lo=..]           the multilevel (or, with hi/lo, the two-tier) allocation from the routing of the
                                evaluated text itself: an upper bound for a static map, only meaningful in `eval`.
 
@@ -158,7 +159,7 @@ class MultilevelPlanner:
         for layer in reader.layers:
             for e in range(reader.num_experts):
                 hot = max(_hot(hotness, layer, e), 1e-6 * mean + 1e-30)  # unrouted experts: bytes left go by error
-                pts = sorted((reader.expert_bytes(layer, e, p), hot * reader.expert_error(layer, e, p) ** self.power, p)
+                pts = sorted((reader.expert_bytes(layer, e, p), hot * reader.output_error(layer, e, p) ** self.power, p)
                              for p in ladder)
                 hull = _lower_hull(pts)
                 plan[(layer, e)] = hull[0][2]

@@ -9,9 +9,9 @@ multilevel[:ladder=bf16/int8/int4/int3/int2,power=2,delta=0.01,max_pairs=0]
     Beyond the paper: slots of every precision of a ladder, their counts per layer chosen at start by the greedy
     multilevel allocation (planners/calibrated.py) on the warm-start hotness within the budget. Online, experts
     trade slots: a swap of a (tier p) with b (tier q, lower) gains S_b*(c_b(q) - c_b(p)) - S_a*(c_a(q) - c_a(p)),
-    c = (measured relative weight error of the store)**power, and is taken while the gain exceeds delta times the
-    mean cost step of the two (for two tiers and equal errors this is exactly DynaExq's rule). Slot counts stay
-    fixed, so the pools never re-carve and the bytes never move off the budget.
+    c = (the store's output error of the expert, StoreReader.output_error)**power, and is taken while the gain
+    exceeds delta times the mean cost step of the two (for two tiers and equal errors this is exactly DynaExq's
+    rule). Slot counts stay fixed, so the pools never re-carve and the bytes never move off the budget.
 frozen[:hi=int8,lo=int2,alloc=proportional]
     The paper's static ablation: the warm-start map, never changed.
 
@@ -114,7 +114,7 @@ class DynamicPlanner:
         tiers = self.tiers(reader)
         if self.kind != "multilevel":
             return {layer: np.tile([0.0, 1.0], (reader.num_experts, 1)) for layer in reader.layers}
-        return {layer: np.array([[reader.expert_error(layer, e, p) ** self.power for p in tiers]
+        return {layer: np.array([[reader.output_error(layer, e, p) ** self.power for p in tiers]
                                  for e in range(reader.num_experts)]) for layer in reader.layers}
 
     def decide(self, S: dict, assign: dict, costs: dict, tiers: list, cold: bool = False) -> list:
@@ -181,5 +181,5 @@ class _SlotSizes:
     def expert_bytes(self, layer, e, p):
         return self._bytes[(layer, p)]
 
-    def expert_error(self, layer, e, p):
-        return self._reader.expert_error(layer, e, p)
+    def output_error(self, layer, e, p):
+        return self._reader.output_error(layer, e, p)

@@ -1,0 +1,227 @@
+"""dynaexq against llama.cpp on the bundled model: KL at equal expert bytes, on dynaexq eval's own windows.
+
+Command (~15 min the first time: the llama.cpp build is cached in ~/.cache/dynaexq/llamacpp; later ~8 min):
+
+    .venv/bin/python bench/peer_llamacpp.py            # --types Q4_K_M,Q4_0,... --threads 2
+
+What it does
+  1. llama.cpp: `pip download` of the llama-cpp-python sdist (the llama.cpp it vendors), cmake build of
+     llama-quantize, llama-imatrix, llama-bench and libllama, and bench/peer/llama_logits.cpp against it (an
+     ~80-line program that writes llama.cpp's log-probabilities for given token windows).
+  2. The bundled checkpoint -> GGUF bf16 with llama.cpp's convert_hf_to_gguf.py (its pre-tokenizer check does
+     not know our byte-level BPE, whose regex is GPT-2's: told "gpt-2"); an importance matrix with llama-imatrix
+     on the model's calibration texts (never its eval texts).
+  3. For each type, with and without the imatrix: llama-quantize with only the expert tensors quantized
+     (attention, embeddings and router stay bf16 / f32, as in dynaexq); the bytes of the expert tensors and the
+     types each got are read back from the GGUF (the bundled `down` rows are 128 long, so 256-block types fall
+     back to another type there: reported).
+  4. KL(reference || quantized) per token, mean over the three domains, on exactly `dynaexq eval`'s windows
+     (16 x 256 tokens spread over each eval text, each window decoded alone); the reference is the HF model in
+     float32, as for dynaexq. Next to it: dynaexq's calibrated-multilevel at that expert byte count, and the
+     uniform dynaexq formats with their bytes.
+  5. Decode speed, batch 1, --threads threads: llama-bench (-p 0 -n 64) on the Q4_K_M experts GGUF vs
+     dynaexq's generate loop (greedy, 64 tokens, uniform:int4) on the same model.
+Output: a human table, then one JSON object on the last stdout line. Not part of CI.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent
+VERSION = "0.3.36"
+CACHE = Path(os.environ.get("DYNAEXQ_CACHE", Path.home() / ".cache" / "dynaexq")) / "llamacpp"
+SRC = CACHE / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
+BUILD = CACHE / f"build-{VERSION}"
+BIN = BUILD / "bin"
+TYPES = "Q4_K_M,Q4_0,IQ4_XS,Q3_K_M,Q3_K_S,IQ3_S,Q2_K,IQ2_XS"
+EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+
+
+def sh(cmd, **kw):
+    return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True, **kw)
+
+
+def build() -> None:
+    if (BIN / "llama-quantize").is_file() and (CACHE / "llama_logits").is_file():
+        return
+    CACHE.mkdir(parents=True, exist_ok=True)
+    sdist = CACHE / f"llama_cpp_python-{VERSION}.tar.gz"
+    if not sdist.is_file():
+        sh([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+            f"llama-cpp-python=={VERSION}", "-d", CACHE])
+    if not SRC.is_dir():
+        with tarfile.open(sdist) as t:
+            t.extractall(CACHE)
+    print("building llama.cpp (once, ~12 min on 2 cores)", file=sys.stderr)
+    sh(["cmake", "-S", SRC, "-B", BUILD, "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF",
+        "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DGGML_NATIVE=ON"])
+    sh(["cmake", "--build", BUILD, "-j", str(os.cpu_count()), "--target", "llama-quantize", "llama-imatrix",
+        "llama-bench", "llama"])
+    sh(["g++", "-O2", "-o", CACHE / "llama_logits", ROOT / "peer" / "llama_logits.cpp", f"-I{SRC / 'include'}",
+        f"-I{SRC / 'ggml' / 'include'}", f"-L{BIN}", "-lllama", f"-Wl,-rpath,{BIN}"])
+
+
+CONVERT = """import runpy, sys
+sys.path.insert(0, sys.argv[1] + "/gguf-py"); sys.path.insert(0, sys.argv[1])
+import conversion.base as base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"  # our byte-level BPE uses GPT-2's regex
+sys.argv = [sys.argv[1] + "/convert_hf_to_gguf.py"] + sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def gguf_experts(path: Path) -> tuple[int, dict]:
+    """(bytes of the expert tensors, {tensor kind: sorted types}) read from a GGUF."""
+    sys.path.insert(0, str(SRC / "gguf-py"))
+    import gguf
+
+    nbytes, types = 0, {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        kind = next((k for k in EXPERTS if k in t.name), None)
+        if kind:
+            nbytes += int(t.n_bytes)
+            types.setdefault(kind, set()).add(t.tensor_type.name)
+    return nbytes, {k: sorted(v) for k, v in types.items()}
+
+
+def quantize(base: Path, qtype: str, imatrix: Path | None, out: Path) -> None:
+    keep = ["attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm"]
+    cmd = [BIN / "llama-quantize", "--token-embedding-type", "bf16", "--output-tensor-type", "bf16"]
+    for k in keep:
+        cmd += ["--tensor-type", f"{k}=bf16"]
+    if imatrix is not None:
+        cmd += ["--imatrix", imatrix]
+    sh(cmd + [base, out, qtype, str(os.cpu_count())])
+
+
+def kl_llama(gguf_path: Path, ev, work: Path, threads: int) -> dict:
+    """Mean KL per token and top-1 agreement of llama.cpp on the evaluation's windows, per domain."""
+    out = {}
+    for name, w in ev.windows.items():
+        n, length = w.shape
+        tok, logp = work / f"{name}.tokens", work / f"{name}.logp"
+        w.to(torch.int32).numpy().tofile(tok)
+        sh([CACHE / "llama_logits", gguf_path, tok, n, length, threads, logp])
+        q = np.memmap(logp, dtype=np.float32, mode="r").reshape(n, length - 1, -1)
+        kl = agree = 0.0
+        count = 0
+        for b, r in enumerate(ev.ref_logp[name]):  # reference batches of ev.batch windows
+            r = np.asarray(r, dtype=np.float64)
+            qq = np.asarray(q[b * ev.batch:b * ev.batch + len(r)], dtype=np.float64)[..., :r.shape[-1]]
+            kl += float((np.exp(r) * (r - qq)).sum())
+            agree += float((r.argmax(-1) == qq.argmax(-1)).sum())
+            count += r.shape[0] * r.shape[1]
+        out[name] = {"kl": kl / count, "top1": agree / count}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--types", default=TYPES)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--skip-speed", action="store_true")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT.parent))
+    from dynaexq.demo import BUNDLED
+    from dynaexq.engine.calibrate import prepare_store
+    from dynaexq.eval.harness import Evaluation, parse_data
+
+    t_all = time.perf_counter()
+    build()
+    work = CACHE / "work"
+    work.mkdir(exist_ok=True)
+    base = work / "bundled-bf16.gguf"
+    if not base.is_file():
+        (work / "convert.py").write_text(CONVERT)
+        sh([sys.executable, work / "convert.py", SRC, BUNDLED, "--outtype", "bf16", "--outfile", base])
+    imatrix = work / "imatrix.gguf"
+    if not imatrix.is_file():
+        calib = work / "calibration.txt"
+        calib.write_text("\n".join((BUNDLED / "calibration" / f).read_text() for f in ("code.txt", "prose.txt",
+                                                                                      "dict.txt")))
+        sh([BIN / "llama-imatrix", "-m", base, "-f", calib, "-o", imatrix, "-c", "256", "-t", args.threads])
+
+    store = prepare_store(BUNDLED, work / "dynaexq-store", progress=False)
+    ev = Evaluation(BUNDLED, parse_data(None, BUNDLED), args.windows, 256, store=store, progress=False)
+    rows = []
+    for qtype in [t.strip() for t in args.types.split(",") if t.strip()]:
+        best = None
+        for with_imatrix in (False, True):
+            out = work / f"experts-{qtype}{'-imatrix' if with_imatrix else ''}.gguf"
+            if not out.is_file():
+                try:
+                    quantize(base, qtype, imatrix if with_imatrix else None, out)
+                except subprocess.CalledProcessError as err:  # e.g. IQ2 types refuse to run without an imatrix
+                    print(f"  llama.cpp {qtype} imatrix={with_imatrix}: llama-quantize failed: "
+                          f"{err.stderr.strip().splitlines()[-1] if err.stderr.strip() else err}", file=sys.stderr)
+                    continue
+            nbytes, types = gguf_experts(out)
+            dom = kl_llama(out, ev, work, args.threads)
+            kl = sum(d["kl"] for d in dom.values()) / len(dom)
+            row = {"type": qtype, "imatrix": with_imatrix, "expert_bytes": nbytes, "types": types, "kl": kl,
+                   "domains": dom}
+            print(f"  llama.cpp {qtype:<7} imatrix={with_imatrix!s:<5} {nbytes:>10} B  KL {kl:.5f}  {types}",
+                  file=sys.stderr)
+            rows.append(row)
+            best = row if best is None or kl < best["kl"] else best
+        ours = ev.run("calibrated-multilevel", best["expert_bytes"])
+        best["dynaexq_multilevel"] = {"expert_bytes": ours["expert_bytes"], "kl": ours["mean_kl"],
+                                      "precisions": ours["precisions"]}
+    uniform = {p: ev.run(f"uniform:{p}") for p in ("int8", "int4", "int3", "int2")}
+    params = sum(ev.reader.manifest["shapes"][m][0] * ev.reader.manifest["shapes"][m][1] for m in ("gate_up", "down"))
+    params *= len(ev.reader.layers) * ev.reader.num_experts
+    print(f"\nKL(HF float32 reference || quantized), mean over code/prose/dict, {args.windows} x 256 tokens each; "
+          "only the experts quantized in both")
+    print(f"{'llama.cpp type':<16} {'expert bytes':>12} {'bpw':>5} {'llama.cpp best':>15} {'dynaexq multilevel':>19} "
+          f"{'ratio':>6}  types (best)")
+    for r in rows:
+        if "dynaexq_multilevel" not in r:
+            continue
+        d = r["dynaexq_multilevel"]
+        print(f"{r['type'] + (' +imatrix' if r['imatrix'] else ''):<16} {r['expert_bytes']:>12} "
+              f"{8 * r['expert_bytes'] / params:>5.2f} {r['kl']:>15.5f} {d['kl']:>19.5f} {d['kl'] / r['kl']:>6.2f}  "
+              f"{r['types']}")
+    print("dynaexq uniform formats: " + ", ".join(f"{p} {u['expert_bytes']} B ({8 * u['expert_bytes'] / params:.2f} "
+                                                  f"bpw) KL {u['mean_kl']:.5f}" for p, u in uniform.items()))
+    speed = {} if args.skip_speed else decode_speed(work, BUNDLED, store, args.threads)
+    if speed:
+        print(f"decode, batch 1, {args.threads} threads: llama.cpp Q4_K_M experts {speed['llamacpp_tok_s']:.1f} tok/s, "
+              f"dynaexq uniform:int4 {speed['dynaexq_tok_s']:.1f} tok/s ({speed['ratio']:.2f}x)")
+    print(json.dumps({"bench": "peer_llamacpp", "llamacpp_version": VERSION, "threads": args.threads, "rows": rows,
+                      "dynaexq_uniform": {p: {"expert_bytes": u["expert_bytes"], "kl": u["mean_kl"]}
+                                          for p, u in uniform.items()}, "expert_params": params, "speed": speed,
+                      "total_s": time.perf_counter() - t_all}))
+
+
+def decode_speed(work: Path, model: Path, store: Path, threads: int) -> dict:
+    import dynaexq
+
+    gguf_path = work / "experts-Q4_K_M.gguf"
+    res = json.loads(sh([BIN / "llama-bench", "-m", gguf_path, "-p", "0", "-n", "64", "-t", threads, "-r", "3",
+                         "-o", "json"]).stdout)
+    llama = float(res[0]["avg_ts"])
+    torch.set_num_threads(threads)
+    eng = dynaexq.load(model, "uniform:int4", store=store, progress=False)
+    runs = []
+    for _ in range(3):  # a 5-token prompt, then greedy decode; tokens counted from the text made
+        t0 = time.perf_counter()
+        text = eng.generate("def f(x):", max_new_tokens=64)
+        dt = time.perf_counter() - t0
+        runs.append(len(eng.tokenizer(text, add_special_tokens=False)["input_ids"]) / dt)
+    ours = float(np.median(runs))
+    return {"llamacpp_tok_s": llama, "dynaexq_tok_s": ours, "ratio": ours / llama}
+
+
+if __name__ == "__main__":
+    main()
