@@ -124,20 +124,21 @@ def salient(bits, g, frac=0.01):
         Wp, Hp = w[:, perm].double(), H[perm][:, perm].double()
         Hp += Q.DAMP * torch.diag(Hp).mean() * torch.eye(k, dtype=Hp.dtype)
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True)
-        kq = len(rest) // g * g  # whole groups; the remainder joins the fp16 columns
+        kq = len(rest)  # the quantized columns, in groups of g (the last one shorter)
         qmax, d, out = (1 << bits) - 1, torch.diag(Hp), Wp.clone()
         for c0 in range(0, kq, g):
-            sc, b = Q._fit(Wp[:, c0:c0 + g].float(), d[c0:c0 + g].float().expand(n, g), qmax)
+            c1 = min(c0 + g, kq)
+            sc, b = Q._fit(Wp[:, c0:c1].float(), d[c0:c1].float().expand(n, c1 - c0), qmax)
             sc, b = sc.double(), b.double()
-            for j in range(c0, c0 + g):
+            for j in range(c0, c1):
                 q = torch.round((Wp[:, j:j + 1] - b) / sc).clamp(0, qmax)
                 out[:, j] = (sc * q + b)[:, 0]
                 err = (Wp[:, j] - out[:, j]) / Hinv[j, j]
                 Wp[:, j + 1:] -= err[:, None] * Hinv[j, j + 1:][None]
-        out[:, kq:] = Wp[:, kq:].half().double()
+        out[:, kq:] = Wp[:, kq:].half().double()  # the salient columns, compensated, in fp16
         res = torch.empty_like(out)
         res[:, perm] = out
-        nbytes = (n * kq * bits + 16 * n * (kq // g)) // 8 + 2 * n * (k - kq) + 2 * (k - kq) + 6 * (n // 16)
+        nbytes = (n * kq * bits + 16 * n * -(-kq // g)) // 8 + 2 * n * (k - kq) + 2 * (k - kq) + 6 * (n // 16)
         return res.float(), nbytes
     return fn
 

@@ -39,7 +39,7 @@ from dynaexq.store.shard_writer import StreamingWriter, write_streaming
 
 _COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".md", ".tiktoken")
 CHUNK = 16  # experts quantized together at most (GPTQ is batched over them)
-CHUNK_BYTES = 256 << 20  # ... and at most this many bytes of their float64 gate_up second moments (K x K each)
+CHUNK_BYTES = 64 << 20  # ... and at most this many bytes of their float64 gate_up second moments (K x K each)
 
 
 class PrepareJob:

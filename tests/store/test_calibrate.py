@@ -1,0 +1,117 @@
+"""The calibrated prepare: each expert's input statistics equal those of transformers' own forward on the
+calibration text, never-routed experts get the layer's, and the store records errors the planners can use."""
+import json
+import math
+
+import pytest
+import torch
+import transformers as T
+
+import dynaexq.store.prepare as prep
+from dynaexq.engine.calibrate import POOL, prepare_store
+from dynaexq.store import layout
+from models import make_checkpoint
+
+
+def _char_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<eos>": 0, **{chr(c): i + 1 for i, c in enumerate(range(32, 32 + 127))}}
+    t = Tokenizer(models.WordLevel(vocab={k: v for k, v in vocab.items() if v < 128}, unk_token="<eos>"))
+    t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return t
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cal")
+    ck = make_checkpoint("qwen3_moe", root / "ck")
+    T.PreTrainedTokenizerFast(tokenizer_object=_char_tokenizer(), eos_token="<eos>").save_pretrained(ck)
+    text = root / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog; " * 200)
+    return ck, text
+
+
+def _reference_moments(ck, ids):
+    """Per (layer, expert): sum x x^T, sum h h^T and token counts, from transformers' own model and experts."""
+    model = T.AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32, experts_implementation="eager").eval()
+    out, hooks = {}, []
+    for name, mod in model.named_modules():
+        if type(mod).__name__ == "Qwen3MoeExperts":
+            layer = int(name.split(".")[2])
+
+            def hook(m, args, res, layer=layer):
+                x, idx = args[0].double(), args[1]
+                for e in range(m.gate_up_proj.shape[0]):
+                    xe = x[(idx == e).any(-1)]
+                    g, u = (xe @ m.gate_up_proj[e].double().T).chunk(2, -1)
+                    h = torch.nn.functional.silu(g) * u
+                    out[(layer, e)] = (len(xe), xe.T @ xe, h.T @ h)
+            hooks.append(mod.register_forward_hook(hook))
+    with torch.no_grad():
+        model(input_ids=ids)
+    return out
+
+
+def test_each_experts_moments_are_its_routed_inputs_pooled_with_the_layer(tiny, tmp_path, monkeypatch):
+    ck, text = tiny
+    seen, real = {}, prep.PrepareJob.write_layer
+
+    def capture(self, layer, experts, hessians=None):
+        seen[layer] = {e: hessians(e) for e in range(len(experts))}
+        return real(self, layer, experts, hessians)
+
+    monkeypatch.setattr(prep.PrepareJob, "write_layer", capture)
+    store = prepare_store(ck, tmp_path / "st", ["bf16", "int4", "int2"], [str(text)], windows=4, window_tokens=32,
+                          progress=False)
+    from dynaexq.engine.load import calibration_tokens, load_tokenizer
+    ids = calibration_tokens(load_tokenizer(ck), [text], 4, 32)
+    ref = _reference_moments(ck, ids)
+    for layer in (0, 1):  # layer 1's inputs come through layer 0 as the calibration pass computed it
+        n_all = sum(ref[(layer, e)][0] for e in range(8))
+        mx = sum(ref[(layer, e)][1] for e in range(8)) / n_all
+        mh = sum(ref[(layer, e)][2] for e in range(8)) / n_all
+        for e in range(8):
+            n, xx, hh = ref[(layer, e)]
+            want_x, want_h = (xx + POOL * mx) / (n + POOL), (hh + POOL * mh) / (n + POOL)
+            got = seen[layer][e]
+            assert torch.allclose(got["gate_up"].double(), want_x, rtol=1e-4, atol=1e-6), (layer, e)
+            assert torch.allclose(got["down"].double(), want_h, rtol=1e-4, atol=1e-6), (layer, e)
+    m = json.loads((store / layout.MANIFEST).read_text())
+    assert m["calibration"]["tokens"] == 4 * 32 and m["calibration"]["files"][0]["name"] == "text.txt"
+    for stats in m["experts"].values():  # finite, positive, and lower bits -> larger errors, for every expert
+        e4, e2 = stats["int4"]["error"], stats["int2"]["error"]
+        assert all(0 < a < b and math.isfinite(b) for a, b in zip(e4, e2))
+        assert all(v > 0 and math.isfinite(v) for v in stats["int4"]["energy"])
+
+
+def test_a_never_routed_expert_gets_the_layers_statistics(tiny, tmp_path, monkeypatch):
+    ck, text = tiny
+    seen, real = {}, prep.PrepareJob.write_layer
+
+    def capture(self, layer, experts, hessians=None):
+        seen[layer] = {e: hessians(e) for e in range(len(experts))}
+        return real(self, layer, experts, hessians)
+
+    monkeypatch.setattr(prep.PrepareJob, "write_layer", capture)
+    from dynaexq.engine import calibrate
+
+    real_call = calibrate._LayerCalibrator.__call__
+
+    def no_expert_3(self, bank, hidden, idx, w):  # reroute every choice of expert 3 to expert 4
+        return real_call(self, bank, hidden, torch.where(idx == 3, 4, idx), w)
+
+    monkeypatch.setattr(calibrate._LayerCalibrator, "__call__", no_expert_3)
+    prepare_store(ck, tmp_path / "st", ["int4"], [str(text)], windows=2, window_tokens=32, progress=False)
+    for layer, hs in seen.items():
+        h3 = hs[3]["gate_up"]
+        assert torch.isfinite(h3).all() and h3.diagonal().min() > 0  # the layer's mean, not zero, not NaN
+
+
+def test_without_a_tokenizer_or_with_none_prepare_says_it_does_not_calibrate(tmp_path, capsys):
+    ck = make_checkpoint("qwen3_moe", tmp_path / "ck")  # no tokenizer files
+    st = prepare_store(ck, tmp_path / "st", ["int4"], progress=False)
+    assert "without calibration (the checkpoint has no tokenizer)" in capsys.readouterr().err
+    assert json.loads((st / layout.MANIFEST).read_text())["calibration"] is None
+    prepare_store(ck, tmp_path / "st2", ["int4"], ["none"], progress=False)
+    assert "--calibration none" in capsys.readouterr().err
