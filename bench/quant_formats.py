@@ -85,7 +85,7 @@ def publish(ev, weights):
 def grouped(bits, g, use_h=True):
     """The store's grouped format with `bits` and groups of g: -> fn(w, H) -> (dequantized, stored bytes)."""
     def fn(w, H):
-        codes, sc, oc, ranges = Q._gptq(w[None].float(), bits, g, H[None] if use_h else None)
+        codes, sc, oc, ranges = Q._gptq(w[None].float(), bits, g, Q.factor(H[None]) if use_h else None)
         qw = Q.QuantizedWeight(Precision.INT4, tuple(w.shape), bits, g, Q.pack(codes[0], bits), sc[0], oc[0],
                                ranges[0])
         return Q.dequantize(qw), qw.nbytes

@@ -12,7 +12,7 @@ against H = E[x x^T], the second moment of the matrix's input over the calibrati
 (engine/calibrate.py), so the error minimized is the one the layer's output sees, ||(W - W') x||^2; without H
 (no calibration) H = I and it is round-to-nearest. Per group, (s, b) is the weighted least-squares fit (weights
 diag H) of the group's current (error-compensated) weights, best of a shrink grid, then coded in 8 bits against
-its tile's ranges (fixed first from a fit of the original weights). Columns are processed in blocks of 128 with
+its tile's ranges (fixed first from the min/max ranges of the original weights, with a margin). Columns are processed in blocks of 128 with
 lazy updates; everything runs batched over the stack. int8 is round-to-nearest per row (its error is already
 tiny), floats are copies.
 """
@@ -27,8 +27,8 @@ from dynaexq.quant.packing import pack, unpack
 from dynaexq.quant.precision import Precision
 
 DAMP = 0.01  # GPTQ dampening: H + DAMP * mean(diag H) * I
-GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)  # shrink factors of the min/max range tried for each group's fit
-BLOCK = 128  # GPTQ lazy-update block (columns)
+GRID = (1.0, 0.9, 0.8)  # shrink factors of the min/max range tried for each group's fit
+BLOCK = 32  # GPTQ lazy-update block (columns): small keeps the per-column in-block update cheap
 
 
 @dataclass(frozen=True)
@@ -100,9 +100,23 @@ def quantize(w: torch.Tensor, precision: Precision, matrix: str = "gate_up", H: 
     return quantize_many(w[None], precision, matrix, None if H is None else H[None])[0]
 
 
-def quantize_many(W: torch.Tensor, precision: Precision, matrix: str, H: torch.Tensor | None = None) -> list:
-    """W [B, N, K] (a stack of same-shape matrices, e.g. one layer's experts), H [B, K, K] or None ->
-    [QuantizedWeight] x B."""
+def factor(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """H [B, K, K] -> (damped diag H [B, K], upper Cholesky factor of (damped H)^-1 [B, K, K]), float32: what GPTQ
+    needs, the same for every precision of a matrix (compute it once, pass it to `quantize_many`)."""
+    H = H.float().clone()
+    diag = torch.diagonal(H, dim1=-2, dim2=-1)
+    diag[diag <= 0] = 1  # inputs that never fire: any value serves
+    diag += DAMP * diag.mean(-1, keepdim=True)
+    # one matrix at a time, the factorizations in float64: bounded memory, no loss of definiteness
+    Hinv = torch.stack([torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h.double())),
+                                              upper=True).float() for h in H])
+    return diag.clone(), Hinv
+
+
+def quantize_many(W: torch.Tensor, precision: Precision, matrix: str, H: torch.Tensor | None = None,
+                  factored: tuple | None = None) -> list:
+    """W [B, N, K] (a stack of same-shape matrices, e.g. one layer's experts), H [B, K, K] or None (or its
+    `factor(H)`, `factored`) -> [QuantizedWeight] x B."""
     b, n, k = W.shape
     f = spec(precision, matrix)
     if f.kind == "float":
@@ -110,7 +124,9 @@ def quantize_many(W: torch.Tensor, precision: Precision, matrix: str, H: torch.T
     if f.kind == "int8":
         return [_int8(w, precision) for w in W]
     g = f.group_for(k)
-    codes, sc, oc, ranges = _gptq(W.detach().float(), f.bits, g, None if H is None else H.float())
+    if factored is None and H is not None:
+        factored = factor(H)
+    codes, sc, oc, ranges = _gptq(W.detach().float(), f.bits, g, factored)
     return [QuantizedWeight(precision, (n, k), f.bits, g, pack(codes[i], f.bits), sc[i].contiguous(),
                             oc[i].contiguous(), ranges[i].contiguous()) for i in range(b)]
 
@@ -124,13 +140,13 @@ def _int8(w: torch.Tensor, precision: Precision) -> QuantizedWeight:
     return QuantizedWeight(precision, tuple(w.shape), 8, w.shape[1], pack(q, 8), s.half(), z.half())
 
 
-def _fit(wg: torch.Tensor, a: torch.Tensor, qmax: int, iters: int = 4):
+def _fit(wg: torch.Tensor, a: torch.Tensor, qmax: int, iters: int = 4, grid=None):
     """Per group, s and b of w ~ s*q + b minimizing sum a*(w - s q - b)^2: best over GRID of alternating
     least squares from a shrunk min/max range. wg [..., G], a [..., G] >= 0 -> (s, b) [..., 1]."""
     mn, mx = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
     mid, sa = (mn + mx) / 2, a.sum(-1, keepdim=True).clamp(min=1e-30)
     best = None
-    for shrink in GRID:
+    for shrink in grid or GRID:
         lo, hi = mid + (mn - mid) * shrink, mid + (mx - mid) * shrink
         s, b = ((hi - lo) / qmax).clamp(min=1e-12), lo
         for _ in range(iters):
@@ -152,7 +168,7 @@ def _fit(wg: torch.Tensor, a: torch.Tensor, qmax: int, iters: int = 4):
 def _tile_ranges(W: torch.Tensor, a: torch.Tensor, qmax: int, g: int) -> torch.Tensor:
     """fp16 (ds, db, bmin) per tile of 16 rows [B, T, 3], from a fit of the original weights."""
     b, n, k = W.shape
-    s, off = _fit(W.view(b, n, k // g, g), a.view(b, 1, k // g, g).expand(b, n, k // g, g), qmax)
+    s, off = _fit(W.view(b, n, k // g, g), a.view(b, 1, k // g, g).expand(b, n, k // g, g), qmax, 1, (1.0,))
     pad = -n % TILE
     s, off = s.view(b, n, -1), off.view(b, n, -1)
     if pad:
@@ -160,7 +176,9 @@ def _tile_ranges(W: torch.Tensor, a: torch.Tensor, qmax: int, g: int) -> torch.T
         off = torch.cat([off, off[:, -1:].expand(b, pad, -1)], 1)
     s, off = s.view(b, -1, TILE * (k // g)), off.view(b, -1, TILE * (k // g))
     lo, hi = off.amin(-1), off.amax(-1)
-    return torch.stack([s.amax(-1) / 255, (hi - lo) / 255, lo], -1).clamp(-65000, 65000).half()
+    margin = 0.1 * (hi - lo)  # the fits during GPTQ move a little: leave them room
+    lo, hi = lo - margin, hi + margin
+    return torch.stack([1.1 * s.amax(-1) / 255, (hi - lo) / 255, lo], -1).clamp(-65000, 65000).half()
 
 
 def _code(s, off, r):
@@ -171,60 +189,56 @@ def _code(s, off, r):
     return sc, oc, ds * sc, lo + db * oc
 
 
-def _gptq(W: torch.Tensor, bits: int, g: int, H: torch.Tensor | None):
+def _gptq(W: torch.Tensor, bits: int, g: int, factored: tuple | None):
     """Batched GPTQ into the grouped format -> (codes [B, N, K] int32, scale codes, offset codes [B, N, ng] uint8,
-    ranges [B, T, 3] fp16)."""
+    ranges [B, T, 3] fp16). factored: `factor(H)`, or None for no calibration (plain weight error: with H = I the
+    error feedback below vanishes)."""
     b, n, k = W.shape
     qmax = (1 << bits) - 1
-    if H is None:  # no calibration: plain (weight) error; with H = I the error feedback below vanishes
-        diag, Hinv = torch.ones(b, k), None
-    else:
-        H = H.double().clone()
-        diag = torch.diagonal(H, dim1=-2, dim2=-1)
-        dead = diag <= 0
-        diag[dead] = 1  # inputs that never fire: any value serves
-        diag += DAMP * diag.mean(-1, keepdim=True)
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
-        diag = diag.float()
+    diag, Hinv = (torch.ones(b, k), None) if factored is None else factored
     ranges = _tile_ranges(W, diag, qmax, g)
     r = ranges.float().repeat_interleave(TILE, 1)[:, :n]  # [B, N, 3]
     W = W.clone()
-    codes = torch.empty(b, n, k, dtype=torch.int32)
+    codes = torch.empty(b, k, n, dtype=torch.int32)  # column-major while it is built: contiguous columns
     sc_all = torch.empty(b, n, k // g, dtype=torch.uint8)
     oc_all = torch.empty_like(sc_all)
     block = max(g, BLOCK // g * g)
     for c0 in range(0, k, block):
         c1 = min(c0 + block, k)
-        W1 = W[:, :, c0:c1].clone()
+        W1 = W[:, :, c0:c1].transpose(1, 2).contiguous()  # [B, cols, N]: a column is contiguous
         err = torch.zeros_like(W1)
         for i in range(c1 - c0):
             j = c0 + i
             if j % g == 0:  # this group's (s, b), fitted on its current, error-compensated weights
-                s, off = _fit(W1[:, :, i:i + g], diag[:, None, j:j + g].expand(b, n, g), qmax)
+                grp = W1[:, i:i + g].transpose(1, 2).contiguous()  # [B, N, g]
+                s, off = _fit(grp, diag[:, None, j:j + g].expand(b, n, g), qmax)
                 sc, oc, s, off = _code(s, off, r)
                 sc_all[:, :, j // g], oc_all[:, :, j // g] = sc[..., 0].to(torch.uint8), oc[..., 0].to(torch.uint8)
-            col = W1[:, :, i]
-            q = torch.round((col - off[..., 0]) / s[..., 0]).clamp_(0, qmax)
-            codes[:, :, j] = q.to(torch.int32)
+                s, off = s[..., 0], off[..., 0]  # [B, N]
+            col = W1[:, i]
+            q = torch.round((col - off) / s).clamp_(0, qmax)
+            codes[:, j] = q.to(torch.int32)
             if Hinv is None:
                 continue
-            e = (col - (s[..., 0] * q + off[..., 0])) / Hinv[:, j, j][:, None]  # [B, N]
-            W1[:, :, i:] -= e[:, :, None] * Hinv[:, None, j, j:c1]
-            err[:, :, i] = e
+            e = (col - (s * q + off)) / Hinv[:, j, j][:, None]  # [B, N]
+            W1[:, i:] -= Hinv[:, j, j:c1][:, :, None] * e[:, None, :]
+            err[:, i] = e
         if Hinv is not None and c1 < k:
-            W[:, :, c1:] -= err @ Hinv[:, c0:c1, c1:]
+            W[:, :, c1:] -= err.transpose(1, 2) @ Hinv[:, c0:c1, c1:]
+    codes = codes.transpose(1, 2).contiguous()
     return codes, sc_all, oc_all, ranges
 
 
-def activation_error(w: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor | None) -> tuple[float, float]:
-    """(tr(dW H dW^T), tr(W H W^T)) in float64: the output error energy and the output energy for inputs of
-    second moment H (identity: the weight-space Frobenius norms)."""
-    w64 = w.double()
-    d = w64 - dequantize(qw, torch.float64)
+def activation_error(w: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor | None,
+                     dtype: torch.dtype = torch.float64) -> tuple[float, float]:
+    """(tr(dW H dW^T), tr(W H W^T)): the output error energy and the output energy for inputs of second moment
+    H (identity: the weight-space Frobenius norms), computed in `dtype` (prepare: float32, a GEMM per matrix)."""
+    wd = w.to(dtype)
+    d = wd - dequantize(qw, dtype)
     if H is None:
-        return float(d.pow(2).sum()), float(w64.pow(2).sum())
-    H = H.double()
-    return float(((d @ H) * d).sum()), float(((w64 @ H) * w64).sum())
+        return float(d.pow(2).sum()), float(wd.pow(2).sum())
+    H = H.to(dtype)
+    return float(((d @ H) * d).sum()), float(((wd @ H) * wd).sum())
 
 
 def relative_error(w: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor | None = None) -> float:

@@ -32,14 +32,14 @@ from dynaexq.arch import get_arch
 from dynaexq.errors import UserError
 from dynaexq.quant.formats import manifest_entry
 from dynaexq.quant.precision import DEFAULT_PRECISIONS, Precision
-from dynaexq.quant.quantize import activation_error, quantize_many
+from dynaexq.quant.quantize import activation_error, factor, quantize_many
 from dynaexq.store import layout
 from dynaexq.store.checkpoint import INDEX, Checkpoint
 from dynaexq.store.shard_writer import StreamingWriter, write_streaming
 
 _COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".md", ".tiktoken")
 CHUNK = 16  # experts quantized together at most (GPTQ is batched over them)
-CHUNK_BYTES = 64 << 20  # ... and at most this many bytes of their float64 gate_up second moments (K x K each)
+CHUNK_BYTES = 128 << 20  # ... and at most this many bytes of their float32 gate_up second moments (K x K each)
 
 
 class PrepareJob:
@@ -120,7 +120,7 @@ class PrepareJob:
         shapes = {m: list(experts[0][m].shape) for m in layout.MATRICES}
         meta = {"params_sha256": self.params_hash}
         k = experts[0]["gate_up"].shape[1]
-        size = max(1, min(CHUNK, CHUNK_BYTES // (8 * k * k)))
+        size = max(1, min(CHUNK, CHUNK_BYTES // (4 * k * k)))
         with contextlib.ExitStack() as stack:
             writers = {}
             for c0 in range(0, self.n_exp, size):
@@ -155,10 +155,11 @@ class PrepareJob:
         for m in layout.MATRICES:
             W = torch.stack([experts[e][m] for e in chunk])  # [B, N, K] source dtype
             Hm = None if H is None else torch.stack([h[m] for h in H]).float()
+            factored = None if Hm is None else factor(Hm)  # once for every precision of this matrix
             for p in todo:
-                for i, qw in enumerate(quantize_many(W, p, m, Hm)):
+                for i, qw in enumerate(quantize_many(W, p, m, Hm, factored)):
                     out[p][i].update({f"{m}.{name}": t for name, t in qw.tensors().items()})
-                    num, den = activation_error(W[i], qw, None if Hm is None else Hm[i])
+                    num, den = activation_error(W[i], qw, None if Hm is None else Hm[i], torch.float32)
                     if m == "down":
                         energy[i] = den
                     if not (p.is_float and W.dtype == p.dtype):  # same dtype: exact copy, error 0
