@@ -61,6 +61,7 @@ def test_a_request_whose_prefill_completes_in_a_failing_decode_step_gets_a_500(s
 
     monkeypatch.setattr(decoder, "_prefill_chunk", prefill)
     monkeypatch.setattr(decoder, "_decode", decode)
+    monkeypatch.setattr(server.app.state.server.scheduler, "stop_ids", {False: set(), True: set()})  # A runs on
     body = {"model": MODEL, "prompt": "def f(x):", "max_tokens": 200, "temperature": 0, "stream": True}
     with requests.post(f"{server.url}/v1/completions", json=body, stream=True, timeout=60) as running:
         lines = running.iter_lines()
