@@ -99,10 +99,11 @@ class Scheduler:
             traceback.print_exc(file=sys.stderr)
             d = self.decoder
             failed = d.rows + ([d.prefilling] if d.prefilling is not None and d.prefilling not in d.rows else [])
+            with self._cond:  # the decoder is clean before any client hears of the failure
+                d.waiting = deque(s for s in d.waiting if s is not d.prefilling)
+                d.rows, d.cache, d.mask, d.prefilling = [], None, None, None
             for seq in failed:
                 self._fail(seq, f"generation failed: {type(err).__name__}: {err}")
-            d.waiting = deque(s for s in d.waiting if s is not d.prefilling)
-            d.rows, d.cache, d.mask, d.prefilling = [], None, None, None
             return
         self.steps += 1
         if self.on_step is not None:

@@ -1,6 +1,7 @@
 """The server through real HTTP on 127.0.0.1: the official openai client, bad requests, auth, disconnects, 429,
 metrics. Greedy completions are checked against transformers' own generate on the same prompt."""
 import json
+import threading
 import time
 
 import openai
@@ -157,13 +158,17 @@ def test_a_client_that_disconnects_frees_its_batch_slot(server):
     assert seqs[0].finish_reason == "cancelled" and len(seqs[0].out) < 120
 
 
-def test_a_full_queue_answers_429_with_a_clear_message(engine, live_server):
+def test_a_full_queue_answers_429_with_a_clear_message(engine, live_server, monkeypatch):
     live = live_server(create_app(engine, ServeConfig(max_batch=1, max_queue=0, max_model_len=128)))
+    decoder, answered = live.app.state.server.scheduler.decoder, threading.Event()
+    real_decode = decoder._decode
+    monkeypatch.setattr(decoder, "_decode", lambda: answered.wait(30) and real_decode())  # the first cannot end
     body = {"model": MODEL, "prompt": "class A:", "max_tokens": 100, "stream": True, "temperature": 0}
     with requests.post(f"{live.url}/v1/completions", json=body, stream=True) as first:
         assert first.status_code == 200
         next(line for line in first.iter_lines() if line)  # it is running: the one slot is taken
         second = requests.post(f"{live.url}/v1/completions", json=body)
+        answered.set()
     assert second.status_code == 429 and "capacity" in second.json()["error"]["message"]
 
 

@@ -53,8 +53,8 @@ def _reference_moments(ck, ids):
     return out
 
 
-def test_each_experts_moments_are_its_routed_inputs_pooled_with_the_layer(tiny, tmp_path, monkeypatch):
-    ck, text = tiny
+def _capture(monkeypatch) -> dict:
+    """{layer: {expert: the second moments prepare quantized it against}}, filled as prepare runs."""
     seen, real = {}, prep.PrepareJob.write_layer
 
     def capture(self, layer, experts, hessians=None):
@@ -62,6 +62,12 @@ def test_each_experts_moments_are_its_routed_inputs_pooled_with_the_layer(tiny, 
         return real(self, layer, experts, hessians)
 
     monkeypatch.setattr(prep.PrepareJob, "write_layer", capture)
+    return seen
+
+
+def test_each_experts_moments_are_its_routed_inputs_pooled_with_the_layer(tiny, tmp_path, monkeypatch):
+    ck, text = tiny
+    seen = _capture(monkeypatch)
     store = prepare_store(ck, tmp_path / "st", ["bf16", "int4", "int2"], [str(text)], windows=4, window_tokens=32,
                           progress=False)
     from dynaexq.engine.load import calibration_tokens, load_tokenizer
@@ -87,13 +93,7 @@ def test_each_experts_moments_are_its_routed_inputs_pooled_with_the_layer(tiny, 
 
 def test_a_never_routed_expert_gets_the_layers_statistics(tiny, tmp_path, monkeypatch):
     ck, text = tiny
-    seen, real = {}, prep.PrepareJob.write_layer
-
-    def capture(self, layer, experts, hessians=None):
-        seen[layer] = {e: hessians(e) for e in range(len(experts))}
-        return real(self, layer, experts, hessians)
-
-    monkeypatch.setattr(prep.PrepareJob, "write_layer", capture)
+    seen = _capture(monkeypatch)
     from dynaexq.engine import calibrate
 
     real_call = calibrate._LayerCalibrator.__call__
