@@ -64,10 +64,12 @@ def sample(engine, planner, budget, warm, blocking, update_every, batch_prompts,
         with CpuLoad() as load_:
             for ids in batch_prompts:
                 out = engine.model(input_ids=ids, use_cache=True)  # prefill, not timed
+                engine.after_step()
                 cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
                 t0 = time.perf_counter()
                 for _ in range(new_tokens):
                     out = engine.model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                    engine.after_step()  # the controller's step (in the timed loop, as in serving)
                     nxt = out.logits[:, -1:].argmax(-1)
                 seconds += time.perf_counter() - t0
         s = rt.stats()

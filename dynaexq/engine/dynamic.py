@@ -7,7 +7,11 @@
   2. warm start: the hotness file (if it exists), else `calibrate(floor_map)` -> routed mass per token measured
      with every expert at the lowest tier (DynaExq), else a cold start;
   3. unpublish the engine's own versions (no forward runs during start), allocate the arenas, install the
-     initial map into them, then attach the table to the banks and the controller to every forward step.
+     initial map into them, then attach the table to the banks.
+The controller runs from an explicit engine step, never from a forward hook: whoever drives the model (the
+decode loop of `Engine.generate`, the server's scheduler, the eval streams) calls `engine.after_step()` after each
+step, which hands the banks' routing statistics since the last call to the controller; a forward with no
+`after_step` (a user's own `engine.model(...)` call) only adds to the next step's statistics.
 `Runtime.stats()` is the observability API (hotness, maps, transitions, waits, pools).
 """
 from __future__ import annotations
@@ -40,8 +44,21 @@ class Runtime:
     transitions: TransitionEngine
     controller: Controller
     hotness: Hotness
-    _hook: object = None
+    banks: dict
     blocked_s: float = 0.0  # time the inference thread spent running transitions (blocking mode only)
+
+    def after_step(self) -> None:
+        """One engine step is over: its routing statistics go to the controller (hotness, then a decision when
+        one is due). Called between forwards, on the thread that runs them."""
+        stats = {}
+        for layer, bank in self.banks.items():
+            _, mass = bank.take_stats()
+            stats[layer] = (bank.routed_tokens, mass)
+            bank.routed_tokens = 0
+        t0 = time.perf_counter()
+        self.controller.on_step(stats)
+        if self.controller.config.blocking:
+            self.blocked_s += time.perf_counter() - t0
 
     def stats(self) -> dict:
         c, t = self.controller, self.transitions
@@ -119,7 +136,7 @@ def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = R
     reader, device = engine.reader, engine.model.device
     tiers = planner.tiers(reader)
     slot_bytes, staging, expert_budget, total, reserves = measure(engine, planner, expert_budget, config)
-    hotness = Hotness(reader.layers, reader.num_experts, config.alpha, device)
+    hotness = Hotness(reader.layers, reader.num_experts, config.alpha, device, config.half_life_tokens)
     warm = True
     if config.hotness_file and Path(config.hotness_file).is_file():
         hotness.load(config.hotness_file)
@@ -149,25 +166,12 @@ def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = R
         transitions.move(layer, e, tiers[assign[layer][e]])
     transitions.reset_stats()  # the counters are about the run, not the install
     controller = Controller(planner, hotness, transitions, assign, costs, tiers, config, cold=not warm)
-    rt = Runtime(planner, plan, pools, table, transitions, controller, hotness)
+    rt = Runtime(planner, plan, pools, table, transitions, controller, hotness, dict(engine.banks))
     rt.check()
-
-    def on_step(module, args, output):
-        stats = {}
-        for layer, bank in engine.banks.items():
-            _, mass = bank.take_stats()
-            stats[layer] = (bank.routed_tokens, mass)
-            bank.routed_tokens = 0
-        t0 = time.perf_counter()
-        controller.on_step(stats)
-        if config.blocking:
-            rt.blocked_s += time.perf_counter() - t0
-
     for bank in engine.banks.values():
         bank.table = table
         bank.take_stats()
         bank.routed_tokens = 0
-    rt._hook = engine.model.register_forward_hook(on_step)
     engine.runtime = rt
     return rt
 
@@ -175,7 +179,6 @@ def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = R
 def stop_runtime(engine, rt: Runtime) -> None:
     """Drain and stop the runtime; the engine's experts are unpublished (publish a map with `engine.apply`)."""
     engine.runtime = None
-    rt._hook.remove()
     try:
         rt.controller.close()
     finally:

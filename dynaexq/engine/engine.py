@@ -68,6 +68,12 @@ class Engine:
             from dynaexq.engine.dynamic import stop_runtime
             stop_runtime(self, self.runtime)
 
+    def after_step(self) -> None:
+        """Call after each forward step you drive yourself (generate, the server and the eval streams do): with
+        the dynamic runtime, its controller sees the step's routing and decides when due; otherwise nothing."""
+        if self.runtime is not None:
+            self.runtime.after_step()
+
     @torch.inference_mode()
     def routing_mass(self, windows: torch.Tensor, batch: int = 8, progress: bool = False) -> dict:
         """Routed probability mass per MoE layer and expert ({layer: float64 [E]}) over token windows [n, T]."""
@@ -99,6 +105,7 @@ class Engine:
         decoder.add(seq)
         while not seq.finished:
             decoder.step()
+            self.after_step()
             delta = seq.delta()
             if delta and on_text is not None:
                 on_text(delta)

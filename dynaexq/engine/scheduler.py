@@ -106,6 +106,7 @@ class Scheduler:
                 self._fail(seq, f"generation failed: {type(err).__name__}: {err}")
             return
         self.steps += 1
+        self.engine.after_step()  # the runtime's controller: hotness, and a decision when due
         if self.on_step is not None:
             self.on_step({"batch": self.decoder.decoded, "seconds": time.perf_counter() - t0})
         for seq in touched:

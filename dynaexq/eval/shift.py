@@ -69,8 +69,12 @@ def run_shift(ev, policy: str, budget=None, repeats: int = 2, step_tokens: int =
             for i in idx:
                 x = ev.windows[name][i:i + 1].to(engine.model.device)  # [1, T]
                 cache = DynamicCache(config=engine.model.config)
-                logits = torch.cat([engine.model(input_ids=x[:, s:s + step_tokens], past_key_values=cache,
-                                                 use_cache=True).logits for s in range(0, x.shape[1], step_tokens)], 1)
+                chunks = []
+                for s in range(0, x.shape[1], step_tokens):
+                    chunks.append(engine.model(input_ids=x[:, s:s + step_tokens], past_key_values=cache,
+                                               use_cache=True).logits)
+                    engine.after_step()
+                logits = torch.cat(chunks, 1)
                 logp = F.log_softmax(logits[0, :-1].float(), dim=-1).cpu()  # [T-1, V]
                 ref = torch.from_numpy(np.array(ev.ref_logp[name][i // ev.batch][i % ev.batch]))
                 kl += (ref.exp() * (ref - logp)).sum().item()

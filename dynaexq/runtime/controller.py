@@ -30,6 +30,8 @@ class RuntimeConfig:
     transition_workers: int = option(0, "threads running transitions (0: K on CUDA, 1 on the CPU, where they share the "
                                      "forward pass's cores)")
     alpha: float = option(0.9, "hotness EMA: S <- alpha*S + (1-alpha)*c after every step")
+    half_life_tokens: float = option(0, "hotness EMA by evidence instead: alpha = 0.5**(tokens in the step / this), "
+                                     "so a prefill chunk weighs as many decode steps as it has tokens (0: --alpha)")
     update_every: int = option(200, "steps (forward passes) between decisions")
     update_every_tokens: int = option(0, "decide every N routed tokens instead of every --update-every steps (0: off)")
     hotness_file: str | None = option(None, "load the hotness from this file at start (if it exists) and save it there "

@@ -2,7 +2,8 @@
 
 Per step, for layer l with N_l routed tokens, c[l, e] = (1/N_l) * sum_t 1[e in topk(t)] * p[l, t, e] (the routing
 weight the model gives expert e for token t, as the ExpertBank receives it), and S[l, e] <- a*S[l, e] + (1-a)*c[l, e]
-after every step (DynaExq: a = 0.9). S stays on the model's device (no host sync per step); the controller reads
+after every step (DynaExq: a = 0.9). With a half-life of h tokens instead, a = 0.5**(N_l/h): a step's weight is
+its evidence, so a 32-token prefill chunk moves S as much as 32 one-token decode steps. S stays on the model's device (no host sync per step); the controller reads
 it only when it decides. `save`/`load` persist it as JSON (`--hotness-file`), written atomically.
 """
 from __future__ import annotations
@@ -17,10 +18,10 @@ from dynaexq.store.layout import atomic_write
 
 
 class Hotness:
-    def __init__(self, layers, num_experts: int, alpha: float = 0.9, device="cpu"):
-        if not 0 <= alpha < 1:
-            raise UserError(f"hotness alpha must be in [0, 1), got {alpha}")
-        self.alpha, self.num_experts = alpha, num_experts
+    def __init__(self, layers, num_experts: int, alpha: float = 0.9, device="cpu", half_life: float = 0):
+        if not 0 <= alpha < 1 or half_life < 0:
+            raise UserError(f"hotness alpha must be in [0, 1) and the half-life >= 0 tokens, got {alpha}, {half_life}")
+        self.alpha, self.half_life, self.num_experts = alpha, half_life, num_experts
         self.S = {layer: torch.zeros(num_experts, dtype=torch.float32, device=device) for layer in layers}
         self.steps = 0
 
@@ -28,7 +29,8 @@ class Hotness:
         """stats: {layer: (routed tokens N_l, routed mass [E])} of one step."""
         for layer, (tokens, mass) in stats.items():
             if tokens:
-                self.S[layer].mul_(self.alpha).add_(mass.float() / tokens, alpha=1 - self.alpha)
+                a = 0.5 ** (tokens / self.half_life) if self.half_life else self.alpha
+                self.S[layer].mul_(a).add_(mass.float() / tokens, alpha=1 - a)
         self.steps += 1
 
     def set(self, values: dict) -> None:

@@ -282,3 +282,41 @@ def test_hotness_is_the_ema_of_routed_mass_per_token_and_persists(engine, tmp_pa
     assert all(np.allclose(h2.snapshot()[k], h.snapshot()[k]) for k in (0, 1))
     with pytest.raises(UserError, match="belongs to another model"):
         Hotness([0, 1, 2], 4).load(path)
+
+
+def test_a_half_life_in_tokens_weighs_each_step_by_its_evidence():
+    from dynaexq.runtime.hotness import Hotness
+
+    g = torch.Generator().manual_seed(0)
+    chunk = Hotness([0], 4, half_life=64)  # one 32-token step ...
+    tokens = Hotness([0], 4, half_life=64)  # ... or 32 one-token steps with the same mean routing
+    start = {0: torch.tensor([0.7, 0.1, 0.1, 0.1])}
+    chunk.set(start)
+    tokens.set(start)
+    mass = torch.rand(4, generator=g) * 32
+    chunk.update({0: (32, mass)})
+    for _ in range(32):
+        tokens.update({0: (1, mass / 32)})
+    a = 0.5 ** 0.5  # 32 tokens = half a half-life
+    expect = a * start[0].double() + (1 - a) * mass.double() / 32
+    assert torch.allclose(chunk.snapshot()[0], expect, atol=1e-6)
+    assert torch.allclose(tokens.snapshot()[0], expect, atol=1e-6)
+    with pytest.raises(UserError, match="half-life"):
+        Hotness([0], 4, half_life=-1)
+
+
+def test_the_controller_runs_from_after_step_not_from_a_forward(engine):
+    rt = start(engine, "dynaexq:hi=int8,lo=int2", update_every=1)
+    try:
+        ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            engine.model(input_ids=ids)  # a user's own forwards: no step, no decision
+            engine.model(input_ids=ids[:, :5])
+        assert rt.controller.steps == 0 and rt.controller.decisions == 0
+        counts = {layer: bank.token_counts.clone() for layer, bank in engine.banks.items()}
+        engine.after_step()  # one step: the routing of both forwards, 2 x 12 + 2 x 5 tokens
+        assert rt.controller.steps == 1 and rt.controller.decisions == 1 and rt.controller.tokens == 34
+        assert all(int(c.sum()) == 34 * engine.model.config.num_experts_per_tok for c in counts.values())
+        assert all(int(bank.token_counts.sum()) == 0 for bank in engine.banks.values())
+    finally:
+        engine.close()
