@@ -122,10 +122,13 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from dynaexq.eval import harness, report
 
-    if args.scenario == "shift":
+    if args.scenario:
         return _shift(args)
     if _runtime_config(args) is not None:
-        raise UserError("runtime flags (--update-every, --alpha, ...) apply to --scenario shift only")
+        raise UserError("runtime flags (--update-every, --alpha, ...) apply to the streamed --scenario runs only")
+    if args.plot or args.repeats is not None or args.step_tokens is not None:
+        raise UserError("--plot, --repeats and --step-tokens apply to the streamed --scenario runs only (--sweep "
+                        "always writes its plot)")
     if args.sweep:
         return _sweep(args)
     out = harness.evaluate(_model_path(args.model), args.data, args.policy, args.expert_budget, args.windows,
@@ -166,7 +169,7 @@ def _sweep(args) -> int:
         out = ev.report(results)
     finally:
         ev.close()
-    outdir = Path(args.out)
+    outdir = Path(args.out or "eval-sweep")
     title = f"{Path(model).name}: {sum(w[0] for w in out['windows'].values())} windows x {args.window_tokens} tokens"
     report.plot(out, outdir / "sweep.png", title)
     md = (f"# Quality vs expert bytes: {Path(model).name}\n\nReference: {out['reference_policy']} "
@@ -186,15 +189,18 @@ def _shift(args) -> int:
     from dynaexq.runtime.controller import RuntimeConfig
 
     if args.sweep:
-        raise UserError("--sweep and --scenario shift are separate runs; give one of them")
+        raise UserError(f"--sweep and --scenario {args.scenario} are separate runs; give one of them")
     config = _runtime_config(args) or RuntimeConfig(update_every=shift.DEFAULT_UPDATE_EVERY)
     if args.update_every is None:
         config = replace(config, update_every=shift.DEFAULT_UPDATE_EVERY)
     out = shift.evaluate_shift(_model_path(args.model), args.data, args.policy, args.expert_budget, args.windows,
                                args.window_tokens, args.calibration, args.calibration_windows, args.repeats,
-                               args.step_tokens, config, progress=not args.json, store=args.store,
-                               dtype=_dtype(args.dtype), verify=args.verify)
+                               args.step_tokens or 32, config, progress=not args.json, store=args.store,
+                               dtype=_dtype(args.dtype), verify=args.verify, scenario=args.scenario)
     print(shift.table(out["results"]), file=sys.stderr if args.json else sys.stdout)
+    if args.plot:
+        paths = shift.write_outputs(out, Path(args.out or f"eval-{args.scenario}"))
+        print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
     if args.json:
         print(json.dumps(out))
     return 0
@@ -297,15 +303,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "the checkpoint's own); expert kernels keep theirs")
     se.add_argument("--sweep", action="store_true", help="run the hotness policies over a range of budgets (or the "
                     "given ones) plus every uniform precision; write sweep.png, sweep.md and sweep.json to --out")
-    se.add_argument("--out", default="eval-sweep", help="directory for --sweep output (default: %(default)s)")
-    se.add_argument("--scenario", choices=["shift"], help="shift: the domains in phases (code -> prose -> dict, "
-                    "--repeats times), streamed in steps with the runtime's controller live; default policies "
-                    "dynaexq, multilevel, frozen, calibrated, calibrated-multilevel, uniform:int3 at "
-                    "--expert-budget (default int3)")
-    se.add_argument("--repeats", type=int, default=2, help="shift: times the domain sequence repeats (default: "
-                    "%(default)s)")
-    se.add_argument("--step-tokens", type=int, default=32, help="shift: tokens per forward step (default: "
-                    "%(default)s)")
+    se.add_argument("--out", help="directory for --sweep output (default: eval-sweep) and --plot output (default: "
+                    "eval-SCENARIO)")
+    se.add_argument("--scenario", choices=["shift", "mismatch", "cold", "steady"], help="stream windows in steps "
+                    "with the runtime's controller live, KL per phase: shift = the --data domains in phases (code -> "
+                    "prose -> dict, --repeats times); mismatch / cold / steady = the first --data domain in --repeats "
+                    "blocks, the runtime warm-started from another domain's calibration text / not at all / from all "
+                    "of them. Policies may name a warm start (SPEC@NAME, SPEC@none); phase-oracle = the static map "
+                    "picked from each phase's own routing. Budget: --expert-budget (default int3)")
+    se.add_argument("--repeats", type=int, help="scenarios: blocks of each domain (default: 2 for shift, else 4)")
+    se.add_argument("--step-tokens", type=int, help="scenarios: tokens per forward step (default: 32)")
+    se.add_argument("--plot", action="store_true", help="scenarios: write SCENARIO.png (KL vs tokens streamed), "
+                    ".md and .json to --out")
     add_runtime_flags(se)
     se.add_argument("--json", action="store_true", help="print the report as one JSON object on the last stdout line")
     se.set_defaults(fn=cmd_eval)

@@ -90,20 +90,38 @@ class Evaluation:
             self.ref_logp[name] = []
             self.ref_stats[name] = self._score(w, ref=None, store=self.ref_logp[name], desc=f"reference {name}")
         self.eval_hotness = {layer: mass.double().cpu() for layer, (_, mass) in self.engine.take_routing_stats().items()}
-        self._calib_hotness = {}
+        self._calib_hotness, self._ref_hotness, self.calibration_token_counts = {}, {}, {}
 
-    def calibration_hotness(self, floor: dict) -> dict:
-        """Routed mass on the calibration texts with the model at `floor` (the planner's cheapest map, exactly
-        as `load` measures it), cached per floor."""
-        key = tuple(sorted((k, p.value) for k, p in floor.items()))
+    def calibration_texts(self) -> dict[str, Path]:
+        return calibration_texts(self.model_path, self.reader, self.calibration_files)
+
+    def calibration_hotness(self, floor: dict, text: str | None = None) -> dict:
+        """Routed mass on the calibration texts (all of them, or only the one named `text`) with the model at
+        `floor` (the planner's cheapest map, exactly as `load` measures it), cached per floor and text; the
+        tokens it was measured on are in `calibration_token_counts[text]`."""
+        texts = self.calibration_texts()
+        if text is not None and text not in texts:
+            raise UserError(f"no calibration text named {text!r}; the calibration texts are {', '.join(texts)} "
+                            "(give others with --calibration NAME=FILE)")
+        key = (text, tuple(sorted((k, p.value) for k, p in floor.items())))
         if key not in self._calib_hotness:
-            files = calibration_files(self.model_path, self.reader, self.calibration_files)
+            files = list(texts.values()) if text is None else [texts[text]]
             w = calibration_tokens(self.engine.tokenizer, files, self.calibration_windows,
                                    next(iter(self.windows.values())).shape[1])
             self.engine.apply(floor)
             self._calib_hotness[key] = self.engine.routing_mass(w, self.batch, progress=self.progress)
-            self.calibration_token_count = w.numel()
+            self.calibration_token_counts[text] = w.numel()
         return self._calib_hotness[key]
+
+    def reference_hotness(self, name: str, idx: list) -> dict:
+        """Routed mass of the windows `idx` of domain `name` with every expert at the reference precision (the
+        oracle's routing, restricted to those windows), cached."""
+        key = (name, tuple(idx))
+        if key not in self._ref_hotness:
+            self.engine.apply({(layer, e): self.ref for layer in self.reader.layers
+                               for e in range(self.reader.num_experts)})
+            self._ref_hotness[key] = self.engine.routing_mass(self.windows[name][idx], self.batch)
+        return self._ref_hotness[key]
 
     @torch.inference_mode()
     def _score(self, windows: torch.Tensor, ref, store=None, desc: str = "") -> dict:
@@ -166,6 +184,13 @@ class Evaluation:
     def close(self):
         self.ref_logp.clear()
         self._tmp.cleanup()
+
+
+def calibration_texts(model, reader, given) -> dict[str, Path]:
+    """{name: file} of the calibration texts (--calibration NAME=FILE or FILE, else the model's own)."""
+    files = calibration_files(model, reader, given)
+    return {(s.partition("=")[0] if "=" in s and not Path(s).is_file() else f.stem): f
+            for s, f in zip(given or [str(f) for f in files], files)}
 
 
 def check_plans(model, planners, budgets, store=None) -> Path:

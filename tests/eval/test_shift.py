@@ -1,6 +1,7 @@
-"""`dynaexq eval --scenario shift` and the runtime policies end to end on the bundled model (small windows)."""
+"""`dynaexq eval --scenario ...` (shift, mismatch, cold, steady; the per-phase oracle) and the runtime policies end to end on the bundled model (small windows)."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -81,3 +82,84 @@ def test_runtime_policy_errors(bundled_store, capsys):
     code, _, err = run(capsys, "generate", "x", "--store", bundled_store, "--model", BUNDLED, "--policy",
                        "uniform:int4", "--update-every", "3")
     assert code == 2 and "runtime options are for the runtime policies" in err
+
+
+def _router_mass(engine, windows) -> dict:
+    """Routed mass per layer from the model's own router logits (softmax, top-k, renormalized, as Qwen3-MoE
+    routes): an independent path to the routing the banks count."""
+    k, mass = engine.model.config.num_experts_per_tok, {}
+    with torch.inference_mode():
+        logits = engine.model(input_ids=windows, output_router_logits=True).router_logits
+    for layer, rl in zip(sorted(engine.banks), logits):
+        w, i = rl.float().softmax(-1).topk(k, -1)
+        m = torch.zeros(rl.shape[-1], dtype=torch.float64)
+        mass[layer] = m.scatter_add_(0, i.flatten(), (w / w.sum(-1, keepdim=True)).flatten().double())
+    return mass
+
+
+def test_phase_oracle_is_the_oracle_map_of_each_phases_own_routing(bundled_store):
+    from dynaexq.runtime.planners import parse_policy, resolve_budget
+
+    data = {n: BUNDLED / "eval" / f"{n}.txt" for n in ("code", "dict")}
+    ev = Evaluation(BUNDLED, data, windows=2, window_tokens=64, calibration_windows=6, store=bundled_store,
+                    progress=False)
+    try:
+        got = run_shift(ev, "phase-oracle", "int3", repeats=2, step_tokens=16)
+        budget, oracle = resolve_budget("int3", ev.reader), parse_policy("oracle")
+        ref_map = {(layer, e): ev.ref for layer in ev.reader.layers for e in range(ev.reader.num_experts)}
+        for row, (name, i) in zip(got["phases"], [("code", 0), ("dict", 0), ("code", 1), ("dict", 1)]):
+            w = ev.windows[name][i:i + 1]
+            ev.engine.apply(ref_map)
+            plan = oracle.plan(ev.reader, budget, _router_mass(ev.engine, w))  # brute force: route, plan, run
+            ev.engine.apply(plan)
+            with torch.inference_mode():
+                logp = torch.log_softmax(ev.engine.model(input_ids=w).logits[0, :-1].double(), -1)
+            ref = torch.from_numpy(np.array(ev.ref_logp[name][0][i])).double()
+            assert row["kl"] == pytest.approx((ref.exp() * (ref - logp)).sum(-1).mean().item(), rel=1e-3)
+            assert row["expert_bytes"] <= budget
+        assert got["policy"].startswith("phase-oracle") and got["expert_bytes"] <= budget
+    finally:
+        ev.close()
+
+
+def test_mismatch_scenario_streams_one_domain_with_a_wrong_warm_start_and_plots(bundled_store, capsys, tmp_path):
+    code, out, err = run(capsys, "eval", "--store", bundled_store, "--scenario", "mismatch", "--data",
+                         f"code={BUNDLED / 'eval' / 'code.txt'}", *SMALL, "--repeats", "2", "--plot", "--out",
+                         tmp_path, "--json")
+    assert code == 0, err
+    rep = json.loads(out.strip().splitlines()[-1])
+    assert [p["phase"] for p in rep["phases"]] == ["1:code", "2:code"] and rep["repeats"] == 2
+    names = [r["policy"].split(":")[0].split("@")[0] + ("@" + r["policy"].split("@")[1] if "@" in r["policy"] else "")
+             for r in rep["results"]]
+    assert names == ["calibrated-multilevel", "calibrated-multilevel@dict", "multilevel@dict", "phase-oracle"]
+    mixed, wrong, runtime, oracle = rep["results"]
+    assert all(r["expert_bytes"] <= r["budget"] for r in rep["results"]) and runtime["decisions"] > 0
+    assert wrong["precisions"] != mixed["precisions"] or wrong["mean_kl"] != mixed["mean_kl"]  # another warm start
+    assert oracle["mean_kl"] < wrong["mean_kl"]
+    assert [p["tokens"] for p in oracle["phases"]] == [64, 128]
+    assert (tmp_path / "mismatch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "x oracle" in (tmp_path / "mismatch.md").read_text()
+    assert json.loads((tmp_path / "mismatch.json").read_text())["scenario"] == "mismatch"
+
+
+def test_cold_scenario_starts_the_runtime_without_a_warm_start(bundled_store, capsys):
+    code, out, err = run(capsys, "eval", "--store", bundled_store, "--scenario", "cold", "--policy", "multilevel@none",
+                         "multilevel", *SMALL, "--repeats", "2", "--json")
+    assert code == 0, err
+    cold, warm = json.loads(out.strip().splitlines()[-1])["results"]
+    assert cold["policy"].endswith("@none") and cold["decisions"] > 0 and cold["expert_bytes"] <= cold["budget"]
+    assert cold["mean_kl"] != warm["mean_kl"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--scenario", "steady", "--policy", "uniform:int3@dict"], "has none"),
+    (["--scenario", "steady", "--policy", "multilevel@nosuch"], "no calibration text named 'nosuch'"),
+    (["--scenario", "steady", "--policy", "calibrated-multilevel@none"], "needs a calibration"),
+    (["--plot"], "apply to the streamed --scenario runs only"),
+    (["--scenario", "cold", "--repeats", "0"], "--repeats must be >= 1"),
+    (["--scenario", "steady"], "domain 'code' has 2 windows, fewer than --repeats 4"),
+])
+def test_scenario_errors_name_what_is_valid(bundled_store, capsys, argv, message):
+    code, _, err = run(capsys, "eval", "--store", bundled_store, "--windows", "2", "--window-tokens", "64",
+                       "--calibration-windows", "6", *argv)
+    assert code == 2 and message in err, err
