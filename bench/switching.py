@@ -10,13 +10,13 @@ What it measures
   reused by every run so that all modes start from the same map).
   Workload: greedy decode, batch 1, --new-tokens per prompt; the prompts are --prompt-tokens token prefixes
   taken in turn from the model's eval texts (code, prose, dict, code, ...): the routing shifts between
-  prompts, so the controller keeps re-deciding (--update-every steps, default the paper's 200; 16 is a
-  stress setting with ~10x more switches).
+  prompts, so the controller keeps re-deciding (default: the runtime's, every 128 tokens with a 256-token
+  hotness half-life; --update-every N decides every N steps with the paper's alpha 0.9 unless --half-life-tokens).
   Modes (one engine, the runtime restarted per sample; samples interleaved, rotating order; median of
   --repeats):
     static     frozen:hi=int8,lo=int2 -- the same pools and warm-start map, never changed
-    live       dynaexq:hi=int8,lo=int2 -- decisions every --update-every steps, transitions on K=4
-               background threads (the forward pass only takes read leases)
+    live       dynaexq:hi=int8,lo=int2 -- decisions as configured, transitions on a background thread (the
+               forward pass only takes read leases)
     blocking   the same with transitions run inline at each decision (the paper's blocking-migration
                ablation: the forward pass waits for them)
   tokens/s = new tokens / decode seconds (prefill included in neither). Forward wait = time the forward
@@ -31,6 +31,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -56,9 +57,8 @@ def prompts(engine, model_dir: Path, n: int, length: int) -> list:
 
 
 @torch.inference_mode()
-def sample(engine, planner, budget, warm, blocking, update_every, batch_prompts, new_tokens) -> dict:
-    rt = start_runtime(engine, planner, budget, RuntimeConfig(update_every=update_every, blocking=blocking),
-                       lambda floor: warm, progress=False)
+def sample(engine, planner, budget, warm, blocking, config, batch_prompts, new_tokens) -> dict:
+    rt = start_runtime(engine, planner, budget, replace(config, blocking=blocking), lambda floor: warm, progress=False)
     try:
         seconds = 0.0
         with CpuLoad() as load_:
@@ -87,7 +87,11 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--update-every", type=int, default=200)
+    ap.add_argument("--update-every", type=int, default=None, help="decide every N steps (default: the runtime's "
+                    "default interval)")
+    ap.add_argument("--update-every-tokens", type=int, default=None)
+    ap.add_argument("--half-life-tokens", type=float, default=None)
+    ap.add_argument("--alpha", type=float, default=None)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--calibration-windows", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
@@ -104,17 +108,23 @@ def main() -> None:
                                  a.calibration_windows, 256)
     warm = {layer: m / windows.numel() for layer, m in engine.routing_mass(windows).items()}
     batch_prompts = prompts(engine, model, a.prompts, a.prompt_tokens)
+    given = {k: getattr(a, k) for k in ("update_every", "update_every_tokens", "half_life_tokens", "alpha")
+             if getattr(a, k) is not None}
+    config = RuntimeConfig(**given)  # nothing given: the runtime's defaults
     runs = {m: [] for m in MODES}
     for r in range(a.repeats):
         order = list(MODES)[r % 3:] + list(MODES)[:r % 3]
         for mode in order:
             spec, blocking = MODES[mode]
-            runs[mode].append(sample(engine, parse_policy(spec), budget, warm, blocking, a.update_every,
+            runs[mode].append(sample(engine, parse_policy(spec), budget, warm, blocking, config,
                                      batch_prompts, a.new_tokens))
     med = {m: {k: statistics.median(s[k] for s in runs[m]) for k in runs[m][0]} for m in MODES}
     ratio = {m: statistics.median(s["tok_s"] / b["tok_s"] for s, b in zip(runs[m], runs["static"])) for m in MODES}
     print(f"bench/switching.py: {model.name}, expert budget {a.expert_budget} ({budget} B), {a.prompts} prompts x "
-          f"{a.new_tokens} tokens, update every {a.update_every} steps, {a.repeats} repeats (medians)")
+          f"{a.new_tokens} tokens, decisions every "
+          + (f"{config.update_every_tokens} tokens" if config.update_every_tokens else f"{config.update_every} steps")
+          + f", hotness {f'half-life {config.half_life_tokens:g} tokens' if config.half_life_tokens else f'alpha {config.alpha}'}"
+          f", {a.repeats} repeats (medians)")
     print(f"{'mode':<10} {'tok/s':>7} {'x static':>8} {'wait ms':>8} {'switches':>8} {'MiB moved':>9} {'others':>6}")
     for m in MODES:
         d = med[m]

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 from dynaexq.errors import UserError
@@ -61,7 +61,8 @@ def add_config_flags(group, base) -> None:
             group.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
         else:
             kind = type(default) if default is not None else (int if "int" in str(f.type) else str)
-            group.add_argument(flag, type=kind, default=None, help=f"{f.metadata['help']} (default: {default})")
+            shown = "" if "default" in f.metadata["help"] else f" (default: {default})"
+            group.add_argument(flag, type=kind, default=None, help=f.metadata["help"] + shown)
 
 
 def cmd_serve(args) -> int:
@@ -190,9 +191,7 @@ def _shift(args) -> int:
 
     if args.sweep:
         raise UserError(f"--sweep and --scenario {args.scenario} are separate runs; give one of them")
-    config = _runtime_config(args) or RuntimeConfig(update_every=shift.DEFAULT_UPDATE_EVERY)
-    if args.update_every is None:
-        config = replace(config, update_every=shift.DEFAULT_UPDATE_EVERY)
+    config = _runtime_config(args) or RuntimeConfig()
     out = shift.evaluate_shift(_model_path(args.model), args.data, args.policy, args.expert_budget, args.windows,
                                args.window_tokens, args.calibration, args.calibration_windows, args.repeats,
                                args.step_tokens or 32, config, progress=not args.json, store=args.store,

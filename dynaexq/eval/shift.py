@@ -37,7 +37,6 @@ from dynaexq.runtime.planners import parse_policy, resolve_budget
 
 SCENARIOS = ("shift", "mismatch", "cold", "steady")
 DEFAULT_REPEATS = {"shift": 2, "mismatch": 4, "cold": 4, "steady": 4}
-DEFAULT_UPDATE_EVERY = 16  # steps of 32 tokens: 512 tokens between decisions, 4 per phase of 8 windows
 SHIFT_POLICIES = ("dynaexq:hi=int8,lo=int2", "multilevel", "frozen:hi=int8,lo=int2", "calibrated:hi=int8,lo=int2",
                   "calibrated-multilevel", "uniform:int3", "phase-oracle")
 
@@ -101,8 +100,25 @@ def _stream_window(engine, x, step_tokens: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def stream_phase(ev, name: str, idx: list, step_tokens: int) -> tuple:
+    """Stream windows `idx` of domain `name` through ev's engine -> (sum of KL, top-1 hits, scored positions,
+    tokens streamed)."""
+    kl = top1 = 0.0
+    count = tokens = 0
+    for i in idx:
+        x = ev.windows[name][i:i + 1].to(ev.engine.model.device)  # [1, T]
+        logp = F.log_softmax(_stream_window(ev.engine, x, step_tokens)[0, :-1].float(), dim=-1).cpu()
+        ref = torch.from_numpy(np.array(ev.ref_logp[name][i // ev.batch][i % ev.batch]))
+        kl += (ref.exp() * (ref - logp)).sum().item()
+        top1 += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
+        count += logp.shape[0]
+        tokens += x.shape[1]
+    return kl, top1, count, tokens
+
+
+@torch.inference_mode()
 def run_shift(ev, policy: str, budget=None, repeats: int = 2, step_tokens: int = 32,
-              config: RuntimeConfig = RuntimeConfig(update_every=DEFAULT_UPDATE_EVERY), scenario: str = "shift") -> dict:
+              config: RuntimeConfig = RuntimeConfig(), scenario: str = "shift") -> dict:
     """One policy through the scenario's stream on Evaluation `ev` -> result dict (see the module doc)."""
     if step_tokens < 1:
         raise UserError(f"--step-tokens must be >= 1, got {step_tokens}")
@@ -130,16 +146,8 @@ def run_shift(ev, policy: str, budget=None, repeats: int = 2, step_tokens: int =
             if oracle:
                 engine.apply(planner.plan(ev.reader, budget_bytes, hot[phase]))
             before = dict(rt.transitions.stats) if rt else {}
-            kl = top1 = 0.0
-            count = 0
-            for i in idx:
-                x = ev.windows[name][i:i + 1].to(engine.model.device)  # [1, T]
-                logp = F.log_softmax(_stream_window(engine, x, step_tokens)[0, :-1].float(), dim=-1).cpu()
-                ref = torch.from_numpy(np.array(ev.ref_logp[name][i // ev.batch][i % ev.batch]))
-                kl += (ref.exp() * (ref - logp)).sum().item()
-                top1 += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
-                count += logp.shape[0]
-                streamed += x.shape[1]
+            kl, top1, count, tokens = stream_phase(ev, name, idx, step_tokens)
+            streamed += tokens
             row = {"phase": phase, "kl": kl / count, "top1": top1 / count, "tokens": streamed}
             if rt:
                 after = rt.transitions.stats
@@ -229,7 +237,7 @@ def write_outputs(report: dict, outdir: Path) -> list:
 
 def evaluate_shift(model, data=None, policies=None, budgets=None, windows=16, window_tokens=256, calibration=None,
                    calibration_windows=128, repeats: int | None = None, step_tokens: int = 32,
-                   config: RuntimeConfig = RuntimeConfig(update_every=DEFAULT_UPDATE_EVERY), progress=True, store=None,
+                   config: RuntimeConfig = RuntimeConfig(), progress=True, store=None,
                    dtype=torch.float32, verify="lazy", scenario: str = "shift") -> dict:
     """The whole `dynaexq eval --scenario ...` -> JSON report (every policy at every budget; default int3)."""
     from dynaexq.eval.harness import Evaluation, _model_dir, calibration_texts, check_plans, parse_data

@@ -100,11 +100,13 @@ def pack_blob(codes: torch.Tensor, bits: int, group_size: int, scale: torch.Tens
     n, k = codes.shape
     p, ng = n // 16, k // group_size
     ck, per = {2: (16, 16), 3: (32, 10), 4: (8, 8)}[bits]  # k per chunk, codes per 32-bit word
-    c = codes.to(torch.int32).view(p, 16, ng, group_size // ck, ck).permute(4, 0, 2, 3, 1).contiguous()
-    # c: [k in chunk, P, ng, chunk, row]; words: [P, ng, chunk, word (int3: A, B, C), row]
-    words = torch.zeros(p, ng, group_size // ck, ck // per, 16, dtype=torch.int32)
-    for j in range(per * (ck // per)):
-        words[:, :, :, j // per] |= c[j] << bits * (j % per)
+    c = codes.to(torch.int64).view(p, 16, ng, group_size // ck, ck).permute(4, 0, 2, 3, 1).contiguous()
+    # c: [k in chunk, P, ng, chunk, row]; words: [P, ng, chunk, word (int3: A, B, C), row]; code j of a chunk
+    # goes to word j // per at bit bits * (j % per): the fields do not overlap, so a sum is their OR
+    nw = ck // per
+    shifts = (bits * torch.arange(per, dtype=torch.int64)).view(1, per, 1, 1, 1, 1)
+    words = (c[:per * nw].view(nw, per, *c.shape[1:]) << shifts).sum(1).permute(1, 2, 3, 0, 4)
+    words = (((words + 2**31) % 2**32) - 2**31).to(torch.int32)  # the low 32 bits, as a signed word
     if bits == 3:  # k = 30, 31: low bits at the top of A and C, third bits at the top of B
         words[:, :, :, 0] |= (c[30] & 3) << 30
         words[:, :, :, 1] |= ((c[30] >> 2) << 30) | ((c[31] >> 2) << 31)

@@ -1,7 +1,7 @@
 """The controller: hotness in, precision decisions out, between forward steps.
 
 After every step the engine hands over the banks' routing statistics: the hotness EMA is updated (on the
-device, no sync), and every `update_every` steps (or `update_every_tokens` routed tokens) the planner compares
+device, no sync), and every `update_every_tokens` routed tokens (or `update_every` steps) the planner compares
 S with the *target* assignment (what the map will be once every submitted pair is done, so decisions do not
 depend on how fast transitions run: the same statistics stream gives the same sequence of maps) and submits the
 pairs it wants to the transition engine. Policy runs here, never inside a forward pass.
@@ -13,6 +13,12 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from dynaexq.errors import UserError
+
+
+UPDATE_EVERY_TOKENS = 128  # the defaults, from bench/adaptation.py (README: "What the runtime buys")
+HALF_LIFE_TOKENS = 256.0
 
 
 def option(default, help: str):
@@ -29,15 +35,28 @@ class RuntimeConfig:
     staging_slots: int = option(4, "K: transitions in flight, each with one staging slot of the largest version")
     transition_workers: int = option(0, "threads running transitions (0: K on CUDA, 1 on the CPU, where they share the "
                                      "forward pass's cores)")
-    alpha: float = option(0.9, "hotness EMA: S <- alpha*S + (1-alpha)*c after every step")
-    half_life_tokens: float = option(0, "hotness EMA by evidence instead: alpha = 0.5**(tokens in the step / this), "
-                                     "so a prefill chunk weighs as many decode steps as it has tokens (0: --alpha)")
-    update_every: int = option(200, "steps (forward passes) between decisions")
-    update_every_tokens: int = option(0, "decide every N routed tokens instead of every --update-every steps (0: off)")
+    half_life_tokens: float | None = option(None, "hotness EMA by evidence: S <- a*S + (1-a)*c after every step with "
+                                            "a = 0.5**(tokens in the step / this), so a 32-token prefill chunk weighs "
+                                            f"32 decode tokens (default {HALF_LIFE_TOKENS:g} unless --alpha is given)")
+    alpha: float | None = option(None, "hotness EMA per step instead: a = alpha whatever the step's tokens (DynaExq: 0.9)")
+    update_every_tokens: int | None = option(None, "decide every N routed tokens (default "
+                                             f"{UPDATE_EVERY_TOKENS} unless --update-every is given)")
+    update_every: int | None = option(None, "decide every N steps (forward passes) instead (DynaExq: 200)")
     hotness_file: str | None = option(None, "load the hotness from this file at start (if it exists) and save it there "
                                     "on close")
     blocking: bool = option(False, "run transitions inline at each decision (ablation: the forward pass waits)")
     retries: int = option(2, "retries of a transition whose store read fails before it is given up")
+
+    def __post_init__(self):  # resolve the defaults: tokens unless steps were asked for (0 = that clock is off)
+        steps, alpha = self.update_every is not None, self.alpha is not None
+        resolved = {"update_every_tokens": 0 if steps else UPDATE_EVERY_TOKENS, "update_every": 0,
+                    "half_life_tokens": 0 if alpha else HALF_LIFE_TOKENS, "alpha": 0.9}
+        for name, value in resolved.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if not (self.update_every_tokens or self.update_every) or min(self.update_every, self.update_every_tokens) < 0:
+            raise UserError(f"decisions need --update-every-tokens N or --update-every N with N >= 1 (got "
+                            f"{self.update_every_tokens}, {self.update_every})")
 
 
 HISTORY = 64  # target maps kept for inspection (one per decision; older ones are dropped)

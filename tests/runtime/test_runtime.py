@@ -320,3 +320,16 @@ def test_the_controller_runs_from_after_step_not_from_a_forward(engine):
         assert all(int(bank.token_counts.sum()) == 0 for bank in engine.banks.values())
     finally:
         engine.close()
+
+
+def test_runtime_config_decides_by_tokens_unless_steps_are_asked_for():
+    from dynaexq.runtime.controller import HALF_LIFE_TOKENS, UPDATE_EVERY_TOKENS
+
+    c = RuntimeConfig()
+    assert (c.update_every_tokens, c.update_every, c.half_life_tokens) == (UPDATE_EVERY_TOKENS, 0, HALF_LIFE_TOKENS)
+    c = RuntimeConfig(update_every=16, alpha=0.8)  # the paper's clock: steps and a per-step alpha
+    assert (c.update_every_tokens, c.update_every, c.half_life_tokens, c.alpha) == (0, 16, 0, 0.8)
+    with pytest.raises(UserError, match="--update-every-tokens N or --update-every N"):
+        RuntimeConfig(update_every_tokens=0)
+    with pytest.raises(UserError, match="N >= 1"):
+        RuntimeConfig(update_every=-3)
