@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import wait_for_quiet  # noqa: E402
 
@@ -29,6 +31,7 @@ from dynaexq.engine.dynamic import measure  # noqa: E402
 from dynaexq.eval.shift import default_policies, parse_spec, phases, run_shift, stream_phase  # noqa: E402
 from dynaexq.runtime.controller import RuntimeConfig, initial_assign  # noqa: E402
 from dynaexq.runtime.planners import resolve_budget  # noqa: E402
+from dynaexq.runtime.planners.dynamic import _swaps  # noqa: E402
 
 GRID = {  # name -> (RuntimeConfig, delta of the multilevel policy)
     "every 200 steps, alpha 0.9 (DynaExq)": (RuntimeConfig(update_every=200, alpha=0.9), 0.01),
@@ -42,10 +45,11 @@ GRID = {  # name -> (RuntimeConfig, delta of the multilevel policy)
 }
 
 
-def fixed_counts_oracle(ev, runtime_spec: str, budget, repeats: int, scenario: str) -> dict:
+def fixed_counts_oracle(ev, runtime_spec: str, budget, repeats: int, scenario: str, per_tier: bool = False) -> dict:
     """The per-phase oracle held to the runtime's slot counts: per phase, the best assignment of that phase's own
-    routing into the (layer, precision) slot counts the runtime fixed at start from its warm start. Its gap to the
-    phase-oracle is what fixed counts cost; the runtime's gap to it is the adaptation lag."""
+    routing into the (layer, precision) slot counts the runtime fixed at start from its warm start (per_tier:
+    only each precision's total over the layers is fixed, a layer may hold more of it and another fewer). Its
+    gap to the phase-oracle is what fixed counts cost; the runtime's gap to it is the adaptation lag."""
     planner, source, _ = parse_spec(runtime_spec)
     budget = resolve_budget(budget, ev.reader)
     slot_bytes = measure(ev.engine, planner, budget, RuntimeConfig())[0]
@@ -60,13 +64,19 @@ def fixed_counts_oracle(ev, runtime_spec: str, budget, repeats: int, scenario: s
     hot = {phase: ev.reference_hotness(name, idx) for phase, name, idx in stream}
     for phase, name, idx in stream:
         assign = initial_assign(planner, hot[phase], counts, tiers, costs)
+        if per_tier:  # trade slots across layers too: one pool of each precision
+            layers = sorted(assign)
+            S = np.concatenate([np.asarray(hot[phase][layer], dtype=np.float64) for layer in layers])
+            tier = np.concatenate([assign[layer] for layer in layers])
+            _swaps(S, np.concatenate([costs[layer] for layer in layers]), tier, 0.0)
+            assign = {layer: tier[i * len(assign[layer]):(i + 1) * len(assign[layer])] for i, layer in enumerate(layers)}
         ev.engine.apply({(layer, e): tiers[t] for layer, a in assign.items() for e, t in enumerate(a.tolist())})
         kl, _, count, tokens = stream_phase(ev, name, idx, 32)
         streamed += tokens
         rows.append({"phase": phase, "kl": kl / count, "tokens": streamed})
         total[0] += kl
         total[1] += count
-    return {"policy": "phase-oracle, runtime's slot counts", "mean_kl": total[0] / total[1], "phases": rows}
+    return {"policy": "phase-oracle, runtime's " + ("totals per precision" if per_tier else "slot counts"), "mean_kl": total[0] / total[1], "phases": rows}
 
 
 def main():
@@ -96,6 +106,7 @@ def main():
             oracle = next(r for r in rows if r["policy"].startswith("phase-oracle"))
             mixed = next(r for r in rows if r["policy"].startswith("calibrated-multilevel") and "@" not in r["policy"])
             rows.append(fixed_counts_oracle(ev, runtime, args.budget, repeats, scenario))
+            rows.append(fixed_counts_oracle(ev, runtime, args.budget, repeats, scenario, per_tier=True))
             base, _, warm = runtime.partition("@")
             for name, (config, delta) in grid.items():
                 spec = f"{base}:delta={delta:g}" + (f"@{warm}" if warm else "")

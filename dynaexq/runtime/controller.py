@@ -107,7 +107,9 @@ class Controller:
             a[:] = [self.tiers.index(p) for p in published[layer]]
             for pair in pending:
                 if pair.layer == layer:
-                    a[pair.demote], a[pair.promote] = self.tiers.index(pair.lo), self.tiers.index(pair.hi)
+                    a[pair.demote] = self.tiers.index(pair.lo)
+                if pair.promote_layer == layer:
+                    a[pair.promote] = self.tiers.index(pair.hi)
 
     def target_map(self) -> dict:
         self._sync()

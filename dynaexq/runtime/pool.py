@@ -1,4 +1,8 @@
-"""Fragmentation-free expert memory: fixed-size slot arenas per (layer, tier), a staging pool, a budget tracker.
+"""Fragmentation-free expert memory: one fixed-size slot arena per tier (precision), a staging pool, a budget tracker.
+
+A tier's slots are shared by every MoE layer (a layer's experts all have the same shapes, so one slot size per
+tier fits them all): the total of each precision is fixed at start, how many of them each layer holds is not,
+so the planner may give a layer more int4 slots and another fewer as the workload moves.
 
 Every arena is allocated once, when the runtime starts (`SlotPool.__init__` is the only allocation of resident
 expert memory); afterwards taking and returning a slot is a list pop/push (O(1)) and changing an expert's
@@ -95,13 +99,18 @@ class BudgetTracker:
 
 
 class Pools:
-    """All arenas of one runtime: pools[(layer, precision)] plus the staging pool, under one tracker.
+    """All arenas of one runtime: pools[precision] plus the staging pool, under one tracker.
 
-    counts: {(layer, precision): slots}; slot_bytes: {(layer, precision): bytes of one slot};
-    staging: (K slots, bytes of the largest version)."""
+    counts: {(layer, precision): slots} (the start's map: each tier's arena gets their sum); slot_bytes:
+    {(layer, precision): bytes of one slot} (a tier's slot is its largest); staging: (K slots, bytes of the
+    largest version)."""
 
     def __init__(self, counts: dict, slot_bytes: dict, staging: tuple[int, int], device="cpu"):
-        self.pools = {key: SlotPool(key, slot_bytes[key], n, device) for key, n in counts.items() if n > 0}
+        total, size = {}, {}
+        for (layer, p), n in counts.items():
+            total[p] = total.get(p, 0) + n
+            size[p] = max(size.get(p, 0), slot_bytes[(layer, p)])
+        self.pools = {p: SlotPool(p, size[p], n, device) for p, n in total.items() if n > 0}
         self.pools[STAGING] = SlotPool(STAGING, staging[1], staging[0], device)
         caps = {}
         for key, pool in self.pools.items():
@@ -112,7 +121,7 @@ class Pools:
 
     @staticmethod
     def tier(key) -> str:
-        return STAGING if key == STAGING else key[1].value
+        return STAGING if key == STAGING else key.value
 
     def expert_bytes(self) -> int:
         """Bytes of the tier arenas (what a static map of the same memory would hold), staging excluded."""
@@ -150,7 +159,7 @@ class Pools:
     def occupancy(self) -> dict:
         out = {}
         for key, p in self.pools.items():
-            name = STAGING if key == STAGING else f"L{key[0]}.{key[1].value}"
+            name = self.tier(key)
             out[name] = {"slots": p.count, "used": p.count - len(p._free), "slot_bytes": p.slot_bytes}
         return out
 

@@ -1,6 +1,7 @@
 """The transition engine: moves expert versions between slots in the background, publish-before-reclaim.
 
-A pair (demote a: hi -> lo, promote b: lo -> hi) of one layer runs as:
+A pair (demote a: hi -> lo, promote b: lo -> hi; a and b may be of different layers: a tier's slots serve every
+layer) runs as:
   0. check the pair against the *published* table (its demoted expert at hi, its promoted one at lo; a pair planned
      on one that failed is cancelled here), then read both new versions from the store (transient host memory):
      an I/O error here changes nothing, the previous versions keep serving and the pair is retried in its place
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dynaexq.runtime.pool import STAGING
+from dynaexq.runtime.pool import STAGING, Pools
 from dynaexq.runtime.version import place, slot_layout
 
 
@@ -64,7 +65,7 @@ class _Job:
 
     @property
     def keys(self) -> set:
-        return {(self.pair.layer, self.pair.demote), (self.pair.layer, self.pair.promote)}
+        return {(self.pair.layer, self.pair.demote), (self.pair.promote_layer, self.pair.promote)}
 
 
 class TransitionEngine:
@@ -203,7 +204,7 @@ class TransitionEngine:
         try:  # step 0: everything that can fail on I/O happens before the first publish
             with self._on_copy_stream():
                 va = self.make(pair.layer, pair.demote, pair.lo)
-                vb = self.make(pair.layer, pair.promote, pair.hi)
+                vb = self.make(pair.promote_layer, pair.promote, pair.hi)
         except Exception as err:  # nothing was published: the previous versions keep serving
             self._count("failures")
             if job.attempt >= self.retries:
@@ -229,12 +230,13 @@ class TransitionEngine:
 
     def _precondition(self, pair) -> str | None:
         """Why `pair` cannot run on the published table (None: it can): its demoted expert must be published at
-        `hi` in a slot of pool (layer, hi), its promoted one at `lo` in pool (layer, lo)."""
-        for e, want in ((pair.demote, pair.hi), (pair.promote, pair.lo)):
-            v = self.table.get(pair.layer, e)
-            if v is None or v.precision != want or v.slot is None or v.slot[0] != (pair.layer, want):
-                have = "nothing" if v is None else f"{v.precision.value} in {v.slot and v.slot[0]}"
-                return f"expert {e} is published as {have}, not {want.value} (planned on a pair that failed)"
+        `hi` in a slot of pool hi, its promoted one at `lo` in pool lo."""
+        for layer, e, want in ((pair.layer, pair.demote, pair.hi), (pair.promote_layer, pair.promote, pair.lo)):
+            v = self.table.get(layer, e)
+            if v is None or v.precision != want or v.slot is None or v.slot[0] != want:
+                have = "nothing" if v is None else f"{v.precision.value} in {v.slot and Pools.tier(v.slot[0])}"
+                return (f"expert {e} of layer {layer} is published as {have}, not {want.value} (planned on a pair "
+                        "that failed)")
         return None
 
     def _give_up(self, job: _Job, message: str, counter: str | None = None) -> None:
@@ -247,26 +249,26 @@ class TransitionEngine:
                     tainted |= other.keys
                     self.stats["errors"].append(f"cancelled {other.pair}: planned on {job.pair}, which was given up")
                     self._count("cancelled")
-                    self._failed.append(other.pair.layer)
+                    self._failed.extend({other.pair.layer, other.pair.promote_layer})
                 else:
                     keep.append(other)
             self._queue[:] = keep
             self.stats["errors"].append(message)
             if counter:
                 self._count(counter)
-            self._failed.append(job.pair.layer)
+            self._failed.extend({job.pair.layer, job.pair.promote_layer})
 
     def _count(self, name: str, n=1) -> None:
         with self._stats_lock:
             self.stats[name] += n
 
     def _swap(self, pair, va, vb, st: int) -> None:
-        layer, a, b = pair.layer, pair.demote, pair.promote
+        layer, a, lb, b = pair.layer, pair.demote, pair.promote_layer, pair.promote
         old_a = self._publish_into(layer, a, va, (STAGING, st))  # 1. a at lo, in staging
-        assert old_a.slot[0] == (layer, pair.hi), (old_a.slot, pair)
+        assert old_a.slot[0] == pair.hi, (old_a.slot, pair)
         self.pools.reuse(*old_a.slot)
-        old_b = self._publish_into(layer, b, vb, old_a.slot)  # 2. b at hi, in a's old slot
-        assert old_b.slot[0] == (layer, pair.lo), (old_b.slot, pair)
+        old_b = self._publish_into(lb, b, vb, old_a.slot)  # 2. b at hi, in a's old slot
+        assert old_b.slot[0] == pair.lo, (old_b.slot, pair)
         self.pools.reuse(*old_b.slot)
         staged = self._publish_into(layer, a, self.table.get(layer, a), old_b.slot)  # 3. a into b's old slot
         self.pools.reclaim(*staged.slot)  # 4. staging back
@@ -278,10 +280,9 @@ class TransitionEngine:
         with self._on_copy_stream():
             v = self.make(layer, e, precision)
         old = self.table.get(layer, e)
-        if old is None or old.slot is None:  # first install: a fresh slot of the expert's pool
-            key = (layer, precision)
-            i = self._take(key)
-            self._publish_into(layer, e, v, (key, i))
+        if old is None or old.slot is None:  # first install: a fresh slot of the precision's pool
+            i = self._take(precision)
+            self._publish_into(layer, e, v, (precision, i))
             return
         st = self._take(STAGING)
         old = self._publish_into(layer, e, v, (STAGING, st))

@@ -243,13 +243,13 @@ def test_budget_tracker_check_fails_over_its_cap_or_below_zero():
 
 def test_pools_check_fails_when_the_tracker_and_the_slots_disagree():
     pools = Pools({(0, P.INT8): 2}, {(0, P.INT8): 64}, (1, 64))
-    i = pools.take((0, P.INT8))
-    pools.commit((0, P.INT8))
+    i = pools.take(P.INT8)
+    pools.commit(P.INT8)
     pools.check()
-    pools.pools[(0, P.INT8)].take()  # a slot taken behind the tracker's back: its bytes are not counted
+    pools.pools[P.INT8].take()  # a slot taken behind the tracker's back: its bytes are not counted
     with pytest.raises(AssertionError, match="tracker"):
         pools.check()
-    pools.pools[(0, P.INT8)].give_back(1 - i)
+    pools.pools[P.INT8].give_back(1 - i)
     pools.check()
     pools.tracker.release("int8", 64)  # bytes released while the slot is still taken
     with pytest.raises(AssertionError, match="tracker"):

@@ -14,7 +14,7 @@ from dynaexq.errors import UserError
 from dynaexq.quant.precision import Precision as P
 from dynaexq.quant.quantize import dequantize
 from dynaexq.runtime.controller import RuntimeConfig
-from dynaexq.runtime.planners import parse_policy
+from dynaexq.runtime.planners import parse_policy, resolve_budget
 from rt import published, random_stats, start
 
 
@@ -333,3 +333,32 @@ def test_runtime_config_decides_by_tokens_unless_steps_are_asked_for():
         RuntimeConfig(update_every_tokens=0)
     with pytest.raises(UserError, match="N >= 1"):
         RuntimeConfig(update_every=-3)
+
+
+def test_multilevel_trades_slots_across_layers_totals_per_precision_fixed(engine):
+    E = engine.reader.num_experts
+    L0, L1 = sorted(engine.banks)
+    flat = {layer: torch.full((E,), 1.0 / E) for layer in (L0, L1)}
+    rt = start(engine, "multilevel:ladder=int8/int4/int2,delta=0", budget="int3", warm=flat, update_every=1)
+    try:
+        def per_layer():
+            return {(layer, p): sum(v.precision == p for v in engine.banks[layer].versions)
+                    for layer in (L0, L1) for p in rt.controller.tiers}
+        before = per_layer()
+        peaked = torch.zeros(E)
+        peaked[:2] = 8.0  # layer L0: two experts take all of 16 tokens' mass (the others idle); layer L1 stays flat
+        for _ in range(20):
+            rt.controller.on_step({L0: (16, peaked), L1: (16, torch.full((E,), 2.0))})
+        rt.transitions.drain()
+        after = per_layer()
+        assert after != before  # a layer's count of some precision moved ...
+        for p in rt.controller.tiers:  # ... while each precision's total did not
+            assert after[(L0, p)] + after[(L1, p)] == before[(L0, p)] + before[(L1, p)]
+        best = next(p for p in rt.controller.tiers if before[(L0, p)] + before[(L1, p)])  # the highest one held
+        assert engine.banks[L0].versions[0].precision == engine.banks[L0].versions[1].precision == best
+        assert after[(L0, best)] == 2 and after[(L1, best)] > before[(L1, best)]  # L0's idle experts' slots went to L1
+        assert published(engine) == rt.controller.target_map() and rt.transitions.stats["failures"] == 0
+        assert rt.pools.tracker.peak <= rt.pools.nbytes() and engine.expert_bytes() <= resolve_budget("int3", engine.reader)
+        rt.check()
+    finally:
+        engine.close()
