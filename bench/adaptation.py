@@ -29,7 +29,7 @@ from dynaexq.demo import default_model  # noqa: E402
 from dynaexq.eval.harness import Evaluation, parse_data  # noqa: E402
 from dynaexq.engine.dynamic import measure  # noqa: E402
 from dynaexq.eval.shift import default_policies, parse_spec, phases, run_shift, stream_phase  # noqa: E402
-from dynaexq.runtime.controller import RuntimeConfig, initial_assign  # noqa: E402
+from dynaexq.runtime.controller import RuntimeConfig  # noqa: E402
 from dynaexq.runtime.planners import resolve_budget  # noqa: E402
 from dynaexq.runtime.planners.dynamic import _swaps  # noqa: E402
 
@@ -40,6 +40,9 @@ GRID = {  # name -> (RuntimeConfig, delta of the multilevel policy)
     "every 128 tok, half-life 256 (default)": (RuntimeConfig(update_every_tokens=128, half_life_tokens=256), 0.01),
     "every 64 tok, half-life 128": (RuntimeConfig(update_every_tokens=64, half_life_tokens=128), 0.01),
     "every 32 tok, half-life 64": (RuntimeConfig(update_every_tokens=32, half_life_tokens=64), 0.01),
+    "every 32 tok, half-life 32": (RuntimeConfig(update_every_tokens=32, half_life_tokens=32), 0.01),
+    "every 32 tok, half-life 64, inline transitions": (RuntimeConfig(update_every_tokens=32, half_life_tokens=64,
+                                                                     blocking=True), 0.01),
     "every 32 tok, half-life 64, delta 0.03": (RuntimeConfig(update_every_tokens=32, half_life_tokens=64), 0.03),
     "every 64 tok, half-life 128, delta 0": (RuntimeConfig(update_every_tokens=64, half_life_tokens=128), 0.0),
 }
@@ -63,13 +66,17 @@ def fixed_counts_oracle(ev, runtime_spec: str, budget, repeats: int, scenario: s
     stream = phases(ev.windows, repeats, scenario)
     hot = {phase: ev.reference_hotness(name, idx) for phase, name, idx in stream}
     for phase, name, idx in stream:
-        assign = initial_assign(planner, hot[phase], counts, tiers, costs)
-        if per_tier:  # trade slots across layers too: one pool of each precision
+        assign = {layer: np.array([i for i, p in enumerate(tiers) for _ in range(counts.get((layer, p), 0))])
+                  for layer in ev.reader.layers}
+        if per_tier:  # the runtime's market: slots trade across layers too (one pool of each precision)
             layers = sorted(assign)
             S = np.concatenate([np.asarray(hot[phase][layer], dtype=np.float64) for layer in layers])
             tier = np.concatenate([assign[layer] for layer in layers])
             _swaps(S, np.concatenate([costs[layer] for layer in layers]), tier, 0.0)
             assign = {layer: tier[i * len(assign[layer]):(i + 1) * len(assign[layer])] for i, layer in enumerate(layers)}
+        else:  # each layer keeps its count of each precision
+            for layer in assign:
+                _swaps(np.asarray(hot[phase][layer], dtype=np.float64), costs[layer], assign[layer], 0.0)
         ev.engine.apply({(layer, e): tiers[t] for layer, a in assign.items() for e, t in enumerate(a.tolist())})
         kl, _, count, tokens = stream_phase(ev, name, idx, 32)
         streamed += tokens

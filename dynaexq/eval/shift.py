@@ -34,6 +34,7 @@ from dynaexq.engine.dynamic import start_runtime, stop_runtime
 from dynaexq.errors import UserError
 from dynaexq.runtime.controller import RuntimeConfig
 from dynaexq.runtime.planners import parse_policy, resolve_budget
+from dynaexq.sizes import format_size
 
 SCENARIOS = ("shift", "mismatch", "cold", "steady")
 DEFAULT_REPEATS = {"shift": 2, "mismatch": 4, "cold": 4, "steady": 4}
@@ -192,6 +193,12 @@ def table(results: list) -> str:
     return "\n".join(lines)
 
 
+def _short(policy: str) -> str:
+    """'multilevel:ladder=...,delta=0.01@dict' -> 'multilevel@dict' (the legend's name)."""
+    base, at, source = policy.partition("@")
+    return base.split(":ladder")[0].split(",alloc")[0].split(",delta")[0] + at + source
+
+
 def plot(report: dict, path: Path) -> None:
     """KL per phase against tokens streamed, one line per policy."""
     import matplotlib
@@ -204,15 +211,16 @@ def plot(report: dict, path: Path) -> None:
     for r in report["results"]:
         oracle = r["policy"].startswith("phase-oracle")
         ax.plot([p["tokens"] for p in r["phases"]], [p["kl"] for p in r["phases"]], marker="o" if not oracle else "v",
-                linestyle=":" if oracle else "-", color="tab:red" if oracle else None,
-                label=r["policy"].split(":ladder")[0].split(",alloc")[0])
+                linestyle=":" if oracle else "-", color="k" if oracle else None,
+                label=_short(r["policy"]))
     phases_ = report["results"][0]["phases"]
     ax.set_xticks([p["tokens"] for p in phases_], [f"{p['tokens']}\n{p['phase']}" for p in phases_], fontsize=7)
     ax.set_xlabel("tokens streamed (end of each phase)")
     ax.set_ylabel("mean KL to the reference in the phase")
     ax.set_yscale("log")
-    ax.set_title(f"{Path(report['model']).name}: --scenario {report['scenario']}, expert budget "
-                 f"{report['results'][0]['budget'] or ''}", fontsize=9)
+    budget = next((r["budget"] for r in report["results"] if r["budget"]), None)
+    ax.set_title(f"{Path(report['model']).name}: --scenario {report['scenario']}"
+                 + (f", expert budget {format_size(budget)}" if budget else ""), fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

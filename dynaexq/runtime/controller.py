@@ -17,7 +17,7 @@ import numpy as np
 from dynaexq.errors import UserError
 
 
-UPDATE_EVERY_TOKENS = 128  # the defaults, from bench/adaptation.py (README: "What the runtime buys")
+UPDATE_EVERY_TOKENS = 128  # the defaults, from bench/adaptation.py and bench/switching.py (README)
 HALF_LIFE_TOKENS = 256.0
 
 
