@@ -78,6 +78,8 @@ def build(extra_cflags: tuple[str, ...] = ()) -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.dynaexq_lowbit_mm.argtypes = [i, i, i, i, i, p, i, p, p, i]
     lib.dynaexq_lowbit_mm.restype = i
+    lib.dynaexq_lowbit_pack.argtypes = [i, i, i, i, p, p, p, p, p]
+    lib.dynaexq_lowbit_pack.restype = i
     return lib
 
 
@@ -118,6 +120,20 @@ def pack_blob(codes: torch.Tensor, bits: int, group_size: int, scale: torch.Tens
     return torch.cat([header, records], 1).reshape(-1)  # [P, 6 B + ng records]: as many bytes as stored
 
 
+def pack_blob_native(qw) -> torch.Tensor:
+    """`pack_blob` of a grouped QuantizedWeight, computed by the C++ library from the store's packed bytes
+    (no unpacking in torch, and without the GIL: a transition building it does not stall the forward's Python)."""
+    n, k = qw.shape
+    ng = k // qw.group_size
+    out = torch.empty(n // 16 * (6 + ng * (2 * qw.group_size * qw.bits + 32)), dtype=torch.uint8)
+    src = [t.contiguous() for t in (qw.data, qw.scale.to(torch.uint8), qw.zero.to(torch.uint8),
+                                    qw.ranges.to(torch.float16).view(torch.uint8))]
+    rc = extension().dynaexq_lowbit_pack(qw.bits, n, k, qw.group_size, *(t.data_ptr() for t in src), out.data_ptr())
+    if rc != 0:
+        raise ValueError(f"dynaexq_lowbit_pack refused a {qw.bits}-bit [{n}, {k}] weight with groups of {qw.group_size}")
+    return out
+
+
 @dataclass(eq=False)
 class LowbitCpu:
     bits: int
@@ -136,10 +152,9 @@ class LowbitCpu:
             fused = extension() is not None
         elif fused and extension() is None:
             raise RuntimeError("the C++ low-bit kernel is not available (see the warning)")
-        codes = qw.codes()
         if fused:
-            return cls(qw.bits, (n, k), qw.group_size, pack_blob(codes, qw.bits, qw.group_size, qw.scale, qw.zero,
-                                                                   qw.ranges))
+            return cls(qw.bits, (n, k), qw.group_size, pack_blob_native(qw))
+        codes = qw.codes()
         # codes + c (c = 8 - 2**(bits-1)) are centred on aten's offset 8, so the table's offset term b + 2**(bits-1) s
         # (the group's middle) stays small and loses little to bf16
         s, b = qw.group_params()

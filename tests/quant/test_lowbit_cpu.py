@@ -104,6 +104,13 @@ def test_resident_bytes_are_true_bits(ext, bits):
     assert p.nbytes == p.blob.numel() == n * k * bits // 8 + n * (k // g) * 2 + (n // 16) * 6 == qw.nbytes
 
 
+def test_the_native_pack_equals_the_python_reference_byte_for_byte(ext, weights):
+    for (bits, dist, shape), qw in weights.items():
+        n, k, g = shape
+        want = lowbit_cpu.pack_blob(qw.codes().view(n, k), bits, g, qw.scale, qw.zero, qw.ranges)
+        assert torch.equal(lowbit_cpu.pack_blob_native(qw), want), (bits, dist, shape)
+
+
 def test_avx2_kernel_matches_reference(weights):
     """The AVX2 build of the same source (what a CPU without AVX-512 gets)."""
     try:
@@ -174,7 +181,7 @@ def test_the_first_build_says_it_is_compiling_and_a_cached_one_is_silent(monkeyp
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     monkeypatch.setattr(lowbit_cpu.ctypes, "CDLL", lambda path: types.SimpleNamespace(
-        dynaexq_lowbit_mm=types.SimpleNamespace()))
+        dynaexq_lowbit_mm=types.SimpleNamespace(), dynaexq_lowbit_pack=types.SimpleNamespace()))
     lowbit_cpu.build()
     first = capsys.readouterr().err
     lowbit_cpu.build()

@@ -111,6 +111,52 @@ constexpr int PF = 2;  // software prefetch distance, in groups (the hardware's 
 
 extern "C" int dynaexq_lowbit_isa() { return ISA; }
 
+// code i of the store's bit packing (quant/packing.py): int4 two per byte, int2 four per byte (low bits
+// first), int3 eight per 3-byte little-endian word
+static inline uint32_t store_code(const uint8_t* d, int bits, long i) {
+  if (bits == 4) return (d[i >> 1] >> ((i & 1) * 4)) & 15;
+  if (bits == 2) return (d[i >> 2] >> ((i & 3) * 2)) & 3;
+  const uint8_t* w = d + 3 * (i >> 3);
+  return ((w[0] | (w[1] << 8) | (w[2] << 16)) >> (3 * (i & 7))) & 7;
+}
+
+// The kernel's blob (lowbit_cpu.pack_blob, its reference) straight from the store's bytes, without the GIL
+// (ctypes releases it): per 16-row panel a 6-byte fp16 range header, then per group the code words
+// [chunk][word][row] (uint32, code j of a chunk at bit bits*(j % per) of word j / per; int3's codes 30 and 31
+// split over the top bits of the three words) and the 16 rows' scale and offset codes.
+extern "C" int dynaexq_lowbit_pack(int bits, int N, int K, int G, const uint8_t* data, const uint8_t* scale,
+                                   const uint8_t* zero, const uint8_t* ranges, uint8_t* out) {
+  const int ck = bits == 2 ? 16 : bits == 3 ? 32 : bits == 4 ? 8 : 0, per = bits == 3 ? 10 : ck;
+  if (!ck || N % 16 || K % G || G % ck) return -1;
+  const int P = N / 16, ng = K / G, nw = ck / per, chunks = G / ck;
+  const long code_bytes = 2L * G * bits, rec_bytes = code_bytes + 32, panel_bytes = HEADER + ng * rec_bytes;
+  for (int p = 0; p < P; p++) {
+    uint8_t* panel = out + p * panel_bytes;
+    memcpy(panel, ranges + 6L * p, HEADER);
+    for (int g = 0; g < ng; g++) {
+      uint8_t* rec = panel + HEADER + g * rec_bytes;
+      for (int row = 0; row < 16; row++) {
+        const long n = 16L * p + row;
+        for (int c = 0; c < chunks; c++) {
+          const long base = n * K + (long)g * G + (long)c * ck;
+          for (int w = 0; w < nw; w++) {
+            uint32_t v = 0;
+            for (int j = w * per; j < (w + 1) * per; j++) v |= store_code(data, bits, base + j) << (bits * (j % per));
+            if (bits == 3) {
+              const uint32_t c30 = store_code(data, 3, base + 30), c31 = store_code(data, 3, base + 31);
+              v |= w == 0 ? (c30 & 3) << 30 : w == 1 ? ((c30 >> 2) << 30) | ((c31 >> 2) << 31) : (c31 & 3) << 30;
+            }
+            memcpy(rec + 4L * ((c * nw + w) * 16 + row), &v, 4);
+          }
+        }
+        rec[code_bytes + row] = scale[n * ng + g];
+        rec[code_bytes + 16 + row] = zero[n * ng + g];
+      }
+    }
+  }
+  return 0;
+}
+
 #if ISA
 enum { F32 = 0, BF16 = 1, F16 = 2 };  // dtype codes of x and y
 
