@@ -4,7 +4,8 @@ A stream is a list of phases, each a block of evaluation windows of one domain:
   shift     block r of every --data domain in order (code -> prose -> dict), for r in range(--repeats) (default 2);
   mismatch  the first --data domain in --repeats blocks (default 4), the runtime warm-started from a calibration
             text of *another* domain (the first one whose name differs): how fast does it recover?
-  cold      the same stream, the runtime with no warm start at all (its first map: the cheapest at the budget);
+  cold      the same stream, the runtime with no warm start at all (its first map: slot counts by the experts'
+            errors alone, experts in index order);
   steady    the same stream, warm-started from all calibration texts: does it settle at the oracle, and stay?
 Each window is streamed through the model in steps of `step_tokens` tokens with a KV cache (the logits equal one
 full-window forward); after every step the engine's `after_step()` hands the routing to the controller, as the
