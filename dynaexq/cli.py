@@ -78,7 +78,7 @@ def cmd_serve(args) -> int:
               "use the server", file=sys.stderr)
     engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
                           store=args.store, calibration=args.calibration, runtime=_runtime_config(args),
-                          dtype=_dtype(args.dtype), verify=args.verify)
+                          dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense)
     try:
         app = create_app(engine, config)
     except BaseException:
@@ -98,7 +98,7 @@ def cmd_generate(args) -> int:
 
     engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
                           store=args.store, calibration=args.calibration, runtime=_runtime_config(args),
-                          dtype=_dtype(args.dtype), verify=args.verify)
+                          dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense)
     try:
         if engine.tokenizer is None:
             raise UserError(f"model {args.model!r} has no tokenizer files; generate needs one")
@@ -134,11 +134,17 @@ def cmd_eval(args) -> int:
         return _sweep(args)
     out = harness.evaluate(_model_path(args.model), args.data, args.policy, args.expert_budget, args.windows,
                            args.window_tokens, args.calibration, args.calibration_windows, progress=not args.json,
-                           store=args.store, dtype=_dtype(args.dtype), verify=args.verify)
+                           store=args.store, dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense)
     print(report.table(out), file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(out))
     return 0
+
+
+def _add_dense(parser, what: str = "") -> None:
+    parser.add_argument("--dense", default="model", choices=["model", "int8"], help="non-expert linears (attention, "
+                        "dense and shared-expert MLPs): model = in --dtype, int8 = per-row int8 codes on the CPU, "
+                        "routers and the output head kept (default: %(default)s)" + what)
 
 
 def _dtype(name: str):
@@ -157,7 +163,7 @@ def _sweep(args) -> int:
     budgets = args.expert_budget or ["int2"]  # the sweep's own budgets start at all-int2
     args.store = harness.check_plans(model, [harness.parse_policy(p) for p in policies], budgets, args.store)
     ev = harness.Evaluation(model, data, args.windows, args.window_tokens, args.calibration, args.calibration_windows,
-                            store=args.store, dtype=_dtype(args.dtype), verify=args.verify)
+                            store=args.store, dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense)
     try:
         budgets = ([harness.resolve_budget(b, ev.reader) for b in args.expert_budget] if args.expert_budget
                    else report.sweep_budgets(ev.reader))
@@ -195,7 +201,8 @@ def _shift(args) -> int:
     out = shift.evaluate_shift(_model_path(args.model), args.data, args.policy, args.expert_budget, args.windows,
                                args.window_tokens, args.calibration, args.calibration_windows, args.repeats,
                                args.step_tokens or 32, config, progress=not args.json, store=args.store,
-                               dtype=_dtype(args.dtype), verify=args.verify, scenario=args.scenario)
+                               dtype=_dtype(args.dtype), verify=args.verify, scenario=args.scenario,
+                               dense=args.dense)
     print(shift.table(out["results"]), file=sys.stderr if args.json else sys.stdout)
     if args.plot:
         paths = shift.write_outputs(out, Path(args.out or f"eval-{args.scenario}"))
@@ -274,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--dtype", default="model", choices=["model", "float32", "bfloat16", "float16"],
                     help="dtype of the non-expert weights and activations (default: %(default)s = the checkpoint's "
                     "own); expert kernels keep theirs")
+    _add_dense(sg)
     sg.set_defaults(fn=cmd_generate)
 
     se = sub.add_parser("eval", help="quality of precision policies at equal expert bytes vs the full-precision model",
@@ -300,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "model"],
                     help="compute dtype of the non-expert weights and activations (default: %(default)s; 'model' = "
                     "the checkpoint's own); expert kernels keep theirs")
+    _add_dense(se, "; the reference keeps them in --dtype, so the KL includes their cost")
     se.add_argument("--sweep", action="store_true", help="run the hotness policies over a range of budgets (or the "
                     "given ones) plus every uniform precision; write sweep.png, sweep.md and sweep.json to --out")
     se.add_argument("--out", help="directory for --sweep output (default: eval-sweep) and --plot output (default: "
@@ -350,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dtype of the non-expert weights and activations (default: %(default)s = the checkpoint's "
                     "own); float32 batches ~4x faster on CPUs without native bf16 (no AVX512-BF16/AMX) at twice "
                     "the non-expert bytes; expert kernels keep theirs")
+    _add_dense(sv)
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                     help="uvicorn's log level (default: %(default)s)")
     from dynaexq.serve.config import ServeConfig

@@ -28,6 +28,7 @@ from dynaexq.demo import BUNDLED
 from dynaexq.engine.dynamic import start_runtime
 from dynaexq.engine.engine import Engine, read_text, text_windows
 from dynaexq.errors import UserError
+from dynaexq.quant.dense import quantize_dense
 from dynaexq.runtime.controller import RuntimeConfig
 from dynaexq.runtime.planners import parse_policy, resolve_budget
 from dynaexq.sizes import format_size
@@ -70,7 +71,7 @@ def resolve_store(path, store=None, progress: bool = True) -> Path:
 def load(path, policy="uniform:bf16", expert_budget=None, *, store=None, device="cpu",
          backend: str | None = None, dtype: torch.dtype | None = None, verify: str = "lazy",
          progress: bool = True, calibration=None, calibration_windows: int = 128, window_tokens: int = 256,
-         runtime: RuntimeConfig | None = None) -> Engine:
+         runtime: RuntimeConfig | None = None, dense: str = "model") -> Engine:
     """`expert_budget`: bytes, a size string ('20MiB') or a precision name ('int3': every expert at int3).
     Policies that rank experts by hotness (calibrated, calibrated-multilevel) load every expert at their cheapest
     precision, measure routing on the calibration texts (`calibration`: paths; default: the model's
@@ -78,7 +79,7 @@ def load(path, policy="uniform:bf16", expert_budget=None, *, store=None, device=
     dynamic runtime (`runtime`: its RuntimeConfig, e.g. `budget='2GiB'` for Eq. 4 on the whole model) with the
     same calibration as warm start; call `engine.close()` to stop it (and save its hotness file).
     `verify`: "lazy" (shard stamps now, each expert's digest on its first read), "full" (hash every shard now) or
-    "off" (store/reader.py)."""
+    "off" (store/reader.py). `dense`: "model" (the non-expert weights in `dtype`) or "int8" (quant/dense.py)."""
     device = torch.device(device)
     backend = backend or ("cuda" if device.type == "cuda" else "cpu")
     reader = StoreReader(resolve_store(path, store, progress))
@@ -87,7 +88,7 @@ def load(path, policy="uniform:bf16", expert_budget=None, *, store=None, device=
     budget = resolve_budget(expert_budget, reader)
     if getattr(planner, "dynamic", False):
         return _load_dynamic(path, reader, planner, budget, device, backend, dtype, progress, calibration,
-                             calibration_windows, window_tokens, runtime or RuntimeConfig())
+                             calibration_windows, window_tokens, runtime or RuntimeConfig(), dense)
     if runtime is not None:
         raise UserError(f"runtime options are for the runtime policies (dynaexq, multilevel, frozen), not {planner}")
     if planner.hotness_source == "eval":
@@ -105,7 +106,7 @@ def load(path, policy="uniform:bf16", expert_budget=None, *, store=None, device=
         hint = f"uniform precisions that fit: {', '.join(fits)}" if fits else "no uniform precision fits"
         raise UserError(f"policy {planner} needs {need} bytes ({format_size(need)}) of expert memory but the expert "
                         f"budget is {budget} bytes ({format_size(budget)}); {hint}")
-    engine = _empty_engine(reader, planner, device, backend, dtype)
+    engine = _empty_engine(reader, planner, device, backend, dtype, dense)
     engine.apply(plan, progress=progress)  # every version owns its memory; the store is unmapped after
     if calib_files:
         windows = calibration_tokens(engine.tokenizer, calib_files, calibration_windows, window_tokens)
@@ -114,14 +115,14 @@ def load(path, policy="uniform:bf16", expert_budget=None, *, store=None, device=
 
 
 def _load_dynamic(path, reader, planner, budget, device, backend, dtype, progress, calibration,
-                  calibration_windows, window_tokens, config: RuntimeConfig) -> Engine:
+                  calibration_windows, window_tokens, config: RuntimeConfig, dense: str = "model") -> Engine:
     if budget is None and config.budget is None:
         raise UserError(f"policy {planner} needs a memory budget: --budget SIZE (the whole model, DynaExq Eq. 4) or "
                         "--expert-budget SIZE / a precision name such as int3 (expert weights only)")
     warm_files = None
     if not (config.hotness_file and Path(config.hotness_file).is_file()):
         warm_files = calibration_files(path, reader, calibration)
-    engine = _empty_engine(reader, planner, device, backend, dtype)
+    engine = _empty_engine(reader, planner, device, backend, dtype, dense)
 
     def calibrate(floor):  # DynaExq's warm start: the model in all-low mode, mean routed mass per token
         engine.apply(floor, progress=progress)
@@ -132,11 +133,12 @@ def _load_dynamic(path, reader, planner, budget, device, backend, dtype, progres
     return engine
 
 
-def _empty_engine(reader, planner, device, backend, dtype) -> Engine:
+def _empty_engine(reader, planner, device, backend, dtype, dense: str = "model") -> Engine:
     """The model built on the store with an ExpertBank per MoE layer, no expert published yet."""
     arch = get_arch(reader.manifest["config"])
     dtype = dtype or getattr(torch, reader.manifest["source_dtype"])
     model = _build_model(reader.path, arch, dtype, device)
+    quantize_dense(model, dense)
     banks = banks_of(model)
     assert sorted(banks) == sorted(reader.layers), (sorted(banks), reader.layers)
     return Engine(model=model, tokenizer=load_tokenizer(reader.path), reader=reader, banks=banks,

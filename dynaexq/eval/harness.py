@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from dynaexq.engine.engine import read_text, text_windows
 from dynaexq.engine.load import calibration_files, calibration_tokens, load, load_tokenizer, resolve_store
 from dynaexq.errors import UserError
+from dynaexq.quant.dense import quantize_dense
 from dynaexq.runtime.planners import parse_budget, parse_policy, resolve_budget
 from dynaexq.store.reader import StoreReader
 
@@ -59,7 +60,7 @@ class Evaluation:
 
     def __init__(self, model, data: dict[str, Path], windows: int = 16, window_tokens: int = 256,
                  calibration=None, calibration_windows: int = 128, batch: int = 8, progress: bool = True,
-                 store=None, dtype: torch.dtype | None = torch.float32, verify: str = "lazy"):
+                 store=None, dtype: torch.dtype | None = torch.float32, verify: str = "lazy", dense: str = "model"):
         if windows <= 0 or window_tokens < 2 or calibration_windows <= 0:
             raise UserError(f"--windows and --calibration-windows must be >= 1 and --window-tokens >= 2 (got "
                             f"{windows}, {calibration_windows}, {window_tokens})")
@@ -90,6 +91,8 @@ class Evaluation:
             self.ref_logp[name] = []
             self.ref_stats[name] = self._score(w, ref=None, store=self.ref_logp[name], desc=f"reference {name}")
         self.eval_hotness = {layer: mass.double().cpu() for layer, (_, mass) in self.engine.take_routing_stats().items()}
+        self.dense = dense  # the reference keeps the dense weights in `dtype`; every policy runs with these
+        quantize_dense(self.engine.model, dense)
         self._calib_hotness, self._ref_hotness, self.calibration_token_counts = {}, {}, {}
 
     def calibration_texts(self) -> dict[str, Path]:
@@ -176,7 +179,7 @@ class Evaluation:
 
     def report(self, results: list) -> dict:
         """The JSON report of `dynaexq eval` around these results."""
-        return {"model": str(self.model_path), "reference_policy": f"uniform:{self.ref.value}",
+        return {"model": str(self.model_path), "reference_policy": f"uniform:{self.ref.value}", "dense": self.dense,
                 "reference_expert_bytes": self.reference_bytes,
                 "windows": {n: list(w.shape) for n, w in self.windows.items()},
                 "reference": {name: dict(s) for name, s in self.ref_stats.items()}, "results": results}
@@ -209,7 +212,8 @@ def check_plans(model, planners, budgets, store=None) -> Path:
 
 
 def evaluate(model, data=None, policies=None, budgets=None, windows=16, window_tokens=256, calibration=None,
-             calibration_windows=128, progress=True, store=None, dtype=torch.float32, verify="lazy") -> dict:
+             calibration_windows=128, progress=True, store=None, dtype=torch.float32, verify="lazy",
+             dense: str = "model") -> dict:
     """The whole `dynaexq eval`: every policy (x budget, for hotness policies) -> the JSON report."""
     budgets = [parse_budget(b) for b in (budgets or [])]
     policies = list(policies) if policies else list(DEFAULT_POLICIES) + (list(HOTNESS_POLICIES) if budgets else [])
@@ -217,7 +221,7 @@ def evaluate(model, data=None, policies=None, budgets=None, windows=16, window_t
     data = parse_data(data, _model_dir(model))
     store = check_plans(model, planners, budgets, store)
     ev = Evaluation(model, data, windows, window_tokens, calibration, calibration_windows, progress=progress,
-                    store=store, dtype=dtype, verify=verify)
+                    store=store, dtype=dtype, verify=verify, dense=dense)
     try:
         results = []
         for spec, pl in zip(policies, planners):
