@@ -112,6 +112,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--policies", default="uniform:bf16,uniform:int4,uniform:int2")
     ap.add_argument("--no-eager", action="store_true", help="skip the transformers eager-experts row")
+    ap.add_argument("--dense-int8", action="store_true", help="also each policy with --dense int8 (the attention "
+                    "as int8 codes)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                     help="before timing, wait up to S seconds for other processes to use < 0.3 cores")
@@ -164,15 +166,16 @@ def main(argv=None):
     if not args.no_eager:
         variants.append(Variant("transformers-eager", hf, "eager", hf_expert_bytes, hf_load, 0))
     engines = {}
-    for pol in policies:
+    for pol, dense in [(p, d) for p in policies for d in (("model", "int8") if args.dense_int8 else ("model",))]:
         t0 = time.perf_counter()
         r0 = proc_status().get("RssAnon", 0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            eng = dynaexq.load(str(ckpt), policy=pol, store=str(store), progress=False, verify="off")
-        engines[pol] = eng
-        variants.append(Variant("dynaexq-" + pol.split(":", 1)[-1], eng.model, None, eng.expert_bytes(),
-                                time.perf_counter() - t0, proc_status().get("RssAnon", 0) - r0))
+            eng = dynaexq.load(str(ckpt), policy=pol, store=str(store), progress=False, verify="off", dense=dense)
+        engines[(pol, dense)] = eng
+        variants.append(Variant("dynaexq-" + pol.split(":", 1)[-1] + ("+dense-int8" if dense == "int8" else ""),
+                                eng.model, None, eng.expert_bytes(), time.perf_counter() - t0,
+                                proc_status().get("RssAnon", 0) - r0))
     rss_models = proc_status().get("RssAnon", 0) - rss0
     print(f"  loaded {len(variants)} variants (default experts implementation {default_impl!r}); "
           f"anon RSS grew by {fmt_bytes(rss_models)}", file=sys.stderr)
