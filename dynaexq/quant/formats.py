@@ -8,8 +8,9 @@ llama.cpp's mixes give some tensors more bits). Kinds:
            an 8-bit offset code against fp16 ranges shared by a tile of 16 rows (K-quant style: the group's
            own scale costs 16 bits per group, not 32):  W = s * q + b,  s = ds * sc,  b = bmin + db * oc.
 Chosen by measurement on the bundled model (GPTQ with calibration Hessians, mean KL on `dynaexq eval`'s
-windows, bench/quant_formats.py): per-group 8-bit scale codes beat fp16 scale + zero at equal bits by 15-30 %,
-and the `down` projection is the most sensitive matrix (2-bit down doubles int2's KL), so int2 keeps it at 3 bits.
+windows, bench/quant_formats.py): per-group 8-bit scale codes beat fp16 scale + zero at equal bits by 13-25 %,
+and the `down` projection is the most sensitive matrix (2-bit down more than doubles int2's KL), so int2 keeps it
+at 3 bits.
     precision  gate_up            down               bits / weight (+ 48 bits per 16 rows)
     int4       4-bit, groups 64   4-bit, groups 64   4.25
     int3       3-bit, groups 32   3-bit, groups 32   3.50

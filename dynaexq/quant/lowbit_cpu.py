@@ -98,7 +98,7 @@ def _sha(text: str) -> str:
 def pack_blob(codes: torch.Tensor, bits: int, group_size: int, scale: torch.Tensor, zero: torch.Tensor,
               ranges: torch.Tensor) -> torch.Tensor:
     """codes [N, K] in [0, 2**bits), scale/zero codes [N, K/G] uint8, ranges [N/16, 3] fp16 (ds, db, bmin)
-    -> flat uint8 blob of lowbit.cpp."""
+    -> flat uint8 blob of lowbit.cpp. The reference layout: the kernels build it with `pack_blob_native`."""
     n, k = codes.shape
     p, ng = n // 16, k // group_size
     ck, per = {2: (16, 16), 3: (32, 10), 4: (8, 8)}[bits]  # k per chunk, codes per 32-bit word

@@ -12,8 +12,8 @@ against H = E[x x^T], the second moment of the matrix's input over the calibrati
 (engine/calibrate.py), so the error minimized is the one the layer's output sees, ||(W - W') x||^2; without H
 (no calibration) H = I and it is round-to-nearest. Per group, (s, b) is the weighted least-squares fit (weights
 diag H) of the group's current (error-compensated) weights, best of a shrink grid, then coded in 8 bits against
-its tile's ranges (fixed first from the min/max ranges of the original weights, with a margin). Columns are processed in blocks of 128 with
-lazy updates; everything runs batched over the stack. int8 is round-to-nearest per row (its error is already
+its tile's ranges (fixed first from the min/max ranges of the original weights, with a margin). Columns are
+processed in blocks of BLOCK with lazy updates; everything runs batched over the stack. int8 is round-to-nearest per row (its error is already
 tiny), floats are copies.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dynaexq.quant.formats import TILE, MatrixFormat, spec
+from dynaexq.quant.formats import TILE, spec
 from dynaexq.quant.packing import pack, unpack
 from dynaexq.quant.precision import Precision
 
@@ -229,23 +229,15 @@ def _gptq(W: torch.Tensor, bits: int, g: int, factored: tuple | None):
     return codes, sc_all, oc_all, ranges
 
 
-def activation_error(w: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor | None,
-                     dtype: torch.dtype = torch.float64) -> tuple[float, float]:
-    """(tr(dW H dW^T), tr(W H W^T)): the output error energy and the output energy for inputs of second moment
-    H (identity: the weight-space Frobenius norms), computed in `dtype` (prepare: float32, a GEMM per matrix)."""
-    wd = w.to(dtype)
-    d = wd - dequantize(qw, dtype)
-    if H is None:
-        return float(d.pow(2).sum()), float(wd.pow(2).sum())
-    H = H.to(dtype)
-    return float(((d @ H) * d).sum()), float(((wd @ H) * wd).sum())
-
-
 def relative_error(w: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor | None = None) -> float:
-    """sqrt(tr(dW H dW^T) / tr(W H W^T)); H = I: ||W - W'||_F / ||W||_F."""
-    num, den = activation_error(w, qw, H)
-    return (num / max(den, 1e-30)) ** 0.5
+    """sqrt(tr(dW H dW^T) / tr(W H W^T)) in float64 for inputs of second moment H; H = None (identity):
+    ||W - W'||_F / ||W||_F."""
+    w64 = w.double()
+    d = w64 - dequantize(qw, torch.float64)
+
+    def energy(m):
+        return float(m.pow(2).sum()) if H is None else float(((m @ H.double()) * m).sum())
+    return (energy(d) / max(energy(w64), 1e-30)) ** 0.5
 
 
-__all__ = ["QuantizedWeight", "MatrixFormat", "quantize", "quantize_many", "dequantize", "relative_error",
-           "activation_error", "expected_nbytes"]
+__all__ = ["QuantizedWeight", "quantize", "quantize_many", "dequantize", "relative_error", "expected_nbytes"]

@@ -82,8 +82,7 @@ class PrepareJob:
 
     def finished(self, layer: int) -> bool:
         """True when every shard of `layer` is on disk from a run with the same parameters (then it is kept)."""
-        todo = self._todo(layer)
-        return not todo
+        return not self._todo(layer)
 
     def _todo(self, layer: int) -> list:
         todo = []

@@ -21,7 +21,7 @@ def test_int8_linear_matches_a_float64_dequantize_then_matmul(bias):
     q = Int8Linear(lin)
     x = torch.randn(3, 5, 256, generator=g)
     y = q(x)
-    w = q.qweight.double() * q.scale.double()[:, None]  # what the codes say
+    w = q.q.double() * q.scale.double()[:, None] + q.corr.double()[:, None]  # what the codes say (kernels.Int8Cpu)
     ref = x.to(torch.bfloat16).double() @ w.T + (lin.bias.double() if bias else 0)  # the kernel reads bf16 x
     assert y.shape == (3, 5, 96) and y.dtype == torch.float32
     assert ((y.double() - ref).norm() / ref.norm()).item() < 5e-3  # bf16 output rounding
