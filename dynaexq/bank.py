@@ -5,6 +5,13 @@ top_k_weights [T, K]) -> [T, H]`: group the T*K routed (token, expert) pairs by 
 expert's tokens through the kernels of the version currently published for it, scale by the routing
 weight, and add into the output. Routers, shared experts and everything else stay transformers'.
 
+Two paths compute the experts (`path`): "grouped" (the default) makes, per precision tier present in the
+layer, one native call for all of the tier's routed pairs (quant.grouped_cpu: the kernel walks the experts from
+a pointer table rebuilt only when a version changes), so the calls per layer are bounded by the tiers, not the
+experts, and no routing count reaches the host; "reference" is the per-expert loop (one kernel call per routed
+expert, split points synced to the host), kept as the path the grouped one is tested against. Experts whose
+kernel has no grouped form (CUDA, biases, the float32 dequantize fallback) run the per-expert loop in either.
+
 It also records, per expert, routed token counts and routed probability mass (the sum of routing
 weights of the tokens that selected it) into device tensors without a host sync; the hotness
 tracker reads and resets them between steps. The bank never decides precisions: `publish` (called
@@ -17,7 +24,10 @@ import torch
 import torch.nn as nn
 from transformers.activations import ACT2FN
 
+from dynaexq.quant import grouped_cpu
 from dynaexq.runtime.version import ExpertVersion
+
+PATHS = ("grouped", "reference")
 
 
 class ExpertBank(nn.Module):
@@ -35,6 +45,8 @@ class ExpertBank(nn.Module):
         self.calibrator = None  # set only while `prepare` calibrates: it computes the layer from source experts
         self.routed_tokens = 0  # tokens routed since the controller last looked (a host int: no sync)
         self.last_read: list = []  # the versions the last forward computed with (tests check against them)
+        self.path = "grouped"  # or "reference": the per-expert loop (see the module docstring)
+        self._tiers_of = ((), None)  # (the versions it was built from, their tiers): rebuilt when one changes
         self.register_buffer("token_counts", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
         self.register_buffer("routed_mass", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
 
@@ -79,15 +91,44 @@ class ExpertBank(nn.Module):
         order = torch.argsort(flat_e, stable=True)  # pairs grouped by expert, tokens ascending
         x = hidden[order // k]  # [T*K, H]: each pair's token, grouped by expert (one gather for all experts)
         ys = torch.empty(flat_e.numel(), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)  # [T*K, H]
-        start = 0
-        for e, n in enumerate(counts.tolist()):  # the split points are needed on the host anyway
-            if n == 0:
-                continue
-            v = versions[e]
-            ys[start:start + n] = v.down(self._activate(v.gate_up(x[start:start + n])))  # [n, H]
-            start += n
+        tiers, loop = self._tiers(versions, hidden) if self.path == "grouped" else ({}, range(self.num_experts))
+        if tiers:
+            h = torch.empty(x.shape[0], next(iter(tiers))[0][1], dtype=x.dtype)  # [T*K, 2I]
+            for (gu_key, _), (gu_ptrs, _) in tiers.items():
+                grouped_cpu.run(gu_key, counts, gu_ptrs, x, h)  # every routed pair of the tier, one call
+            a = self._activate(h).contiguous()  # [T*K, I] (rows of loop experts: unused)
+            for (_, dn_key), (_, dn_ptrs) in tiers.items():
+                grouped_cpu.run(dn_key, counts, dn_ptrs, a, ys)
+        if loop:
+            ends = torch.cumsum(counts, 0).tolist()  # the per-expert loop needs its split points on the host
+            for e in loop:
+                start, end = ends[e - 1] if e else 0, ends[e]
+                if end > start:
+                    v = versions[e]
+                    ys[start:end] = v.down(self._activate(v.gate_up(x[start:end])))  # [n, H]
         ys.mul_(flat_w[order, None])  # routing weights for all pairs at once (computed in their dtype, one rounding)
         return ys, order
+
+    def _tiers(self, versions, hidden) -> tuple[dict, list]:
+        """-> ({(gate_up key, down key): (gate_up pointers [E, 3], down pointers [E, 3])}, the experts with no
+        grouped form), cached until a version changes (the cache holds the versions: their ids stay theirs)."""
+        built, cached = self._tiers_of
+        if len(built) == len(versions) + 1 and built[0] == (hidden.dtype, hidden.device) and \
+                all(a is b for a, b in zip(built[1:], versions)):
+            return cached
+        tiers, loop = {}, []
+        ok = grouped_cpu.supports(hidden.dtype) and hidden.device.type == "cpu"
+        for e, v in enumerate(versions):
+            gu, dn = (grouped_cpu.spec(v.gate_up), grouped_cpu.spec(v.down)) if ok and v is not None else (None, None)
+            if gu is None or dn is None:
+                loop.append(e)
+                continue
+            none = [(0, 0, 0)] * len(versions)
+            ptrs = tiers.setdefault((gu[0], dn[0]), (list(none), list(none)))
+            ptrs[0][e], ptrs[1][e] = gu[1], dn[1]
+        tiers = {key: tuple(torch.tensor(p, dtype=torch.int64) for p in ptrs) for key, ptrs in tiers.items()}
+        self._tiers_of = ((hidden.dtype, hidden.device), *versions), (tiers, loop)
+        return tiers, loop
 
     def _activate(self, h: torch.Tensor) -> torch.Tensor:
         if self.glu == "swiglu":

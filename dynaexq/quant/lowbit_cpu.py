@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-_SRC = Path(__file__).parent / "csrc" / "lowbit.cpp"
+_SRC = [Path(__file__).parent / "csrc" / f for f in ("lowbit.cpp", "rowmajor.cpp")]  # + csrc/simd.h
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # as in lowbit.cpp
 
 _lock = threading.Lock()
@@ -61,7 +61,7 @@ def _load() -> ctypes.CDLL | None:
 
 
 def build(extra_cflags: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Compile csrc/lowbit.cpp for this CPU (or reuse the cached build) and load it; raises on failure.
+    """Compile csrc/ (lowbit.cpp, rowmajor.cpp) for this CPU (or reuse the cached build) and load it; raises on failure.
     extra_cflags (e.g. "-mno-avx512f" to test the AVX2 kernel) get their own build and library name."""
     from torch.utils import cpp_extension
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "dynaexq" / "torch_extensions"
@@ -71,7 +71,7 @@ def build(extra_cflags: tuple[str, ...] = ()) -> ctypes.CDLL:
     if not (build_dir / f"{name}.so").is_file():  # the first load of a session would sit silently otherwise
         print(f"dynaexq: compiling the low-bit CPU kernel for this CPU (once, ~20 s; cached in {build_dir})",
               file=sys.stderr, flush=True)
-    path = cpp_extension.load(name, [str(_SRC)], build_directory=str(build_dir), is_python_module=False,
+    path = cpp_extension.load(name, [str(f) for f in _SRC], build_directory=str(build_dir), is_python_module=False,
                               extra_cflags=["-O3", "-march=native", "-fopenmp", *extra_cflags],
                               extra_ldflags=["-fopenmp"])
     lib = ctypes.CDLL(path)
@@ -80,6 +80,10 @@ def build(extra_cflags: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib.dynaexq_lowbit_mm.restype = i
     lib.dynaexq_lowbit_pack.argtypes = [i, i, i, i, p, p, p, p, p]
     lib.dynaexq_lowbit_pack.restype = i
+    lib.dynaexq_lowbit_grouped.argtypes = [i, i, i, i, i, p, p, p, i, p, i]
+    lib.dynaexq_lowbit_grouped.restype = i
+    lib.dynaexq_rowmajor_grouped.argtypes = [i, i, i, i, p, p, p, i, p, i]
+    lib.dynaexq_rowmajor_grouped.restype = i
     return lib
 
 

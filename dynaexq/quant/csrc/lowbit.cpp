@@ -16,95 +16,7 @@
 // vpermps on a table of code values (it reads only the low 4 index bits; AVX2: 3, so int4 masks and converts)
 // turns 16 codes into floats, and one FMA per row of x accumulates them: 3 vector ops per 16 weights at M = 1.
 // Tiles: MT rows of x x NV panels in registers; OpenMP over units of 4 panels (64 output rows).
-#include <immintrin.h>
-#include <stdint.h>
-#include <string.h>
-#include <algorithm>
-#include <vector>
-
-#if defined(__AVX512F__)
-#define ISA 512
-constexpr int MT_MAX = 8;  // rows of x per tile: accumulators MT*NV <= 16 of 32 zmm
-constexpr int nv_for(int mt) { return mt <= 2 ? 4 : 2; }
-typedef __m512 vf;
-typedef __m512i vi;
-static inline vi vi_load(const void* p) { return _mm512_loadu_si512(p); }
-static inline vi vi_set1(int a) { return _mm512_set1_epi32(a); }
-static inline vi vi_srl(vi a, int n) { return _mm512_srli_epi32(a, n); }
-static inline vi vi_sll(vi a, int n) { return _mm512_slli_epi32(a, n); }
-static inline vi vi_select(vi m, vi a, vi b) { return _mm512_ternarylogic_epi32(m, a, b, 0xCA); }  // m ? a : b
-static inline vf vf_perm(vf lut, vi idx) { return _mm512_permutexvar_ps(idx, lut); }
-static inline vf vf_zero() { return _mm512_setzero_ps(); }
-static inline vf vf_set1(float a) { return _mm512_set1_ps(a); }
-static inline vf vf_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
-static inline vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
-static inline vf vf_load(const float* p) { return _mm512_loadu_ps(p); }
-static inline void vf_store(float* p, vf a) { _mm512_storeu_ps(p, a); }
-static inline vf vf_load_ph(const void* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
-static inline void vf_store_ph(void* p, vf a) {
-  _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT));
-}
-static inline vf make_lut(int bits) {  // index -> its low `bits` bits, as a float
-  return bits == 2 ? _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3)
-       : bits == 3 ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7)
-                   : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-}
-template <int BITS> static inline vf decode(vf lut, vi cur) { return vf_perm(lut, cur); }
-static inline vf vf_load_u8(const void* p) {  // 16 bytes -> 16 floats
-  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)));
-}
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define ISA 256
-constexpr int MT_MAX = 4;  // 16 ymm: 2 per 16-lane vector
-constexpr int nv_for(int) { return 1; }
-struct vf { __m256 a, b; };
-struct vi { __m256i a, b; };
-static inline vi vi_load(const void* p) {
-  return {_mm256_loadu_si256((const __m256i*)p), _mm256_loadu_si256((const __m256i*)p + 1)};
-}
-static inline vi vi_set1(int a) { return {_mm256_set1_epi32(a), _mm256_set1_epi32(a)}; }
-static inline vi vi_srl(vi x, int n) { return {_mm256_srli_epi32(x.a, n), _mm256_srli_epi32(x.b, n)}; }
-static inline vi vi_sll(vi x, int n) { return {_mm256_slli_epi32(x.a, n), _mm256_slli_epi32(x.b, n)}; }
-static inline vi vi_select(vi m, vi a, vi b) {
-  return {_mm256_or_si256(_mm256_and_si256(m.a, a.a), _mm256_andnot_si256(m.a, b.a)),
-          _mm256_or_si256(_mm256_and_si256(m.b, a.b), _mm256_andnot_si256(m.b, b.b))};
-}
-static inline vf vf_perm(vf lut, vi i) {  // 8-entry table: reads the low 3 index bits
-  return {_mm256_permutevar8x32_ps(lut.a, i.a), _mm256_permutevar8x32_ps(lut.a, i.b)};
-}
-static inline vf vf_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
-static inline vf vf_set1(float a) { return {_mm256_set1_ps(a), _mm256_set1_ps(a)}; }
-static inline vf vf_fma(vf x, vf y, vf z) { return {_mm256_fmadd_ps(x.a, y.a, z.a), _mm256_fmadd_ps(x.b, y.b, z.b)}; }
-static inline vf vf_mul(vf x, vf y) { return {_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
-static inline vf vf_load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
-static inline void vf_store(float* p, vf x) { _mm256_storeu_ps(p, x.a); _mm256_storeu_ps(p + 8, x.b); }
-static inline vf vf_load_ph(const void* p) {
-  const __m128i* q = (const __m128i*)p;
-  return {_mm256_cvtph_ps(_mm_loadu_si128(q)), _mm256_cvtph_ps(_mm_loadu_si128(q + 1))};
-}
-static inline void vf_store_ph(void* p, vf x) {
-  _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(x.a, _MM_FROUND_TO_NEAREST_INT));
-  _mm_storeu_si128((__m128i*)p + 1, _mm256_cvtps_ph(x.b, _MM_FROUND_TO_NEAREST_INT));
-}
-static inline vf make_lut(int bits) {
-  __m256 t = bits == 2 ? _mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3) : _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
-  return {t, t};
-}
-template <int BITS> static inline vf decode(vf lut, vi cur) {
-  if constexpr (BITS < 4) {
-    return vf_perm(lut, cur);
-  } else {  // permutevar8x32 reads 3 index bits: mask the nibble and convert
-    const __m256i m = _mm256_set1_epi32(15);
-    return {_mm256_cvtepi32_ps(_mm256_and_si256(cur.a, m)), _mm256_cvtepi32_ps(_mm256_and_si256(cur.b, m))};
-  }
-}
-static inline vf vf_load_u8(const void* p) {
-  const __m128i b = _mm_loadu_si128((const __m128i*)p);
-  return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)))};
-}
-#else
-#define ISA 0
-#endif
+#include "simd.h"
 
 constexpr int HEADER = 6;  // bytes of a panel's range header
 constexpr int PF = 2;  // software prefetch distance, in groups (the hardware's alone is 10-25% slower)
@@ -158,7 +70,6 @@ extern "C" int dynaexq_lowbit_pack(int bits, int N, int K, int G, const uint8_t*
 }
 
 #if ISA
-enum { F32 = 0, BF16 = 1, F16 = 2 };  // dtype codes of x and y
 
 struct Args {
   int M, N, K, G;     // this block of rows: x [M, K], y [M, N]
@@ -170,15 +81,6 @@ struct Args {
   int ydt;
 };
 
-static void store16(char* dst, int dt, const float* src) {  // 16 floats -> dst in dtype dt
-  if (dt == F32) { memcpy(dst, src, 64); return; }
-  if (dt == F16) { vf_store_ph(dst, vf_load(src)); return; }
-  uint16_t* d = (uint16_t*)dst;
-  for (int i = 0; i < 16; ++i) {  // bf16, round to nearest even
-    uint32_t u; memcpy(&u, src + i, 4);
-    d[i] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-  }
-}
 
 // MT rows of x (from row m0) times NV panels (from panel p0): y[m0:m0+MT, 16*p0 : 16*(p0+NV)].
 template <int BITS, int MT, int NV>
@@ -262,17 +164,6 @@ static void run_rows(const Args& a, int p0, int np, int m0, int mt) {  // mt row
   for (; p < p0 + np; ++p) tile<BITS, MT, 1>(a, p, m0);
 }
 
-static void to_f32(const void* src, int dt, float* dst, long n) {
-  if (dt == F32) { memcpy(dst, src, n * 4); return; }
-  const uint16_t* s = (const uint16_t*)src;
-  if (dt == BF16) {
-    for (long i = 0; i < n; ++i) { uint32_t u = (uint32_t)s[i] << 16; memcpy(dst + i, &u, 4); }
-    return;
-  }
-  long i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + i))));
-  for (; i < n; ++i) dst[i] = _cvtsh_ss(s[i]);
-}
 #endif
 
 // y[M, N] (dtype dt) = x[M, K] (dtype dt) @ W^T for the blob `w` of a [N, K] 2/3/4-bit weight with groups
@@ -312,6 +203,38 @@ extern "C" int dynaexq_lowbit_mm(int bits, int G, int M, int N, int K, const voi
       }
     }
   }
+  return 0;
+#else
+  return -1;
+#endif
+}
+
+// Every expert of one 2/3/4-bit tier in one call (the grouped driver of simd.h): x [R, K] holds the routed
+// rows grouped by expert, counts[e] of them for expert e (e ascending, all E experts); ptrs [E, 3] holds expert
+// e's blob in ptrs[e, 0], or 0 when e is not of this tier (its rows of y are left alone). y [R, N], x's dtype.
+extern "C" int dynaexq_lowbit_grouped(int bits, int G, int N, int K, int E, const int64_t* counts,
+                                      const int64_t* ptrs, const void* x, int dt, void* y, int nthreads) {
+#if ISA
+  std::vector<int64_t> blobs(E);
+  for (int e = 0; e < E; ++e) blobs[e] = ptrs[3 * e];
+  const int ng = K / G, P = N / 16, es = dt == F32 ? 4 : 2;
+  Args base;
+  base.N = N; base.K = K; base.G = G; base.ydt = dt;
+  base.code_bytes = 2L * G * bits;
+  base.rec_bytes = base.code_bytes + 32;
+  base.panel_bytes = HEADER + ng * base.rec_bytes;
+  grouped_rows(E, counts, blobs.data(), K, ng, G, x, dt, (P + 3) / 4, nthreads,
+               [&](int e, long r0, long m, int u, const float* xf, const float* xs) {
+    Args a = base;
+    a.M = (int)m; a.w = (const uint8_t*)blobs[e]; a.x = xf; a.xsum = xs; a.y = (char*)y + r0 * N * es;
+    const int p0 = 4 * u, np = std::min(4, P - p0);
+    for (int m0 = 0; m0 < a.M; m0 += MT_MAX) {
+      const int mt = std::min(MT_MAX, a.M - m0);
+      if (bits == 2) run_rows<2>(a, p0, np, m0, mt);
+      else if (bits == 3) run_rows<3>(a, p0, np, m0, mt);
+      else run_rows<4>(a, p0, np, m0, mt);
+    }
+  });
   return 0;
 #else
   return -1;
