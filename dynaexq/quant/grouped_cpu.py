@@ -52,16 +52,16 @@ def spec(kernel) -> tuple[tuple, tuple[int, int, int]] | None:
     return read(kernel) if read is not None and lowbit_cpu.extension() is not None else None
 
 
-def _run_lowbit(key, counts, ptrs, x, y):
+def _run_lowbit(lib, key, counts, ptrs, x, y):
     _, n, k, bits, group = key
-    return lowbit_cpu.extension().dynaexq_lowbit_grouped(
+    return lib.dynaexq_lowbit_grouped(
         bits, group, n, k, counts.numel(), counts.data_ptr(), ptrs.data_ptr(), x.data_ptr(),
         _DT[x.dtype], y.data_ptr(), torch.get_num_threads())
 
 
-def _run_rowmajor(key, counts, ptrs, x, y):
+def _run_rowmajor(lib, key, counts, ptrs, x, y):
     _, n, k, wt = key
-    return lowbit_cpu.extension().dynaexq_rowmajor_grouped(
+    return lib.dynaexq_rowmajor_grouped(
         wt, n, k, counts.numel(), counts.data_ptr(), ptrs.data_ptr(), x.data_ptr(), _DT[x.dtype], y.data_ptr(),
         torch.get_num_threads())
 
@@ -73,12 +73,13 @@ def supports(dtype: torch.dtype) -> bool:
     return dtype in _DT
 
 
-def run(key: tuple, counts: torch.Tensor, ptrs: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+def run(key: tuple, counts: torch.Tensor, ptrs: torch.Tensor, x: torch.Tensor, y: torch.Tensor, lib=None) -> None:
     """y[rows of e] = x[rows of e] @ W_e^T for every expert e of the tier `key` (ptrs[e, 0] != 0).
-    x [R, K] contiguous, rows grouped by expert (counts [E] int64 rows each, e ascending); y [R, N], x's dtype."""
+    x [R, K] contiguous, rows grouped by expert (counts [E] int64 rows each, e ascending); y [R, N], x's dtype.
+    lib: the native library (default: lowbit_cpu.extension(); tests pass the AVX2 build)."""
     global calls
     assert x.is_contiguous() and y.is_contiguous() and x.dtype == y.dtype and counts.dtype == torch.int64
     assert ptrs.dtype == torch.int64 and ptrs.shape == (counts.numel(), 3) and ptrs.is_contiguous()
     calls += 1
-    if RUNS[key[0]](key, counts, ptrs, x, y) != 0:
+    if RUNS[key[0]](lib or lowbit_cpu.extension(), key, counts, ptrs, x, y) != 0:
         raise RuntimeError(f"the grouped CPU kernel refused tier {key}")

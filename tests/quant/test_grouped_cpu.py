@@ -1,0 +1,98 @@
+"""The grouped CPU kernels (`dynaexq.quant.grouped_cpu`): one call for every expert of a tier, held to the float64
+dequantize-then-matmul of each expert, for every format with a grouped form; experts of other tiers untouched."""
+import pytest
+import torch
+
+from dynaexq.quant import grouped_cpu, kernels, lowbit_cpu
+from dynaexq.quant.precision import Precision
+from dynaexq.quant.quantize import dequantize, quantize
+
+FORMATS = [Precision.INT4, Precision.INT3, Precision.INT2, Precision.INT8, Precision.BF16, Precision.FP16,
+           Precision.FP32]
+# rows per expert: empty experts, one row, a decode batch, and one expert over a 256-row segment and the whole
+# call over a 1024-row batch (the driver's cuts)
+COUNTS = {"decode": [1, 0, 3, 1, 0, 8, 2, 1], "prefill": [300, 0, 17, 900, 5, 0, 64, 1]}
+SENTINEL = 7.0
+
+
+@pytest.fixture(scope="module")
+def lib():
+    if lowbit_cpu.extension() is None:
+        pytest.skip("the C++ kernels did not build here (a warning said why)")
+    return lowbit_cpu.extension()
+
+
+def _tier(precision, n, k, experts, seed):
+    g = torch.Generator().manual_seed(seed)
+    qws = [quantize(torch.randn(n, k, generator=g) * 0.05, precision) for _ in range(experts)]
+    return qws, [kernels.prepare(q, "cpu") for q in qws]
+
+
+def _check(qws, counts, members, x, y, dtype):
+    """each member's rows against float64; everyone else's rows still hold the sentinel"""
+    tol = 1e-5 if dtype == torch.float32 and qws[0].precision == Precision.FP32 else 2e-2
+    start = 0
+    for e, n in enumerate(counts):
+        rows = slice(start, start + n)
+        if e in members:
+            ref = x[rows].double() @ dequantize(qws[e], torch.float64).T
+            if n:
+                rel = float((y[rows].double() - ref).norm() / ref.norm())
+                assert rel <= tol, (qws[0].precision, e, n, rel)
+        else:
+            assert (y[rows] == SENTINEL).all()
+        start += n
+
+
+@pytest.mark.parametrize("precision", FORMATS, ids=lambda p: p.value)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", sorted(COUNTS))
+def test_one_call_computes_every_member_of_the_tier(lib, precision, dtype, case):
+    counts = COUNTS[case]
+    n, k = 128, 256
+    qws, ks = _tier(precision, n, k, len(counts), seed=FORMATS.index(precision))
+    specs = [grouped_cpu.spec(kk) for kk in ks]
+    assert all(s is not None and s[0] == specs[0][0] for s in specs)  # one tier: one key
+    members = {0, 2, 3, 6, 7}
+    ptrs = torch.zeros(len(counts), 3, dtype=torch.int64)
+    for e in members:
+        ptrs[e] = torch.tensor(specs[e][1])
+    x = torch.randn(sum(counts), k, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y = torch.full((sum(counts), n), SENTINEL, dtype=dtype)
+    calls = grouped_cpu.calls
+    grouped_cpu.run(specs[0][0], torch.tensor(counts), ptrs, x, y)
+    assert grouped_cpu.calls == calls + 1
+    _check(qws, counts, members, x, y, dtype)
+    if precision in (Precision.INT4, Precision.INT3, Precision.INT2):  # the same tiles as the one-expert kernel
+        start = 0
+        for e, c in enumerate(counts):
+            if e in members and c:
+                assert torch.equal(y[start:start + c], ks[e](x[start:start + c]))
+            start += c
+
+
+def test_the_avx2_build_computes_the_same_tiers(lib):
+    """The AVX2 build of the same sources (what a CPU without AVX-512 gets)."""
+    try:
+        avx2 = lowbit_cpu.build(("-mno-avx512f",))
+    except Exception as e:
+        pytest.skip(f"no AVX2 build: {e}")
+    if avx2.dynaexq_lowbit_isa() != 256:
+        pytest.skip("this CPU has no AVX2+FMA+F16C")
+    counts = COUNTS["prefill"]
+    for precision in (Precision.INT4, Precision.INT3, Precision.INT8, Precision.BF16):
+        qws, ks = _tier(precision, 64, 128, len(counts), seed=3)
+        specs = [grouped_cpu.spec(kk) for kk in ks]
+        ptrs = torch.tensor([s[1] for s in specs], dtype=torch.int64)
+        x = torch.randn(sum(counts), 128, dtype=torch.bfloat16)
+        y = torch.full((sum(counts), 64), SENTINEL, dtype=torch.bfloat16)
+        grouped_cpu.run(specs[0][0], torch.tensor(counts), ptrs, x, y, lib=avx2)
+        _check(qws, counts, set(range(len(counts))), x, y, torch.bfloat16)
+
+
+def test_kernels_without_a_grouped_form_say_so(lib):
+    w = torch.randn(64, 40)  # K % 16 != 0: no row-major tile takes it
+    assert grouped_cpu.spec(kernels.prepare(quantize(w, Precision.BF16), "cpu")) is None
+    biased = kernels.prepare(quantize(torch.randn(64, 64), Precision.INT4), "cpu", bias=torch.zeros(64))
+    assert grouped_cpu.spec(biased) is None
+    assert grouped_cpu.spec(kernels.prepare(quantize(torch.randn(64, 64), Precision.INT4), "reference")) is None
