@@ -4,7 +4,8 @@
 with an attention mask [B, L]. One `step()`:
   1. prefill: one chunk (<= `prefill_chunk` tokens) of the oldest waiting sequence, in that sequence's own cache;
      after its last chunk its first token is sampled and it joins the batch (the shorter cache is left-padded);
-  2. decode: one forward of [B, 1] (every row's newest token at its own position), one token sampled per row;
+  2. decode: one forward of [B, 1] (every row's newest token at its own position), one token sampled per row
+     (`sample_rows`: one batched call for all rows, each row's own warpers and generator);
   3. finished or cancelled rows leave, and columns that are padding in every remaining row are dropped.
 Chunked prefill bounds how long a newcomer stalls the running streams (one chunk per step). Padding never
 reaches a router: prefill is per sequence and a decode step has one real token per row, so the experts'
@@ -145,6 +146,35 @@ class Sequence:
         return out
 
 
+def sample_rows(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+    """logits [B, V] -> one token per sequence, as each one's own `sample` draws it (its warpers, its generator),
+    in a few batched calls: temperature, top-k and top-p as per-row tensors over one sort, one softmax and
+    cumsum, one searchsorted; only the draws stay per row (each sequence's generator, in its order)."""
+    if not seqs:
+        return []
+    tokens = logits.argmax(-1)  # [B]: greedy rows
+    hot = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
+    if hot:
+        x = logits[hot].float()  # [b, V]
+        v = x.shape[-1]
+        params = [seqs[i].params for i in hot]
+        x = x / torch.tensor([[p.temperature] for p in params])
+        k = torch.tensor([[min(p.top_k, v) if p.top_k else v] for p in params])  # [b, 1]
+        kth = x.sort(-1, descending=True).values.gather(1, k - 1)  # [b, 1] (TopKLogitsWarper: keeps ties)
+        x = x.masked_fill(x < kth, -float("inf"))
+        top_p = torch.tensor([[p.top_p] for p in params])
+        if bool((top_p < 1).any()):  # TopPLogitsWarper: drop the low tail holding <= 1 - top_p, keep the top one
+            asc, order = x.sort(-1)
+            drop = asc.softmax(-1).cumsum(-1) <= 1 - top_p
+            drop[:, -1] = False
+            drop &= top_p < 1
+            x = x.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+        cdf = x.softmax(-1).cumsum(-1)  # [b, V]
+        u = torch.stack([torch.rand((), generator=seqs[i].generator) for i in hot])[:, None] * cdf[:, -1:]
+        tokens[hot] = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=v - 1)
+    return tokens.tolist()
+
+
 def _lpad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     """Left-pad t with zeros along `dim` (counted from the end: -1 for a mask, -2 for keys/values) to `width`."""
     n = width - t.shape[dim]
@@ -232,9 +262,9 @@ class BatchDecoder:
         self.mask = torch.cat([self.mask, self.mask.new_ones(B, 1)], dim=1)  # [B, L+1]
         logits = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
                             use_cache=True).logits[:, -1]  # [B, V]
-        for seq, row in zip(self.rows, logits):
-            if not seq.finished:
-                seq.append(seq.sample(row))
+        live = [i for i, s in enumerate(self.rows) if not s.finished]
+        for i, token in zip(live, sample_rows([self.rows[i] for i in live], logits[live])):
+            self.rows[i].append(token)
 
     def _drop_finished(self) -> None:
         if any(s.finished for s in self.waiting):  # cancelled before they ran

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dynaexq
-from dynaexq.engine.batch import BatchDecoder, SamplingParams, Sequence
+from dynaexq.engine.batch import BatchDecoder, SamplingParams, Sequence, sample_rows
 
 PROMPTS = ["def fibonacci(n):", "The history of the", "import numpy as np\nclass Matrix:", "apple (noun): a",
            "Hello", "    for i in range(len(items)):\n        if"]
@@ -71,6 +71,27 @@ def test_a_seeded_sample_does_not_depend_on_what_else_is_in_the_batch(engine):
     top1 = Sequence(ids, SamplingParams(max_tokens=12, temperature=1.0, top_k=1, seed=5), engine.tokenizer)
     _run(BatchDecoder(engine.model), [top1])
     assert top1.out == _reference(engine, PROMPTS[0], 12)  # top_k=1 sampling is greedy decoding
+
+
+def test_batched_sampling_draws_what_each_rows_own_sampler_draws():
+    """sample_rows (one call for a decode step's rows) against Sequence.sample (transformers' warpers, row by row)
+    with each row's generator in the same state: every mix of greedy, temperature, top-k and top-p rows."""
+    g = torch.Generator().manual_seed(0)
+    grid = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.7, top_k=5),
+            dict(temperature=1.3, top_p=0.8), dict(temperature=0.9, top_k=50, top_p=0.95), dict(temperature=2.0, top_k=1),
+            dict(temperature=0.5, top_p=0.3)]
+    draws = 0
+    for trial in range(40):
+        kinds = [grid[int(i)] for i in torch.randint(len(grid), (int(torch.randint(1, 9, ())),), generator=g)]
+        logits = torch.randn(len(kinds), 300, generator=g) * float(torch.rand((), generator=g) * 6)
+        batched = [Sequence([1], SamplingParams(seed=100 * trial + i, **kw), None) for i, kw in enumerate(kinds)]
+        alone = [Sequence([1], SamplingParams(seed=100 * trial + i, **kw), None) for i, kw in enumerate(kinds)]
+        for _ in range(3):  # generators advance the same way
+            got = sample_rows(batched, logits)
+            assert got == [s.sample(row) for s, row in zip(alone, logits)], (trial, kinds)
+            draws += len(got)
+    assert draws > 300
+    assert sample_rows([], torch.zeros(0, 5)) == []
 
 
 def test_stop_strings_end_the_text_before_them_and_are_never_streamed(engine):
