@@ -45,6 +45,7 @@ BUILD = CACHE / f"build-{VERSION}"
 BIN = BUILD / "bin"
 TYPES = "Q4_K_M,Q4_0,IQ4_XS,Q3_K_M,Q3_K_S,IQ3_S,Q2_K,IQ2_XS"
 EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+TARGETS = ("llama-quantize", "llama-imatrix", "llama-bench", "llama-batched-bench")
 
 
 def sh(cmd, **kw):
@@ -52,7 +53,7 @@ def sh(cmd, **kw):
 
 
 def build() -> None:
-    if (BIN / "llama-quantize").is_file() and (CACHE / "llama_logits").is_file():
+    if all((BIN / t).is_file() for t in TARGETS) and (CACHE / "llama_logits").is_file():
         return
     CACHE.mkdir(parents=True, exist_ok=True)
     sdist = CACHE / f"llama_cpp_python-{VERSION}.tar.gz"
@@ -65,8 +66,7 @@ def build() -> None:
     print("building llama.cpp (once, ~12 min on 2 cores)", file=sys.stderr)
     sh(["cmake", "-S", SRC, "-B", BUILD, "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF",
         "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DGGML_NATIVE=ON"])
-    sh(["cmake", "--build", BUILD, "-j", str(os.cpu_count()), "--target", "llama-quantize", "llama-imatrix",
-        "llama-bench", "llama"])
+    sh(["cmake", "--build", BUILD, "-j", str(os.cpu_count()), "--target", *TARGETS, "llama"])
     sh(["g++", "-O2", "-o", CACHE / "llama_logits", ROOT / "peer" / "llama_logits.cpp", f"-I{SRC / 'include'}",
         f"-I{SRC / 'ggml' / 'include'}", f"-L{BIN}", "-lllama", f"-Wl,-rpath,{BIN}"])
 
@@ -102,6 +102,39 @@ def quantize(base: Path, qtype: str, imatrix: Path | None, out: Path) -> None:
     if imatrix is not None:
         cmd += ["--imatrix", imatrix]
     sh(cmd + [base, out, qtype, str(os.cpu_count())])
+
+
+def experts_gguf(ckpt: Path, qtype: str, work: Path) -> Path:
+    """A checkpoint -> (cached in work) its GGUF with only the expert tensors at qtype, the rest bf16 as in
+    dynaexq (no imatrix: for speed, not quality). The bf16 GGUF in between is kept for the next type."""
+    work.mkdir(parents=True, exist_ok=True)
+    base, out = work / f"{ckpt.name}-bf16.gguf", work / f"{ckpt.name}-experts-{qtype}.gguf"
+    if not base.is_file():
+        (work / "convert.py").write_text(CONVERT)
+        sh([sys.executable, work / "convert.py", SRC, ckpt, "--outtype", "bf16", "--outfile", f"{base}.tmp"])
+        os.replace(f"{base}.tmp", base)
+    if not out.is_file():
+        quantize(base, qtype, None, Path(f"{out}.tmp"))
+        os.replace(f"{out}.tmp", out)
+    return out
+
+
+def bench_tok_s(gguf: Path, threads: int, tokens: int, reps: int = 3) -> float:
+    """Decode tokens/s at batch 1 by llama-bench (-p 0: generation only), mean of reps."""
+    res = json.loads(sh([BIN / "llama-bench", "-m", gguf, "-p", "0", "-n", tokens, "-t", threads, "-r", reps,
+                         "-o", "json"]).stdout)
+    return float(res[0]["avg_ts"])
+
+
+def batched_tok_s(gguf: Path, threads: int, batches: list[int], prompt: int, tokens: int) -> dict[int, float]:
+    """Aggregate decode tokens/s (S_TG) of `b` parallel sequences, each a prompt of `prompt` tokens then `tokens`
+    generated, by llama-batched-bench -> {b: tok/s}."""
+    ctx = max(batches) * (prompt + tokens) + 64
+    out = sh([BIN / "llama-batched-bench", "-m", gguf, "-c", ctx, "-b", 2048, "-ub", 512, "-npp", prompt,
+              "-ntg", tokens, "-npl", ",".join(map(str, batches)), "-t", threads, "-tb", threads,
+              "--output-format", "jsonl"]).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return {int(r["pl"]): float(r["speed_tg"]) for r in rows}
 
 
 def kl_llama(gguf_path: Path, ev, work: Path, threads: int) -> dict:

@@ -5,10 +5,11 @@ top_k_weights [T, K]) -> [T, H]`: group the T*K routed (token, expert) pairs by 
 expert's tokens through the kernels of the version currently published for it, scale by the routing
 weight, and add into the output. Routers, shared experts and everything else stay transformers'.
 
-Two paths compute the experts (`path`): "grouped" (the default) makes, per precision tier present in the
-layer, one native call for all of the tier's routed pairs (quant.grouped_cpu: the kernel walks the experts from
-a pointer table rebuilt only when a version changes), so the calls per layer are bounded by the tiers, not the
-experts, and no routing count reaches the host; "reference" is the per-expert loop (one kernel call per routed
+Two paths compute the experts (`path`): "grouped" (the default) makes one native call to route (counts, the
+pairs grouped by expert, their token rows, the statistics), per precision tier present in the layer one call
+per matrix for all of the tier's routed pairs (quant.grouped_cpu: the kernel walks the experts from a pointer
+table rebuilt only when a version changes), and one to combine, so the calls per layer are bounded by the tiers,
+not the experts, and no routing count reaches the host; "reference" is the per-expert loop (one kernel call per routed
 expert, split points synced to the host), kept as the path the grouped one is tested against. Experts whose
 kernel has no grouped form (CUDA, biases, the float32 dequantize fallback) run the per-expert loop in either.
 
@@ -62,12 +63,34 @@ class ExpertBank(nn.Module):
         lease = table.acquire() if table is not None else None  # the versions read below stay unreclaimed
         try:
             versions = list(self.versions)  # one consistent snapshot for the whole pass
-            ys, order = self._experts(versions, hidden, top_k_index, top_k_weights)
+            tiers, loop = self._tiers(versions, hidden) if self.path == "grouped" else ({}, ())
+            if tiers and grouped_cpu.combines(hidden, top_k_index.shape[-1], top_k_weights):
+                out = self._grouped(versions, tiers, loop, hidden, top_k_index, top_k_weights)
+            else:
+                out = self._combine(*self._experts(versions, hidden, top_k_index, top_k_weights), top_k_index)
         finally:
             if lease is not None:
                 table.release(lease)
         self.last_read = versions
         self.routed_tokens += hidden.shape[0]
+        return out
+
+    def _grouped(self, versions, tiers, loop, hidden, top_k_index, top_k_weights):
+        """The grouped path: one native call routes, one per tier and matrix computes, one combines."""
+        counts, order, x = grouped_cpu.route(top_k_index, top_k_weights, hidden, self.num_experts,
+                                             self.token_counts, self.routed_mass)  # x [T*K, H] grouped by expert
+        h = torch.empty(x.shape[0], next(iter(tiers))[0][1], dtype=x.dtype)  # [T*K, 2I]
+        for (gu_key, _), (gu_ptrs, _) in tiers.items():
+            grouped_cpu.run(gu_key, counts, gu_ptrs, x, h)  # every routed pair of the tier, one call
+        a = self._activate(h).contiguous()  # [T*K, I] (rows of loop experts: unused)
+        ys = torch.empty_like(x)  # [T*K, H]
+        for (_, dn_key), (_, dn_ptrs) in tiers.items():
+            grouped_cpu.run(dn_key, counts, dn_ptrs, a, ys)
+        if loop:
+            self._loop(versions, loop, counts, x, ys)
+        return grouped_cpu.combine(top_k_index, order, ys, top_k_weights)  # [T, H]
+
+    def _combine(self, ys, order, top_k_index):
         k = top_k_index.shape[-1]
         # back to (token, slot) order, then each token's K outputs added in ascending expert order: the very
         # roundings of transformers' per-expert `index_add_` (which is slow on the CPU in bf16), without it
@@ -91,23 +114,18 @@ class ExpertBank(nn.Module):
         order = torch.argsort(flat_e, stable=True)  # pairs grouped by expert, tokens ascending
         x = hidden[order // k]  # [T*K, H]: each pair's token, grouped by expert (one gather for all experts)
         ys = torch.empty(flat_e.numel(), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)  # [T*K, H]
-        tiers, loop = self._tiers(versions, hidden) if self.path == "grouped" else ({}, range(self.num_experts))
-        if tiers:
-            h = torch.empty(x.shape[0], next(iter(tiers))[0][1], dtype=x.dtype)  # [T*K, 2I]
-            for (gu_key, _), (gu_ptrs, _) in tiers.items():
-                grouped_cpu.run(gu_key, counts, gu_ptrs, x, h)  # every routed pair of the tier, one call
-            a = self._activate(h).contiguous()  # [T*K, I] (rows of loop experts: unused)
-            for (_, dn_key), (_, dn_ptrs) in tiers.items():
-                grouped_cpu.run(dn_key, counts, dn_ptrs, a, ys)
-        if loop:
-            ends = torch.cumsum(counts, 0).tolist()  # the per-expert loop needs its split points on the host
-            for e in loop:
-                start, end = ends[e - 1] if e else 0, ends[e]
-                if end > start:
-                    v = versions[e]
-                    ys[start:end] = v.down(self._activate(v.gate_up(x[start:end])))  # [n, H]
+        self._loop(versions, range(self.num_experts), counts, x, ys)
         ys.mul_(flat_w[order, None])  # routing weights for all pairs at once (computed in their dtype, one rounding)
         return ys, order
+
+    def _loop(self, versions, experts, counts, x, ys):
+        """The per-expert loop over `experts` (x, ys [T*K, H] grouped by expert): one kernel call per routed one."""
+        ends = torch.cumsum(counts, 0).tolist()  # the split points are needed on the host
+        for e in experts:
+            start, end = ends[e - 1] if e else 0, ends[e]
+            if end > start:
+                v = versions[e]
+                ys[start:end] = v.down(self._activate(v.gate_up(x[start:end])))  # [n, H]
 
     def _tiers(self, versions, hidden) -> tuple[dict, list]:
         """-> ({(gate_up key, down key): (gate_up pointers [E, 3], down pointers [E, 3])}, the experts with no

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-_SRC = [Path(__file__).parent / "csrc" / f for f in ("lowbit.cpp", "rowmajor.cpp")]  # + csrc/simd.h
+_SRC = [Path(__file__).parent / "csrc" / f for f in ("lowbit.cpp", "rowmajor.cpp", "route.cpp")]  # + simd.h
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # as in lowbit.cpp
 
 _lock = threading.Lock()
+calls = 0  # fused one-expert calls made (bench/generate.py counts kernel calls per token with it)
 _lib: ctypes.CDLL | None = None
 _loaded = False
 
@@ -61,7 +62,7 @@ def _load() -> ctypes.CDLL | None:
 
 
 def build(extra_cflags: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Compile csrc/ (lowbit.cpp, rowmajor.cpp) for this CPU (or reuse the cached build) and load it; raises on failure.
+    """Compile csrc/ (lowbit.cpp, rowmajor.cpp, route.cpp) for this CPU (or reuse the cached build) and load it; raises on failure.
     extra_cflags (e.g. "-mno-avx512f" to test the AVX2 kernel) get their own build and library name."""
     from torch.utils import cpp_extension
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "dynaexq" / "torch_extensions"
@@ -84,6 +85,10 @@ def build(extra_cflags: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib.dynaexq_lowbit_grouped.restype = i
     lib.dynaexq_rowmajor_grouped.argtypes = [i, i, i, i, p, p, p, i, p, i]
     lib.dynaexq_rowmajor_grouped.restype = i
+    lib.dynaexq_route.argtypes = [i, i, i, i, p, p, i, p, i, p, p, p, p, p, i]
+    lib.dynaexq_route.restype = i
+    lib.dynaexq_combine.argtypes = [i, i, i, p, p, p, p, i, i, p, i]
+    lib.dynaexq_combine.restype = i
     return lib
 
 
@@ -181,6 +186,8 @@ class LowbitCpu:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.group_size,
                                                            self.scale_zero)
             return y.to(x.dtype)
+        global calls
+        calls += 1
         xc = (x if x.dtype in _DTYPE_CODE else x.float()).contiguous()
         m = xc.shape[0]
         y = torch.empty(m, n, dtype=xc.dtype)

@@ -96,3 +96,65 @@ def test_kernels_without_a_grouped_form_say_so(lib):
     biased = kernels.prepare(quantize(torch.randn(64, 64), Precision.INT4), "cpu", bias=torch.zeros(64))
     assert grouped_cpu.spec(biased) is None
     assert grouped_cpu.spec(kernels.prepare(quantize(torch.randn(64, 64), Precision.INT4), "reference")) is None
+
+
+def _routing(t, k, e, h, dtype, wdtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    return idx, torch.rand(t, k, generator=g).to(wdtype), (torch.randn(t, h, generator=g) * 3).to(dtype)
+
+
+def _torch_combine(idx, order, ys, w):
+    """transformers' arithmetic: each pair's output times its weight in the model dtype, then each token's
+    products added one by one in ascending expert order"""
+    t, k = idx.shape
+    y = (ys * w.reshape(-1)[order, None]).to(ys.dtype)  # rows' weights, rounded into ys' dtype
+    row = torch.empty_like(order)
+    row[order] = torch.arange(order.numel())
+    out = torch.zeros(t, ys.shape[1], dtype=ys.dtype)
+    for e in idx.unique().tolist():  # ascending experts, as the per-expert index_add_ loop
+        tok, slot = (idx == e).nonzero(as_tuple=True)
+        out.index_add_(0, tok, y[row[tok * k + slot]])
+    return out
+
+
+@pytest.mark.parametrize("dtype,wdtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                          (torch.float32, torch.float32), (torch.float16, torch.float16)], ids=str)
+@pytest.mark.parametrize("t", [1, 7, 300])
+def test_route_and_combine_equal_torchs_grouping_and_index_add_loop(lib, dtype, wdtype, t):
+    e, k, h = 16, 4, 96
+    idx, w, hidden = _routing(t, k, e, h, dtype, wdtype, seed=t)
+    counts0, mass0 = torch.arange(e), torch.rand(e)
+    token_counts, mass = counts0.clone(), mass0.clone()
+    counts, order, x = grouped_cpu.route(idx, w, hidden, e, token_counts, mass)
+    flat = idx.reshape(-1)
+    assert torch.equal(counts, torch.bincount(flat, minlength=e))
+    assert torch.equal(order, torch.argsort(flat, stable=True))  # tokens ascending within an expert
+    assert torch.equal(x, hidden[order // k])
+    assert torch.equal(token_counts, counts0 + counts)
+    torch.testing.assert_close(mass, mass0.index_add(0, flat, w.reshape(-1).float()), rtol=1e-6, atol=1e-6)
+    ys = (torch.randn(t * k, h) * 5).to(dtype)
+    assert torch.equal(grouped_cpu.combine(idx, order, ys, w), _torch_combine(idx, order, ys, w))
+
+
+def test_route_and_combine_in_the_avx2_build(lib):
+    try:
+        avx2 = lowbit_cpu.build(("-mno-avx512f",))
+    except Exception as e:
+        pytest.skip(f"no AVX2 build: {e}")
+    if avx2.dynaexq_lowbit_isa() != 256:
+        pytest.skip("this CPU has no AVX2+FMA+F16C")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        idx, w, hidden = _routing(33, 8, 64, 64, dtype, dtype, seed=5)
+        counts, order, x = grouped_cpu.route(idx, w, hidden, 64, torch.zeros(64, dtype=torch.int64), torch.zeros(64),
+                                             lib=avx2)
+        assert torch.equal(x, hidden[order // 8])
+        ys = (torch.randn(33 * 8, 64) * 5).to(dtype)
+        assert torch.equal(grouped_cpu.combine(idx, order, ys, w, lib=avx2), _torch_combine(idx, order, ys, w))
+
+
+def test_route_refuses_an_expert_index_out_of_range(lib):
+    idx, w, hidden = _routing(3, 2, 8, 32, torch.bfloat16, torch.bfloat16, seed=0)
+    idx[1, 0] = 8
+    with pytest.raises(ValueError, match=r"outside \[0, 8\)"):
+        grouped_cpu.route(idx, w, hidden, 8, torch.zeros(8, dtype=torch.int64), torch.zeros(8))

@@ -1,4 +1,4 @@
-// SIMD abstraction shared by the CPU kernels (lowbit.cpp, rowmajor.cpp): 16 float lanes as one zmm
+// SIMD abstraction shared by the CPU kernels (lowbit.cpp, rowmajor.cpp, route.cpp): 16 float lanes as one zmm
 // (AVX-512F) or two ymm (AVX2+FMA+F16C), chosen at compile time (-march=native); ISA 0: no kernel.
 #pragma once
 #include <immintrin.h>
@@ -44,6 +44,14 @@ static inline vf vf_load_i8(const void* p) {  // 16 int8 -> 16 floats
 }
 static inline vf vf_load_bf16(const void* p) {  // 16 bf16 -> 16 floats (exact)
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline vf vf_round_bf16(vf a) {  // to the nearest bf16 (ties to even), kept as a float
+  const vi u = _mm512_castps_si512(a);
+  const vi r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(vi_srl(u, 16), vi_set1(1))));
+  return _mm512_castsi512_ps(_mm512_and_si512(r, vi_set1((int)0xFFFF0000u)));
+}
+static inline void vf_store_bf16(void* p, vf a) {  // a already rounded: keep the high halves
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(vi_srl(_mm512_castps_si512(a), 16)));
 }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define ISA 256
@@ -108,6 +116,17 @@ static inline vf vf_load_bf16(const void* p) {
   const __m128i* q = (const __m128i*)p;
   return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(q)), 16)),
           _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(q + 1)), 16))};
+}
+static inline vf vf_round_bf16(vf x) {
+  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF), hi = _mm256_set1_epi32((int)0xFFFF0000u);
+  __m256i a = _mm256_castps_si256(x.a), b = _mm256_castps_si256(x.b);
+  a = _mm256_and_si256(_mm256_add_epi32(a, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(a, 16), one))), hi);
+  b = _mm256_and_si256(_mm256_add_epi32(b, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(b, 16), one))), hi);
+  return {_mm256_castsi256_ps(a), _mm256_castsi256_ps(b)};
+}
+static inline void vf_store_bf16(void* p, vf x) {
+  const __m256i a = _mm256_srli_epi32(_mm256_castps_si256(x.a), 16), b = _mm256_srli_epi32(_mm256_castps_si256(x.b), 16);
+  _mm256_storeu_si256((__m256i*)p, _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8));  // lanes back in order
 }
 #else
 #define ISA 0
