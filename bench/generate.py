@@ -16,7 +16,8 @@ What it measures
   Variants, all loaded at once and timed interleaved (rotating order per repeat):
     transformers          AutoModelForCausalLM.from_pretrained(dtype=bf16), default experts implementation
                           (transformers 5.23: "grouped_mm"); `--eager` adds its per-expert loop
-    dynaexq-<p>           dynaexq.load(checkpoint, policy=<p>, store=<prepared store>), grouped expert path
+    dynaexq-<p>           dynaexq.load(checkpoint, policy=<p>, store=<prepared store>), grouped expert path;
+                          <p>+dense-bf16: with dense="bf16" (attention on the native bf16 kernel, same bytes)
     dynaexq-<p>-loop      the same engine with every bank on path="reference" (the per-expert loop), first policy
     llama.cpp <type>      llama.cpp 0.3.36 (bench/peer_llamacpp.py's build) on the same checkpoint, experts only at
                           <type>, the rest bf16 as in dynaexq: llama-bench (batch 1) and llama-batched-bench
@@ -30,7 +31,7 @@ What it measures
   / bytes one decode step really reads: the published versions of the experts its tokens routed to (counted in
   that step) + every non-expert weight but the embedding. llama.cpp's share uses its GGUF's expert bytes per
   expert with the same routed-expert count (the same weights and prompts route alike: an estimate).
-Goals: batch 1 dynaexq int4 >= 1.1x the better of llama.cpp Q4_0/Q4_K_M and int2 >= 1.1x Q2_K (every thread
+Goals (dynaexq's +dense-bf16 row when present: attention bf16 in both): batch 1 dynaexq int4 >= 1.1x the better of llama.cpp Q4_0/Q4_K_M and int2 >= 1.1x Q2_K (every thread
 count), >= 85 % of the bandwidth limit; batch 8 and 32 >= 1.0x llama.cpp's batched decode at the same format;
 bf16 batch 8 >= 1.0x transformers (when a bf16 policy runs). Ratios are paired where both come from this process
 (median over repeats of the ratio of samples taken back to back); llama.cpp's against dynaexq's medians.
@@ -130,24 +131,25 @@ def step_profile(v: Variant, prompt) -> dict:
     out = v.model(input_ids=prompt, use_cache=True, logits_to_keep=1)
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
     eng.take_routing_stats()
-    scopes = {}
+    scopes, native = {}, [0]
 
     def enter(m, args):
-        scopes[m] = torch.profiler.record_function("dynaexq.bank")
-        scopes[m].__enter__()
+        scopes[m] = (torch.profiler.record_function("dynaexq.bank"), grouped_cpu.calls + lowbit_cpu.calls)
+        scopes[m][0].__enter__()
 
     def leave(m, args, res):
-        scopes.pop(m).__exit__(None, None, None)
+        scope, before = scopes.pop(m)
+        scope.__exit__(None, None, None)
+        native[0] += grouped_cpu.calls + lowbit_cpu.calls - before  # the bank's own (not --dense linears')
 
     hooks = [h for b in eng.banks.values() for h in (b.register_forward_pre_hook(enter), b.register_forward_hook(leave))]
-    native = grouped_cpu.calls + lowbit_cpu.calls
     try:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             v.model(input_ids=tok, past_key_values=out.past_key_values, use_cache=True)
     finally:
         for h in hooks:
             h.remove()
-    native = grouped_cpu.calls + lowbit_cpu.calls - native
+    native = native[0]
     ops = sum(1 for e in prof.events() if e.cpu_parent is not None and e.cpu_parent.name == "dynaexq.bank")
     stats = eng.take_routing_stats()
     used = {layer: (c > 0).nonzero().flatten().tolist() for layer, (c, _) in stats.items()}
@@ -176,10 +178,9 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per sequence (prefill, not timed)")
     ap.add_argument("--new-tokens", type=int, default=32, help="timed decode steps per sample")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--policies", default="uniform:int4,uniform:int2")
+    ap.add_argument("--policies", default="uniform:int4,uniform:int4+bf16,uniform:int2+bf16",
+                    help="comma list; POLICY+DENSE also converts the non-expert linears (--dense int8|bf16)")
     ap.add_argument("--eager", action="store_true", help="add transformers' per-expert loop (eager experts)")
-    ap.add_argument("--dense-int8", action="store_true", help="also each policy with --dense int8 (attention and "
-                    "other non-expert linears as int8 codes)")
     ap.add_argument("--no-loop", action="store_true", help="skip the dynaexq per-expert-loop row")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--llamacpp", default="auto", help="llama.cpp types to run (comma list), 'auto' (those of "
@@ -200,7 +201,7 @@ def main(argv=None):
     batches = [int(b) for b in args.batches.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    needed = sorted({p.split(":", 1)[1] for p in policies if p.startswith("uniform:")})
+    needed = sorted({p.split("+")[0].split(":", 1)[1] for p in policies if p.startswith("uniform:")})
 
     import transformers
     import dynaexq
@@ -240,11 +241,12 @@ def main(argv=None):
         variants.append(Variant("transformers", hf, impl, nbytes=hf_bytes))
         if args.eager:
             variants.append(Variant("transformers-eager", hf, "eager", nbytes=hf_bytes))
-    for i, (pol, dense) in enumerate((p, d) for p in policies for d in ("model", "int8")[:1 + args.dense_int8]):
+    for i, (pol, _, dense) in enumerate(p.partition("+") for p in policies):
+        dense = dense or "model"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             eng = dynaexq.load(str(ckpt), policy=pol, store=str(store), progress=False, verify="off", dense=dense)
-        name = "dynaexq-" + pol.split(":", 1)[-1] + ("+dense-int8" if dense == "int8" else "")
+        name = "dynaexq-" + pol.split(":", 1)[-1] + ("" if dense == "model" else f"+dense-{dense}")
         variants.append(Variant(name, eng.model, engine=eng, nbytes=eng.expert_bytes()))
         if i == 0 and not args.no_loop:
             variants.append(Variant(name + "-loop", eng.model, engine=eng, path="reference", nbytes=eng.expert_bytes()))
@@ -323,9 +325,9 @@ def main(argv=None):
     goals = []
     names = {v.name for v in variants}
     for t in threads:
-        for fmt, tys in LLAMA_FOR.items():
-            ours = f"dynaexq-{fmt}"
-            if ours not in names:
+        for fmt, tys in LLAMA_FOR.items():  # attention bf16 in both: prefer --dense bf16 (same bytes, native kernel)
+            ours = next((n for n in (f"dynaexq-{fmt}+dense-bf16", f"dynaexq-{fmt}") if n in names), None)
+            if ours is None:
                 continue
             for b in batches:
                 theirs = {ty: llama_res[(ty, t)].get(b) for ty in tys if (ty, t) in llama_res}
@@ -344,7 +346,7 @@ def main(argv=None):
             r_ = paired("dynaexq-bf16", "transformers", 8, t)
             goals.append({"name": f"{t} thr B=8: dynaexq-bf16 / transformers", "value": r_, "goal": ">= 1.0",
                           "pass": r_ >= 1.0})
-        first = f"dynaexq-{policies[0].split(':', 1)[-1]}" if policies else None
+        first = f"dynaexq-{policies[0].split(':', 1)[-1]}" if policies and "+" not in policies[0] else None
         if first and first + "-loop" in names:
             for b in batches:
                 r_ = paired(first, first + "-loop", b, t)

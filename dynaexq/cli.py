@@ -142,9 +142,11 @@ def cmd_eval(args) -> int:
 
 
 def _add_dense(parser, what: str = "") -> None:
-    parser.add_argument("--dense", default="model", choices=["model", "int8"], help="non-expert linears (attention, "
-                        "dense and shared-expert MLPs): model = in --dtype, int8 = per-row int8 codes on the CPU, "
-                        "routers and the output head kept (default: %(default)s)" + what)
+    parser.add_argument("--dense", default="model", choices=["model", "int8", "bf16"], help="non-expert linears "
+                        "(attention, dense and shared-expert MLPs): model = transformers' own in --dtype; int8 = "
+                        "per-row int8 codes, bf16 = bf16 weights, both on dynaexq's native CPU kernel (faster than "
+                        "aten's on CPUs without bf16 matmul units); routers and the output head kept "
+                        "(default: %(default)s)" + what)
 
 
 def _dtype(name: str):

@@ -79,7 +79,7 @@ def load(path, policy="uniform:bf16", expert_budget=None, *, store=None, device=
     dynamic runtime (`runtime`: its RuntimeConfig, e.g. `budget='2GiB'` for Eq. 4 on the whole model) with the
     same calibration as warm start; call `engine.close()` to stop it (and save its hotness file).
     `verify`: "lazy" (shard stamps now, each expert's digest on its first read), "full" (hash every shard now) or
-    "off" (store/reader.py). `dense`: "model" (the non-expert weights in `dtype`) or "int8" (quant/dense.py)."""
+    "off" (store/reader.py). `dense`: "model" (the non-expert weights in `dtype`), "int8" or "bf16" (quant/dense.py)."""
     device = torch.device(device)
     backend = backend or ("cuda" if device.type == "cuda" else "cpu")
     reader = StoreReader(resolve_store(path, store, progress))
