@@ -104,6 +104,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--dtype", default="model", help="serve --dtype (default: %(default)s)")
+    ap.add_argument("--dense", default="model", help="serve --dense (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over all levels; medians are reported")
     args = ap.parse_args()
 
@@ -114,7 +115,7 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "dynaexq.cli", "serve", "--model", args.model, "--policy", args.policy,
            "--expert-budget", args.expert_budget, "--max-batch", str(args.max_batch), "--port", str(port),
-           "--dtype", args.dtype, "--log-level", "warning"]
+           "--dtype", args.dtype, "--dense", args.dense, "--log-level", "warning"]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 600
@@ -164,6 +165,7 @@ def main() -> int:
           f"{experts['forward_wait_s'] * 1000:.1f} ms, peak {experts['budget']['peak_used']} of "
           f"{experts['budget']['cap']} bytes")
     print(json.dumps({"bench": "serve", "policy": args.policy, "expert_budget": args.expert_budget, "dtype": args.dtype,
+                      "dense": args.dense,
                       "levels": rows, "transitions": tr, "forward_wait_s": experts["forward_wait_s"]}))
     return 0
 

@@ -8,6 +8,8 @@ lays exactly those into a slot). The kernel for a weight is looked up in one reg
              grouped 2/3/4-bit -> `lowbit_cpu` (the fused C++ kernel; codes stay at their bits).
   cuda       float -> F.linear; grouped -> aten._weight_int4pack_mm (tinygemm; <= 4-bit codes are int4 codes);
              int8 -> dequantize per call. UNVERIFIED: written without a GPU.
+These are one expert's kernels (the bank's `reference` path calls them one expert at a time); the bank's default
+`grouped` path reads the same resident tensors through quant/grouped_cpu.py, one native call per tier.
 A weight whose shape the fast kernel cannot take (grouped CPU: N % 16 == 0 and G a multiple of 8/16/32 for
 4/2/3 bits; int8 CPU: K % 32 == 0) runs a per-call float32 dequantize, and `prepare` warns, naming the shape.
 """
