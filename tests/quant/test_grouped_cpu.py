@@ -71,14 +71,19 @@ def test_one_call_computes_every_member_of_the_tier(lib, precision, dtype, case)
             start += c
 
 
-def test_the_avx2_build_computes_the_same_tiers(lib):
+@pytest.fixture(scope="module")
+def avx2(lib):
     """The AVX2 build of the same sources (what a CPU without AVX-512 gets)."""
     try:
-        avx2 = lowbit_cpu.build(("-mno-avx512f",))
+        built = lowbit_cpu.build(("-mno-avx512f",))
     except Exception as e:
         pytest.skip(f"no AVX2 build: {e}")
-    if avx2.dynaexq_lowbit_isa() != 256:
+    if built.dynaexq_lowbit_isa() != 256:
         pytest.skip("this CPU has no AVX2+FMA+F16C")
+    return built
+
+
+def test_the_avx2_build_computes_the_same_tiers(avx2):
     counts = COUNTS["prefill"]
     for precision in (Precision.INT4, Precision.INT3, Precision.INT8, Precision.BF16):
         qws, ks = _tier(precision, 64, 128, len(counts), seed=3)
@@ -137,13 +142,7 @@ def test_route_and_combine_equal_torchs_grouping_and_index_add_loop(lib, dtype, 
     assert torch.equal(grouped_cpu.combine(idx, order, ys, w), _torch_combine(idx, order, ys, w))
 
 
-def test_route_and_combine_in_the_avx2_build(lib):
-    try:
-        avx2 = lowbit_cpu.build(("-mno-avx512f",))
-    except Exception as e:
-        pytest.skip(f"no AVX2 build: {e}")
-    if avx2.dynaexq_lowbit_isa() != 256:
-        pytest.skip("this CPU has no AVX2+FMA+F16C")
+def test_route_and_combine_in_the_avx2_build(avx2):
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         idx, w, hidden = _routing(33, 8, 64, 64, dtype, dtype, seed=5)
         counts, order, x = grouped_cpu.route(idx, w, hidden, 64, torch.zeros(64, dtype=torch.int64), torch.zeros(64),

@@ -164,6 +164,16 @@ static void run_rows(const Args& a, int p0, int np, int m0, int mt) {  // mt row
   for (; p < p0 + np; ++p) tile<BITS, MT, 1>(a, p, m0);
 }
 
+static void run_unit(const Args& a, int bits, int u, int P) {  // every row of a.x times panels 4u..4u+3
+  const int p0 = 4 * u, np = std::min(4, P - p0);
+  for (int m0 = 0; m0 < a.M; m0 += MT_MAX) {
+    const int mt = std::min(MT_MAX, a.M - m0);
+    if (bits == 2) run_rows<2>(a, p0, np, m0, mt);
+    else if (bits == 3) run_rows<3>(a, p0, np, m0, mt);
+    else run_rows<4>(a, p0, np, m0, mt);
+  }
+}
+
 #endif
 
 // y[M, N] (dtype dt) = x[M, K] (dtype dt) @ W^T for the blob `w` of a [N, K] 2/3/4-bit weight with groups
@@ -193,15 +203,7 @@ extern "C" int dynaexq_lowbit_mm(int bits, int G, int M, int N, int K, const voi
     }
     a.x = xf; a.xsum = xs; a.y = (char*)y + (long)r0 * N * es;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int u = 0; u < units; ++u) {
-      const int p0 = 4 * u, np = std::min(4, P - p0);
-      for (int m0 = 0; m0 < a.M; m0 += MT_MAX) {
-        const int mt = std::min(MT_MAX, a.M - m0);
-        if (bits == 2) run_rows<2>(a, p0, np, m0, mt);
-        else if (bits == 3) run_rows<3>(a, p0, np, m0, mt);
-        else run_rows<4>(a, p0, np, m0, mt);
-      }
-    }
+    for (int u = 0; u < units; ++u) run_unit(a, bits, u, P);
   }
   return 0;
 #else
@@ -227,13 +229,7 @@ extern "C" int dynaexq_lowbit_grouped(int bits, int G, int N, int K, int E, cons
                [&](int e, long r0, long m, int u, const float* xf, const float* xs) {
     Args a = base;
     a.M = (int)m; a.w = (const uint8_t*)blobs[e]; a.x = xf; a.xsum = xs; a.y = (char*)y + r0 * N * es;
-    const int p0 = 4 * u, np = std::min(4, P - p0);
-    for (int m0 = 0; m0 < a.M; m0 += MT_MAX) {
-      const int mt = std::min(MT_MAX, a.M - m0);
-      if (bits == 2) run_rows<2>(a, p0, np, m0, mt);
-      else if (bits == 3) run_rows<3>(a, p0, np, m0, mt);
-      else run_rows<4>(a, p0, np, m0, mt);
-    }
+    run_unit(a, bits, u, P);
   });
   return 0;
 #else
