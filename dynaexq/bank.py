@@ -28,8 +28,6 @@ from transformers.activations import ACT2FN
 from dynaexq.quant import grouped_cpu
 from dynaexq.runtime.version import ExpertVersion
 
-PATHS = ("grouped", "reference")
-
 
 class ExpertBank(nn.Module):
     def __init__(self, config, num_experts: int, glu: str = "swiglu"):
@@ -64,7 +62,7 @@ class ExpertBank(nn.Module):
         try:
             versions = list(self.versions)  # one consistent snapshot for the whole pass
             tiers, loop = self._tiers(versions, hidden) if self.path == "grouped" else ({}, ())
-            if tiers and grouped_cpu.combines(hidden, top_k_index.shape[-1], top_k_weights):
+            if tiers and grouped_cpu.supports(top_k_weights.dtype):
                 out = self._grouped(versions, tiers, loop, hidden, top_k_index, top_k_weights)
             else:
                 out = self._combine(*self._experts(versions, hidden, top_k_index, top_k_weights), top_k_index)
@@ -88,7 +86,10 @@ class ExpertBank(nn.Module):
             grouped_cpu.run(dn_key, counts, dn_ptrs, a, ys)
         if loop:
             self._loop(versions, loop, counts, x, ys)
-        return grouped_cpu.combine(top_k_index, order, ys, top_k_weights)  # [T, H]
+        if grouped_cpu.combines(hidden.shape[-1], top_k_index.shape[-1]):
+            return grouped_cpu.combine(top_k_index, order, ys, top_k_weights)  # [T, H]
+        ys.mul_(top_k_weights.reshape(-1)[order, None])  # a shape the native combine does not take: torch's
+        return self._combine(ys, order, top_k_index)
 
     def _combine(self, ys, order, top_k_index):
         k = top_k_index.shape[-1]
@@ -136,12 +137,12 @@ class ExpertBank(nn.Module):
             return cached
         tiers, loop = {}, []
         ok = grouped_cpu.supports(hidden.dtype) and hidden.device.type == "cpu"
+        none = [(0, 0, 0)] * len(versions)
         for e, v in enumerate(versions):
             gu, dn = (grouped_cpu.spec(v.gate_up), grouped_cpu.spec(v.down)) if ok and v is not None else (None, None)
             if gu is None or dn is None:
                 loop.append(e)
                 continue
-            none = [(0, 0, 0)] * len(versions)
             ptrs = tiers.setdefault((gu[0], dn[0]), (list(none), list(none)))
             ptrs[0][e], ptrs[1][e] = gu[1], dn[1]
         tiers = {key: tuple(torch.tensor(p, dtype=torch.int64) for p in ptrs) for key, ptrs in tiers.items()}

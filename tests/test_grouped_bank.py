@@ -128,3 +128,22 @@ def test_a_decode_step_makes_no_host_sync_in_any_moe_layer(checkpoints, monkeypa
             with torch.no_grad():
                 events, host = _syncs(lambda: bank(*args), monkeypatch)
             assert (events + host == 0) == want_none, (path, bank.layer, events, host)
+
+
+def test_a_hidden_size_the_native_combine_does_not_take_is_combined_in_torch(checkpoints, tmp_path, monkeypatch):
+    _, store = checkpoints("qwen3_moe")
+    _every_tier_map(StoreReader(store), tmp_path / "map.json", seed=1)
+    eng = dynaexq.load(store, policy=f"map:{tmp_path / 'map.json'}", progress=False)
+    bank = eng.banks[min(eng.banks)]
+    hidden, idx, w = _inputs(bank, eng.model.config.hidden_size, 8, 2, seed=3, dtype=torch.bfloat16)
+    with torch.no_grad():
+        bank.path = "reference"
+        want = bank(hidden, idx, w)
+        bank.path = "grouped"
+        native = bank(hidden, idx, w)
+        monkeypatch.setattr(grouped_cpu, "combines", lambda hidden_size, k: False)
+        calls = grouped_cpu.calls
+        torch_combined = bank(hidden, idx, w)
+    assert grouped_cpu.calls - calls == 2 * len(TIERS)  # the tiers still run grouped
+    assert torch.equal(torch_combined, native)  # the same arithmetic as the native combine
+    assert float((torch_combined.double() - want.double()).norm() / want.double().norm()) <= 1e-2

@@ -21,7 +21,7 @@ import torch
 from dynaexq.quant import lowbit_cpu
 from dynaexq.quant.kernels import FloatLinear, Int8Cpu
 
-_DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # dtype codes of csrc/simd.h
+_DT = lowbit_cpu._DTYPE_CODE  # dtype codes of csrc/simd.h
 _W_INT8 = 3
 calls = 0  # native grouped calls made (bench/generate.py counts kernel calls per token with it)
 
@@ -120,6 +120,6 @@ def combine(idx: torch.Tensor, order: torch.Tensor, ys: torch.Tensor, w: torch.T
     return out
 
 
-def combines(hidden: torch.Tensor, k: int, w: torch.Tensor) -> bool:
-    """Whether route/combine take this layer's shapes and dtypes (else the bank runs its per-expert loop)."""
-    return hidden.shape[-1] % 16 == 0 and k <= 64 and hidden.dtype in _DT and w.dtype in _DT
+def combines(hidden_size: int, k: int) -> bool:
+    """Whether `combine` takes this layer's shape (else the bank combines in torch)."""
+    return hidden_size % 16 == 0 and k <= 64

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 _SRC = [Path(__file__).parent / "csrc" / f for f in ("lowbit.cpp", "rowmajor.cpp", "route.cpp")]  # + simd.h
-_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # as in lowbit.cpp
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # as in csrc/simd.h
 
 _lock = threading.Lock()
 calls = 0  # fused one-expert calls made (bench/generate.py counts kernel calls per token with it)
@@ -62,7 +62,8 @@ def _load() -> ctypes.CDLL | None:
 
 
 def build(extra_cflags: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Compile csrc/ (lowbit.cpp, rowmajor.cpp, route.cpp) for this CPU (or reuse the cached build) and load it; raises on failure.
+    """Compile csrc/ (lowbit.cpp, rowmajor.cpp, route.cpp) for this CPU (or reuse the cached build) and load it;
+    raises on failure.
     extra_cflags (e.g. "-mno-avx512f" to test the AVX2 kernel) get their own build and library name."""
     from torch.utils import cpp_extension
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "dynaexq" / "torch_extensions"

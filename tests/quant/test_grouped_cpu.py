@@ -71,18 +71,6 @@ def test_one_call_computes_every_member_of_the_tier(lib, precision, dtype, case)
             start += c
 
 
-@pytest.fixture(scope="module")
-def avx2(lib):
-    """The AVX2 build of the same sources (what a CPU without AVX-512 gets)."""
-    try:
-        built = lowbit_cpu.build(("-mno-avx512f",))
-    except Exception as e:
-        pytest.skip(f"no AVX2 build: {e}")
-    if built.dynaexq_lowbit_isa() != 256:
-        pytest.skip("this CPU has no AVX2+FMA+F16C")
-    return built
-
-
 def test_the_avx2_build_computes_the_same_tiers(avx2):
     counts = COUNTS["prefill"]
     for precision in (Precision.INT4, Precision.INT3, Precision.INT8, Precision.BF16):

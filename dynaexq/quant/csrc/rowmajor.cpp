@@ -11,8 +11,8 @@ enum { W_INT8 = 3 };  // weight kinds: the dtype codes F32 / BF16 / F16, or int8
 constexpr int NR = 4, MT = 4, UNIT = 64;
 
 struct RArgs {
-  int N, K, wt, ydt;
-  const char* w;          // [N, K] weights of kind wt
+  int N, K, ydt;
+  const char* w;          // [N, K] weights (their kind: rm_tile's WT)
   const uint16_t* scale;  // int8: [N] bf16
   const uint16_t* corr;   // int8: [N] fp16
 };
@@ -80,7 +80,7 @@ extern "C" int dynaexq_rowmajor_grouped(int wt, int N, int K, int E, const int64
   const int es = dt == F32 ? 4 : 2;
   grouped_rows(E, counts, weights.data(), K, 1, K, x, dt, (N + UNIT - 1) / UNIT, nthreads,
                [&](int e, long r0, long m, int u, const float* xf, const float* xs) {
-    const RArgs a{N, K, wt, dt, (const char*)ptrs[3 * e], (const uint16_t*)ptrs[3 * e + 1],
+    const RArgs a{N, K, dt, (const char*)ptrs[3 * e], (const uint16_t*)ptrs[3 * e + 1],
                   (const uint16_t*)ptrs[3 * e + 2]};
     char* yr = (char*)y + r0 * N * es;
     if (wt == W_INT8) rm_unit<W_INT8>(a, xf, xs, yr, m, u);
