@@ -12,6 +12,8 @@ table rebuilt only when a version changes), and one to combine, so the calls per
 not the experts, and no routing count reaches the host; "reference" is the per-expert loop (one kernel call per routed
 expert, split points synced to the host), kept as the path the grouped one is tested against. Experts whose
 kernel has no grouped form (CUDA, biases, the float32 dequantize fallback) run the per-expert loop in either.
+In the offload regime (`cache` set) the routed experts are made resident first, in waves when the cache holds
+fewer than the layer routes to (`_offloaded`).
 
 It also records, per expert, routed token counts and routed probability mass (the sum of routing
 weights of the tokens that selected it) into device tensors without a host sync; the hotness
@@ -41,6 +43,7 @@ class ExpertBank(nn.Module):
         self.limit = getattr(config, "swiglu_limit", None)
         self.versions: list[ExpertVersion | None] = [None] * num_experts  # published by Engine.apply or the table
         self.table = None  # the runtime's ExpertTable while the dynamic runtime runs: reads take a lease
+        self.cache = None  # the offload regime's ExpertCache (runtime/offload.py): some experts are not resident
         self.calibrator = None  # set only while `prepare` calibrates: it computes the layer from source experts
         self.routed_tokens = 0  # tokens routed since the controller last looked (a host int: no sync)
         self.last_read: list = []  # the versions the last forward computed with (tests check against them)
@@ -57,6 +60,8 @@ class ExpertBank(nn.Module):
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.calibrator is not None:  # `prepare`'s calibration pass (engine/calibrate.py) computes this layer
             return self.calibrator(self, hidden, top_k_index, top_k_weights)
+        if self.cache is not None:
+            return self._offloaded(hidden, top_k_index, top_k_weights)
         table = self.table
         lease = table.acquire() if table is not None else None  # the versions read below stay unreclaimed
         try:
@@ -91,6 +96,46 @@ class ExpertBank(nn.Module):
         ys.mul_(top_k_weights.reshape(-1)[order, None])  # a shape the native combine does not take: torch's
         return self._combine(ys, order, top_k_index)
 
+    def _offloaded(self, hidden, top_k_index, top_k_weights):
+        """The offload regime: route once, then per wave of routed experts (all of them unless the cache holds
+        fewer) make them resident (the cache fetches misses; the forward waits only for those), take the lease,
+        compute the wave's experts from its snapshot, release; combine once."""
+        grouped = self.path == "grouped" and grouped_cpu.supports(top_k_weights.dtype) and hidden.device.type == "cpu"
+        if grouped:
+            counts, order, x = grouped_cpu.route(top_k_index, top_k_weights, hidden, self.num_experts,
+                                                 self.token_counts, self.routed_mass)
+        else:
+            counts, order, x = self._route(hidden, top_k_index, top_k_weights)
+        ys = torch.empty_like(x)  # [T*K, H]
+        read = [None] * self.num_experts
+        routed = torch.nonzero(counts).flatten().tolist()  # host sync: which experts must be resident
+        for wave in self.cache.waves(self.layer, routed):
+            lease = self.table.acquire()
+            try:
+                versions = list(self.versions)
+                sub = [None] * self.num_experts
+                for e in wave:
+                    assert versions[e] is not None, (self.layer, e)  # pinned by the cache
+                    sub[e] = read[e] = versions[e]
+                tiers, loop = self._tiers(sub, hidden) if grouped else ({}, wave)
+                if tiers:
+                    h = torch.empty(x.shape[0], next(iter(tiers))[0][1], dtype=x.dtype)  # [T*K, 2I]
+                    for (gu_key, _), (gu_ptrs, _) in tiers.items():
+                        grouped_cpu.run(gu_key, counts, gu_ptrs, x, h)
+                    a = self._activate(h).contiguous()
+                    for (_, dn_key), (_, dn_ptrs) in tiers.items():
+                        grouped_cpu.run(dn_key, counts, dn_ptrs, a, ys)
+                if loop:
+                    self._loop(sub, loop, counts, x, ys)
+            finally:
+                self.table.release(lease)
+        self.last_read = read
+        self.routed_tokens += hidden.shape[0]
+        if grouped and grouped_cpu.combines(hidden.shape[-1], top_k_index.shape[-1]):
+            return grouped_cpu.combine(top_k_index, order, ys, top_k_weights)
+        ys.mul_(top_k_weights.reshape(-1)[order, None])
+        return self._combine(ys, order, top_k_index)
+
     def _combine(self, ys, order, top_k_index):
         k = top_k_index.shape[-1]
         # back to (token, slot) order, then each token's K outputs added in ascending expert order: the very
@@ -104,19 +149,22 @@ class ExpertBank(nn.Module):
             out = out + ys[rows[:, j]]
         return out
 
-    def _experts(self, versions, hidden, top_k_index, top_k_weights):
-        """-> (ys [T*K, H]: each routed pair's weighted output, grouped by expert; the grouping order [T*K])."""
+    def _route(self, hidden, top_k_index, top_k_weights):
+        """-> (counts [E], the grouping order [T*K], x [T*K, H]: each pair's token row, grouped by expert)."""
         k = top_k_index.shape[-1]
         flat_e = top_k_index.reshape(-1)  # [T*K]
-        flat_w = top_k_weights.reshape(-1)  # [T*K]
         counts = torch.bincount(flat_e, minlength=self.num_experts)  # [E]
         self.token_counts += counts  # statistics stay on the device: no sync here
-        self.routed_mass.index_add_(0, flat_e, flat_w.float())
+        self.routed_mass.index_add_(0, flat_e, top_k_weights.reshape(-1).float())
         order = torch.argsort(flat_e, stable=True)  # pairs grouped by expert, tokens ascending
-        x = hidden[order // k]  # [T*K, H]: each pair's token, grouped by expert (one gather for all experts)
-        ys = torch.empty(flat_e.numel(), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)  # [T*K, H]
+        return counts, order, hidden[order // k]  # one gather for all experts
+
+    def _experts(self, versions, hidden, top_k_index, top_k_weights):
+        """-> (ys [T*K, H]: each routed pair's weighted output, grouped by expert; the grouping order [T*K])."""
+        counts, order, x = self._route(hidden, top_k_index, top_k_weights)
+        ys = torch.empty_like(x)  # [T*K, H]
         self._loop(versions, range(self.num_experts), counts, x, ys)
-        ys.mul_(flat_w[order, None])  # routing weights for all pairs at once (computed in their dtype, one rounding)
+        ys.mul_(top_k_weights.reshape(-1)[order, None])  # routing weights for all pairs at once (one rounding)
         return ys, order
 
     def _loop(self, versions, experts, counts, x, ys):
@@ -139,7 +187,9 @@ class ExpertBank(nn.Module):
         ok = grouped_cpu.supports(hidden.dtype) and hidden.device.type == "cpu"
         none = [(0, 0, 0)] * len(versions)
         for e, v in enumerate(versions):
-            gu, dn = (grouped_cpu.spec(v.gate_up), grouped_cpu.spec(v.down)) if ok and v is not None else (None, None)
+            if v is None:  # not computed in this call (the offload regime's other waves / not resident)
+                continue
+            gu, dn = (grouped_cpu.spec(v.gate_up), grouped_cpu.spec(v.down)) if ok else (None, None)
             if gu is None or dn is None:
                 loop.append(e)
                 continue

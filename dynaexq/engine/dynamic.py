@@ -2,8 +2,9 @@
 
 `start_runtime(engine, planner, expert_budget, config, calibrate)`:
   1. measure: the slot size of every (layer, precision) the planner uses (a real version laid out), the
-     non-expert bytes of the model; with `config.budget`, M_exp = budget - M_fixed (runtime/budget.py); refuse
-     a budget that cannot hold every expert at the lowest tier, naming the minimum;
+     non-expert bytes of the model; with `config.budget`, M_exp = budget - M_fixed (runtime/budget.py); a budget
+     that cannot hold every expert at the lowest tier starts the offload regime (engine/offload.py) for the
+     planners that have one, and is refused, naming the minimum, for the others;
   2. warm start: the hotness file (if it exists), else `calibrate(floor_map)` -> routed mass per token measured
      with every expert at the lowest tier (DynaExq), else a cold start;
   3. unpublish the engine's own versions (no forward runs during start), allocate the arenas, install the
@@ -119,15 +120,21 @@ def measure(engine, planner, expert_budget, config: RuntimeConfig):
     if expert_budget is None:
         raise UserError(f"policy {planner} needs a memory budget: --budget SIZE (everything) or --expert-budget "
                         "SIZE / a precision name such as int3 (expert weights only)")
-    low = tiers[-1]
-    need = sum(reader.num_experts * slot_bytes[(layer, low)] for layer in reader.layers)
-    if need > expert_budget:
-        minimum = need + (sum(reserves.values()) if total is not None else 0)
-        what = "--budget" if total is not None else "expert budget"
-        raise UserError(f"policy {planner}: every expert at {low.value} needs {format_size(need)} but the expert "
-                        f"budget is {format_size(expert_budget)}; the minimum {what} is {format_size(minimum)} "
-                        f"({minimum} bytes)")
     return slot_bytes, staging, expert_budget, total, reserves
+
+
+def below_floor(reader, planner, slot_bytes, expert_budget) -> bool:
+    """True when the budget cannot hold every expert at the planner's lowest precision: the offload regime for the
+    planners that have one (dynaexq, multilevel), a clear error naming the minimum for the others."""
+    low = planner.tiers(reader)[-1]
+    need = sum(reader.num_experts * slot_bytes[(layer, low)] for layer in reader.layers)
+    if need <= expert_budget:
+        return False
+    if not hasattr(planner, "offload_policy"):
+        raise UserError(f"policy {planner}: every expert at {low.value} needs {format_size(need)} but the expert "
+                        f"budget is {format_size(expert_budget)}; the minimum expert budget for it is "
+                        f"{format_size(need)} ({need} bytes); dynaexq and multilevel run below it (offload regime)")
+    return True
 
 
 def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = RuntimeConfig(), calibrate=None,
@@ -136,6 +143,11 @@ def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = R
     reader, device = engine.reader, engine.model.device
     tiers = planner.tiers(reader)
     slot_bytes, staging, expert_budget, total, reserves = measure(engine, planner, expert_budget, config)
+    if getattr(planner, "offload_only", False) or below_floor(reader, planner, slot_bytes, expert_budget):
+        from dynaexq.engine.offload import start_offload
+        if total is not None:  # no staging slots in the offload regime: their reserve goes to the cache
+            expert_budget += reserves.pop("staging")
+        return start_offload(engine, planner, slot_bytes, expert_budget, config, total, reserves, progress)
     hotness = Hotness(reader.layers, reader.num_experts, config.alpha, device, config.half_life_tokens)
     warm = True
     if config.hotness_file and Path(config.hotness_file).is_file():
@@ -178,6 +190,9 @@ def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = R
 
 def stop_runtime(engine, rt: Runtime) -> None:
     """Drain and stop the runtime; the engine's experts are unpublished (publish a map with `engine.apply`)."""
+    if getattr(rt, "regime", None) == "offload":
+        from dynaexq.engine.offload import stop_offload
+        return stop_offload(engine, rt)
     engine.runtime = None
     try:
         rt.controller.close()

@@ -46,6 +46,9 @@ class RuntimeConfig:
                                     "on close")
     blocking: bool = option(False, "run transitions inline at each decision (ablation: the forward pass waits)")
     retries: int = option(2, "retries of a transition whose store read fails before it is given up")
+    offload_io: str = option("direct", "offload regime: how misses read the store: direct (O_DIRECT), buffered (drop "
+                             "the page cache after each read) or cached (keep it: not an offload figure)")
+    io_workers: int = option(2, "offload regime: reader threads fetching experts from the store")
 
     def __post_init__(self):  # resolve the defaults: tokens unless steps were asked for (0 = that clock is off)
         steps, alpha = self.update_every is not None, self.alpha is not None
@@ -54,6 +57,9 @@ class RuntimeConfig:
         for name, value in resolved.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
+        if self.offload_io not in ("direct", "buffered", "cached") or self.io_workers < 1:
+            raise UserError(f"--offload-io must be direct, buffered or cached and --io-workers >= 1 (got "
+                            f"{self.offload_io!r}, {self.io_workers})")
         if not (self.update_every_tokens or self.update_every) or min(self.update_every, self.update_every_tokens) < 0:
             raise UserError(f"decisions need --update-every-tokens N or --update-every N with N >= 1 (got "
                             f"{self.update_every_tokens}, {self.update_every})")

@@ -101,14 +101,15 @@ class ExpertTable:
                     raise TimeoutError(f"a version retired at epoch {retired_at} is still read after {timeout} s")
                 self._cond.wait(min(left, 0.001 if self._gpu_leases else left))
 
-    def check(self, pools=None, quiescent: bool = True) -> None:
-        """Every expert published exactly once, no slot holds two; with pools, every published slot is taken and,
-        when no transition is in flight (`quiescent`), the taken slots are exactly the published ones."""
+    def check(self, pools=None, quiescent: bool = True, absent: bool = False) -> None:
+        """Every expert published exactly once (or, with `absent`, the offload regime: not resident), no slot
+        holds two; with pools, every published slot is taken and, when no transition is in flight
+        (`quiescent`), the taken slots are exactly the published ones."""
         seen = {}
         for layer, lst in self.versions.items():
             for e, v in enumerate(lst):
-                assert v is not None, f"expert ({layer}, {e}) has no published version"
-                if v.slot is not None:
+                assert v is not None or absent, f"expert ({layer}, {e}) has no published version"
+                if v is not None and v.slot is not None:
                     assert v.slot not in seen, f"slot {v.slot} holds ({layer}, {e}) and {seen[v.slot]}"
                     seen[v.slot] = (layer, e)
         if pools is not None:

@@ -130,23 +130,27 @@ class StoreReader:
         self._check(layer, precision)
         name = layout.expert_shard(layer, precision)
         f = self._open(name)
+        return self._assemble(layer, e, precision, self._keys[name], lambda key: f.get_tensor(key).clone())
+
+    def _assemble(self, layer: int, e: int, precision: Precision, keys, get) -> dict:
+        """The expert's tensors (`get(key)` for each of its keys in `keys`) -> the read_expert dict, its digest
+        checked on the first read when lazy."""
         shapes = self.manifest["shapes"]
         out, in_file_order = {}, []
         for m in layout.MATRICES:
-            t = {k: f.get_tensor(f"{e}.{m}.{k}").clone() for k in ("data", "scale", "zero", "ranges")
-                 if f"{e}.{m}.{k}" in self._keys[name]}
+            t = {k: get(f"{e}.{m}.{k}") for k in ("data", "scale", "zero", "ranges") if f"{e}.{m}.{k}" in keys}
             in_file_order += t.values()
             out[m] = QuantizedWeight.from_tensors(precision, m, shapes[m], t)
         for b in layout.BIASES:
-            if f"{e}.{b}" in self._keys[name]:
-                out[b] = f.get_tensor(f"{e}.{b}").clone()
+            if f"{e}.{b}" in keys:
+                out[b] = get(f"{e}.{b}")
                 in_file_order.append(out[b])
         if self.lazy and (layer, e, precision) not in self._read_ok:
             want = self.manifest["experts"][str(layer)][precision.value]["digest"][e]
             if layout.expert_digest(in_file_order) != want:
-                raise UserError(f"expert {e} of layer {layer} at {precision.value} in {str(self.path / name)!r} does "
-                                "not match its digest in the manifest (corrupted on disk); delete the store and "
-                                "prepare it again")
+                raise UserError(f"expert {e} of layer {layer} at {precision.value} in "
+                                f"{str(self.path / layout.expert_shard(layer, precision))!r} does not match its digest "
+                                "in the manifest (corrupted on disk); delete the store and prepare it again")
             self._read_ok.add((layer, e, precision))
         return out
 

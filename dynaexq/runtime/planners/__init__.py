@@ -12,6 +12,7 @@ from dynaexq.errors import UserError
 from dynaexq.quant.precision import Precision
 from dynaexq.runtime.planners.calibrated import MultilevelPlanner, TwoTierPlanner
 from dynaexq.runtime.planners.dynamic import DynamicPlanner
+from dynaexq.runtime.planners.offload import HotPolicy, LruPolicy
 from dynaexq.runtime.planners.static import MapPlanner, UniformPlanner
 from dynaexq.sizes import parse_size
 
@@ -25,11 +26,14 @@ PLANNERS = {
     "dynaexq": lambda arg: DynamicPlanner.from_arg("dynaexq", arg),
     "multilevel": lambda arg: DynamicPlanner.from_arg("multilevel", arg),
     "frozen": lambda arg: DynamicPlanner.from_arg("frozen", arg),
+    "lru-offload": lambda arg: LruPolicy.from_arg(arg, prefetch=False),
+    "lru-offload+prefetch": lambda arg: LruPolicy.from_arg(arg, prefetch=True),
 }
 VALID = ("uniform:<precision> (e.g. uniform:int4), map:<file.json>, calibrated[:hi=int8,lo=int2], "
          "calibrated-multilevel[:ladder=bf16/int8/int4/int3/int2,power=2], oracle[:hi=..,lo=..] (eval only); "
-         "runtime policies: dynaexq[:hi=int8,lo=int2,delta=0.01,alloc=proportional|depth,max_pairs=0], "
-         "multilevel[:ladder=..,power=2,delta=0.01], frozen[:hi=int8,lo=int2]")
+         "runtime policies: dynaexq[:hi=int8,lo=int2,delta=0.01,alloc=proportional|depth,max_pairs=0,hi_share=0.25,"
+         "prefetch=1], multilevel[:ladder=..,power=2,delta=0.01], frozen[:hi=int8,lo=int2]; offload baselines: "
+         "lru-offload[:int4], lru-offload+prefetch[:int4]")
 
 
 def parse_policy(spec: str):
@@ -66,4 +70,5 @@ def resolve_budget(spec, reader) -> int | None:
 
 
 __all__ = ["PLANNERS", "parse_policy", "parse_budget", "resolve_budget", "UniformPlanner", "MapPlanner",
-           "TwoTierPlanner", "MultilevelPlanner", "DynamicPlanner"]
+           "TwoTierPlanner", "MultilevelPlanner", "DynamicPlanner",
+           "HotPolicy", "LruPolicy"]

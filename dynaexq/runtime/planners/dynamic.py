@@ -19,6 +19,8 @@ multilevel[:ladder=bf16/int8/int4/int3/int2,power=2,delta=0.01,max_pairs=0]
 frozen[:hi=int8,lo=int2,alloc=proportional]
     The paper's static ablation: the warm-start map, never changed.
 
+Below the budget of every expert at the lowest precision, dynaexq and multilevel run the offload regime
+(`offload_policy`: planners/offload.py; options hi_share=0.25 and prefetch=1 apply there).
 A planner never touches bytes: `decide` returns pairs and updates the target assignment it is given.
 """
 from __future__ import annotations
@@ -61,13 +63,16 @@ class DynamicPlanner:
     delta: float = 0.01
     alloc: str = "proportional"
     max_pairs: int = 0
+    hi_share: float = 0.25  # offload regime: the share of the bytes for hi slots
+    prefetch: bool = True  # offload regime: look-ahead prefetch
     hotness_source = "calibration"  # the warm start (a --hotness-file replaces it)
     dynamic = True
 
     @classmethod
     def from_arg(cls, kind: str, arg: str):
-        allowed = {"dynaexq": {"hi", "lo", "delta", "alloc", "max_pairs"}, "frozen": {"hi", "lo", "alloc"},
-                   "multilevel": {"ladder", "power", "delta", "max_pairs"}}[kind]
+        offload = {"hi_share", "prefetch"}
+        allowed = {"dynaexq": {"hi", "lo", "delta", "alloc", "max_pairs", *offload}, "frozen": {"hi", "lo", "alloc"},
+                   "multilevel": {"ladder", "power", "delta", "max_pairs", "alloc", *offload}}[kind]
         spec = f"{kind}:{arg}"
         o = _options(arg, allowed, spec)
         hi, lo = Precision.parse(o.get("hi", "int8")), Precision.parse(o.get("lo", "int2"))
@@ -78,13 +83,29 @@ class DynamicPlanner:
             raise UserError(f"policy {spec}: the ladder needs at least two precisions, e.g. ladder=int8/int4/int2")
         try:
             power, delta, max_pairs = float(o.get("power", 2)), float(o.get("delta", 0.01)), int(o.get("max_pairs", 0))
+            hi_share, prefetch = float(o.get("hi_share", 0.25)), int(o.get("prefetch", 1))
         except ValueError:
-            raise UserError(f"policy {spec}: power and delta must be numbers, max_pairs an integer") from None
+            raise UserError(f"policy {spec}: power, delta and hi_share must be numbers, max_pairs and prefetch "
+                            "integers") from None
+        if not 0 <= hi_share < 1 or prefetch not in (0, 1):
+            raise UserError(f"policy {spec}: hi_share is a fraction in [0, 1), prefetch 0 or 1")
         alloc = o.get("alloc", "proportional")
         if alloc not in ALLOCATIONS or power <= 0 or delta < 0 or max_pairs < 0:
             raise UserError(f"policy {spec}: alloc must be one of {', '.join(ALLOCATIONS)}, power > 0, delta >= 0, "
                             "max_pairs >= 0 (0 = no limit)")
-        return cls(kind, hi, lo, tuple(sorted(ladder, key=lambda p: -p.bits)), power, delta, alloc, max_pairs)
+        return cls(kind, hi, lo, tuple(sorted(ladder, key=lambda p: -p.bits)), power, delta, alloc, max_pairs,
+                   hi_share, bool(prefetch))
+
+    def offload_policy(self, reader):
+        """The offload regime's policy (planners/offload.py): hi/lo of dynaexq, the ladder's two lowest precisions
+        in the store for multilevel."""
+        from dynaexq.runtime.planners.offload import HotPolicy
+        if self.kind == "frozen":
+            raise UserError(f"policy {self} keeps its start map and cannot run below the budget of every expert at "
+                            f"{self.lo.value}; use dynaexq or multilevel (offload regime) or a larger budget")
+        tiers = self.tiers(reader)
+        return HotPolicy(self.kind, tiers[-2] if self.kind == "multilevel" else self.hi, tiers[-1], self.hi_share,
+                         self.prefetch, self.alloc)
 
     def tiers(self, reader) -> list:
         """The precisions this planner uses, highest first."""

@@ -1,0 +1,149 @@
+"""Offload policies: which experts stay resident when the budget cannot hold every expert at the lowest precision.
+
+The expert budget then holds a *cache* of versions (runtime/offload.py moves the bytes); a policy only says how
+many slots each precision gets, which precision a miss fetches, and which resident version makes room.
+
+lru-offload[:int4]            mixtral-offloading: one precision, the same number of slots in every layer; a miss
+                              fetches that precision and evicts the layer's least recently used expert.
+lru-offload+prefetch[:int4]   the same, plus look-ahead prefetch (layer l+1's router on layer l's hidden state).
+dynaexq / multilevel          below the all-low budget (`HotPolicy`): precision-aware (HOBBIT, DyMoE's mixed-
+                              precision cache): `hi_share` of the bytes are `hi` slots, the rest `lo`; the
+                              hottest experts by the live hotness S (routed probability mass: the gate score) are
+                              wanted at hi and fetched so on a miss, every other one at lo (a fraction of the
+                              bytes); a resident lo copy of an expert wanted hi serves while its hi copy is
+                              fetched in the background, a resident hi copy serves an expert wanted lo; room is made
+                              by evicting the resident version with the lowest S (x the depth weight with
+                              alloc=depth: shallow layers keep more, DyMoE), least recently used first on ties;
+                              look-ahead prefetch on (prefetch=0 turns it off).
+The minimum budget is `top_k` slots of the lowest precision per MoE layer (one token's experts in every layer).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from dynaexq.errors import UserError
+from dynaexq.quant.precision import Precision
+from dynaexq.sizes import format_size
+
+
+def minimum_budget(layers, top_k: int, slot_lo: int) -> int:
+    return len(layers) * top_k * slot_lo
+
+
+def _check_minimum(policy, layers, top_k, slot_lo, budget) -> None:
+    low = minimum_budget(layers, top_k, slot_lo)
+    if budget < low:
+        raise UserError(f"policy {policy}: the expert budget {format_size(budget)} ({budget} bytes) is below the "
+                        f"offload minimum {format_size(low)} ({low} bytes) = {top_k} slots (top-k) of "
+                        f"{format_size(slot_lo)} per MoE layer x {len(layers)} layers")
+
+
+@dataclass
+class LruPolicy:
+    """mixtral-offloading's cache: `per_layer` slots of one precision in every layer, per-layer LRU."""
+    precision: Precision = Precision.INT4
+    prefetch: bool = False
+    per_layer: int = 0
+    counts: dict = field(default_factory=dict)  # {precision: slots of the whole model}
+    hotness_source = None
+    dynamic = True
+    offload_only = True
+
+    @classmethod
+    def from_arg(cls, arg: str, prefetch: bool):
+        return cls(Precision.parse(arg) if arg else Precision.INT4, prefetch)
+
+    def tiers(self, reader) -> list:
+        if self.precision not in reader.precisions:
+            raise UserError(f"policy {self}: the store has no {self.precision.value} experts (it has "
+                            f"{', '.join(p.value for p in reader.precisions)})")
+        return [self.precision]
+
+    def size(self, layers, num_experts: int, top_k: int, slot_bytes: dict, budget: int) -> None:
+        m = slot_bytes[self.precision]
+        _check_minimum(self, layers, top_k, m, budget)
+        self.per_layer = min(num_experts, budget // (m * len(layers)))
+        self.counts = {self.precision: self.per_layer * len(layers)}
+
+    def wave_cap(self) -> int:
+        return self.per_layer
+
+    def want(self, layer: int, e: int) -> Precision:
+        return self.precision
+
+    def victim(self, layer: int, precision, candidates: list, free: bool, held: int, key=None, demand=True):
+        """candidates [((layer, e), last use)] resident in pool `precision`, evictable -> the key to evict, None
+        to take a free slot, or False: no room now (every candidate is pinned or in flight)."""
+        if held < self.per_layer and free:
+            return None
+        own = [(t, k) for k, t in candidates if k[0] == layer]
+        return min(own)[1] if own else False
+
+    def update(self, S: dict) -> None:  # LRU needs no hotness
+        pass
+
+    def __str__(self):
+        return f"lru-offload{'+prefetch' if self.prefetch else ''}:{self.precision.value}"
+
+
+@dataclass
+class HotPolicy:
+    """The dynaexq/multilevel planners below the all-low budget (see the module docstring)."""
+    name: str
+    hi: Precision
+    lo: Precision
+    hi_share: float = 0.25
+    prefetch: bool = True
+    alloc: str = "proportional"
+    counts: dict = field(default_factory=dict)
+    score: dict = field(default_factory=dict)  # (layer, e) -> S x depth weight, from the latest decision
+    wanted_hi: set = field(default_factory=set)
+    depth: dict = field(default_factory=dict)
+
+    def tiers(self, reader) -> list:
+        return [self.hi, self.lo] if self.hi_share > 0 else [self.lo]
+
+    def size(self, layers, num_experts: int, top_k: int, slot_bytes: dict, budget: int) -> None:
+        m_lo = slot_bytes[self.lo]
+        _check_minimum(self, layers, top_k, m_lo, budget)
+        n_hi = int(budget * self.hi_share // slot_bytes[self.hi]) if self.hi_share > 0 else 0
+        n_hi = min(n_hi, len(layers) * num_experts)
+        if budget - n_hi * slot_bytes.get(self.hi, 0) < minimum_budget(layers, top_k, m_lo):  # the floor comes first
+            n_hi = (budget - minimum_budget(layers, top_k, m_lo)) // slot_bytes[self.hi] if self.hi_share > 0 else 0
+        n_lo = min(len(layers) * num_experts, (budget - n_hi * slot_bytes.get(self.hi, 0)) // m_lo)
+        self.counts = {self.hi: n_hi, self.lo: n_lo} if self.hi_share > 0 else {self.lo: n_lo}
+        L = len(layers)
+        self.depth = {layer: (0.75 + 0.25 * math.cos(math.pi * i / max(1, L - 1))) if self.alloc == "depth" else 1.0
+                      for i, layer in enumerate(layers)}
+
+    def wave_cap(self) -> int:
+        return self.counts[self.lo]
+
+    def want(self, layer: int, e: int) -> Precision:
+        return self.hi if (layer, e) in self.wanted_hi else self.lo
+
+    def victim(self, layer: int, precision, candidates: list, free: bool, held: int, key=None, demand=True):
+        """The resident version with the lowest score (least recently used first); a prefetch or an upgrade of
+        `key` (not `demand`) evicts only a version scored below it: a guess never displaces a hotter expert."""
+        if free:
+            return None
+        if not candidates:
+            return False
+        k, _ = min(candidates, key=lambda c: (self.score.get(c[0], 0.0), c[1]))
+        if not demand and self.score.get(k, 0.0) >= self.score.get(key, 0.0):
+            return False
+        return k
+
+    def update(self, S: dict) -> None:
+        """S {layer: [E]} (the hotness snapshot) -> scores, and the experts wanted at hi (the top n_hi)."""
+        self.score = {(layer, e): float(s) * self.depth.get(layer, 1.0) for layer, v in S.items()
+                      for e, s in enumerate(v.tolist())}
+        n_hi = self.counts.get(self.hi, 0) if self.hi_share > 0 else 0
+        ranked = sorted(self.score, key=lambda k: -self.score[k])
+        self.wanted_hi = {k for k in ranked[:n_hi] if self.score[k] > 0}
+
+    def __str__(self):
+        extra = f"hi={self.hi.value},hi_share={self.hi_share:g}," if self.hi_share > 0 else ""
+        return (f"{self.name}:{extra}lo={self.lo.value},prefetch={int(self.prefetch)},alloc={self.alloc} "
+                "(offload regime)")
