@@ -130,7 +130,7 @@ def below_floor(reader, planner, slot_bytes, expert_budget) -> bool:
     need = sum(reader.num_experts * slot_bytes[(layer, low)] for layer in reader.layers)
     if need <= expert_budget:
         return False
-    if not hasattr(planner, "offload_policy"):
+    if not hasattr(planner, "offload_policy") or getattr(planner, "kind", None) == "frozen":
         raise UserError(f"policy {planner}: every expert at {low.value} needs {format_size(need)} but the expert "
                         f"budget is {format_size(expert_budget)}; the minimum expert budget for it is "
                         f"{format_size(need)} ({need} bytes); dynaexq and multilevel run below it (offload regime)")

@@ -1,0 +1,256 @@
+"""The offload regime: a budget below every expert at the lowest precision holds a cache of versions; misses read
+the store from disk. Outputs are checked against a float64 reference of exactly the versions each forward read,
+under churn (prefetch, evictions, upgrades); the invariants of the resident regimes hold (budget never exceeded, a
+failed read leaves what was published serving); a budget below the minimum is refused, naming it."""
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dynaexq
+from dynaexq.errors import UserError
+from dynaexq.quant.precision import Precision
+from dynaexq.quant.quantize import dequantize
+from dynaexq.runtime.controller import RuntimeConfig
+from dynaexq.runtime.planners.offload import HotPolicy, LruPolicy
+from dynaexq.store.direct import DirectReader
+from dynaexq.store.reader import StoreReader
+
+
+def _slot(store, p):
+    from dynaexq.engine.load import load
+    eng = load(store, f"uniform:{p}", progress=False)
+    from dynaexq.runtime.version import slot_layout
+    v = eng.make_version(eng.reader.layers[0], 0, Precision(p))
+    eng.close()
+    return slot_layout(v)[1]
+
+
+def _offload(store, spec, slots_lo, dtype=torch.float32, **cfg):
+    """An engine in the offload regime whose budget is `slots_lo` int2 slots (the tiny model: 2 layers x 8)."""
+    budget = int(slots_lo * _slot(store, "int2"))
+    eng = dynaexq.load(store, spec, budget, dtype=dtype, progress=False, runtime=RuntimeConfig(**cfg))
+    assert eng.runtime.regime == "offload"
+    return eng
+
+
+def _record(eng):
+    """Wrap every bank's forward: [(bank, hidden, idx, w, out, versions read)] of each call."""
+    calls = []
+    for bank in eng.banks.values():
+        orig = bank.forward
+
+        def fwd(hidden, idx, w, _bank=bank, _orig=orig):
+            out = _orig(hidden, idx, w)
+            calls.append((_bank, hidden.clone(), idx.clone(), w.clone(), out.clone(), list(_bank.last_read)))
+            return out
+        bank.forward = fwd
+    return calls
+
+
+def _steps(eng, n, seed, vocab=128):
+    """n forward steps of random token batches (1 to 12 tokens: decode- and prefill-sized), the controller after each
+    (the tiny test model ships no tokenizer)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(torch.randint(1, 13, (1,), generator=g))
+            eng.model(input_ids=torch.randint(0, vocab, (1, t), generator=g))
+            eng.after_step()
+
+
+def _float64(reader, layer, read, hidden, idx, w):
+    out = torch.zeros(hidden.shape, dtype=torch.float64)
+    for t in range(hidden.shape[0]):
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            ws = reader.read_expert(layer, e, read[e].precision)  # the very version this forward read
+            gate, up = (dequantize(ws["gate_up"], torch.float64) @ hidden[t].double()).chunk(2)
+            out[t] += float(w[t, j]) * (dequantize(ws["down"], torch.float64) @ (F.silu(gate) * up))
+    return out
+
+
+@pytest.mark.parametrize("spec", ["dynaexq:hi=int4,lo=int2,hi_share=0.3", "lru-offload+prefetch:int4",
+                                  "multilevel:alloc=depth"])
+def test_outputs_under_offload_equal_float64_of_the_versions_each_forward_read(spec, checkpoints):
+    _, store = checkpoints("qwen3_moe")
+    eng = _offload(store, spec, 6, update_every_tokens=4)  # 6 of 16 experts' int2 bytes: misses, evictions, upgrades
+    calls = _record(eng)
+    reader = StoreReader(store)
+    _steps(eng, 30, seed=0)
+    rep = eng.runtime.cache.report()
+    assert rep["misses"] > 0 and rep["evictions"] > 0 and rep["hits"] > 0, rep
+    assert len(calls) > 40
+    for bank, hidden, idx, w, out, read in calls:
+        routed = set(idx.flatten().tolist())
+        assert {e for e, v in enumerate(read) if v is not None} == routed  # read exactly what was routed
+        exact = _float64(reader, bank.layer, read, hidden, idx, w)
+        assert float((out.double() - exact).norm() / exact.norm()) < 1e-4
+    eng.runtime.cache.drain()
+    eng.runtime.check(quiescent=False)
+    eng.close()
+
+
+def test_budget_never_exceeded_and_invariants_hold_under_churn(checkpoints):
+    _, store = checkpoints("qwen3_moe")
+    eng = _offload(store, "dynaexq:hi=int4,lo=int2,hi_share=0.4", 7, update_every_tokens=2)
+    assert eng.runtime.policy.counts[Precision.INT4] > 0
+    rt = eng.runtime
+    cap = rt.pools.tracker.total_cap
+    assert rt.pools.expert_bytes() <= rt.plan.expert_budget
+    seen, stop = [], threading.Event()
+
+    def watch():  # the tracker from another thread while the cache churns
+        while not stop.is_set():
+            t = rt.pools.tracker
+            with t._lock:  # one consistent reading (a commit moves bytes from pending to committed)
+                seen.append(sum(t.pending.values()) + sum(t.committed.values()))
+            time.sleep(0.0002)
+    w = threading.Thread(target=watch)
+    w.start()
+    try:
+        _steps(eng, 60, seed=1)
+    finally:
+        stop.set()
+        w.join()
+    assert max(seen) <= cap and rt.pools.tracker.peak <= cap
+    rt.cache.drain()
+    rt.check(quiescent=False)
+    r = rt.cache.report()
+    assert r["resident"] <= sum(rt.policy.counts.values())
+    assert r.get("upgrades_done", 0) > 0  # hot experts resident at lo were brought to int4 in the background
+    eng.close()
+
+
+def test_a_failed_upgrade_read_leaves_the_low_copy_serving(checkpoints):
+    _, store = checkpoints("qwen3_moe")
+    eng = _offload(store, "dynaexq:hi=int4,lo=int2,hi_share=0.4,prefetch=0", 6, retries=1)
+    cache = eng.runtime.cache
+    _steps(eng, 4, seed=2)
+    cache.drain()
+    key, p = next((k, p) for k, p in cache.resident().items() if p == Precision.INT2)
+    real = cache.io.read
+
+    def flaky(layer, e, precision):
+        if (layer, e) == key and precision == Precision.INT4:
+            raise OSError("injected read error")
+        return real(layer, e, precision)
+    cache.io.read = flaky
+    before = eng.banks[key[0]].versions[key[1]]
+    cache.request(key, Precision.INT4)
+    cache.drain()
+    assert eng.banks[key[0]].versions[key[1]] is before  # the previous version keeps serving
+    assert cache.resident()[key] == Precision.INT2
+    assert cache.report()["failures"] == 1 and any("injected" in e for e in cache.report()["errors"])
+    eng.runtime.check(quiescent=False)
+    eng.close()
+
+
+def test_a_miss_that_cannot_be_read_raises_a_clear_error_and_nothing_is_published(checkpoints):
+    _, store = checkpoints("qwen3_moe")
+    eng = _offload(store, "lru-offload:int4", 4 * 1.6, retries=1)
+    cache = eng.runtime.cache
+
+    def broken(layer, e, precision):
+        raise OSError("disk gone")
+    cache.io.read = broken
+    with pytest.raises(RuntimeError, match="could not be read from the store after 2 attempts.*disk gone"):
+        _steps(eng, 1, seed=3)
+    assert all(v is None for bank in eng.banks.values() for v in bank.versions)
+    eng.runtime.check(quiescent=True)
+    eng.close()
+
+
+def test_a_budget_below_the_offload_minimum_is_refused_naming_it(checkpoints):
+    _, store = checkpoints("qwen3_moe")
+    slot = _slot(store, "int2")
+    with pytest.raises(UserError, match=r"below the offload minimum .*\(%d bytes\) = 2 slots \(top-k\)" % (4 * slot)):
+        dynaexq.load(store, "dynaexq", 4 * slot - 1, progress=False)
+    with pytest.raises(UserError, match="minimum expert budget for it is .* dynaexq and multilevel run below it"):
+        dynaexq.load(store, "frozen:hi=int8,lo=int2", 4 * slot, progress=False)
+    eng = dynaexq.load(store, "dynaexq", 4 * slot, progress=False)  # exactly the minimum runs
+    assert eng.runtime.regime == "offload"
+    _steps(eng, 3, seed=4)
+    eng.close()
+
+
+def test_the_resident_regime_is_kept_when_every_expert_fits_at_the_lowest_precision(checkpoints):
+    _, store = checkpoints("qwen3_moe")
+    from rt import start
+    eng = dynaexq.load(store, "uniform:int2", progress=False)
+    rt = start(eng, "dynaexq", int(16 * _slot(store, "int2")))
+    assert not hasattr(rt, "cache") and rt.pools.expert_bytes() == 16 * _slot(store, "int2")
+    eng.close()
+
+
+def test_direct_reads_equal_the_memory_mapped_reader_in_every_mode(checkpoints):
+    _, store = checkpoints("qwen3_moe")
+    reader = StoreReader(store)
+    reader.check("lazy")
+    for mode in ("direct", "buffered", "cached"):
+        io = DirectReader(reader, mode)
+        for p in reader.precisions:
+            for layer in reader.layers:
+                a, b = reader.read_expert(layer, 3, p), io.read(layer, 3, p)
+                for m in ("gate_up", "down"):
+                    for f in ("data", "scale", "zero", "ranges"):
+                        x, y = getattr(a[m], f), getattr(b[m], f)
+                        assert (x is None and y is None) or torch.equal(x, y), (mode, p, m, f)
+        assert io.stats["reads"] == len(reader.precisions) * len(reader.layers)
+        assert io.stats["bytes"] == sum(io.nbytes(layer, 3, p) for p in reader.precisions for layer in reader.layers)
+        io.close()
+    with pytest.raises(UserError, match="direct, buffered, cached"):
+        DirectReader(reader, "mmap")
+
+
+def test_lru_evicts_the_layers_least_recently_used_and_keeps_its_quota():
+    pol = LruPolicy(Precision.INT4)
+    pol.size([0, 1], 8, 2, {Precision.INT4: 100}, 800)  # 4 slots a layer
+    assert pol.per_layer == 4 and pol.counts == {Precision.INT4: 8}
+    cands = [((0, 1), 5), ((0, 2), 3), ((1, 0), 1)]
+    assert pol.victim(0, Precision.INT4, cands, True, 3) is None  # under its quota: a free slot
+    assert pol.victim(0, Precision.INT4, cands, True, 4) == (0, 2)  # at quota: its own least recently used
+    assert pol.victim(0, Precision.INT4, [((1, 0), 1)], False, 4) is False  # nothing of its own to evict: wait
+
+
+def test_hot_policy_wants_the_hottest_high_and_a_guess_never_displaces_a_hotter_expert():
+    pol = HotPolicy("dynaexq", Precision.INT4, Precision.INT2, hi_share=0.5, alloc="depth")
+    pol.size([0, 1], 4, 1, {Precision.INT4: 200, Precision.INT2: 100}, 800)
+    assert pol.counts == {Precision.INT4: 2, Precision.INT2: 4}
+    pol.update({0: torch.tensor([0.9, 0.1, 0.0, 0.3]), 1: torch.tensor([0.8, 0.7, 0.0, 0.0])})
+    assert pol.want(0, 0) == Precision.INT4 and pol.want(1, 0) == Precision.INT4  # depth: layer 1 weighs 1/2
+    assert pol.want(1, 1) == Precision.INT2
+    cands = [((0, 3), 9), ((1, 1), 2)]
+    assert pol.victim(0, Precision.INT2, cands, False, 0, (0, 1), True) == (0, 3)  # lowest score (0.3 vs 0.35)
+    assert pol.victim(0, Precision.INT2, cands, False, 0, (0, 1), False) is False  # a guess: 0.1 < 0.3
+    assert pol.victim(0, Precision.INT2, cands, True, 0, (0, 1), False) is None
+
+
+def test_lookahead_recall_is_measured_per_layer(checkpoints):
+    _, store = checkpoints("qwen3_moe")
+    eng = _offload(store, "dynaexq:hi=int4,lo=int2", 8)
+    _steps(eng, 10, seed=5)
+    rec = eng.runtime.cache.report()["recall"]
+    first, *rest = sorted(rec)
+    assert rec[first] is None  # nothing predicts the first MoE layer
+    assert all(rec[layer] is not None and 0 <= rec[layer] <= 1 for layer in rest)
+    assert eng.runtime.stats()["offload"]["prefetches_issued"] > 0
+    eng.close()
+
+
+def test_the_grouped_path_under_offload_equals_float64_on_the_bundled_model(bundled_store):
+    from dynaexq.quant import grouped_cpu, lowbit_cpu
+    if lowbit_cpu.extension() is None:
+        pytest.skip("the C++ kernels did not build here")
+    eng = _offload(bundled_store, "dynaexq:hi=int4,lo=int2", 60, update_every_tokens=8)
+    calls = _record(eng)
+    before = grouped_cpu.calls
+    eng.generate("The old lighthouse keeper", 12, 1.0, 1.0, 0, 0)
+    assert grouped_cpu.calls > before and eng.runtime.cache.report()["misses"] > 0
+    reader = StoreReader(bundled_store)
+    for bank, hidden, idx, w, out, read in calls[::7]:
+        exact = _float64(reader, bank.layer, read, hidden, idx, w)
+        assert float((out.double() - exact).norm() / exact.norm()) < 1e-4
+    eng.close()
