@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dynaexq.errors import UserError
 from dynaexq.runtime.budget import BudgetPlan
 from dynaexq.runtime.hotness import Hotness
 from dynaexq.runtime.offload import ExpertCache
+from dynaexq.runtime.planners.offload import minimum_budget
 from dynaexq.runtime.pool import Pools
 from dynaexq.runtime.table import ExpertTable
 from dynaexq.runtime.version import make_version
@@ -123,13 +125,18 @@ def start_offload(engine, planner, slot_bytes: dict, expert_budget: int, config,
                   progress: bool = True) -> OffloadRuntime:
     reader, device = engine.reader, engine.model.device
     if device.type != "cpu":
-        from dynaexq.errors import UserError
         raise UserError("the offload regime (an expert budget below every expert at the lowest precision) runs on "
                         "the CPU only so far; give a larger budget on CUDA")
     policy = planner.offload_policy(reader) if hasattr(planner, "offload_policy") else planner
     tiers = policy.tiers(reader)
     top_k = int(getattr(engine.model.config, "num_experts_per_tok", 1))
     sizes = {p: slot_bytes[(reader.layers[0], p)] for p in tiers}
+    low = minimum_budget(reader.layers, top_k, sizes[tiers[-1]])
+    if total is not None and expert_budget < low:
+        need = low + sum(reserves.values())
+        raise UserError(f"--budget {format_size(total)} leaves the experts {format_size(expert_budget)} after the fixed "
+                        f"part, below the offload minimum {format_size(low)} ({top_k} slots of {tiers[-1].value} per "
+                        f"MoE layer); the minimum --budget is {format_size(need)} ({need} bytes)")
     policy.size(reader.layers, reader.num_experts, top_k, sizes, expert_budget)
     tiers = [p for p in tiers if policy.counts.get(p, 0) > 0]
     counts = {(reader.layers[0], p): policy.counts[p] for p in tiers}

@@ -40,7 +40,16 @@ def experts_report(engine, hotness, model: str, started: float) -> dict:
         budget = {"expert_bytes": used, "cap": used, "peak_used": used, "staging_bytes": 0, "total_budget": None}
         moves = {"pairs": 0, "promotions": 0, "demotions": 0, "deferrals": 0, "failures": 0, "bytes_moved": 0,
                  "in_flight": 0, "pending": 0}
+    off = stats.get("offload") if stats else None
+    offload = None if off is None else {  # the offload regime: what the cache holds and how it is doing
+        "resident": off["resident"], "offloaded": len(layers) * len(next(iter(published.values()))) - off["resident"],
+        "resident_by_precision": off["resident_by_precision"], "hits": off.get("hits", 0),
+        "misses": off.get("misses", 0), "hit_rate": off["hit_rate"], "prefetches": off.get("prefetches_done", 0),
+        "prefetch_hits": off.get("prefetch_hits", 0), "evictions": off.get("evictions", 0),
+        "upgrades": off.get("upgrades_done", 0), "stall_s": off.get("stall_s", 0.0), "read_bytes": off["io"]["bytes"],
+        "read_s": off["io"]["seconds"], "io_mode": off["io"]["mode"], "mean_recall": off["mean_recall"]}
     return {"model": model, "policy": engine.policy if rt is None else stats["policy"], "dynamic": rt is not None,
+            "offload": offload,
             "num_experts": len(next(iter(published.values()))), "precisions": order,
             "counts": {p: held.count(p) for p in order}, "layers": layers, "budget": budget, "transitions": moves,
             "forward_wait_s": stats["forward_wait_s"] if stats else 0.0, "uptime_s": time.monotonic() - started}
@@ -68,6 +77,22 @@ class _ExpertCollector:
         wait = CounterMetricFamily("dynaexq_forward_wait_seconds", "time forward passes waited on transitions")
         wait.add_metric([], r["forward_wait_s"])
         yield wait
+        off = r["offload"]
+        if off is not None:
+            state = GaugeMetricFamily("dynaexq_offload_experts", "offload regime: experts resident / not resident",
+                                      labels=["state"])
+            state.add_metric(["resident"], off["resident"])
+            state.add_metric(["offloaded"], off["offloaded"])
+            yield state
+            for key, what in (("hits", "routed experts found resident"), ("misses", "routed experts fetched on demand"),
+                              ("prefetches", "experts fetched by the look-ahead"),
+                              ("prefetch_hits", "prefetched experts then routed to"),
+                              ("evictions", "resident versions evicted"), ("upgrades", "background upgrades"),
+                              ("stall_s", "seconds forward passes waited for misses"),
+                              ("read_bytes", "bytes read from the store")):
+                c = CounterMetricFamily(f"dynaexq_offload_{key.replace('_s', '_seconds')}", f"offload: {what}")
+                c.add_metric([], off[key])
+                yield c
         rt = self.engine.runtime
         if rt is not None:
             pools = GaugeMetricFamily("dynaexq_pool_slots", "slots per pool", labels=["pool", "state"])

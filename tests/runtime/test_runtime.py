@@ -211,9 +211,9 @@ def test_decisions_follow_the_papers_rule():
 
 def test_infeasible_budgets_state_the_minimum(engine):
     engine.close()
-    with pytest.raises(UserError, match=r"minimum expert budget is .*\(\d+ bytes\)"):
+    with pytest.raises(UserError, match=r"below the offload minimum .*\(\d+ bytes\)"):  # dynaexq: offload below int2
         start(engine, "dynaexq", budget=1000)
-    lean = dict(activation_reserve="0", safety_margin=0.0)
+    lean = dict(activation_reserve="0", safety_margin=0.0, staging_slots=1)  # (offload: staging goes to the cache)
     reserves = measure(engine, parse_policy("dynaexq"), None, RuntimeConfig(budget="1GiB", **lean))[4]
     assert reserves["non-expert weights"] > 0 and reserves["staging"] > 0
     with pytest.raises(UserError, match=r"minimum --budget is"):  # covers the fixed part, not all-int2 experts

@@ -1,0 +1,109 @@
+"""`dynaexq serve` in the offload regime (an expert budget below every expert at int2: most experts are read from the
+store on demand): 16 streaming clients for 20 s complete with no error, the budget is never exceeded, RSS stays
+flat, and /metrics and the dashboard show the cache (resident / offloaded experts, hits, misses, prefetches)."""
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import openai
+import psutil
+import pytest
+import requests
+
+from test_live import _chromium, _snippets
+
+pytestmark = pytest.mark.slow
+
+CLIENTS, SECONDS = 16, 20
+
+
+@pytest.fixture(scope="module")
+def served(bundled_store, tmp_path_factory):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    log = tmp_path_factory.mktemp("serve-offload") / "serve.log"
+    cmd = [sys.executable, "-m", "dynaexq.cli", "serve", "--model", str(bundled_store), "--policy", "dynaexq",
+           "--expert-budget", "2MiB", "--update-every-tokens", "32", "--max-batch", "16", "--max-model-len", "320",
+           "--port", str(port), "--log-level", "warning"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if requests.get(url + "/health", timeout=1).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.5)
+    assert "regime: offload" in log.read_text()
+    yield url, proc
+    proc.terminate()
+    assert proc.wait(timeout=60) in (0, -15), log.read_text()[-3000:]
+
+
+def test_sixteen_clients_under_an_offload_budget_complete_within_budget_with_flat_rss(served):
+    url, proc = served
+    prompts = _snippets("code") + _snippets("dict")
+    t0 = time.monotonic()
+    errors, done, polls, rss = [], [0], [], {}
+    lock = threading.Lock()
+
+    def client(i):
+        rng = random.Random(i)
+        api = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        while time.monotonic() - t0 < SECONDS:
+            try:
+                text = "".join(c.choices[0].text for c in api.completions.create(
+                    model="dxq-moe-mini", prompt=rng.choice(prompts), stream=True, max_tokens=rng.randint(16, 40),
+                    temperature=0.8, seed=rng.randint(0, 1 << 30)))
+                assert isinstance(text, str)
+                with lock:
+                    done[0] += 1
+            except Exception as err:  # noqa: BLE001 - every failure is counted and reported
+                with lock:
+                    errors.append(repr(err))
+
+    def monitor():
+        while time.monotonic() - t0 < SECONDS + 3:
+            polls.append(requests.get(url + "/v1/experts").json())
+            if "warm" not in rss and time.monotonic() - t0 > 6:
+                rss["warm"] = psutil.Process(proc.pid).memory_info().rss
+            time.sleep(0.5)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)] + [threading.Thread(target=monitor)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=SECONDS + 180)
+    rss["end"] = psutil.Process(proc.pid).memory_info().rss
+    end = requests.get(url + "/v1/experts").json()
+    off = end["offload"]
+    print(f"\n{done[0]} streams, rss {rss['warm'] >> 20} -> {rss['end'] >> 20} MiB, offload {off}")
+    assert errors == [] and done[0] >= CLIENTS, (errors[:5], done)
+    assert rss["end"] - rss["warm"] < 128 << 20, rss
+    for rep in polls + [end]:
+        b = rep["budget"]
+        assert b["expert_bytes"] <= b["cap"] and b["peak_used"] <= b["cap"], b
+        assert rep["offload"]["resident"] + rep["offload"]["offloaded"] == 6 * 32
+    assert off["misses"] > 0 and off["hits"] > 0 and off["offloaded"] > 0 and off["read_bytes"] > 0
+    metrics = requests.get(url + "/metrics").text
+    for name in ("dynaexq_offload_experts{state=\"resident\"}", "dynaexq_offload_hits_total",
+                 "dynaexq_offload_misses_total", "dynaexq_offload_prefetches_total", "dynaexq_offload_read_bytes_total"):
+        assert name in metrics, name
+
+
+def test_the_dashboard_shows_the_offload_cache(served, tmp_path):
+    url, _ = served
+    dom = _chromium(f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", url + "/dashboard").stdout.decode()
+    off = requests.get(url + "/v1/experts").json()["offload"]  # no traffic now: the numbers are still
+    for key in ("resident", "offloaded", "hits", "misses", "prefetches"):
+        assert f'id="{key}" data-value="{off[key]}"' in dom, (key, off[key], dom[:3000])
+    assert '<div id="offload" class="stats">' in dom  # shown (hidden only without an offload regime)
