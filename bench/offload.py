@@ -5,15 +5,17 @@ several times the budgets) and each expert budget (50 %, 25 %, 10 % of every exp
 the same engine (runtime started and stopped in turn, cache cold at each start): greedy decode of B prompts
 (B = 1, 8), `--warm` tokens first (the cache fills, the controller decides), then `--repeats` windows of
 `--tokens` tokens, median tok/s. Reads go to the disk (O_DIRECT): the page cache does not hold the store.
-Reported per run: decode tok/s, hit rate, bytes read per token, look-ahead recall, stall (forward waiting for
+Every version's digest is checked once before the runs (a first-read cost). Reported per run: decode tok/s, hit rate, bytes read per token, look-ahead recall, stall (forward waiting for
 misses) ms per token, and the physical floor = the disk bandwidth measured here / bytes read per token (what the
 run would reach if compute were free). Ratios vs `lru-offload:int4` (mixtral-offloading) at the same budget.
 Quality (bundled model): mean KL per token on its eval texts against the model at bf16, and against the
 stall-free all-low reference (uniform:int2, every expert resident), for each policy at each budget.
 Human table, then one JSON line.
 
-  .venv/bin/python bench/offload.py                       # both models
-  .venv/bin/python bench/offload.py --models bundled      # the bundled model only (a minute)
+  .venv/bin/python bench/offload.py --models bundled                  # bundled_offload.out (2 min, KL too)
+  .venv/bin/python bench/offload.py --models synthetic --batches 1    # synthetic_b1 (8 min)
+  .venv/bin/python bench/offload.py --models synthetic --batches 8 --warm 8 --tokens 6 \
+      --policies "lru-offload:int4;dynaexq:hi=int4,lo=int2;dynaexq:hi=int4,lo=int2,hi_share=0"   # synthetic_b8
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fmt_bytes, synthetic_checkpoint  # noqa: E402
 
-POLICIES = ["dynaexq:hi=int4,lo=int2", "dynaexq:hi=int4,lo=int2,prefetch=0", "dynaexq:hi=int4,lo=int2,hi_share=0",
-            "lru-offload:int4", "lru-offload+prefetch:int4"]
+POLICIES = ["lru-offload:int4", "lru-offload+prefetch:int4", "dynaexq:hi=int4,lo=int2",
+            "dynaexq:hi=int4,lo=int2,prefetch=1", "dynaexq:hi=int4,lo=int2,hi_share=0"]
 BASELINE = "lru-offload:int4"
 
 
@@ -39,13 +41,27 @@ def disk_bandwidth(reader, precision, n: int = 64) -> float:
     """Bytes/s of O_DIRECT reads of whole expert versions (as the cache reads them), over `n` distinct ones."""
     from dynaexq.store.direct import DirectReader
     io = DirectReader(reader, "direct")
+    lazy, reader.lazy = reader.lazy, False  # the disk alone: no digest check in the figure
     layer = reader.layers[-1]
     t0 = time.perf_counter()
     for e in range(min(n, reader.num_experts)):
         io.read(layer, e, precision)
     dt = time.perf_counter() - t0
     io.close()
+    reader.lazy = lazy
     return io.stats["bytes"] / dt
+
+
+def verify_once(reader) -> None:
+    """Check every version's digest now (the reader checks each on its first read): a first-read cost that would
+    otherwise fall on whichever policy runs first."""
+    from dynaexq.store.direct import DirectReader
+    io = DirectReader(reader, "direct")
+    for p in reader.precisions:
+        for layer in reader.layers:
+            for e in range(reader.num_experts):
+                io.read(layer, e, p)
+    io.close()
 
 
 @torch.inference_mode()
@@ -132,6 +148,7 @@ def main(argv=None):
     ap.add_argument("--update-every-tokens", type=int, default=16)
     ap.add_argument("--kl-windows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--policies", default=";".join(POLICIES), help="separated by ;  (lru-offload:int4 is the baseline)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     import dynaexq
@@ -146,6 +163,7 @@ def main(argv=None):
     config = RuntimeConfig(update_every_tokens=args.update_every_tokens)
     fractions = [float(f) for f in args.fractions.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
+    policies = args.policies.split(";")
     results = {"threads": args.threads, "update_every_tokens": args.update_every_tokens, "models": {}}
     for model in args.models.split(","):
         if model == "bundled":
@@ -162,6 +180,7 @@ def main(argv=None):
         slots = measure(engine, parse_policy("dynaexq:hi=int4,lo=int2"), 1 << 50, config)[0]
         slot2 = slots[(reader.layers[0], Precision.INT2)]
         bw = disk_bandwidth(reader, Precision.INT2)
+        verify_once(reader)
         engine.close()
         tok = engine.tokenizer
         text = read_text(sorted((BUNDLED / "eval").glob("*.txt"))[0])
@@ -176,7 +195,7 @@ def main(argv=None):
             for B in batches:
                 prompt = torch.tensor([ids[i * 97:i * 97 + 16] for i in range(B)])
                 row = {}
-                for pol in POLICIES:
+                for pol in policies:
                     try:
                         rt = start_runtime(engine, parse_policy(pol), budget, config, None, progress=False)
                     except UserError as err:
@@ -216,7 +235,7 @@ def main(argv=None):
             engine = dynaexq.load(path, "uniform:int2", progress=False)
             engine.close()
             for frac, budget in budgets_of(reader, slot2, fractions).items():
-                for pol in POLICIES:
+                for pol in policies:
                     try:
                         kl = kl_scores(engine, windows, refs, pol, budget, config)
                     except UserError:

@@ -145,7 +145,8 @@ class ExpertCache:
             for key in todo:  # only guesses the policy would make room for: no read is wasted on a drop
                 p = self.policy.want(*key)
                 free, cands = room[p]
-                if self.policy.victim(key[0], p, cands, free, self.held[(key[0], p)], key, False) is not False:
+                if self.policy.victim(key[0], p, cands, free, self.held[(key[0], p)], key, False,
+                                      self._tick) is not False:
                     self._submit(key, p, PREFETCH)
 
     def request(self, key, precision) -> None:
@@ -258,7 +259,7 @@ class ExpertCache:
                 cands = [(k, self.last_use.get(k, 0)) for k, (q, _) in self.where.items()
                          if q == p and not self.pins.get(k) and k not in self.inflight and k not in wanted]
                 victim = self.policy.victim(layer, p, cands, bool(pool._free), self.held[(layer, p)],
-                                            f.key, f.priority == DEMAND)
+                                            f.key, f.priority == DEMAND, self._tick)
                 if victim is None:
                     i = self.pools.take(p)
                     if i is not None:

@@ -72,7 +72,7 @@ def _float64(reader, layer, read, hidden, idx, w):
     return out
 
 
-@pytest.mark.parametrize("spec", ["dynaexq:hi=int4,lo=int2,hi_share=0.3", "lru-offload+prefetch:int4",
+@pytest.mark.parametrize("spec", ["dynaexq:hi=int4,lo=int2,hi_share=0.3,prefetch=1", "lru-offload+prefetch:int4",
                                   "multilevel:alloc=depth"])
 def test_outputs_under_offload_equal_float64_of_the_versions_each_forward_read(spec, checkpoints):
     _, store = checkpoints("qwen3_moe")
@@ -95,7 +95,7 @@ def test_outputs_under_offload_equal_float64_of_the_versions_each_forward_read(s
 
 def test_budget_never_exceeded_and_invariants_hold_under_churn(checkpoints):
     _, store = checkpoints("qwen3_moe")
-    eng = _offload(store, "dynaexq:hi=int4,lo=int2,hi_share=0.4", 7, update_every_tokens=2)
+    eng = _offload(store, "dynaexq:hi=int4,lo=int2,hi_share=0.4,prefetch=1", 7, update_every_tokens=2)
     assert eng.runtime.policy.counts[Precision.INT4] > 0
     rt = eng.runtime
     cap = rt.pools.tracker.total_cap
@@ -226,11 +226,14 @@ def test_hot_policy_wants_the_hottest_high_and_a_guess_never_displaces_a_hotter_
     assert pol.victim(0, Precision.INT2, cands, False, 0, (0, 1), True) == (0, 3)  # lowest score (0.3 vs 0.35)
     assert pol.victim(0, Precision.INT2, cands, False, 0, (0, 1), False) is False  # a guess: 0.1 < 0.3
     assert pol.victim(0, Precision.INT2, cands, True, 0, (0, 1), False) is None
+    # recency: an expert used within the last two tokens (4 layer forwards here) is kept whatever its score
+    assert pol.recent == 4
+    assert pol.victim(0, Precision.INT2, [((0, 3), 99), ((1, 1), 2)], False, 0, (0, 1), True, now=100) == (1, 1)
 
 
 def test_lookahead_recall_is_measured_per_layer(checkpoints):
     _, store = checkpoints("qwen3_moe")
-    eng = _offload(store, "dynaexq:hi=int4,lo=int2", 8)
+    eng = _offload(store, "dynaexq:hi=int4,lo=int2,prefetch=1", 8)
     _steps(eng, 10, seed=5)
     rec = eng.runtime.cache.report()["recall"]
     first, *rest = sorted(rec)

@@ -13,8 +13,11 @@ dynaexq / multilevel          below the all-low budget (`HotPolicy`): precision-
                               bytes); a resident lo copy of an expert wanted hi serves while its hi copy is
                               fetched in the background, a resident hi copy serves an expert wanted lo; room is made
                               by evicting the resident version with the lowest S (x the depth weight with
-                              alloc=depth: shallow layers keep more, DyMoE), least recently used first on ties;
-                              look-ahead prefetch on (prefetch=0 turns it off).
+                              alloc=depth: shallow layers keep more, DyMoE) among those not used in the last
+                              two tokens, least recently used first on ties; a prefetch or an upgrade evicts
+                              only a version scored below half of its own;
+                              look-ahead prefetch with prefetch=1 (off by default: on this 2-core CPU its
+                              wasted reads and CPU cost more than the stalls it hides, bench/offload.py).
 The minimum budget is `top_k` slots of the lowest precision per MoE layer (one token's experts in every layer).
 """
 from __future__ import annotations
@@ -72,7 +75,8 @@ class LruPolicy:
     def want(self, layer: int, e: int) -> Precision:
         return self.precision
 
-    def victim(self, layer: int, precision, candidates: list, free: bool, held: int, key=None, demand=True):
+    def victim(self, layer: int, precision, candidates: list, free: bool, held: int, key=None, demand=True,
+               now: int = 0):
         """candidates [((layer, e), last use)] resident in pool `precision`, evictable -> the key to evict, None
         to take a free slot, or False: no room now (every candidate is pinned or in flight)."""
         if held < self.per_layer and free:
@@ -94,12 +98,13 @@ class HotPolicy:
     hi: Precision
     lo: Precision
     hi_share: float = 0.25
-    prefetch: bool = True
+    prefetch: bool = False
     alloc: str = "proportional"
     counts: dict = field(default_factory=dict)
     score: dict = field(default_factory=dict)  # (layer, e) -> S x depth weight, from the latest decision
     wanted_hi: set = field(default_factory=set)
     depth: dict = field(default_factory=dict)
+    recent: int = 0  # layer forwards (cache ticks) during which a used expert is kept: two tokens
 
     def tiers(self, reader) -> list:
         return [self.hi, self.lo] if self.hi_share > 0 else [self.lo]
@@ -114,6 +119,7 @@ class HotPolicy:
         n_lo = min(len(layers) * num_experts, (budget - n_hi * slot_bytes.get(self.hi, 0)) // m_lo)
         self.counts = {self.hi: n_hi, self.lo: n_lo} if self.hi_share > 0 else {self.lo: n_lo}
         L = len(layers)
+        self.recent = 2 * L
         self.depth = {layer: (0.75 + 0.25 * math.cos(math.pi * i / max(1, L - 1))) if self.alloc == "depth" else 1.0
                       for i, layer in enumerate(layers)}
 
@@ -123,15 +129,19 @@ class HotPolicy:
     def want(self, layer: int, e: int) -> Precision:
         return self.hi if (layer, e) in self.wanted_hi else self.lo
 
-    def victim(self, layer: int, precision, candidates: list, free: bool, held: int, key=None, demand=True):
-        """The resident version with the lowest score (least recently used first); a prefetch or an upgrade of
-        `key` (not `demand`) evicts only a version scored below it: a guess never displaces a hotter expert."""
+    def victim(self, layer: int, precision, candidates: list, free: bool, held: int, key=None, demand=True,
+               now: int = 0):
+        """The resident version with the lowest score among those not used in the last `recent` layer forwards
+        (about two tokens: what decode reuses next is kept whatever its score), least recently used first; a
+        prefetch or an upgrade of `key` (not `demand`) evicts only a version scored below half of it: a guess
+        never displaces an expert about as hot (the hysteresis that keeps noisy scores from churning the cache)."""
         if free:
             return None
         if not candidates:
             return False
-        k, _ = min(candidates, key=lambda c: (self.score.get(c[0], 0.0), c[1]))
-        if not demand and self.score.get(k, 0.0) >= self.score.get(key, 0.0):
+        old = [c for c in candidates if now - c[1] > self.recent] or candidates
+        k, _ = min(old, key=lambda c: (self.score.get(c[0], 0.0), c[1]))
+        if not demand and not self.score.get(k, 0.0) < 0.5 * self.score.get(key, 0.0):
             return False
         return k
 
