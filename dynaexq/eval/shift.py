@@ -147,12 +147,12 @@ def run_shift(ev, policy: str, budget=None, repeats: int = 2, step_tokens: int =
         for phase, name, idx in tqdm(stream, desc=f"{scenario} {name_of}", disable=not ev.progress):
             if oracle:
                 engine.apply(planner.plan(ev.reader, budget_bytes, hot[phase]))
-            before = dict(rt.transitions.stats) if rt else {}
+            before = rt.stats()["transitions"] if rt else {}  # (both regimes: the offload one counts fetches)
             kl, top1, count, tokens = stream_phase(ev, name, idx, step_tokens)
             streamed += tokens
             row = {"phase": phase, "kl": kl / count, "top1": top1 / count, "tokens": streamed}
             if rt:
-                after = rt.transitions.stats
+                after = rt.stats()["transitions"]
                 row.update(pairs=after["pairs"] - before["pairs"], bytes_moved=after["bytes_moved"] - before["bytes_moved"])
             if oracle:
                 row["expert_bytes"] = engine.expert_bytes()
