@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from dynaexq.errors import UserError
 from dynaexq.runtime.budget import BudgetPlan
+from dynaexq.runtime.controller import observe
 from dynaexq.runtime.hotness import Hotness
 from dynaexq.runtime.offload import ExpertCache
 from dynaexq.runtime.planners.offload import minimum_budget
@@ -47,13 +48,7 @@ class OffloadController:
     _at: int = 0
 
     def on_step(self, stats: dict) -> None:
-        self.hotness.update(stats)
-        self.steps += 1
-        self.tokens += max((t for t, _ in stats.values()), default=0)
-        c = self.config
-        due = (self.tokens - self._at >= c.update_every_tokens if c.update_every_tokens
-               else self.steps % c.update_every == 0)
-        if due:
+        if observe(self, stats, self._at):
             self.decide()
 
     def decide(self) -> None:

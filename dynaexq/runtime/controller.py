@@ -65,6 +65,18 @@ class RuntimeConfig:
                             f"{self.update_every_tokens}, {self.update_every})")
 
 
+def observe(controller, stats: dict, tokens_at_decision: int) -> bool:
+    """One step's statistics into the controller's hotness and counters -> whether a decision is due (every
+    `update_every_tokens` routed tokens, or every `update_every` steps). Both regimes' controllers use it."""
+    controller.hotness.update(stats)
+    controller.steps += 1
+    controller.tokens += max((t for t, _ in stats.values()), default=0)
+    c = controller.config
+    if c.update_every_tokens:
+        return controller.tokens - tokens_at_decision >= c.update_every_tokens
+    return controller.steps % c.update_every == 0
+
+
 HISTORY = 64  # target maps kept for inspection (one per decision; older ones are dropped)
 
 
@@ -81,13 +93,7 @@ class Controller:
     def on_step(self, stats: dict) -> None:
         """stats: {layer: (routed tokens, routed mass [E])} of one forward pass."""
         self._sync()
-        self.hotness.update(stats)
-        self.steps += 1
-        self.tokens += max((t for t, _ in stats.values()), default=0)
-        c = self.config
-        due = (self.tokens - self._tokens_at_decision >= c.update_every_tokens if c.update_every_tokens
-               else self.steps % c.update_every == 0)
-        if due:
+        if observe(self, stats, self._tokens_at_decision):
             self.decide()
 
     def decide(self) -> list:

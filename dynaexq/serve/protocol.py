@@ -130,6 +130,24 @@ class LayerExperts(BaseModel):
     target: list[str] | None = Field(None, description="the controller's target (runtime policies)")
 
 
+class OffloadReport(BaseModel):
+    resident: int = Field(description="experts with a resident version")
+    offloaded: int = Field(description="experts read from the store when routed to")
+    resident_by_precision: dict[str, int]
+    hits: int
+    misses: int
+    hit_rate: float
+    prefetches: int = Field(description="experts fetched by the look-ahead")
+    prefetch_hits: int
+    evictions: int
+    upgrades: int = Field(description="background fetches of a wanted higher precision")
+    stall_s: float = Field(description="seconds forward passes waited for misses")
+    read_bytes: int
+    read_s: float
+    io_mode: str = Field(description="direct (O_DIRECT), buffered (pages dropped after reads) or cached")
+    mean_recall: float | None = Field(None, description="look-ahead prediction recall, mean over layers")
+
+
 class ExpertsReport(BaseModel):
     model: str
     policy: str
@@ -142,6 +160,7 @@ class ExpertsReport(BaseModel):
     transitions: dict[str, int | float]
     forward_wait_s: float
     uptime_s: float
+    offload: OffloadReport | None = Field(None, description="the offload regime's cache (None: every expert resident)")
 
 
 ERRORS = {code: {"model": ErrorResponse, "description": what} for code, what in (

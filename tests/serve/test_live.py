@@ -33,17 +33,13 @@ def _snippets(domain: str, n: int = 24) -> list[str]:
     return [text[s:s + 240] for s in starts][:n]
 
 
-@pytest.fixture(scope="module")
-def served(bundled_store, tmp_path_factory):
+def launch(args, log):
+    """`dynaexq serve ARGS` on a free port of 127.0.0.1, output to `log` -> (url, process) once /health answers."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    work = tmp_path_factory.mktemp("serve")
-    log, hot = work / "serve.log", work / "hotness.json"
-    cmd = [sys.executable, "-m", "dynaexq.cli", "serve", "--model", str(bundled_store), "--policy", "dynaexq",
-           "--expert-budget", "int3", "--update-every", "16", "--max-batch", "16", "--max-model-len", "320",
-           "--port", str(port), "--log-level", "warning", "--hotness-file", str(hot)]
+    cmd = [sys.executable, "-m", "dynaexq.cli", "serve", *map(str, args), "--port", str(port), "--log-level", "warning"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -52,11 +48,28 @@ def served(bundled_store, tmp_path_factory):
         assert proc.poll() is None, log.read_text()
         try:
             if requests.get(url + "/health", timeout=1).ok:
-                break
+                return url, proc
         except requests.ConnectionError:
             pass
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.5)
+
+
+def run_threads(client, monitor, clients: int, seconds: float) -> None:
+    """`clients` threads of client(i) and one of monitor(), joined."""
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)] + [threading.Thread(target=monitor)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=seconds + 180)
+
+
+@pytest.fixture(scope="module")
+def served(bundled_store, tmp_path_factory):
+    work = tmp_path_factory.mktemp("serve")
+    log, hot = work / "serve.log", work / "hotness.json"
+    url, proc = launch(["--model", bundled_store, "--policy", "dynaexq", "--expert-budget", "int3", "--update-every",
+                        "16", "--max-batch", "16", "--max-model-len", "320", "--hotness-file", hot], log)
     yield url, proc, log
     proc.terminate()  # uvicorn shuts down gracefully, then exits by the same signal
     assert proc.wait(timeout=60) in (0, -15), log.read_text()[-3000:]
@@ -100,11 +113,7 @@ def test_sixteen_streaming_clients_for_30s_all_complete_within_budget_while_prec
                 rss["warm"] = psutil.Process(proc.pid).memory_info().rss
             time.sleep(0.5)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)] + [threading.Thread(target=monitor)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=SECONDS + 180)
+    run_threads(client, monitor, CLIENTS, SECONDS)
     rss["end"] = psutil.Process(proc.pid).memory_info().rss
     end = requests.get(url + "/v1/experts").json()
 

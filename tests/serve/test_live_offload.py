@@ -2,9 +2,6 @@
 store on demand): 16 streaming clients for 20 s complete with no error, the budget is never exceeded, RSS stays
 flat, and /metrics and the dashboard show the cache (resident / offloaded experts, hits, misses, prefetches)."""
 import random
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -13,7 +10,7 @@ import psutil
 import pytest
 import requests
 
-from test_live import _chromium, _snippets
+from test_live import _chromium, _snippets, launch, run_threads
 
 pytestmark = pytest.mark.slow
 
@@ -22,27 +19,9 @@ CLIENTS, SECONDS = 16, 20
 
 @pytest.fixture(scope="module")
 def served(bundled_store, tmp_path_factory):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
     log = tmp_path_factory.mktemp("serve-offload") / "serve.log"
-    cmd = [sys.executable, "-m", "dynaexq.cli", "serve", "--model", str(bundled_store), "--policy", "dynaexq",
-           "--expert-budget", "2MiB", "--update-every-tokens", "32", "--max-batch", "16", "--max-model-len", "320",
-           "--port", str(port), "--log-level", "warning"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if requests.get(url + "/health", timeout=1).ok:
-                break
-        except requests.ConnectionError:
-            pass
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.5)
+    url, proc = launch(["--model", bundled_store, "--policy", "dynaexq", "--expert-budget", "2MiB",
+                        "--update-every-tokens", "32", "--max-batch", "16", "--max-model-len", "320"], log)
     assert "regime: offload" in log.read_text()
     yield url, proc
     proc.terminate()
@@ -78,11 +57,7 @@ def test_sixteen_clients_under_an_offload_budget_complete_within_budget_with_fla
                 rss["warm"] = psutil.Process(proc.pid).memory_info().rss
             time.sleep(0.5)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)] + [threading.Thread(target=monitor)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=SECONDS + 180)
+    run_threads(client, monitor, CLIENTS, SECONDS)
     rss["end"] = psutil.Process(proc.pid).memory_info().rss
     end = requests.get(url + "/v1/experts").json()
     off = end["offload"]
