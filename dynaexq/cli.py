@@ -112,9 +112,16 @@ def cmd_generate(args) -> int:
         print(f"[{engine.policy}: {n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s; experts resident "
               f"{format_size(engine.expert_bytes())} {engine.precision_counts()}]", file=sys.stderr)
         if engine.runtime is not None:
-            t = engine.runtime.stats()["transitions"]
-            print(f"[runtime: {engine.runtime.controller.decisions} decisions, {t['pairs']} pairs switched, "
-                  f"{format_size(t['bytes_moved'])} moved, {t['failures']} failed reads]", file=sys.stderr)
+            s = engine.runtime.stats()
+            t, off = s["transitions"], s.get("offload")
+            if off is not None:
+                print(f"[offload: {off.get('hits', 0)} hits, {off.get('misses', 0)} misses (hit rate "
+                      f"{off['hit_rate']:.2f}), {format_size(off['io']['bytes'])} read from the store "
+                      f"({off['io']['mode']}), stalled {off.get('stall_s', 0.0):.2f} s, {t['failures']} failed "
+                      "reads]", file=sys.stderr)
+            else:
+                print(f"[runtime: {engine.runtime.controller.decisions} decisions, {t['pairs']} pairs switched, "
+                      f"{format_size(t['bytes_moved'])} moved, {t['failures']} failed reads]", file=sys.stderr)
     finally:
         engine.close()
     return 0

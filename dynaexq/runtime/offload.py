@@ -116,12 +116,13 @@ class ExpertCache:
                 waits.append(f)
         for f in waits:
             f.done.wait()
-        self.stats["stall_s"] += time.perf_counter() - t0 if waits else 0.0
+        if waits:
+            self._count("stall_s", time.perf_counter() - t0)
         for f in waits:
             if f.error is not None:
                 raise RuntimeError(f"expert {f.key[1]} of layer {f.key[0]} could not be read from the store after "
                                    f"{self.retries + 1} attempts ({type(f.error).__name__}: {f.error})") from f.error
-            if f.key not in self.where:  # fetched and evicted again before this forward could pin it: refetch
+            if f.key not in self.where:  # a prefetch dropped for lack of room just before it was promoted: refetch
                 self._ensure([f.key])
 
     def _score_prediction(self, layer: int, experts: list) -> None:
@@ -187,7 +188,7 @@ class ExpertCache:
             except Exception as err:  # a read that failed for good, or no slot: nothing was published
                 f.error = err
                 self.errors.append(f"{f.key} {f.precision.value}: {type(err).__name__}: {err}")
-                self.stats["failures"] += 1
+                self._count("failures")
                 with self._cv:
                     self.inflight.pop(f.key, None)
             finally:
@@ -201,7 +202,7 @@ class ExpertCache:
             except OSError as err:
                 if attempt == self.retries:
                     raise
-                self.stats["retries"] += 1
+                self._count("retries")
                 self.errors.append(f"{f.key} {f.precision.value}: {err} (retrying)")
                 time.sleep(self.RETRY_BACKOFF_S * (attempt + 1))
 
@@ -213,12 +214,12 @@ class ExpertCache:
         i = self._slot(layer, p, f, wait=p == lowest)
         if i is None and f.priority == DEMAND and p != lowest:  # no room at the wanted precision now: a miss is
             f.precision = p = lowest  # served at the lowest one (never a stall for quality alone)
-            self.stats["fallbacks"] += 1
+            self._count("fallbacks")
             i = self._slot(layer, p, f)
         if i is None:  # a prefetch or an upgrade with no room: dropped
             with self._cv:
                 self.inflight.pop(f.key, None)
-            self.stats["dropped"] += 1
+            self._count("dropped")
             return
         try:
             version = self._read(f)
@@ -281,6 +282,10 @@ class ExpertCache:
         self.table.wait_unread(retired_at)
         self.pools.reuse(p, i)
         return i
+
+    def _count(self, name: str, n=1) -> None:  # counters written outside the lock (forward and reader threads)
+        with self._cv:
+            self.stats[name] += n
 
     # --- observability and shutdown -----------------------------------------------------------------------------
     def resident(self) -> dict:
