@@ -232,8 +232,6 @@ def main(argv=None):
                 eng_ref.close()
             m["kl"] = []
             print(f"\nmean KL per token on {len(windows)} eval windows x 128 tokens: vs bf16 | vs all-int2 (stall-free)")
-            engine = dynaexq.load(path, "uniform:int2", progress=False)
-            engine.close()
             for frac, budget in budgets_of(reader, slot2, fractions).items():
                 for pol in policies:
                     try:

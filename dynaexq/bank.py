@@ -82,19 +82,24 @@ class ExpertBank(nn.Module):
         """The grouped path: one native call routes, one per tier and matrix computes, one combines."""
         counts, order, x = grouped_cpu.route(top_k_index, top_k_weights, hidden, self.num_experts,
                                              self.token_counts, self.routed_mass)  # x [T*K, H] grouped by expert
-        h = torch.empty(x.shape[0], next(iter(tiers))[0][1], dtype=x.dtype)  # [T*K, 2I]
-        for (gu_key, _), (gu_ptrs, _) in tiers.items():
-            grouped_cpu.run(gu_key, counts, gu_ptrs, x, h)  # every routed pair of the tier, one call
-        a = self._activate(h).contiguous()  # [T*K, I] (rows of loop experts: unused)
         ys = torch.empty_like(x)  # [T*K, H]
-        for (_, dn_key), (_, dn_ptrs) in tiers.items():
-            grouped_cpu.run(dn_key, counts, dn_ptrs, a, ys)
+        self._run_tiers(tiers, counts, x, ys)
         if loop:
             self._loop(versions, loop, counts, x, ys)
         if grouped_cpu.combines(hidden.shape[-1], top_k_index.shape[-1]):
             return grouped_cpu.combine(top_k_index, order, ys, top_k_weights)  # [T, H]
         ys.mul_(top_k_weights.reshape(-1)[order, None])  # a shape the native combine does not take: torch's
         return self._combine(ys, order, top_k_index)
+
+    def _run_tiers(self, tiers, counts, x, ys) -> None:
+        """Every routed pair of the experts in `tiers`' pointer tables, one native call per tier and matrix:
+        x [T*K, H] grouped by expert -> their rows of ys [T*K, H] (other rows untouched)."""
+        h = torch.empty(x.shape[0], next(iter(tiers))[0][1], dtype=x.dtype)  # [T*K, 2I]
+        for (gu_key, _), (gu_ptrs, _) in tiers.items():
+            grouped_cpu.run(gu_key, counts, gu_ptrs, x, h)
+        a = self._activate(h).contiguous()  # [T*K, I] (rows of experts not in the tables: unused)
+        for (_, dn_key), (_, dn_ptrs) in tiers.items():
+            grouped_cpu.run(dn_key, counts, dn_ptrs, a, ys)
 
     def _offloaded(self, hidden, top_k_index, top_k_weights):
         """The offload regime: route once, then per wave of routed experts (all of them unless the cache holds
@@ -119,12 +124,7 @@ class ExpertBank(nn.Module):
                     sub[e] = read[e] = versions[e]
                 tiers, loop = self._tiers(sub, hidden) if grouped else ({}, wave)
                 if tiers:
-                    h = torch.empty(x.shape[0], next(iter(tiers))[0][1], dtype=x.dtype)  # [T*K, 2I]
-                    for (gu_key, _), (gu_ptrs, _) in tiers.items():
-                        grouped_cpu.run(gu_key, counts, gu_ptrs, x, h)
-                    a = self._activate(h).contiguous()
-                    for (_, dn_key), (_, dn_ptrs) in tiers.items():
-                        grouped_cpu.run(dn_key, counts, dn_ptrs, a, ys)
+                    self._run_tiers(tiers, counts, x, ys)
                 if loop:
                     self._loop(sub, loop, counts, x, ys)
             finally:

@@ -51,11 +51,7 @@ class Runtime:
     def after_step(self) -> None:
         """One engine step is over: its routing statistics go to the controller (hotness, then a decision when
         one is due). Called between forwards, on the thread that runs them."""
-        stats = {}
-        for layer, bank in self.banks.items():
-            _, mass = bank.take_stats()
-            stats[layer] = (bank.routed_tokens, mass)
-            bank.routed_tokens = 0
+        stats = step_stats(self.banks)
         t0 = time.perf_counter()
         self.controller.on_step(stats)
         if self.controller.config.blocking:
@@ -79,6 +75,16 @@ class Runtime:
     def check(self, quiescent: bool = True) -> None:
         self.pools.check()
         self.table.check(self.pools, quiescent)
+
+
+def step_stats(banks: dict) -> dict:
+    """{layer: (routed tokens, routed mass [E])} since the last call, each bank's counters reset (both regimes)."""
+    stats = {}
+    for layer, bank in banks.items():
+        _, mass = bank.take_stats()
+        stats[layer] = (bank.routed_tokens, mass)
+        bank.routed_tokens = 0
+    return stats
 
 
 def nonexpert_bytes(model) -> int:

@@ -41,7 +41,6 @@ class OffloadController:
     hotness: Hotness
     cache: ExpertCache
     config: object
-    tiers: list
     steps: int = 0
     tokens: int = 0
     decisions: int = 0
@@ -84,12 +83,8 @@ class OffloadRuntime:
     regime: str = "offload"
 
     def after_step(self) -> None:
-        stats = {}
-        for layer, bank in self.banks.items():
-            _, mass = bank.take_stats()
-            stats[layer] = (bank.routed_tokens, mass)
-            bank.routed_tokens = 0
-        self.controller.on_step(stats)
+        from dynaexq.engine.dynamic import step_stats
+        self.controller.on_step(step_stats(self.banks))
 
     def stats(self) -> dict:
         c, r = self.controller, self.cache.report()
@@ -127,24 +122,29 @@ def start_offload(engine, planner, slot_bytes: dict, expert_budget: int, config,
     top_k = int(getattr(engine.model.config, "num_experts_per_tok", 1))
     sizes = {p: slot_bytes[(reader.layers[0], p)] for p in tiers}
     low = minimum_budget(reader.layers, top_k, sizes[tiers[-1]])
-    if total is not None and expert_budget < low:
-        need = low + sum(reserves.values())
-        raise UserError(f"--budget {format_size(total)} leaves the experts {format_size(expert_budget)} after the fixed "
-                        f"part, below the offload minimum {format_size(low)} ({top_k} slots of {tiers[-1].value} per "
-                        f"MoE layer); the minimum --budget is {format_size(need)} ({need} bytes)")
+    if expert_budget < low:
+        what = (f"the expert budget {format_size(expert_budget)} ({expert_budget} bytes)" if total is None else
+                f"--budget {format_size(total)} leaves the experts {format_size(expert_budget)} after the fixed part, "
+                f"which")
+        minimum = "" if total is None else \
+            f"; the minimum --budget is {format_size(low + sum(reserves.values()))} ({low + sum(reserves.values())} bytes)"
+        raise UserError(f"policy {policy}: {what} is below the offload minimum {format_size(low)} ({low} bytes) = "
+                        f"{top_k} slots (top-k) of {format_size(sizes[tiers[-1]])} of {tiers[-1].value} per MoE layer "
+                        f"x {len(reader.layers)} layers{minimum}")
     policy.size(reader.layers, reader.num_experts, top_k, sizes, expert_budget)
     tiers = [p for p in tiers if policy.counts.get(p, 0) > 0]
+    # pools key counts and sizes by (layer, precision); a tier's slots serve every layer, so one layer names them
     counts = {(reader.layers[0], p): policy.counts[p] for p in tiers}
-    plan = BudgetPlan(counts, {(reader.layers[0], p): sizes[p] for p in tiers}, (0, 0), expert_budget, total,
-                      reserves)
+    slots = {(reader.layers[0], p): sizes[p] for p in tiers}
+    plan = BudgetPlan(counts, slots, (0, 0), expert_budget, total, reserves)
     n_all = len(reader.layers) * reader.num_experts
     resident = sum(policy.counts.values())
     hotness = Hotness(reader.layers, reader.num_experts, config.alpha, device, config.half_life_tokens)
     warm = bool(config.hotness_file and Path(config.hotness_file).is_file())
     if progress:
-        slots = ", ".join(f"{policy.counts[p]} {p.value} slots of {format_size(sizes[p])}" for p in tiers)
+        held = ", ".join(f"{policy.counts[p]} {p.value} slots of {format_size(sizes[p])}" for p in tiers)
         print(f"dynaexq: {policy}\n  regime: offload (the expert budget {format_size(expert_budget)} holds less than "
-              f"every expert at {tiers[-1].value}: {format_size(n_all * sizes[tiers[-1]])})\n  cache: {slots} = "
+              f"every expert at {tiers[-1].value}: {format_size(n_all * sizes[tiers[-1]])})\n  cache: {held} = "
               f"{format_size(sum(policy.counts[p] * sizes[p] for p in tiers))}; at most {resident} of {n_all} "
               f"experts resident ({100 * min(resident, n_all) / n_all:.0f} %); the rest read from "
               f"{reader.path} on a miss\n  warm start: "
@@ -152,7 +152,7 @@ def start_offload(engine, planner, slot_bytes: dict, expert_budget: int, config,
 
     for bank in engine.banks.values():
         bank.versions[:] = [None] * len(bank.versions)
-    pools = Pools(counts, {(reader.layers[0], p): sizes[p] for p in tiers}, (0, 0), device)
+    pools = Pools(counts, slots, (0, 0), device)
     table = ExpertTable({layer: bank.versions for layer, bank in engine.banks.items()}, device)
     io = DirectReader(reader, config.offload_io)
 
@@ -160,7 +160,7 @@ def start_offload(engine, planner, slot_bytes: dict, expert_budget: int, config,
         return make_version(tensors, engine.backend, engine.dtype, device)
 
     cache = ExpertCache(table, pools, io, build, policy, config.io_workers, config.retries)
-    controller = OffloadController(policy, hotness, cache, config, tiers)
+    controller = OffloadController(policy, hotness, cache, config)
     rt = OffloadRuntime(planner, policy, plan, pools, table, cache, controller, hotness, dict(engine.banks))
     if warm:
         hotness.load(config.hotness_file)

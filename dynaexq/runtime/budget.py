@@ -29,20 +29,26 @@ def _bisect(feasible, hi: float) -> float:
     return lo
 
 
+def depth_weights(layers, alloc: str) -> dict:
+    """{layer: weight}: 1 everywhere (`proportional`), or DyMoE's cosine decay with depth from 1 (first MoE layer)
+    to 1/2 (last) (`depth`)."""
+    L = len(layers)
+    if alloc == "proportional":
+        return dict.fromkeys(layers, 1.0)
+    return {layer: 0.75 + 0.25 * math.cos(math.pi * i / max(1, L - 1)) for i, layer in enumerate(layers)}
+
+
 def two_tier_counts(layers, num_experts: int, m_hi: dict, m_lo: dict, expert_budget: int,
                     alloc: str = "proportional") -> dict:
     """-> {layer: n_hi}: high-precision slots per layer under Eq. 4."""
     if alloc not in ALLOCATIONS:
         raise UserError(f"unknown allocation {alloc!r}; valid: {', '.join(ALLOCATIONS)}")
-    E, L = num_experts, len(layers)
+    E = num_experts
     low = sum(E * m_lo[layer] for layer in layers)
     if low > expert_budget:
         raise UserError(f"the expert budget {format_size(expert_budget)} ({expert_budget} bytes) cannot hold even every "
                         f"expert at the low precision: the minimum expert budget is {format_size(low)} ({low} bytes)")
-    if alloc == "proportional":
-        weight = dict.fromkeys(layers, 1.0)
-    else:  # cosine decay with depth, from 1 (first MoE layer) to 1/2 (last)
-        weight = {layer: 0.75 + 0.25 * math.cos(math.pi * i / max(1, L - 1)) for i, layer in enumerate(layers)}
+    weight = depth_weights(layers, alloc)
 
     def counts(s):
         return {layer: min(E, int(math.floor(s * weight[layer] * E + 1e-9))) for layer in layers}

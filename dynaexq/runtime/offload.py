@@ -140,9 +140,8 @@ class ExpertCache:
             todo = [(layer, e) for e in experts if (layer, e) not in self.where and (layer, e) not in self.inflight]
             if not todo:
                 return
-            room = {p: (bool(pool._free), [(k, self.last_use.get(k, 0)) for k, (q, _) in self.where.items()
-                                            if q == p and not self.pins.get(k) and k not in self.inflight])
-                    for p, pool in self.pools.pools.items() if p in self.policy.counts}
+            room = {p: (bool(pool._free), self._candidates(p)) for p, pool in self.pools.pools.items()
+                    if p in self.policy.counts}
             for key in todo:  # only guesses the policy would make room for: no read is wasted on a drop
                 p = self.policy.want(*key)
                 free, cands = room[p]
@@ -249,6 +248,11 @@ class ExpertCache:
             with self._cv:
                 self.held[(layer, prev[0])] -= 1
 
+    def _candidates(self, p, keep=()) -> list:  # lock held
+        """[((layer, e), last use)] of the versions in pool p that may be evicted: not pinned, not in flight."""
+        return [(k, self.last_use.get(k, 0)) for k, (q, _) in self.where.items()
+                if q == p and not self.pins.get(k) and k not in self.inflight and k not in keep]
+
     def _slot(self, layer: int, p, f: _Fetch, wait: bool = True) -> int | None:
         """A slot of pool p for `layer`: free, or the policy's victim's (evicted: published None, then unread)."""
         deadline = time.monotonic() + self.SLOT_TIMEOUT_S
@@ -257,8 +261,7 @@ class ExpertCache:
                 pool = self.pools.pools[p]
                 wanted = set() if f.priority == DEMAND else {  # a guess does not evict another guess's fetch
                     (lay, e) for lay, es in self.predicted.items() for e in es}
-                cands = [(k, self.last_use.get(k, 0)) for k, (q, _) in self.where.items()
-                         if q == p and not self.pins.get(k) and k not in self.inflight and k not in wanted]
+                cands = self._candidates(p, wanted)
                 victim = self.policy.victim(layer, p, cands, bool(pool._free), self.held[(layer, p)],
                                             f.key, f.priority == DEMAND, self._tick)
                 if victim is None:

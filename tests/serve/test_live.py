@@ -64,6 +64,47 @@ def run_threads(client, monitor, clients: int, seconds: float) -> None:
         t.join(timeout=seconds + 180)
 
 
+def soak(url, proc, prompts_at, clients: int, seconds: float, max_tokens: tuple) -> dict:
+    """`clients` streaming clients (the official openai client) for `seconds`, each drawing prompts from
+    prompts_at(seconds elapsed), and a monitor polling /v1/experts and the server's RSS -> {"done", "started",
+    "errors", "polls", "rss" {"warm", "end"}, "end": the last /v1/experts}."""
+    t0 = time.monotonic()
+    errors, done, started, polls, rss = [], [0], [0], [], {}
+    lock = threading.Lock()
+
+    def client(i):
+        rng = random.Random(i)
+        api = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        while time.monotonic() - t0 < seconds:
+            prompts = prompts_at(time.monotonic() - t0)
+            with lock:
+                started[0] += 1
+            try:
+                finish = None
+                for chunk in api.completions.create(model="dxq-moe-mini", prompt=rng.choice(prompts), stream=True,
+                                                    max_tokens=rng.randint(*max_tokens), temperature=0.8,
+                                                    seed=rng.randint(0, 1 << 30)):
+                    finish = chunk.choices[0].finish_reason or finish
+                assert finish in ("stop", "length"), finish
+                with lock:
+                    done[0] += 1
+            except Exception as err:  # noqa: BLE001 - every failure is counted and reported
+                with lock:
+                    errors.append(repr(err))
+
+    def monitor():
+        while time.monotonic() - t0 < seconds + 5:
+            polls.append(requests.get(url + "/v1/experts").json())
+            if "warm" not in rss and time.monotonic() - t0 > 0.3 * seconds:
+                rss["warm"] = psutil.Process(proc.pid).memory_info().rss
+            time.sleep(0.5)
+
+    run_threads(client, monitor, clients, seconds)
+    rss["end"] = psutil.Process(proc.pid).memory_info().rss
+    return {"done": done[0], "started": started[0], "errors": errors, "polls": polls, "rss": rss,
+            "end": requests.get(url + "/v1/experts").json()}
+
+
 @pytest.fixture(scope="module")
 def served(bundled_store, tmp_path_factory):
     work = tmp_path_factory.mktemp("serve")
@@ -80,46 +121,12 @@ def test_sixteen_streaming_clients_for_30s_all_complete_within_budget_while_prec
     url, proc, _ = served
     code, words = _snippets("code"), _snippets("dict")
     start = requests.get(url + "/v1/experts").json()
-    t0 = time.monotonic()
-    errors, done, started, polls = [], [0], [0], []
-    lock = threading.Lock()
-    rss = {}
-
-    def client(i):
-        rng = random.Random(i)
-        api = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
-        while time.monotonic() - t0 < SECONDS:
-            prompts = code if time.monotonic() - t0 < SECONDS / 2 else words  # the workload shifts halfway
-            with lock:
-                started[0] += 1
-            try:
-                finish, text = None, ""
-                for chunk in api.completions.create(model="dxq-moe-mini", prompt=rng.choice(prompts), stream=True,
-                                                    max_tokens=rng.randint(16, 48), temperature=0.8,
-                                                    seed=rng.randint(0, 1 << 30)):
-                    text += chunk.choices[0].text
-                    finish = chunk.choices[0].finish_reason or finish
-                assert finish in ("stop", "length"), finish
-                with lock:
-                    done[0] += 1
-            except Exception as err:  # noqa: BLE001 - every failure is counted and reported
-                with lock:
-                    errors.append(repr(err))
-
-    def monitor():
-        while time.monotonic() - t0 < SECONDS + 5:
-            polls.append(requests.get(url + "/v1/experts").json())
-            if "warm" not in rss and time.monotonic() - t0 > 8:
-                rss["warm"] = psutil.Process(proc.pid).memory_info().rss
-            time.sleep(0.5)
-
-    run_threads(client, monitor, CLIENTS, SECONDS)
-    rss["end"] = psutil.Process(proc.pid).memory_info().rss
-    end = requests.get(url + "/v1/experts").json()
-
-    print(f"\n{done[0]} streams, rss {rss['warm'] >> 20} -> {rss['end'] >> 20} MiB, transitions "
+    r = soak(url, proc, lambda elapsed: code if elapsed < SECONDS / 2 else words,  # the workload shifts halfway
+             CLIENTS, SECONDS, (16, 48))
+    errors, done, started, polls, rss, end = r["errors"], r["done"], r["started"], r["polls"], r["rss"], r["end"]
+    print(f"\n{done} streams, rss {rss['warm'] >> 20} -> {rss['end'] >> 20} MiB, transitions "
           f"{end['transitions']}, peak {end['budget']['peak_used']} of {end['budget']['cap']}")
-    assert errors == [] and done[0] == started[0] and done[0] >= CLIENTS, (errors[:5], done, started)
+    assert errors == [] and done == started and done >= CLIENTS, (errors[:5], done, started)
     assert rss["end"] - rss["warm"] < 128 << 20, rss  # no growth with the number of requests served
     for rep in polls + [end]:
         b = rep["budget"]

@@ -1,16 +1,10 @@
 """`dynaexq serve` in the offload regime (an expert budget below every expert at int2: most experts are read from the
 store on demand): 16 streaming clients for 20 s complete with no error, the budget is never exceeded, RSS stays
 flat, and /metrics and the dashboard show the cache (resident / offloaded experts, hits, misses, prefetches)."""
-import random
-import threading
-import time
-
-import openai
-import psutil
 import pytest
 import requests
 
-from test_live import _chromium, _snippets, launch, run_threads
+from test_live import _chromium, _snippets, launch, soak
 
 pytestmark = pytest.mark.slow
 
@@ -31,38 +25,11 @@ def served(bundled_store, tmp_path_factory):
 def test_sixteen_clients_under_an_offload_budget_complete_within_budget_with_flat_rss(served):
     url, proc = served
     prompts = _snippets("code") + _snippets("dict")
-    t0 = time.monotonic()
-    errors, done, polls, rss = [], [0], [], {}
-    lock = threading.Lock()
-
-    def client(i):
-        rng = random.Random(i)
-        api = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
-        while time.monotonic() - t0 < SECONDS:
-            try:
-                text = "".join(c.choices[0].text for c in api.completions.create(
-                    model="dxq-moe-mini", prompt=rng.choice(prompts), stream=True, max_tokens=rng.randint(16, 40),
-                    temperature=0.8, seed=rng.randint(0, 1 << 30)))
-                assert isinstance(text, str)
-                with lock:
-                    done[0] += 1
-            except Exception as err:  # noqa: BLE001 - every failure is counted and reported
-                with lock:
-                    errors.append(repr(err))
-
-    def monitor():
-        while time.monotonic() - t0 < SECONDS + 3:
-            polls.append(requests.get(url + "/v1/experts").json())
-            if "warm" not in rss and time.monotonic() - t0 > 6:
-                rss["warm"] = psutil.Process(proc.pid).memory_info().rss
-            time.sleep(0.5)
-
-    run_threads(client, monitor, CLIENTS, SECONDS)
-    rss["end"] = psutil.Process(proc.pid).memory_info().rss
-    end = requests.get(url + "/v1/experts").json()
+    r = soak(url, proc, lambda elapsed: prompts, CLIENTS, SECONDS, (16, 40))
+    errors, done, polls, rss, end = r["errors"], r["done"], r["polls"], r["rss"], r["end"]
     off = end["offload"]
-    print(f"\n{done[0]} streams, rss {rss['warm'] >> 20} -> {rss['end'] >> 20} MiB, offload {off}")
-    assert errors == [] and done[0] >= CLIENTS, (errors[:5], done)
+    print(f"\n{done} streams, rss {rss['warm'] >> 20} -> {rss['end'] >> 20} MiB, offload {off}")
+    assert errors == [] and done >= CLIENTS, (errors[:5], done)
     assert rss["end"] - rss["warm"] < 128 << 20, rss
     for rep in polls + [end]:
         b = rep["budget"]

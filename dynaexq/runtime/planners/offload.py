@@ -22,24 +22,16 @@ The minimum budget is `top_k` slots of the lowest precision per MoE layer (one t
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from dynaexq.errors import UserError
 from dynaexq.quant.precision import Precision
-from dynaexq.sizes import format_size
+from dynaexq.runtime.budget import depth_weights
 
 
 def minimum_budget(layers, top_k: int, slot_lo: int) -> int:
+    """top-k slots of the lowest precision per MoE layer (checked by engine/offload.py before `size`)."""
     return len(layers) * top_k * slot_lo
-
-
-def _check_minimum(policy, layers, top_k, slot_lo, budget) -> None:
-    low = minimum_budget(layers, top_k, slot_lo)
-    if budget < low:
-        raise UserError(f"policy {policy}: the expert budget {format_size(budget)} ({budget} bytes) is below the "
-                        f"offload minimum {format_size(low)} ({low} bytes) = {top_k} slots (top-k) of "
-                        f"{format_size(slot_lo)} per MoE layer x {len(layers)} layers")
 
 
 @dataclass
@@ -65,7 +57,6 @@ class LruPolicy:
 
     def size(self, layers, num_experts: int, top_k: int, slot_bytes: dict, budget: int) -> None:
         m = slot_bytes[self.precision]
-        _check_minimum(self, layers, top_k, m, budget)
         self.per_layer = min(num_experts, budget // (m * len(layers)))
         self.counts = {self.precision: self.per_layer * len(layers)}
 
@@ -110,18 +101,19 @@ class HotPolicy:
         return [self.hi, self.lo] if self.hi_share > 0 else [self.lo]
 
     def size(self, layers, num_experts: int, top_k: int, slot_bytes: dict, budget: int) -> None:
-        m_lo = slot_bytes[self.lo]
-        _check_minimum(self, layers, top_k, m_lo, budget)
-        n_hi = int(budget * self.hi_share // slot_bytes[self.hi]) if self.hi_share > 0 else 0
-        n_hi = min(n_hi, len(layers) * num_experts)
-        if budget - n_hi * slot_bytes.get(self.hi, 0) < minimum_budget(layers, top_k, m_lo):  # the floor comes first
-            n_hi = (budget - minimum_budget(layers, top_k, m_lo)) // slot_bytes[self.hi] if self.hi_share > 0 else 0
-        n_lo = min(len(layers) * num_experts, (budget - n_hi * slot_bytes.get(self.hi, 0)) // m_lo)
-        self.counts = {self.hi: n_hi, self.lo: n_lo} if self.hi_share > 0 else {self.lo: n_lo}
-        L = len(layers)
-        self.recent = 2 * L
-        self.depth = {layer: (0.75 + 0.25 * math.cos(math.pi * i / max(1, L - 1))) if self.alloc == "depth" else 1.0
-                      for i, layer in enumerate(layers)}
+        m_lo, n_all = slot_bytes[self.lo], len(layers) * num_experts
+        n_lo = 0
+        if self.hi_share > 0:  # hi_share of the bytes, but never below the lo floor (top-k slots a layer)
+            m_hi = slot_bytes[self.hi]
+            n_hi = min(int(budget * self.hi_share) // m_hi, (budget - minimum_budget(layers, top_k, m_lo)) // m_hi,
+                       n_all)
+            self.counts = {self.hi: n_hi}
+            n_lo = (budget - n_hi * m_hi) // m_lo
+        else:
+            self.counts, n_lo = {}, budget // m_lo
+        self.counts[self.lo] = min(n_all, n_lo)
+        self.recent = 2 * len(layers)
+        self.depth = depth_weights(layers, self.alloc)
 
     def wave_cap(self) -> int:
         return self.counts[self.lo]
