@@ -10,6 +10,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from dynaexq.errors import UserError  # noqa: E402  (light: the error every user-fixable problem raises)
+
 
 def load(path, policy="uniform:bf16", expert_budget=None, **kwargs):
     """Load a checkpoint directory (prepared into a cached store on first use) or a store -> Engine.
@@ -30,4 +32,4 @@ def prepare(checkpoint, out, **kwargs):
     return _prepare(checkpoint, out, **kwargs)
 
 
-__all__ = ["load", "prepare", "__version__"]
+__all__ = ["load", "prepare", "UserError", "__version__"]

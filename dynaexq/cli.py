@@ -78,7 +78,7 @@ def cmd_serve(args) -> int:
               "use the server", file=sys.stderr)
     engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
                           store=args.store, calibration=args.calibration, runtime=_runtime_config(args),
-                          dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense)
+                          dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense, threads=_threads(args))
     try:
         app = create_app(engine, config)
     except BaseException:
@@ -98,7 +98,7 @@ def cmd_generate(args) -> int:
 
     engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
                           store=args.store, calibration=args.calibration, runtime=_runtime_config(args),
-                          dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense)
+                          dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense, threads=_threads(args))
     try:
         if engine.tokenizer is None:
             raise UserError(f"model {args.model!r} has no tokenizer files; generate needs one")
@@ -130,6 +130,7 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from dynaexq.eval import harness, report
 
+    _threads(args)
     if args.scenario:
         return _shift(args)
     if _runtime_config(args) is not None:
@@ -226,7 +227,7 @@ def cmd_lm_eval(args) -> int:
     from dynaexq.eval import lm_eval_adapter
 
     engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
-                          store=args.store, calibration=args.calibration, verify=args.verify)
+                          store=args.store, calibration=args.calibration, verify=args.verify, threads=_threads(args))
     results = lm_eval_adapter.run(engine, args.tasks, args.include_path, args.limit, args.batch_size,
                                   args.num_fewshot)
     from lm_eval.utils import make_table
@@ -244,6 +245,21 @@ def cmd_inspect(args) -> int:
     report = store_inspect.inspect(args.path, args.verify)
     print(json.dumps(report, indent=1) if args.json else store_inspect.format_report(report))
     return 0 if report.get("integrity", "ok").startswith(("ok", "stamps ok")) else 2
+
+
+def _add_threads(parser) -> None:
+    parser.add_argument("--threads", type=int, help="CPU cores a forward step computes on (default: torch's count, "
+                        "the machine's physical cores)")
+
+
+def _threads(args) -> int | None:
+    """Apply --threads to this (the main) thread too: eval and prepare run their forwards here."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+        torch.set_num_threads(args.threads)
+    return args.threads
 
 
 def _add_verify(parser) -> None:
@@ -274,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--model", help="checkpoint or store directory (default: the bundled model)")
     sg.add_argument("--store", help="use this store for --model (it must have been prepared from that checkpoint)")
     _add_verify(sg)
+    _add_threads(sg)
     sg.add_argument("--policy", default="uniform:bf16", help="uniform:<precision> | map:<file.json> | calibrated"
                     "[:hi=int8,lo=int2] | calibrated-multilevel | runtime policies: dynaexq[:hi=int8,lo=int2,"
                     "delta=0.01,alloc=proportional|depth] | multilevel | frozen (default: %(default)s)")
@@ -301,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--model", help="checkpoint or store directory (default: the bundled model)")
     se.add_argument("--store", help="use this store for --model (it must have been prepared from that checkpoint)")
     _add_verify(se)
+    _add_threads(se)
     se.add_argument("--data", nargs="+", action="extend", metavar="NAME=FILE", help="UTF-8 text files to evaluate on "
                     "(default: the model's eval/*.txt)")
     se.add_argument("--policy", nargs="+", action="extend", metavar="SPEC", help="policies (default: uniform "
@@ -342,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--model", help="checkpoint or store directory (default: the bundled model)")
     sl.add_argument("--store", help="use this store for --model")
     _add_verify(sl)
+    _add_threads(sl)
     sl.add_argument("--policy", default="uniform:bf16", help="precision policy (default: %(default)s)")
     sl.add_argument("--expert-budget", help="bytes for expert weights or a precision name")
     sl.add_argument("--calibration", nargs="+", action="extend", metavar="[NAME=]FILE",
@@ -357,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", help="checkpoint or store directory (default: the bundled model)")
     sv.add_argument("--store", help="use this store for --model (it must have been prepared from that checkpoint)")
     _add_verify(sv)
+    _add_threads(sv)
     sv.add_argument("--policy", default="uniform:bf16", help="precision policy, as for generate; the runtime "
                     "policies (dynaexq, multilevel) learn from the served traffic (default: %(default)s)")
     sv.add_argument("--expert-budget", help="bytes for expert weights, e.g. 20GiB, or a precision name (int3)")

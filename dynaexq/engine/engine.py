@@ -27,6 +27,13 @@ class Engine:
     backend: str = "cpu"
     dtype: torch.dtype = torch.bfloat16
     runtime: object | None = None  # engine.dynamic.Runtime while a dynamic policy runs
+    threads: int = field(default_factory=torch.get_num_threads)  # cores a decode step computes on
+
+    def use_threads(self) -> None:
+        """Make the calling thread (the one about to run forwards) compute on `threads` cores. Called where a
+        decode loop starts: a thread's torch default is whatever the last `set_num_threads` anywhere said."""
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
 
     def expert_bytes(self) -> int:
         """Bytes of expert weights resident right now: the runtime's tier arenas (staging not included), or the
@@ -103,6 +110,7 @@ class Engine:
         seq = Sequence(ids, params, self.tokenizer, stop_token_ids(self.model, self.tokenizer), context)
         decoder = BatchDecoder(self.model, max_batch=1)
         decoder.add(seq)
+        self.use_threads()
         while not seq.finished:
             decoder.step()
             self.after_step()

@@ -71,7 +71,7 @@ def resolve_store(path, store=None, progress: bool = True) -> Path:
 def load(path, policy="uniform:bf16", expert_budget=None, *, store=None, device="cpu",
          backend: str | None = None, dtype: torch.dtype | None = None, verify: str = "lazy",
          progress: bool = True, calibration=None, calibration_windows: int = 128, window_tokens: int = 256,
-         runtime: RuntimeConfig | None = None, dense: str = "model") -> Engine:
+         runtime: RuntimeConfig | None = None, dense: str = "model", threads: int | None = None) -> Engine:
     """`expert_budget`: bytes, a size string ('20MiB') or a precision name ('int3': every expert at int3).
     Policies that rank experts by hotness (calibrated, calibrated-multilevel) load every expert at their cheapest
     precision, measure routing on the calibration texts (`calibration`: paths; default: the model's
@@ -79,7 +79,18 @@ def load(path, policy="uniform:bf16", expert_budget=None, *, store=None, device=
     dynamic runtime (`runtime`: its RuntimeConfig, e.g. `budget='2GiB'` for Eq. 4 on the whole model) with the
     same calibration as warm start; call `engine.close()` to stop it (and save its hotness file).
     `verify`: "lazy" (shard stamps now, each expert's digest on its first read), "full" (hash every shard now) or
-    "off" (store/reader.py). `dense`: "model" (the non-expert weights in `dtype`), "int8" or "bf16" (quant/dense.py)."""
+    "off" (store/reader.py). `dense`: "model" (the non-expert weights in `dtype`), "int8" or "bf16" (quant/dense.py).
+    `threads`: the cores a decode step computes on (default: torch's count on the calling thread)."""
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise UserError(f"threads must be a positive integer, got {threads!r}")
+    engine = _load(path, policy, expert_budget, store, device, backend, dtype, verify, progress, calibration,
+                   calibration_windows, window_tokens, runtime, dense)
+    engine.threads = threads or torch.get_num_threads()
+    return engine
+
+
+def _load(path, policy, expert_budget, store, device, backend, dtype, verify, progress, calibration,
+          calibration_windows, window_tokens, runtime, dense) -> Engine:
     device = torch.device(device)
     backend = backend or ("cuda" if device.type == "cuda" else "cpu")
     reader = StoreReader(resolve_store(path, store, progress))

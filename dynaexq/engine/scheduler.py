@@ -73,6 +73,7 @@ class Scheduler:
         self._thread.join(timeout=30)
 
     def _loop(self) -> None:
+        self.engine.use_threads()
         while True:
             with self._cond:
                 while not (self._closed or self._new or self._cancel or not self.decoder.idle()):

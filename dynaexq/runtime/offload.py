@@ -26,8 +26,6 @@ import threading
 import time
 from collections import Counter, deque
 
-import torch
-
 from dynaexq.runtime.version import place, slot_layout
 
 DEMAND, PREFETCH, BACKGROUND = 0, 1, 2  # fetch priorities: a miss first
@@ -174,7 +172,6 @@ class ExpertCache:
 
     # --- the reader pool ------------------------------------------------------------------------------------------
     def _worker(self) -> None:
-        torch.set_num_threads(1)  # this thread's builds must not take the forward pass's cores
         while True:
             with self._cv:
                 while not self._queue and not self._closed:

@@ -169,7 +169,6 @@ class TransitionEngine:
         return None, wake
 
     def _worker(self) -> None:
-        torch.set_num_threads(1)  # per thread: the copies must not take the forward pass's OpenMP cores
         while True:
             with self._cond:
                 while not self._closed:

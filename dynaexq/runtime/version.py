@@ -8,6 +8,7 @@ resident: the arenas are the only expert memory. Nothing here knows which precis
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 from dataclasses import dataclass
 
@@ -81,6 +82,16 @@ def slot_layout(version: ExpertVersion) -> tuple[list, int]:
     return out, off
 
 
+def _copy(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool) -> None:
+    """dst <- src. Between CPU tensors one memmove on the calling thread (the GIL released): a transition worker
+    must not start an OpenMP team on the forward pass's cores, and limiting its own threads with
+    torch.set_num_threads would set the default of every thread started after it (the server's decode thread)."""
+    if dst.device.type == src.device.type == "cpu" and src.dtype == dst.dtype and src.is_contiguous():
+        ctypes.memmove(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size())
+    else:
+        dst.copy_(src, non_blocking=non_blocking)
+
+
 def place(version: ExpertVersion, slot: torch.Tensor, number: int, key, non_blocking: bool = False) -> ExpertVersion:
     """Copy a version's tensors into `slot` (uint8 [slot bytes]) -> the same version viewing the slot."""
     entries, need = slot_layout(version)
@@ -90,7 +101,7 @@ def place(version: ExpertVersion, slot: torch.Tensor, number: int, key, non_bloc
     for path, off, dtype, shape in entries:
         n = src[path].numel() * src[path].element_size()
         view = slot[off:off + n].view(dtype).view(shape)
-        view.copy_(src[path], non_blocking=non_blocking)
+        _copy(view, src[path], non_blocking)
         views[path] = view
     placed = dataclasses.replace(_rebuild(version, views), number=number, slot=key)
     lo, hi = slot.data_ptr(), slot.data_ptr() + slot.numel()
