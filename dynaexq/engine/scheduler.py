@@ -5,8 +5,11 @@ waiting, else `QueueFull`), and the scheduler thread loops: apply cancellations 
 `BatchDecoder.step()`, hand every touched sequence's new text to its `on_event(seq, delta)` (called on the
 scheduler thread: it must be quick, e.g. `loop.call_soon_threadsafe`). `on_step(info)` is called after each step
 with {"batch": rows decoded (0 for a prefill-only step), "seconds": step time}; it runs on this thread, between
-forwards, so it may read the banks' routing statistics. A step that raises fails the sequences in it (their
-`finish_reason` becomes "error", with the message in `seq.error`) and the scheduler goes on serving.
+forwards, so it may read the banks' routing statistics. Every part of the loop is guarded: a step that raises
+fails the sequences in it (their `finish_reason` becomes "error", with the message in `seq.error`); a failing
+controller step (`engine.after_step`) or `on_step` fails none (the step's tokens are computed) and is counted in
+`errors`; a callback that raises stops only its own sequence. If the thread ever ends for another reason, every
+sequence it holds fails, `stopped` says why and `submit` raises `Unavailable`.
 """
 from __future__ import annotations
 
@@ -14,13 +17,17 @@ import sys
 import threading
 import time
 import traceback
-from collections import deque
+from collections import Counter, deque
 
 from dynaexq.engine.batch import BatchDecoder, SamplingParams, Sequence, stop_token_ids
 
 
 class QueueFull(Exception):
     pass
+
+
+class Unavailable(Exception):
+    """The scheduler thread is gone: nothing submitted now would ever run."""
 
 
 class Scheduler:
@@ -37,6 +44,8 @@ class Scheduler:
         self._callbacks: dict = {}
         self._cond = threading.Condition()
         self._closed = False
+        self.stopped: str | None = None  # why the scheduler thread ended (None while it runs)
+        self.errors: Counter = Counter()  # failures caught per part of a step (step, after_step, on_step, ...)
         self._thread = threading.Thread(target=self._loop, name="dynaexq-scheduler", daemon=True)
         self._thread.start()
 
@@ -48,6 +57,8 @@ class Scheduler:
     def submit(self, prompt_ids, params: SamplingParams, on_event, chat: bool = False) -> Sequence:
         seq = Sequence(prompt_ids, params, self.engine.tokenizer, self.stop_ids[chat], self.context)
         with self._cond:
+            if self.stopped is not None:
+                raise Unavailable(self.stopped)
             if self._closed:
                 raise QueueFull("the server is shutting down")
             running = len(self.decoder.rows)
@@ -73,24 +84,47 @@ class Scheduler:
         self._thread.join(timeout=30)
 
     def _loop(self) -> None:
-        self.engine.use_threads()
-        while True:
+        reason = "the server shut down"
+        try:
+            self.engine.use_threads()
+            while True:
+                with self._cond:
+                    while not (self._closed or self._new or self._cancel or not self.decoder.idle()):
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                    new, self._new = self._new, []
+                    cancel, self._cancel = self._cancel, []
+                for seq in new:
+                    self._guarded("add", self.decoder.add, seq, fails=[seq])
+                for seq in cancel:
+                    if not seq.finished:
+                        seq.finish_reason = "cancelled"
+                        self._callbacks.pop(id(seq), None)
+                self._step()
+        except BaseException as err:  # only what the guards let through (SystemExit, a bug in the guard itself)
+            reason = f"the scheduler stopped ({type(err).__name__}: {err})"
+            traceback.print_exc(file=sys.stderr)
+        finally:  # nothing waits forever on a thread that is gone: every stream ends, new requests are refused
             with self._cond:
-                while not (self._closed or self._new or self._cancel or not self.decoder.idle()):
-                    self._cond.wait()
-                if self._closed:
-                    break
-                new, self._new = self._new, []
-                cancel, self._cancel = self._cancel, []
-            for seq in new:
-                self.decoder.add(seq)
-            for seq in cancel:
+                self.stopped = reason
+                pending = list(self.decoder.rows) + list(self.decoder.waiting) + self._new
+                self._new = []
+            for seq in pending:
                 if not seq.finished:
-                    seq.finish_reason = "cancelled"
-                    self._callbacks.pop(id(seq), None)
-            self._step()
-        for seq in list(self.decoder.rows) + list(self.decoder.waiting):  # shutting down: end every stream
-            self._fail(seq, "the server shut down")
+                    self._fail(seq, reason)
+
+    def _guarded(self, where: str, fn, *args, fails=()) -> bool:
+        """Run one part of a step; an exception is counted and printed, and fails only the sequences `fails`."""
+        try:
+            fn(*args)
+            return True
+        except Exception as err:
+            traceback.print_exc(file=sys.stderr)
+            self.errors[where] += 1
+            for seq in fails:
+                self._fail(seq, f"{where} failed: {type(err).__name__}: {err}")
+            return False
 
     def _step(self) -> None:
         t0 = time.perf_counter()
@@ -98,6 +132,7 @@ class Scheduler:
             touched = self.decoder.step()
         except Exception as err:  # a failing step must not take the server down: fail its sequences
             traceback.print_exc(file=sys.stderr)
+            self.errors["step"] += 1
             d = self.decoder
             failed = d.rows + ([d.prefilling] if d.prefilling is not None and d.prefilling not in d.rows else [])
             with self._cond:  # the decoder is clean before any client hears of the failure
@@ -107,15 +142,19 @@ class Scheduler:
                 self._fail(seq, f"generation failed: {type(err).__name__}: {err}")
             return
         self.steps += 1
-        self.engine.after_step()  # the runtime's controller: hotness, and a decision when due
+        # the tokens of this step are computed: a failing controller or metrics hook concerns no request
+        self._guarded("after_step", self.engine.after_step)  # the runtime's controller: hotness, decisions
         if self.on_step is not None:
-            self.on_step({"batch": self.decoder.decoded, "seconds": time.perf_counter() - t0})
+            self._guarded("on_step", self.on_step, {"batch": self.decoder.decoded,
+                                                    "seconds": time.perf_counter() - t0})
         for seq in touched:
             callback = self._callbacks.get(id(seq))
             if seq.finished:
                 self._callbacks.pop(id(seq), None)
-            if callback is not None:
-                callback(seq, seq.delta())
+            if callback is not None and not self._guarded("callback", callback, seq, seq.delta()):
+                self._callbacks.pop(id(seq), None)  # its client cannot be told: the sequence stops
+                if not seq.finished:
+                    seq.finish_reason, seq.error = "error", "the client's event callback failed"
 
     def _fail(self, seq: Sequence, message: str) -> None:
         seq.finish_reason, seq.error, seq.cache = "error", message, None

@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from dynaexq.engine.batch import SamplingParams
-from dynaexq.engine.scheduler import QueueFull, Scheduler
+from dynaexq.engine.scheduler import QueueFull, Scheduler, Unavailable
 from dynaexq.errors import UserError
 from dynaexq.runtime.hotness import Hotness
 from dynaexq.serve import protocol as P
@@ -138,6 +138,8 @@ class Server:
             seq = self.scheduler.submit(prompt_ids, params, on_event, chat=chat)
         except QueueFull as err:
             raise APIError(429, str(err), code="rate_limit_exceeded", type="server_busy") from None
+        except Unavailable as err:
+            raise APIError(503, f"{err}; restart the server", type="server_error") from None
         m.prompt_tokens.inc(len(prompt_ids))
         return seq, q
 
@@ -293,8 +295,8 @@ def create_app(engine, config: ServeConfig = ServeConfig()) -> FastAPI:
         finally:
             if finish is None:
                 server.scheduler.cancel(seq)
-        if finish == "error":
-            raise APIError(500, error, type="server_error")
+        if finish == "error":  # 503 when the scheduler is gone (set before it fails what it held), else 500
+            raise APIError(503 if server.scheduler.stopped else 500, error, type="server_error")
         usage = P.Usage(prompt_tokens=len(ids), completion_tokens=n, total_tokens=len(ids) + n)
         text = "".join(parts)
         if chat:
@@ -351,9 +353,13 @@ def create_app(engine, config: ServeConfig = ServeConfig()) -> FastAPI:
     def experts():
         return server.report()
 
-    @app.get("/health", response_model=P.Health)
+    @app.get("/health", response_model=P.Health, responses={503: {"model": P.Health}})
     async def health():
         running, waiting = server.scheduler.load()
+        stopped = server.scheduler.stopped
+        if stopped is not None:  # the scheduler thread is gone: a load balancer should take this replica out
+            return JSONResponse(P.Health(status="unhealthy", running=running, waiting=waiting,
+                                         error=stopped).model_dump(), 503)
         return P.Health(status="ok", running=running, waiting=waiting)
 
     @app.get("/metrics", include_in_schema=False)

@@ -105,6 +105,12 @@ class _ExpertCollector:
         load.add_metric(["running"], running)
         load.add_metric(["waiting"], waiting)
         yield load
+        errors = CounterMetricFamily("dynaexq_scheduler_errors", "failures caught in the scheduler loop, by where "
+                                     "(step: its sequences failed; after_step, on_step: no request failed; callback, "
+                                     "add: one request failed)", labels=["where"])
+        for where in ("step", "after_step", "on_step", "callback", "add"):
+            errors.add_metric([where], self.scheduler.errors[where])
+        yield errors
 
 
 class Metrics:

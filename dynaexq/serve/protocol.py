@@ -118,9 +118,10 @@ class ErrorResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "unhealthy"]
     running: int
     waiting: int
+    error: str | None = None  # why, when unhealthy
 
 
 class LayerExperts(BaseModel):

@@ -1,5 +1,6 @@
 """What a client sends can neither hang nor 500 the server, a failing step fails exactly its requests, and slow
 report endpoints stay off the event loop (a real uvicorn server on 127.0.0.1)."""
+import contextlib
 import statistics
 import threading
 import time
@@ -171,3 +172,101 @@ def test_the_cli_and_the_server_sample_the_same_text_for_the_same_seed(server, b
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out == prompt + served + "\n" and len(served) > 10, (out, served)
+
+
+def _stream(server, prompt="def f(x):", max_tokens=40):
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    return requests.post(f"{server.url}/v1/completions", json=body, stream=True, timeout=60)
+
+
+def _events(lines) -> list:
+    import json
+    return [json.loads(line[6:]) for line in lines if line.startswith(b"data: {")]
+
+
+def test_a_failing_controller_step_fails_no_request_and_the_scheduler_goes_on(server, engine, monkeypatch):
+    calls = {"n": 0}
+    real = engine.after_step
+
+    def after_step():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected controller failure")
+        return real()
+
+    monkeypatch.setattr(engine, "after_step", after_step)
+    with _stream(server) as running:
+        events = _events(running.iter_lines())
+    assert calls["n"] > 3 and events[-1]["choices"][0]["finish_reason"] == "length", events[-3:]
+    later = post(server, "completions", {"model": MODEL, "prompt": "x = 1", "max_tokens": 4}, timeout=30)
+    assert later.status_code == 200, later.text
+    assert requests.get(f"{server.url}/health", timeout=10).json()["status"] == "ok"
+    assert 'dynaexq_scheduler_errors_total{where="after_step"} 1.0' in requests.get(f"{server.url}/metrics").text
+
+
+def test_a_client_callback_that_raises_fails_only_its_own_request(server, monkeypatch):
+    srv = server.app.state.server
+    real_submit = srv.scheduler.submit
+
+    def submit(prompt_ids, params, on_event, chat=False):
+        if params.max_tokens == 7:  # the doomed request's callback raises at its first event
+            def on_event(seq, delta):
+                raise RuntimeError("injected callback failure")
+        return real_submit(prompt_ids, params, on_event, chat)
+
+    monkeypatch.setattr(srv.scheduler, "submit", submit)
+    with _stream(server, max_tokens=30) as running:
+        lines = running.iter_lines()
+        first = next(line for line in lines if line)
+        def doomed():  # its callback cannot reach its client: the client times out, the server drops it
+            with contextlib.suppress(requests.RequestException):
+                post(server, "completions", {"model": MODEL, "prompt": "y", "max_tokens": 7}, timeout=5)
+
+        threading.Thread(target=doomed, daemon=True).start()
+        events = _events([first, *lines])
+    assert events[-1]["choices"][0]["finish_reason"] == "length", events[-3:]
+    deadline = time.monotonic() + 10
+    while srv.scheduler.load() != (0, 0):  # the doomed one is not left behind either
+        assert time.monotonic() < deadline, srv.scheduler.load()
+        time.sleep(0.01)
+
+
+def test_if_the_scheduler_thread_dies_requests_get_503_and_health_is_unhealthy(engine):
+    """A fresh server (its scheduler is killed): the stream in flight ends with an error event, queued and new
+    requests get 503, /health answers 503 unhealthy."""
+    live = LiveServer(create_app(engine, ServeConfig(max_model_len=256, max_batch=1)))
+    try:
+        sched = live.app.state.server.scheduler
+        real = sched.engine.after_step
+        armed = threading.Event()
+
+        def after_step():
+            if armed.is_set():
+                raise SystemExit("injected: the thread is gone")  # not an Exception: the guard lets it through
+            return real()
+
+        sched.engine = type("E", (), {"__getattr__": lambda _, k: getattr(engine, k)})()
+        sched.engine.after_step = after_step
+        with _stream(live, max_tokens=60) as running:
+            lines = running.iter_lines()
+            first = next(line for line in lines if line)
+            queued = {}
+            t = threading.Thread(target=lambda: queued.update(r=post(live, "completions", {
+                "model": MODEL, "prompt": "y", "max_tokens": 4}, timeout=30)))
+            t.start()
+            deadline = time.monotonic() + 10
+            while sched.load()[1] == 0:  # the second request waits behind the first (max batch 1)
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            armed.set()
+            rest = b"\n".join([first, *lines])
+            t.join(30)
+        assert b'"error"' in rest and b"scheduler" in rest and rest.strip().endswith(b"data: [DONE]"), rest[-500:]
+        assert queued["r"].status_code == 503, queued["r"].text
+        assert queued["r"].json()["error"]["type"] == "server_error"
+        new = post(live, "completions", {"model": MODEL, "prompt": "z", "max_tokens": 4}, timeout=30)
+        assert new.status_code == 503 and "scheduler" in new.json()["error"]["message"], new.text
+        health = requests.get(f"{live.url}/health", timeout=10)
+        assert health.status_code == 503 and health.json()["status"] == "unhealthy", health.text
+    finally:
+        live.close()
