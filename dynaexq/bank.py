@@ -104,7 +104,8 @@ class ExpertBank(nn.Module):
     def _offloaded(self, hidden, top_k_index, top_k_weights):
         """The offload regime: route once, then per wave of routed experts (all of them unless the cache holds
         fewer) make them resident (the cache fetches misses; the forward waits only for those), take the lease,
-        compute the wave's experts from its snapshot, release; combine once."""
+        compute the wave's experts from its snapshot, release; combine once. An expert that cannot be made
+        resident fails only the tokens routed to it (`_fault`); the others are computed as usual."""
         grouped = self.path == "grouped" and grouped_cpu.supports(top_k_weights.dtype) and hidden.device.type == "cpu"
         if grouped:
             counts, order, x = grouped_cpu.route(top_k_index, top_k_weights, hidden, self.num_experts,
@@ -112,9 +113,10 @@ class ExpertBank(nn.Module):
         else:
             counts, order, x = self._route(hidden, top_k_index, top_k_weights)
         ys = torch.empty_like(x)  # [T*K, H]
-        read = [None] * self.num_experts
+        read, faults = [None] * self.num_experts, {}
         routed = torch.nonzero(counts).flatten().tolist()  # host sync: which experts must be resident
-        for wave in self.cache.waves(self.layer, routed):
+        for wave, failed in self.cache.waves(self.layer, routed):
+            faults.update(failed)
             lease = self.table.acquire()
             try:
                 versions = list(self.versions)
@@ -129,12 +131,26 @@ class ExpertBank(nn.Module):
                     self._loop(sub, loop, counts, x, ys)
             finally:
                 self.table.release(lease)
+        if faults:
+            self._fault(faults, counts, ys, top_k_index)
         self.last_read = read
         self.routed_tokens += hidden.shape[0]
         if grouped and grouped_cpu.combines(hidden.shape[-1], top_k_index.shape[-1]):
             return grouped_cpu.combine(top_k_index, order, ys, top_k_weights)
         ys.mul_(top_k_weights.reshape(-1)[order, None])
         return self._combine(ys, order, top_k_index)
+
+    def _fault(self, faults: dict, counts, ys, top_k_index) -> None:
+        """Experts {e: error} could not be computed: their rows of ys [T*K, H] become zeros and the tokens routed
+        to them [T] are reported to the cache's collector (the decoder fails their sequences, nothing else);
+        with no collector (a plain `model(...)` call) the forward raises."""
+        if self.cache.collect is None:
+            raise next(iter(faults.values()))
+        ends = torch.cumsum(counts, 0).tolist()
+        for e in faults:
+            ys[(ends[e - 1] if e else 0):ends[e]] = 0
+        for e, err in faults.items():
+            self.cache.collect.append(((top_k_index == e).any(-1).cpu(), str(err)))
 
     def _combine(self, ys, order, top_k_index):
         k = top_k_index.shape[-1]

@@ -16,6 +16,7 @@ and its detokenized text with stop strings applied; it knows nothing of HTTP.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections import deque
 from dataclasses import dataclass
@@ -182,10 +183,12 @@ def _lpad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 
 class BatchDecoder:
-    def __init__(self, model, max_batch: int = 8, prefill_chunk: int = 128):
+    def __init__(self, model, max_batch: int = 8, prefill_chunk: int = 128, faults=None):
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
         self.model, self.prefill_chunk = model, prefill_chunk
+        # Engine.faults: forwards inside it report tokens that lost an expert instead of raising (offload regime)
+        self.faults = faults or (lambda: contextlib.nullcontext([]))
         self.device = next(model.parameters()).device
         probe = DynamicCache(config=model.config)
         if not all(type(layer) is DynamicLayer for layer in probe.layers):  # sliding / linear-attention states
@@ -235,8 +238,12 @@ class BatchDecoder:
             seq.cache = DynamicCache(config=self.model.config)
         chunk = seq.prompt[seq.prefilled:seq.prefilled + self.prefill_chunk]
         ids = torch.tensor([chunk], device=self.device)
-        logits = self.model(input_ids=ids, past_key_values=seq.cache, use_cache=True, logits_to_keep=1).logits
+        with self.faults() as faults:
+            logits = self.model(input_ids=ids, past_key_values=seq.cache, use_cache=True, logits_to_keep=1).logits
         seq.prefilled += len(chunk)
+        if faults:  # every token is this sequence's: it fails, the batch goes on
+            seq.finish_reason, seq.error, seq.cache = "error", faults[0][1], None
+            return True
         if seq.prefilled < len(seq.prompt):
             return False
         seq.append(seq.sample(logits[0, -1]))
@@ -260,8 +267,13 @@ class BatchDecoder:
         ids = torch.tensor([[s.out[-1]] for s in self.rows], device=self.device)  # [B, 1]
         pos = torch.tensor([[len(s.prompt) + len(s.out) - 1] for s in self.rows], device=self.device)  # [B, 1]
         self.mask = torch.cat([self.mask, self.mask.new_ones(B, 1)], dim=1)  # [B, L+1]
-        logits = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
-                            use_cache=True).logits[:, -1]  # [B, V]
+        with self.faults() as faults:
+            logits = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
+                                use_cache=True).logits[:, -1]  # [B, V]
+        for rows, message in faults:  # rows [B] that lost an expert: their sequences fail, the others go on
+            for i in rows.nonzero().flatten().tolist():
+                if not self.rows[i].finished:
+                    self.rows[i].finish_reason, self.rows[i].error = "error", message
         live = [i for i, s in enumerate(self.rows) if not s.finished]
         for i, token in zip(live, sample_rows([self.rows[i] for i in live], logits[live])):
             self.rows[i].append(token)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,22 @@ class Engine:
             from dynaexq.engine.dynamic import stop_runtime
             stop_runtime(self, self.runtime)
 
+    @contextmanager
+    def faults(self):
+        """Forwards run inside it fail per token, not per call: an expert the offload cache cannot make resident
+        (an unreadable store range, no answer in time) zeroes only its own products, and the list this yields
+        receives (tokens routed to it: bool [T], message) for each; outside it such a forward raises. The
+        decoder fails the sequences of those tokens and goes on with the others."""
+        cache = getattr(self.runtime, "cache", None)
+        if cache is None:
+            yield []
+            return
+        cache.collect = got = []
+        try:
+            yield got
+        finally:
+            cache.collect = None
+
     def after_step(self) -> None:
         """Call after each forward step you drive yourself (generate, the server and the eval streams do): with
         the dynamic runtime, its controller sees the step's routing and decides when due; otherwise nothing."""
@@ -108,7 +125,7 @@ class Engine:
             raise UserError("the prompt is empty after tokenization; give some text")
         context = getattr(self.model.config, "max_position_embeddings", None)
         seq = Sequence(ids, params, self.tokenizer, stop_token_ids(self.model, self.tokenizer), context)
-        decoder = BatchDecoder(self.model, max_batch=1)
+        decoder = BatchDecoder(self.model, max_batch=1, faults=self.faults)
         decoder.add(seq)
         self.use_threads()
         while not seq.finished:
@@ -117,6 +134,8 @@ class Engine:
             delta = seq.delta()
             if delta and on_text is not None:
                 on_text(delta)
+        if seq.finish_reason == "error":
+            raise RuntimeError(f"generation failed: {seq.error}")
         return seq.text
 
 

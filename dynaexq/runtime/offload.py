@@ -32,6 +32,14 @@ DEMAND, PREFETCH, BACKGROUND = 0, 1, 2  # fetch priorities: a miss first
 _KINDS = {DEMAND: "misses", PREFETCH: "prefetches", BACKGROUND: "upgrades"}
 
 
+class FetchError(RuntimeError):
+    """An expert that could not be made resident for a forward: its message says what happened."""
+
+    def __init__(self, key, message: str):
+        super().__init__(f"expert {key[1]} of layer {key[0]} {message}")
+        self.key = key
+
+
 class _Fetch:
     def __init__(self, key, precision, priority):
         self.key, self.precision, self.priority = key, precision, priority
@@ -42,7 +50,9 @@ class _Fetch:
 
 class ExpertCache:
     RETRY_BACKOFF_S = 0.02
-    SLOT_TIMEOUT_S = 30.0
+    SLOT_TIMEOUT_S = 30.0  # a fetch finding every slot pinned or in flight this long fails
+    FETCH_TIMEOUT_S = 60.0  # a forward waits this long for a miss, then fails the rows that routed to it
+    UNREAD_TIMEOUT_S = 60.0  # a replaced version still read this long: its slot is reclaimed later, not now
 
     def __init__(self, table, pools, io, build, policy, workers: int = 2, retries: int = 2):
         self.table, self.pools, self.io, self.build, self.policy = table, pools, io, build, policy
@@ -63,6 +73,8 @@ class ExpertCache:
         self.stats = Counter()
         self.recall = {layer: [0, 0] for layer in table.versions}  # layer -> [predicted and routed, routed]
         self.errors: deque = deque(maxlen=64)
+        self.retired: list = []  # [(retired at, (precision, slot), (layer, precision) held)]: reclaimed once unread
+        self.collect: list | None = None  # set by the forward's caller to take per-expert failures (see waves)
         self._threads = [threading.Thread(target=self._worker, name=f"dynaexq-reader-{i}", daemon=True)
                          for i in range(workers)]
         for t in self._threads:
@@ -70,7 +82,8 @@ class ExpertCache:
 
     # --- the forward pass ---------------------------------------------------------------------------------------
     def waves(self, layer: int, experts: list):
-        """Yield the routed `experts` of `layer` in waves, each wave resident and pinned while the caller computes."""
+        """Yield the routed `experts` of `layer` in waves -> (the wave's experts resident and pinned while the caller
+        computes, {expert: FetchError} of the wave's experts that could not be made resident)."""
         cap = max(1, self.policy.wave_cap())
         self._score_prediction(layer, experts)
         for i in range(0, len(experts), cap):
@@ -79,8 +92,8 @@ class ExpertCache:
             with self._cv:
                 self.pins.update(keys)
             try:
-                self._ensure(keys)
-                yield wave
+                failed = self._ensure(keys)
+                yield [e for e in wave if e not in failed], failed
             finally:
                 with self._cv:
                     self.pins.subtract(keys)
@@ -88,8 +101,11 @@ class ExpertCache:
                         if not self.pins[k]:
                             del self.pins[k]
 
-    def _ensure(self, keys) -> None:
+    def _ensure(self, keys, depth: int = 0) -> dict:
+        """Make `keys` resident -> {expert: FetchError} of those that could not be: a read that failed for good,
+        no slot, no answer within FETCH_TIMEOUT_S, or the cache closed. The others are resident and pinned."""
         t0 = time.perf_counter()
+        failed = {}
         with self._cv:
             self._tick += 1
             waits = []
@@ -105,6 +121,9 @@ class ExpertCache:
                         self._submit(key, want, BACKGROUND)  # serve the low copy now, bring the wanted one
                     continue
                 self.stats["misses"] += 1
+                if self._closed:
+                    failed[key[1]] = FetchError(key, "is not resident and the offload cache is closed")
+                    continue
                 f = self.inflight.get(key)
                 if f is None:
                     f = self._submit(key, want, DEMAND)
@@ -112,16 +131,29 @@ class ExpertCache:
                     self.stats["late_prefetches"] += 1  # predicted, not there yet: part of the wait is hidden
                     self._promote(f)
                 waits.append(f)
+        deadline = time.monotonic() + self.FETCH_TIMEOUT_S
         for f in waits:
-            f.done.wait()
+            while not f.done.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+                if self._closed:
+                    failed[f.key[1]] = FetchError(f.key, "was being read when the offload cache closed")
+                    break
+                if time.monotonic() >= deadline:
+                    failed[f.key[1]] = FetchError(f.key, f"was not read within {self.FETCH_TIMEOUT_S:g} s (the "
+                                                  "store is too slow or a reader is stuck)")
+                    break
         if waits:
             self._count("stall_s", time.perf_counter() - t0)
         for f in waits:
+            if f.key[1] in failed:
+                continue
             if f.error is not None:
-                raise RuntimeError(f"expert {f.key[1]} of layer {f.key[0]} could not be read from the store after "
-                                   f"{self.retries + 1} attempts ({type(f.error).__name__}: {f.error})") from f.error
-            if f.key not in self.where:  # a prefetch dropped for lack of room just before it was promoted: refetch
-                self._ensure([f.key])
+                failed[f.key[1]] = f.error
+            elif f.key not in self.where:  # a prefetch dropped for lack of room just before it was promoted
+                failed.update(self._ensure([f.key], depth + 1) if depth < 3 else {f.key[1]: FetchError(
+                    f.key, "lost its slot to other fetches three times in a row")})
+        if failed:
+            self._count("failed_misses", len(failed))
+        return failed
 
     def _score_prediction(self, layer: int, experts: list) -> None:
         with self._cv:
@@ -134,6 +166,8 @@ class ExpertCache:
     # --- look-ahead and background ------------------------------------------------------------------------------
     def prefetch(self, layer: int, experts) -> None:
         with self._cv:
+            if self._closed:
+                return
             self.predicted[layer] = set(experts)
             todo = [(layer, e) for e in experts if (layer, e) not in self.where and (layer, e) not in self.inflight]
             if not todo:
@@ -151,10 +185,11 @@ class ExpertCache:
         """A background fetch (the controller's upgrades and warm fills), unless one is in flight."""
         with self._cv:
             have = self.where.get(key)
-            if key not in self.inflight and (have is None or have[0].bits < precision.bits):
+            if not self._closed and key not in self.inflight and (have is None or have[0].bits < precision.bits):
                 self._submit(key, precision, BACKGROUND)
 
-    def _submit(self, key, precision, priority) -> _Fetch:  # lock held
+    def _submit(self, key, precision, priority) -> _Fetch:  # lock held, cache not closed
+        assert not self._closed
         f = _Fetch(key, precision, priority)
         self.inflight[key] = f
         heapq.heappush(self._queue, (priority, next(self._seq), f))
@@ -181,9 +216,10 @@ class ExpertCache:
                 _, _, f = heapq.heappop(self._queue)
             try:
                 self._fetch(f)
-            except Exception as err:  # a read that failed for good, or no slot: nothing was published
-                f.error = err
-                self.errors.append(f"{f.key} {f.precision.value}: {type(err).__name__}: {err}")
+            except Exception as err:  # nothing of this fetch is published and its slot went back
+                f.error = err if isinstance(err, FetchError) else FetchError(f.key, f"failed: {type(err).__name__}: "
+                                                                                    f"{err}")
+                self.errors.append(f"{f.precision.value}: {f.error}")
                 self._count("failures")
                 with self._cv:
                     self.inflight.pop(f.key, None)
@@ -191,21 +227,28 @@ class ExpertCache:
                 f.done.set()
 
     def _read(self, f: _Fetch):
-        """The version of f.key at f.precision, from disk, kernel-ready (owning its memory); OSError retried."""
+        """The version of f.key at f.precision, from disk, kernel-ready (owning its memory). An OSError is retried
+        `retries` times; any other error (a digest mismatch: the store is corrupted) is not."""
         for attempt in range(self.retries + 1):
             try:
                 return self.build(self.io.read(*f.key, f.precision))
             except OSError as err:
-                if attempt == self.retries:
-                    raise
+                if attempt == self.retries or self._closed:
+                    raise FetchError(f.key, f"could not be read from the store at {f.precision.value} after "
+                                     f"{attempt + 1} attempts ({type(err).__name__}: {err})") from err
                 self._count("retries")
                 self.errors.append(f"{f.key} {f.precision.value}: {err} (retrying)")
                 time.sleep(self.RETRY_BACKOFF_S * (attempt + 1))
+            except Exception as err:
+                raise FetchError(f.key, f"at {f.precision.value} could not be used: {err}") from err
 
     def _fetch(self, f: _Fetch) -> None:
-        """Room first (a guess that finds none is dropped before it reads anything), then the read, then publish."""
+        """Room first (a guess that finds none is dropped before it reads anything), then the read, then publish.
+        Until the publish, any failure gives the slot back; after it the fetch has succeeded whatever happens to
+        the older copy's reclaim."""
         layer, e = f.key
         t0 = time.perf_counter()
+        self._reclaim_retired()
         p, lowest = f.precision, min(self.pools.pools, key=lambda k: getattr(k, "bits", 99))
         i = self._slot(layer, p, f, wait=p == lowest)
         if i is None and f.priority == DEMAND and p != lowest:  # no room at the wanted precision now: a miss is
@@ -218,14 +261,13 @@ class ExpertCache:
             self._count("dropped")
             return
         try:
-            version = self._read(f)
+            new = place(self._read(f), self.pools.slot(p, i), next(self._numbers), (p, i))
         except BaseException:  # nothing published: the slot goes back
             self.pools.commit(p)
             self.pools.reclaim(p, i)
             with self._cv:
                 self.held[(layer, p)] -= 1
             raise
-        new = place(version, self.pools.slot(p, i), next(self._numbers), (p, i))
         self.pools.commit(p)
         with self._cv:
             old, retired_at = self.table.publish(layer, e, new)
@@ -238,12 +280,34 @@ class ExpertCache:
             self.stats[f"{_KINDS[f.priority]}_done"] += 1
             self.stats["bytes_fetched"] += slot_layout(new)[1]
             self.stats["fetch_s"] += time.perf_counter() - t0
+            if old is not None:  # an upgrade (or a different precision): the older copy goes once unread
+                self.retired.append((retired_at, old.slot, (layer, prev[0])))
         f.done.set()  # the forward may go on: the old copy's reclaim is this worker's
-        if old is not None:  # an upgrade (or a different precision): the older copy goes once unread
-            self.table.wait_unread(retired_at)
-            self.pools.reclaim(*old.slot)
+        self._reclaim_retired(wait=True)
+
+    def _reclaim_retired(self, wait: bool = False) -> None:
+        """Give back the slots of replaced versions no reader holds any more; with `wait`, wait for them up to
+        UNREAD_TIMEOUT_S (a reader still holding one then leaves it for a later call: never a failed fetch)."""
+        with self._cv:
+            todo, self.retired = self.retired, []
+        keep = []
+        for retired_at, slot, held in todo:
+            try:
+                if wait:
+                    self.table.wait_unread(retired_at, self.UNREAD_TIMEOUT_S)
+                elif not self.table.unread(retired_at):
+                    keep.append((retired_at, slot, held))
+                    continue
+            except TimeoutError as err:
+                self.errors.append(f"slot {slot}: {err}; reclaimed later")
+                keep.append((retired_at, slot, held))
+                continue
+            self.pools.reclaim(*slot)
             with self._cv:
-                self.held[(layer, prev[0])] -= 1
+                self.held[held] -= 1
+        if keep:
+            with self._cv:
+                self.retired.extend(keep)
 
     def _candidates(self, p, keep=()) -> list:  # lock held
         """[((layer, e), last use)] of the versions in pool p that may be evicted: not pinned, not in flight."""
@@ -277,9 +341,19 @@ class ExpertCache:
             if f.priority != DEMAND or self._closed or not wait:
                 return None
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no slot of pool {p.value} came free in {self.SLOT_TIMEOUT_S} s")
+                raise FetchError(f.key, f"found no {p.value} slot of the offload cache free in {self.SLOT_TIMEOUT_S:g} "
+                                 "s (every one pinned by a forward or being filled)")
             time.sleep(0.0005)  # every slot is pinned or in flight: one finishes soon
-        self.table.wait_unread(retired_at)
+            self._reclaim_retired()
+        try:
+            self.table.wait_unread(retired_at, self.UNREAD_TIMEOUT_S)
+        except TimeoutError:  # the victim is still read: its slot is reclaimed later, this fetch finds no room
+            with self._cv:
+                self.held[(layer, p)] -= 1
+                self.held[(victim[0], p)] += 1
+                self.retired.append((retired_at, (p, i), (victim[0], p)))
+            raise FetchError(f.key, f"found no {p.value} slot: the evicted expert {victim} was still read after "
+                             f"{self.UNREAD_TIMEOUT_S:g} s") from None
         self.pools.reuse(p, i)
         return i
 
@@ -315,15 +389,19 @@ class ExpertCache:
             time.sleep(0.001)
 
     def close(self, timeout: float = 30.0) -> None:
+        """Stop: queued fetches fail ("closed"), a forward waiting on one returns at once, the readers stop after
+        the fetch each is in; the store's files are closed once no read uses them."""
         with self._cv:
             self._closed = True
             for _, _, f in self._queue:
-                f.error = RuntimeError("the offload cache closed")
+                f.error = FetchError(f.key, "was queued when the offload cache closed")
+                self.inflight.pop(f.key, None)
                 f.done.set()
             self._queue.clear()
             self._cv.notify_all()
+        deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
         self.io.close()
 
     def check(self) -> None:

@@ -92,6 +92,11 @@ class ExpertTable:
         while self._gpu_leases and self._gpu_leases[0][1].query():
             self._gpu_leases.popleft()
 
+    def unread(self, retired_at: int) -> bool:
+        """Whether a version retired at `retired_at` can be reclaimed now (no waiting)."""
+        with self._cond:
+            return self._unread(retired_at)
+
     def wait_unread(self, retired_at: int, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         with self._cond:

@@ -260,7 +260,11 @@ def create_app(engine, config: ServeConfig = ServeConfig()) -> FastAPI:
         server.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
 
-    stream_doc = {**P.ERRORS, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+    sse_event = {"type": "object", "required": ["data"], "description": "one server-sent event: `data` is a chunk "
+                 "(JSON), an error object (JSON) or [DONE]", "properties": {"data": {"type": "string"},
+                                                                           "event": {"type": "string"}}}
+    # OpenAPI < 3.2: the `schema` of an event stream describes each event
+    stream_doc = {**P.ERRORS, 200: {"content": {"text/event-stream": {"schema": sse_event}},
                                     "description": "the completion (JSON), or SSE chunks when stream is true"}}
 
     # tokenization (and the chat template) run in the thread pool: a long prompt must not stall other streams

@@ -40,6 +40,8 @@ class DirectReader:
         self.mode = mode  # may become "buffered" when the file system refuses O_DIRECT (said once on stderr)
         self._shards: dict[str, tuple[int, dict]] = {}  # name -> (fd, {expert: (start, end, {key: entry})})
         self._lock = threading.Lock()
+        self._active = 0  # reads in progress: `close` never closes a file under one
+        self._closed = False
         self.stats = {"reads": 0, "bytes": 0, "seconds": 0.0}
 
     def _shard(self, name: str):
@@ -87,6 +89,19 @@ class DirectReader:
 
     def read(self, layer: int, e: int, precision) -> dict:
         self.reader._check(layer, precision)
+        with self._lock:
+            if self._closed:
+                raise OSError(f"the store reader is closed (expert {e} of layer {layer} at {precision.value})")
+            self._active += 1
+        try:
+            return self._read(layer, e, precision)
+        finally:
+            with self._lock:
+                self._active -= 1
+                if self._closed and not self._active:  # the last read after close closes the files
+                    self._close_files()
+
+    def _read(self, layer: int, e: int, precision) -> dict:
         fd, experts = self._shard(layout.expert_shard(layer, precision))
         lo, hi, keys = experts[e]
         a0, a1 = lo // ALIGN * ALIGN, -(-hi // ALIGN) * ALIGN
@@ -116,7 +131,13 @@ class DirectReader:
         return self.reader._assemble(layer, e, precision, keys, get)
 
     def close(self) -> None:
+        """Close the store's files now, or, while reads are in progress, when the last of them ends."""
         with self._lock:
-            for fd, _ in self._shards.values():
-                os.close(fd)
-            self._shards.clear()
+            self._closed = True
+            if not self._active:
+                self._close_files()
+
+    def _close_files(self) -> None:  # lock held
+        for fd, _ in self._shards.values():
+            os.close(fd)
+        self._shards.clear()

@@ -164,7 +164,7 @@ def test_a_miss_that_cannot_be_read_raises_a_clear_error_and_nothing_is_publishe
     def broken(layer, e, precision):
         raise OSError("disk gone")
     cache.io.read = broken
-    with pytest.raises(RuntimeError, match="could not be read from the store after 2 attempts.*disk gone"):
+    with pytest.raises(RuntimeError, match="expert 0 of layer 0 could not be read from the store at int4 after 2 attempts.*disk gone"):
         _steps(eng, 1, seed=3)
     assert all(v is None for bank in eng.banks.values() for v in bank.versions)
     eng.runtime.check(quiescent=True)
@@ -265,3 +265,139 @@ def test_the_grouped_path_under_offload_equals_float64_on_the_bundled_model(bund
         exact = _float64(reader, bank.layer, read, hidden, idx, w)
         assert float((out.double() - exact).norm() / exact.norm()) < 1e-4
     eng.close()
+
+
+def _forward(eng, tokens=6, seed=9):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return eng.model(input_ids=torch.randint(0, 128, (1, tokens), generator=g))
+
+
+def test_waits_have_deadlines_and_close_ends_them(checkpoints):
+    _, store = checkpoints("qwen3_moe")
+    eng = _offload(store, "lru-offload:int4", 4 * 1.6, retries=0)
+    cache = eng.runtime.cache
+    gate, real = threading.Event(), cache.io.read
+    cache.io.read = lambda *key: gate.wait(30) and real(*key)  # a read that hangs until released
+    cache.FETCH_TIMEOUT_S = 0.3
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"of layer 0 was not read within 0.3 s"):
+        _forward(eng)
+    assert time.monotonic() - t0 < 5
+    cache.FETCH_TIMEOUT_S = 60.0
+    out = {}
+
+    def forward():
+        try:
+            _forward(eng, seed=10)
+        except RuntimeError as err:
+            out["err"] = err
+    t = threading.Thread(target=forward)
+    t.start()
+    time.sleep(0.3)  # the forward waits on its miss
+    t0 = time.monotonic()
+    closer = threading.Thread(target=eng.runtime.cache.close, kwargs={"timeout": 2})
+    closer.start()
+    t.join(10)
+    assert not t.is_alive() and time.monotonic() - t0 < 5, "close did not end the forward's wait"
+    assert "offload cache closed" in str(out["err"]), out
+    gate.set()
+    closer.join(10)
+    cache.request((0, 1), Precision.INT4)  # after close: nothing is submitted, nothing waits
+    cache.prefetch(0, [1, 2])
+    assert not cache.inflight and not cache._queue
+    with pytest.raises(RuntimeError, match="is not resident and the offload cache is closed"):
+        _forward(eng, seed=11)
+    eng.close()
+
+
+def test_every_failure_says_what_happened(checkpoints):
+    _, store = checkpoints("qwen3_moe")
+    eng = _offload(store, "lru-offload:int4", 4 * 1.6, retries=2)
+    cache, real = eng.runtime.cache, eng.runtime.cache.io.read
+
+    def corrupt(*key):
+        raise UserError("expert 3 of layer 0 at int4 in 'x.safetensors' does not match its digest")
+    cache.io.read = corrupt
+    with pytest.raises(RuntimeError, match=r"at int4 could not be used: expert 3 .* does not match its digest") as info:
+        _forward(eng)
+    assert "attempts" not in str(info.value) and cache.report().get("retries", 0) == 0  # corruption: no retry
+    cache.io.read = real
+    _forward(eng)  # fine again
+    cache.SLOT_TIMEOUT_S = 0.2
+    assert all(not pool._free for pool in cache.pools.pools.values())  # the cache is full
+    with cache._cv:  # and every slot pinned: a miss finds no room
+        cache.pins.update(list(cache.where))
+    with pytest.raises(RuntimeError, match=r"found no int4 slot of the offload cache free in 0.2 s"):
+        _forward(eng, seed=12)
+    with cache._cv:
+        cache.pins.clear()
+    eng.runtime.check(quiescent=True)
+    eng.close()
+
+
+def test_no_slot_leaks_when_placing_fails_or_a_replaced_copy_stays_read(checkpoints, monkeypatch):
+    from dynaexq.runtime import offload
+    _, store = checkpoints("qwen3_moe")
+    eng = _offload(store, "dynaexq:hi=int4,lo=int2,hi_share=0.4,prefetch=0", 6, retries=0)
+    cache, pol, table = eng.runtime.cache, eng.runtime.policy, eng.runtime.table
+    real_place, calls = offload.place, {"n": 0}
+
+    def place_once_broken(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected: the slot could not be filled")
+        return real_place(*args, **kw)
+    monkeypatch.setattr(offload, "place", place_once_broken)
+    with pytest.raises(RuntimeError, match="injected: the slot could not be filled"):
+        _forward(eng)
+    eng.runtime.check(quiescent=True)  # the slot taken for it went back
+    _steps(eng, 3, seed=2)
+    cache.drain()
+    low = next(k for k, p in cache.resident().items() if p == Precision.INT2)
+    pol.score[low] = 1e12
+    cache.UNREAD_TIMEOUT_S = 0.2
+    failures = cache.report()["failures"]  # the injected one
+    lease = table.acquire()  # a reader that holds the low copy past the timeout
+    cache.request(low, Precision.INT4)
+    cache.drain()
+    time.sleep(0.3)
+    rep = cache.report()
+    assert cache.resident()[low] == Precision.INT4 and rep["upgrades_done"] == 1 and rep["failures"] == failures
+    assert len(cache.retired) == 1 and any("reclaimed later" in e for e in rep["errors"])
+    table.release(lease)
+    cache._reclaim_retired()
+    assert not cache.retired
+    eng.runtime.check(quiescent=True)  # every taken slot is published: nothing stranded
+    eng.close()
+
+
+def test_closing_the_reader_never_closes_a_file_under_a_read(checkpoints, monkeypatch):
+    import os
+
+    from dynaexq.store import direct
+    _, store = checkpoints("qwen3_moe")
+    reader = StoreReader(store)
+    io = DirectReader(reader, "cached")
+    io.read(0, 1, Precision.INT4)  # the shard is open
+    fd = next(iter(io._shards.values()))[0]
+    entered, release, real = threading.Event(), threading.Event(), os.preadv
+
+    def slow_preadv(*a):
+        entered.set()
+        release.wait(10)
+        return real(*a)
+    monkeypatch.setattr(direct.os, "preadv", slow_preadv)
+    got = {}
+    t = threading.Thread(target=lambda: got.update(v=io.read(0, 2, Precision.INT4)))
+    t.start()
+    assert entered.wait(10)
+    io.close()
+    os.fstat(fd)  # still open: a read uses it
+    release.set()
+    t.join(10)
+    assert torch.equal(got["v"]["gate_up"].data, reader.read_expert(0, 2, Precision.INT4)["gate_up"].data)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # the last read closed it
+    with pytest.raises(OSError, match="closed"):
+        io.read(0, 3, Precision.INT4)
