@@ -133,16 +133,18 @@ def cmd_eval(args) -> int:
     _threads(args)
     if args.scenario:
         return _shift(args)
-    if _runtime_config(args) is not None:
-        raise UserError("runtime flags (--update-every, --alpha, ...) apply to the streamed --scenario runs only")
-    if args.plot or args.repeats is not None or args.step_tokens is not None:
-        raise UserError("--plot, --repeats and --step-tokens apply to the streamed --scenario runs only (--sweep "
-                        "always writes its plot)")
+    if args.plot or args.repeats is not None:
+        raise UserError("--plot and --repeats apply to the streamed --scenario runs only (--sweep always writes its "
+                        "plot)")
     if args.sweep:
+        if _runtime_config(args) is not None or args.step_tokens is not None:
+            raise UserError("--sweep runs the static policies; runtime flags and --step-tokens apply to runtime "
+                            "policies (eval --policy multilevel ..., or --scenario)")
         return _sweep(args)
     out = harness.evaluate(_model_path(args.model), args.data, args.policy, args.expert_budget, args.windows,
                            args.window_tokens, args.calibration, args.calibration_windows, progress=not args.json,
-                           store=args.store, dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense)
+                           store=args.store, dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense,
+                           config=_runtime_config(args), step_tokens=args.step_tokens or harness.STEP_TOKENS)
     print(report.table(out), file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(out))
@@ -347,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "of them. Policies may name a warm start (SPEC@NAME, SPEC@none); phase-oracle = the static map "
                     "picked from each phase's own routing. Budget: --expert-budget (default int3)")
     se.add_argument("--repeats", type=int, help="scenarios: blocks of each domain (default: 2 for shift, else 4)")
-    se.add_argument("--step-tokens", type=int, help="scenarios: tokens per forward step (default: 32)")
+    se.add_argument("--step-tokens", type=int, help="runtime policies and scenarios: tokens per streamed forward step, "
+                    "the controller stepping after each (default: 32)")
     se.add_argument("--plot", action="store_true", help="scenarios: write SCENARIO.png (KL vs tokens streamed), "
                     ".md and .json to --out")
     add_runtime_flags(se)

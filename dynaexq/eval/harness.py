@@ -8,6 +8,10 @@ need RAM) together with its routing (the oracle's hotness). Each policy x budget
 into the same engine (only the experts whose precision changes are re-read from the store) and run on the same
 windows: perplexity, mean KL(reference || policy) per token and top-1 agreement per domain, plus the expert
 bytes actually resident afterwards (measured on the published versions).
+Runtime policies (dynaexq, multilevel, frozen, the offload baselines) start the runtime on the same engine
+(warm-started from the calibration texts, as `load` does) and stream each window in steps of `step_tokens` with a
+KV cache, the controller stepping after each (`engine.after_step`), as the decode loop and the server drive it;
+their transitions run live and each window is scored on whatever the runtime had published when it read it.
 """
 from __future__ import annotations
 
@@ -22,15 +26,35 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from transformers import DynamicCache
+
+from dynaexq.engine.dynamic import start_runtime, stop_runtime
 from dynaexq.engine.engine import read_text, text_windows
 from dynaexq.engine.load import calibration_files, calibration_tokens, load, load_tokenizer, resolve_store
 from dynaexq.errors import UserError
 from dynaexq.quant.dense import quantize_dense
+from dynaexq.runtime.controller import RuntimeConfig
 from dynaexq.runtime.planners import parse_budget, parse_policy, resolve_budget
 from dynaexq.store.reader import StoreReader
 
 DEFAULT_POLICIES = ("uniform:int8", "uniform:int4", "uniform:int3", "uniform:int2")
 HOTNESS_POLICIES = ("calibrated", "calibrated-multilevel", "oracle")
+STEP_TOKENS = 32  # runtime policies: tokens per streamed step (one controller step each)
+
+
+def budgeted(planner) -> bool:
+    """Whether the policy runs at each --expert-budget (hotness and runtime policies) or at its own size."""
+    return bool(planner.hotness_source or getattr(planner, "dynamic", False))
+
+
+def stream_logits(engine, x: torch.Tensor, step_tokens: int) -> torch.Tensor:
+    """x [B, T] through the model in steps of `step_tokens` with a KV cache (the logits equal one forward of the
+    whole window), the controller stepping after each -> logits [B, T, V]."""
+    cache, chunks = DynamicCache(config=engine.model.config), []
+    for s in range(0, x.shape[1], step_tokens):
+        chunks.append(engine.model(input_ids=x[:, s:s + step_tokens], past_key_values=cache, use_cache=True).logits)
+        engine.after_step()
+    return torch.cat(chunks, 1)
 
 
 def parse_data(specs, model_dir: Path, subdir: str = "eval") -> dict[str, Path]:
@@ -127,13 +151,15 @@ class Evaluation:
         return self._ref_hotness[key]
 
     @torch.inference_mode()
-    def _score(self, windows: torch.Tensor, ref, store=None, desc: str = "") -> dict:
+    def _score(self, windows: torch.Tensor, ref, store=None, desc: str = "", step_tokens: int | None = None) -> dict:
         nll = kl = agree = 0.0
         count = 0
         device = self.engine.model.device
         for i in tqdm(range(0, len(windows), self.batch), desc=desc, leave=False, disable=not self.progress):
             x = windows[i:i + self.batch].to(device)
-            logp = F.log_softmax(self.engine.model(input_ids=x).logits[:, :-1].float(), dim=-1).cpu()
+            logits = (stream_logits(self.engine, x, step_tokens) if step_tokens else
+                      self.engine.model(input_ids=x).logits)
+            logp = F.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
             target = x[:, 1:].cpu()
             nll += -logp.gather(-1, target[..., None]).sum().item()
             count += target.numel()
@@ -151,9 +177,12 @@ class Evaluation:
             out.update(kl=kl / count, top1=agree / count)
         return out
 
-    def run(self, policy: str, budget=None) -> dict:
+    def run(self, policy: str, budget=None, config: RuntimeConfig | None = None,
+            step_tokens: int = STEP_TOKENS) -> dict:
         planner = parse_policy(policy)
         budget_bytes = resolve_budget(budget, self.reader)
+        if getattr(planner, "dynamic", False):
+            return self._run_runtime(planner, budget_bytes, config or RuntimeConfig(), step_tokens)
         hotness = None
         if planner.hotness_source == "calibration":
             hotness = self.calibration_hotness(planner.floor(self.reader))
@@ -176,6 +205,38 @@ class Evaluation:
                 "precisions": counts, "domains": domains,
                 "mean_kl": sum(d["kl"] for d in domains.values()) / len(domains),
                 "seconds": {"publish": round(t1 - t0, 3), "eval": round(time.perf_counter() - t1, 3)}}
+
+    def _run_runtime(self, planner, budget_bytes, config: RuntimeConfig, step_tokens: int) -> dict:
+        """A runtime policy: started on this engine (warm start: the calibration texts, measured at the
+        planner's floor as `load` does), every domain streamed with the controller live, then stopped."""
+        if step_tokens < 1:
+            raise UserError(f"--step-tokens must be >= 1, got {step_tokens}")
+
+        def calibrate(floor):
+            mass = self.calibration_hotness(floor)
+            return {layer: m / self.calibration_token_counts[None] for layer, m in mass.items()}
+
+        t0 = time.perf_counter()
+        rt = start_runtime(self.engine, planner, budget_bytes, config, calibrate, progress=False)
+        try:
+            t1 = time.perf_counter()
+            domains = {name: self._score(w, self.ref_logp[name], desc=f"{planner} {name}", step_tokens=step_tokens)
+                       for name, w in self.windows.items()}
+            s = rt.stats()
+            counts = {}
+            for lst in s["published"].values():
+                for p in lst:
+                    counts[p] = counts.get(p, 0) + 1
+            return {"policy": str(planner), "budget": budget_bytes, "expert_bytes": self.engine.expert_bytes(),
+                    "precisions": counts, "domains": domains,
+                    "mean_kl": sum(d["kl"] for d in domains.values()) / len(domains),
+                    "runtime": {"step_tokens": step_tokens, "decisions": s["decisions"],
+                                "transitions": {k: s["transitions"][k] for k in ("pairs", "bytes_moved", "failures")},
+                                "offload": {k: s["offload"].get(k, 0) for k in ("hits", "misses", "hit_rate")}
+                                if "offload" in s else None},
+                    "seconds": {"publish": round(t1 - t0, 3), "eval": round(time.perf_counter() - t1, 3)}}
+        finally:
+            stop_runtime(self.engine, rt)
 
     def report(self, results: list) -> dict:
         """The JSON report of `dynaexq eval` around these results."""
@@ -203,8 +264,12 @@ def check_plans(model, planners, budgets, store=None) -> Path:
     reader = StoreReader(store_dir)
     flat = {layer: torch.ones(reader.num_experts, dtype=torch.float64) for layer in reader.layers}
     for pl in planners:
-        if pl.hotness_source and not budgets:
+        if budgeted(pl) and not budgets:
             raise UserError(f"policy {pl} needs --expert-budget (a size such as 20MiB, or a precision such as int3)")
+        if getattr(pl, "dynamic", False):
+            for b in budgets:
+                resolve_budget(b, reader)  # the runtime checks its minimum when it starts
+            continue
         for b in (budgets if pl.hotness_source else [None]):
             pl.plan(reader, resolve_budget(b, reader), flat if pl.hotness_source else None)
     reader.close()
@@ -213,7 +278,7 @@ def check_plans(model, planners, budgets, store=None) -> Path:
 
 def evaluate(model, data=None, policies=None, budgets=None, windows=16, window_tokens=256, calibration=None,
              calibration_windows=128, progress=True, store=None, dtype=torch.float32, verify="lazy",
-             dense: str = "model") -> dict:
+             dense: str = "model", config: RuntimeConfig | None = None, step_tokens: int = STEP_TOKENS) -> dict:
     """The whole `dynaexq eval`: every policy (x budget, for hotness policies) -> the JSON report."""
     budgets = [parse_budget(b) for b in (budgets or [])]
     policies = list(policies) if policies else list(DEFAULT_POLICIES) + (list(HOTNESS_POLICIES) if budgets else [])
@@ -225,8 +290,8 @@ def evaluate(model, data=None, policies=None, budgets=None, windows=16, window_t
     try:
         results = []
         for spec, pl in zip(policies, planners):
-            for b in (budgets if pl.hotness_source else [None]):
-                results.append(ev.run(spec, b))
+            for b in (budgets if budgeted(pl) else [None]):
+                results.append(ev.run(spec, b, config, step_tokens))
         return ev.report(results)
     finally:
         ev.close()

@@ -29,10 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 from dynaexq.engine.dynamic import start_runtime, stop_runtime
 from dynaexq.errors import UserError
+from dynaexq.eval.harness import (Evaluation, _model_dir, budgeted, calibration_texts, check_plans, parse_data,
+                                  stream_logits)
 from dynaexq.runtime.controller import RuntimeConfig
 from dynaexq.runtime.planners import parse_policy, resolve_budget
 from dynaexq.sizes import format_size
@@ -93,14 +94,6 @@ def parse_spec(spec: str):
     return planner, (source if at else None), oracle
 
 
-def _stream_window(engine, x, step_tokens: int) -> torch.Tensor:
-    cache, chunks = DynamicCache(config=engine.model.config), []
-    for s in range(0, x.shape[1], step_tokens):
-        chunks.append(engine.model(input_ids=x[:, s:s + step_tokens], past_key_values=cache, use_cache=True).logits)
-        engine.after_step()
-    return torch.cat(chunks, 1)
-
-
 @torch.inference_mode()
 def stream_phase(ev, name: str, idx: list, step_tokens: int) -> tuple:
     """Stream windows `idx` of domain `name` through ev's engine -> (sum of KL, top-1 hits, scored positions,
@@ -109,7 +102,7 @@ def stream_phase(ev, name: str, idx: list, step_tokens: int) -> tuple:
     count = tokens = 0
     for i in idx:
         x = ev.windows[name][i:i + 1].to(ev.engine.model.device)  # [1, T]
-        logp = F.log_softmax(_stream_window(ev.engine, x, step_tokens)[0, :-1].float(), dim=-1).cpu()
+        logp = F.log_softmax(stream_logits(ev.engine, x, step_tokens)[0, :-1].float(), dim=-1).cpu()
         ref = torch.from_numpy(np.array(ev.ref_logp[name][i // ev.batch][i % ev.batch]))
         kl += (ref.exp() * (ref - logp)).sum().item()
         top1 += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
@@ -249,7 +242,6 @@ def evaluate_shift(model, data=None, policies=None, budgets=None, windows=16, wi
                    config: RuntimeConfig = RuntimeConfig(), progress=True, store=None,
                    dtype=torch.float32, verify="lazy", scenario: str = "shift", dense: str = "model") -> dict:
     """The whole `dynaexq eval --scenario ...` -> JSON report (every policy at every budget; default int3)."""
-    from dynaexq.eval.harness import Evaluation, _model_dir, calibration_texts, check_plans, parse_data
     from dynaexq.store.reader import StoreReader
 
     if scenario not in SCENARIOS:
@@ -260,7 +252,7 @@ def evaluate_shift(model, data=None, policies=None, budgets=None, windows=16, wi
     budgets = list(budgets or ["int3"])
     parsed = [parse_spec(p) for p in policies or []]  # bad specs fail before any work
     data = parse_data(data, _model_dir(model))
-    store = check_plans(model, [pl for pl, _, _ in parsed if not getattr(pl, "dynamic", False)], budgets, store)
+    store = check_plans(model, [pl for pl, _, _ in parsed], budgets, store)
     reader = StoreReader(store)
     texts = list(calibration_texts(model, reader, calibration))
     reader.close()
@@ -277,7 +269,7 @@ def evaluate_shift(model, data=None, policies=None, budgets=None, windows=16, wi
         stream = phases(ev.windows, repeats, scenario)  # too few windows fails before any policy runs
         results = [run_shift(ev, spec, b, repeats, step_tokens, config, scenario)
                    for spec, (pl, _, _) in zip(policies, parsed)
-                   for b in (budgets if pl.hotness_source else [None])]
+                   for b in (budgets if budgeted(pl) else [None])]
         return {**ev.report([]), "scenario": scenario, "repeats": repeats, "step_tokens": step_tokens,
                 "phases": [{"phase": p, "domain": n, "windows": idx} for p, n, idx in stream],
                 "runtime": {"alpha": config.alpha, "half_life_tokens": config.half_life_tokens,

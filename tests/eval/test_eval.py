@@ -182,3 +182,45 @@ def test_eval_on_the_bundled_model_prints_no_warning(store):
              if "warn" in line.lower() or "token indices" in line.lower() or "deprecat" in line.lower()]
     assert noisy == [], noisy
     assert "uniform:int2" in proc.stdout
+
+
+RUNTIME = ["dynaexq", "multilevel", "frozen", "lru-offload:int4", "lru-offload+prefetch:int4"]
+STATIC = ["uniform:int4", "calibrated", "calibrated-multilevel", "oracle"]
+
+
+def test_every_policy_family_runs_in_eval_at_a_resident_budget(store, tmp_path, capsys):
+    plan = tmp_path / "map.json"
+    plan.write_text(json.dumps({"default": "int3", "layers": {"0": "int4"}}))
+    code, out, err = run(capsys, "eval", "--model", store, *WIN, "--expert-budget", "int3", "--json",
+                         "--policy", *STATIC, f"map:{plan}", *RUNTIME)
+    assert code == 0, err
+    res = {r["policy"].split(":")[0] if not r["policy"].startswith("lru") else r["policy"]: r
+           for r in json.loads(out.strip().splitlines()[-1])["results"]}
+    budget = StoreReader(store).manifest  # noqa: F841 (the store is readable)
+    for name, r in res.items():
+        assert math.isfinite(r["mean_kl"]) and 0 <= r["mean_kl"] < 0.5, (name, r["mean_kl"])
+        if r["budget"] is not None:
+            assert r["expert_bytes"] <= r["budget"], (name, r["expert_bytes"], r["budget"])
+    for name in ("dynaexq", "multilevel", "frozen"):
+        assert res[name]["runtime"]["step_tokens"] == 32 and res[name]["runtime"]["offload"] is None
+    assert res["lru-offload:int4"]["runtime"]["offload"]["misses"] > 0  # an offload-only baseline
+
+
+def test_runtime_policies_run_in_eval_at_an_offload_budget_and_the_others_are_refused(store, capsys):
+    code, out, err = run(capsys, "eval", "--model", store, *WIN, "--expert-budget", "2MiB", "--json",
+                         "--policy", "dynaexq", "multilevel", "lru-offload:int4")
+    assert code == 0, err
+    for r in json.loads(out.strip().splitlines()[-1])["results"]:
+        off = r["runtime"]["offload"]
+        assert off is not None and off["misses"] > 0 and r["expert_bytes"] <= r["budget"], r
+        assert math.isfinite(r["mean_kl"]), r
+    code, _, err = run(capsys, "eval", "--model", store, *WIN, "--expert-budget", "2MiB", "--policy", "frozen")
+    assert code == 2 and "dynaexq and multilevel run below it" in err, err
+    code, _, err = run(capsys, "eval", "--model", store, *WIN, "--expert-budget", "2MiB", "--policy", "calibrated")
+    assert code == 2 and "the minimum budget for this policy is 6.41 MiB; below it the runtime policies dynaexq " \
+        "and multilevel" in err, err
+    code, out, err = run(capsys, "eval", "--model", store, "--windows", "2", "--window-tokens", "64",
+                         "--calibration-windows", "6", "--scenario", "steady", "--repeats", "1", "--expert-budget",
+                         "2235904", "--policy", "lru-offload:int4", "--json")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["results"][0]["budget"] == 2235904

@@ -54,7 +54,8 @@ def _check_fits(planner, reader, budget: int, floor: Precision) -> int:
     if low > budget:
         raise UserError(f"policy {planner}: even every expert at {floor.value} needs {low} bytes "
                         f"({format_size(low)}) but the expert budget is {budget} bytes ({format_size(budget)}); "
-                        f"the minimum budget for this policy is {format_size(low)}")
+                        f"the minimum budget for this policy is {format_size(low)}; below it the runtime policies "
+                        "dynaexq and multilevel keep the hot experts resident and read the rest from the store")
     return low
 
 
