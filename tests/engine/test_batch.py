@@ -94,6 +94,46 @@ def test_batched_sampling_draws_what_each_rows_own_sampler_draws():
     assert sample_rows([], torch.zeros(0, 5)) == []
 
 
+def _nucleus(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution sampling should follow, in float64 from the definitions: softmax(logits / T) over the
+    top-k logits, then the smallest set of the likeliest tokens whose probability reaches top_p, renormalized."""
+    x = logits.double() / temperature
+    if top_k:
+        x[x < x.topk(top_k).values[-1]] = -float("inf")
+    p = x.softmax(-1)
+    order = p.argsort(descending=True)
+    before = p[order].cumsum(0) - p[order]  # mass of the likelier tokens
+    keep = torch.zeros_like(p, dtype=torch.bool)
+    keep[order] = before < top_p
+    p = torch.where(keep, p, 0.0)
+    return p / p.sum()
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.7), dict(temperature=1.3, top_k=4), dict(temperature=1.0, top_p=0.8),
+                                dict(temperature=0.8, top_k=6, top_p=0.9)])
+def test_sampled_tokens_follow_the_warped_distribution(kw):
+    """20,000 rows with the same logits, each its own seeded generator: a chi-square test of the counts against
+    the distribution computed from the definitions; the same counts against the distribution at 1.5x the
+    temperature (on the same tokens) are rejected (the test can fail)."""
+    from scipy.stats import chisquare
+    logits = torch.tensor([2.1, 1.7, 1.4, 0.9, 0.5, 0.2, -0.3, -0.8, -1.4, -2.2])
+    n = 20_000
+    seqs = [Sequence([1], SamplingParams(seed=i, **kw), None) for i in range(n)]
+    counts = torch.bincount(torch.tensor(sample_rows(seqs, logits.expand(n, -1))), minlength=len(logits)).double()
+
+    def p_value(expected):
+        support = expected > 0
+        assert counts[~support].sum() == 0, (counts, expected)  # nothing outside the kept tokens
+        return chisquare(counts[support].numpy(), (expected[support] * n).numpy()).pvalue
+
+    assert p_value(_nucleus(logits, **kw)) > 1e-3, (counts / n, _nucleus(logits, **kw))
+    wrong = {**kw, "temperature": kw["temperature"] * 1.5}
+    support = _nucleus(logits, **kw) > 0
+    alt = _nucleus(logits, **wrong)
+    alt = torch.where(support, alt, 0.0) / torch.where(support, alt, 0.0).sum()  # the same support: only the shape
+    assert p_value(alt) < 1e-6
+
+
 def test_stop_strings_end_the_text_before_them_and_are_never_streamed(engine):
     tok = engine.tokenizer
     ref_text = tok.decode(_reference(engine, PROMPTS[0], 40), skip_special_tokens=True)

@@ -239,15 +239,38 @@ def test_hot_policy_wants_the_hottest_high_and_a_guess_never_displaces_a_hotter_
     assert pol.victim(0, Precision.INT2, [((0, 3), 99), ((1, 1), 2)], False, 0, (0, 1), True, now=100) == (1, 1)
 
 
-def test_lookahead_recall_is_measured_per_layer(checkpoints):
-    _, store = checkpoints("qwen3_moe")
-    eng = _offload(store, "dynaexq:hi=int4,lo=int2,prefetch=1", 8)
-    _steps(eng, 10, seed=5)
-    rec = eng.runtime.cache.report()["recall"]
+def test_lookahead_recall_is_what_the_predictions_and_the_routing_give_and_beats_chance(bundled_store):
+    """On the (trained) bundled model: the recall the cache reports per layer equals |predicted & routed| / |routed|
+    computed here from every prediction and every routing, and the look-ahead (layer l+1's norm and router on
+    layer l's post-attention hidden state) finds the experts far better than chance (K / E)."""
+    eng = dynaexq.load(bundled_store, "dynaexq:prefetch=1", "2MiB", progress=False)
+    cache, k, E = eng.runtime.cache, 4, eng.reader.num_experts
+    predicted, hits = {}, {layer: [0, 0] for layer in eng.banks}
+    real = cache.prefetch
+
+    def prefetch(layer, experts):
+        predicted[layer] = set(experts)
+        return real(layer, experts)
+    cache.prefetch = prefetch
+
+    def routed(bank, args):
+        pred = predicted.pop(bank.layer, None)
+        if pred is not None:
+            got = set(args[1].flatten().tolist())
+            hits[bank.layer][0] += len(pred & got)
+            hits[bank.layer][1] += len(got)
+    hooks = [b.register_forward_pre_hook(routed) for b in eng.banks.values()]
+    eng.generate("def fibonacci(n):\n    if n < 2:", 24)
+    eng.generate("The history of the", 16)
+    for h in hooks:
+        h.remove()
+    rec = cache.report()["recall"]
     first, *rest = sorted(rec)
-    assert rec[first] is None  # nothing predicts the first MoE layer
-    assert all(rec[layer] is not None and 0 <= rec[layer] <= 1 for layer in rest)
-    assert eng.runtime.stats()["offload"]["prefetches_issued"] > 0
+    assert rec[first] is None and hits[first][1] == 0  # nothing predicts the first MoE layer
+    for layer in rest:
+        a, b = hits[layer]
+        assert b > 0 and rec[layer] == pytest.approx(a / b, abs=1e-12), (layer, rec[layer], a, b)
+        assert rec[layer] > 3 * k / E, (layer, rec[layer])
     eng.close()
 
 

@@ -142,22 +142,38 @@ def test_the_race_test_detects_tears_when_reclaim_ignores_leases(engine, monkeyp
         engine.close()
 
 
-def test_same_statistics_stream_gives_the_same_sequence_of_maps(engine):
-    def run(blocking):
+def test_the_published_maps_do_not_depend_on_how_fast_transitions_run(engine):
+    """The same statistics stream, with transitions inline (blocking), fast in the background and slowed down so
+    that decisions are taken while earlier pairs still wait: after each drain the *published* maps are the same.
+    (A controller deciding on what is published instead of its target would diverge in the slow run.)"""
+    def run(blocking=False, slow=0.0):
         rt = start(engine, "dynaexq:hi=int8,lo=int2", update_every=3, blocking=blocking)
+        make, lagging = rt.transitions.make, []
+        if slow:
+            rt.transitions.make = lambda *a: time.sleep(slow) or make(*a)
+        decide = rt.controller.decide
+
+        def watched():
+            lagging.append(rt.transitions.pending() + rt.transitions.in_flight() > 0)
+            return decide()
+        rt.controller.decide = watched
         try:
             g = torch.Generator().manual_seed(5)
-            for _ in range(60):
+            maps = []
+            for i in range(60):
                 rt.controller.on_step(random_stats(engine, g))
-            rt.transitions.drain()
-            assert published(engine) == rt.controller.target_map()
-            return list(rt.controller.history), rt.transitions.stats["pairs"]
+                if i % 15 == 14:
+                    rt.transitions.drain()
+                    maps.append(published(engine))
+            assert maps[-1] == rt.controller.target_map()
+            return maps, rt.transitions.stats["pairs"], sum(lagging)
         finally:
             engine.close()
 
-    a, b, c = run(False), run(False), run(True)
-    assert a == b == c
-    assert a[1] > 0 and len(set(a[0])) > 1  # the maps did change along the stream
+    blocking, fast, slow = run(blocking=True), run(), run(slow=0.01)
+    assert blocking[0] == fast[0] == slow[0] and blocking[1] == fast[1] == slow[1]
+    assert blocking[1] > 0 and len({tuple(sorted(m.items())) for m in blocking[0]}) > 1  # the maps did change
+    assert slow[2] > 0, "no decision was taken while transitions lagged: the slow run tested nothing"
 
 
 def test_async_runtime_computes_exactly_what_a_static_map_computes(engine, checkpoints):
