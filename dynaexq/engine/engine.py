@@ -29,6 +29,7 @@ class Engine:
     dtype: torch.dtype = torch.bfloat16
     runtime: object | None = None  # engine.dynamic.Runtime while a dynamic policy runs
     threads: int = field(default_factory=torch.get_num_threads)  # cores a decode step computes on
+    sizes: object | None = None  # runtime.budget.SizedReader: each precision's bytes per expert resident here
 
     def use_threads(self) -> None:
         """Make the calling thread (the one about to run forwards) compute on `threads` cores. Called where a

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,7 +30,9 @@ from dynaexq.engine.dynamic import start_runtime
 from dynaexq.engine.engine import Engine, read_text, text_windows
 from dynaexq.errors import UserError
 from dynaexq.quant.dense import quantize_dense
+from dynaexq.runtime.budget import SizedReader
 from dynaexq.runtime.controller import RuntimeConfig
+from dynaexq.runtime.version import make_version, slot_layout
 from dynaexq.runtime.planners import parse_policy, resolve_budget
 from dynaexq.sizes import format_size
 from dynaexq.store import layout
@@ -96,10 +99,15 @@ def _load(path, policy, expert_budget, store, device, backend, dtype, verify, pr
     reader = StoreReader(resolve_store(path, store, progress))
     reader.check(verify, progress)
     planner = parse_policy(policy) if isinstance(policy, str) else policy
-    budget = resolve_budget(expert_budget, reader)
+    sized = resident_sizes(reader, backend, dtype or getattr(torch, reader.manifest["source_dtype"]), device)
+    budget = resolve_budget(expert_budget, sized)  # a precision name: the bytes every expert takes resident here
     if getattr(planner, "dynamic", False):
-        return _load_dynamic(path, reader, planner, budget, device, backend, dtype, progress, calibration,
-                             calibration_windows, window_tokens, runtime or RuntimeConfig(), dense)
+        planner = _usable_ladder(planner, sized)
+        sized.check(planner.tiers(reader))
+        engine = _load_dynamic(path, reader, planner, budget, device, backend, dtype, progress, calibration,
+                               calibration_windows, window_tokens, runtime or RuntimeConfig(), dense)
+        engine.sizes = sized
+        return engine
     if runtime is not None:
         raise UserError(f"runtime options are for the runtime policies (dynaexq, multilevel, frozen), not {planner}")
     if planner.hotness_source == "eval":
@@ -109,20 +117,55 @@ def _load(path, policy, expert_budget, store, device, backend, dtype, verify, pr
         raise UserError(f"policy {planner} needs an expert budget (--expert-budget SIZE, or a precision such as int3 "
                         "meaning the bytes of every expert at that precision)")
     calib_files = calibration_files(path, reader, calibration) if planner.hotness_source else []
-    plan = planner.floor(reader) if planner.hotness_source else planner.plan(reader, budget)
-    need = sum(reader.expert_bytes(layer, e, p) for (layer, e), p in plan.items())
+    plan = planner.floor(sized) if planner.hotness_source else planner.plan(sized, budget)
+    sized.check(set(plan.values()))
+    need = sum(sized.expert_bytes(layer, e, p) for (layer, e), p in plan.items())
     if budget is not None and need > budget:
         fits = [p.value for p in reader.precisions
-                if sum(reader.expert_bytes(layer, e, p) for (layer, e) in plan) <= budget]
+                if sum(sized.expert_bytes(layer, e, p) for (layer, e) in plan) <= budget]
         hint = f"uniform precisions that fit: {', '.join(fits)}" if fits else "no uniform precision fits"
-        raise UserError(f"policy {planner} needs {need} bytes ({format_size(need)}) of expert memory but the expert "
-                        f"budget is {budget} bytes ({format_size(budget)}); {hint}")
+        raise UserError(f"policy {planner} needs {need} bytes ({format_size(need)}) of expert memory resident on "
+                        f"{sized.where} but the expert budget is {budget} bytes ({format_size(budget)}); {hint}")
     engine = _empty_engine(reader, planner, device, backend, dtype, dense)
+    engine.sizes = sized
     engine.apply(plan, progress=progress)  # every version owns its memory; the store is unmapped after
     if calib_files:
         windows = calibration_tokens(engine.tokenizer, calib_files, calibration_windows, window_tokens)
-        engine.apply(planner.plan(reader, budget, engine.routing_mass(windows, progress=progress)), progress=progress)
+        final = planner.plan(sized, budget, engine.routing_mass(windows, progress=progress))
+        sized.check(set(final.values()))
+        engine.apply(final, progress=progress)
     return engine
+
+
+def _usable_ladder(planner, sized):
+    """A multilevel ladder without the precisions that take no fewer bytes than a higher one where they run
+    (aten's int4 fallback, CUDA: int3/int2 are held as int4 codes), said once; other planners as they are."""
+    bad = sized.dominated()
+    drop = [p for p in getattr(planner, "ladder", ()) if p in bad] if getattr(planner, "kind", "") == "multilevel" else []
+    if not drop:
+        return planner
+    if len([p for p in planner.ladder if p not in bad and p in sized.precisions]) < 2:
+        sized.check(drop)  # nothing left to trade between: say why
+    print(f"dynaexq: {', '.join(p.value for p in drop)} take no fewer bytes than {bad[drop[0]].value} resident on "
+          f"{sized.where}: the ladder of {planner} leaves them out", file=sys.stderr)
+    return dataclasses.replace(planner, ladder=tuple(p for p in planner.ladder if p not in bad))
+
+
+def resident_sizes(reader, backend: str, dtype, device) -> SizedReader:
+    """The store reader with each precision's size as it is resident on `device` with `backend`'s kernels: one
+    version per precision laid out for real (every MoE layer's experts have the same shapes)."""
+    from dynaexq.quant import lowbit_cpu
+
+    layer, sizes, weights = reader.layers[0], {}, 0
+    for p in reader.precisions:
+        tensors = reader.read_expert(layer, 0, p)
+        sizes[p] = slot_layout(make_version(tensors, backend, dtype, device))[1]
+        weights = sum(tensors[m].shape[0] * tensors[m].shape[1] for m in ("gate_up", "down"))
+    reader.close()
+    where = {"cuda": f"{device} (tinygemm int4 codes for every grouped precision)", "reference": "the reference "
+             "backend"}.get(backend) or ("the CPU (native low-bit kernel)" if lowbit_cpu.extension() is not None else
+                                         "the CPU (aten's int4 kernel: the native low-bit kernel is not built)")
+    return SizedReader(reader, sizes, where, weights)
 
 
 def _load_dynamic(path, reader, planner, budget, device, backend, dtype, progress, calibration,

@@ -30,7 +30,8 @@ from transformers import DynamicCache
 
 from dynaexq.engine.dynamic import start_runtime, stop_runtime
 from dynaexq.engine.engine import read_text, text_windows
-from dynaexq.engine.load import calibration_files, calibration_tokens, load, load_tokenizer, resolve_store
+from dynaexq.engine.load import (calibration_files, calibration_tokens, load, load_tokenizer, resident_sizes,
+                                 resolve_store)
 from dynaexq.errors import UserError
 from dynaexq.quant.dense import quantize_dense
 from dynaexq.runtime.controller import RuntimeConfig
@@ -102,6 +103,7 @@ class Evaluation:
         self.engine = load(model, f"uniform:{self.ref.value}", store=store_dir, progress=progress, dtype=dtype,
                            verify=verify)
         self.reader = self.engine.reader
+        self.sized = resident_sizes(self.reader, self.engine.backend, self.engine.dtype, self.engine.model.device)
         self.reference_bytes = self.engine.expert_bytes()
         short = {n: len(w) for n, w in self.windows.items() if len(w) < windows}
         if short:
@@ -180,7 +182,7 @@ class Evaluation:
     def run(self, policy: str, budget=None, config: RuntimeConfig | None = None,
             step_tokens: int = STEP_TOKENS) -> dict:
         planner = parse_policy(policy)
-        budget_bytes = resolve_budget(budget, self.reader)
+        budget_bytes = resolve_budget(budget, self.sized)
         if getattr(planner, "dynamic", False):
             return self._run_runtime(planner, budget_bytes, config or RuntimeConfig(), step_tokens)
         hotness = None
@@ -189,9 +191,10 @@ class Evaluation:
         elif planner.hotness_source == "eval":
             hotness = self.eval_hotness
         t0 = time.perf_counter()
-        plan = planner.plan(self.reader, budget_bytes, hotness)
+        plan = planner.plan(self.sized, budget_bytes, hotness)
+        self.sized.check(set(plan.values()))
         if planner.hotness_source is None and budget_bytes is not None:
-            need = sum(self.reader.expert_bytes(layer, e, p) for (layer, e), p in plan.items())
+            need = sum(self.sized.expert_bytes(layer, e, p) for (layer, e), p in plan.items())
             if need > budget_bytes:
                 raise UserError(f"policy {planner} needs {need} expert bytes, over the budget {budget_bytes}")
         self.engine.apply(plan)

@@ -118,7 +118,7 @@ def run_shift(ev, policy: str, budget=None, repeats: int = 2, step_tokens: int =
     if step_tokens < 1:
         raise UserError(f"--step-tokens must be >= 1, got {step_tokens}")
     planner, source, oracle = parse_spec(policy)
-    budget_bytes = resolve_budget(budget, ev.reader)
+    budget_bytes = resolve_budget(budget, ev.sized)
     engine, rt = ev.engine, None
     stream = phases(ev.windows, repeats, scenario)
     if oracle:
@@ -132,14 +132,14 @@ def run_shift(ev, policy: str, budget=None, repeats: int = 2, step_tokens: int =
     else:
         hotness = ev.calibration_hotness(planner.floor(ev.reader), source) if planner.hotness_source == "calibration" \
             else (ev.eval_hotness if planner.hotness_source == "eval" else None)
-        engine.apply(planner.plan(ev.reader, budget_bytes, hotness))
+        engine.apply(planner.plan(ev.sized, budget_bytes, hotness))
     name_of = ("phase-" + str(planner)) if oracle else str(planner) + (f"@{source}" if source else "")
     try:
         t0 = time.perf_counter()
         per_phase, total, streamed = [], {"kl": 0.0, "top1": 0.0, "tokens": 0}, 0
         for phase, name, idx in tqdm(stream, desc=f"{scenario} {name_of}", disable=not ev.progress):
             if oracle:
-                engine.apply(planner.plan(ev.reader, budget_bytes, hot[phase]))
+                engine.apply(planner.plan(ev.sized, budget_bytes, hot[phase]))
             before = rt.stats()["transitions"] if rt else {}  # (both regimes: the offload one counts fetches)
             kl, top1, count, tokens = stream_phase(ev, name, idx, step_tokens)
             streamed += tokens

@@ -106,3 +106,47 @@ def split_budget(total: int, reserves: dict) -> int:
                         + ", ".join(f"{k} {format_size(v)}" for k, v in reserves.items())
                         + "); give a larger --budget or set --expert-budget directly")
     return total - fixed
+
+
+class SizedReader:
+    """A store reader whose expert sizes are the bytes a version really occupies where it runs (measured by
+    laying one out: `version.slot_layout`), not the bytes it takes in the store: they differ on the aten
+    fallback and on CUDA, where the low-bit codes are held as int4 codes with bf16 tables. Planners and budget
+    checks read sizes through it; everything else goes to the store reader."""
+
+    def __init__(self, reader, sizes: dict, where: str = "this device", weights: int | None = None):
+        self._reader, self.sizes, self.where = reader, sizes, where  # sizes: {precision: bytes per expert}
+        self.weights = weights  # weights per expert (gate_up + down), for bits per weight in messages
+        self.layers, self.num_experts, self.precisions = reader.layers, reader.num_experts, reader.precisions
+
+    def expert_bytes(self, layer, e, p):
+        return self.sizes[p]
+
+    def output_error(self, layer, e, p):
+        return self._reader.output_error(layer, e, p)
+
+    def __getattr__(self, name):
+        return getattr(self._reader, name)
+
+    def dominated(self) -> dict:
+        """{precision: the highest precision above it whose resident form here is no larger}."""
+        out = {}
+        for p in self.sizes:
+            better = [q for q in self.sizes if q.bits > p.bits and self.sizes[q] <= self.sizes[p]]
+            if better:
+                out[p] = max(better, key=lambda q: q.bits)
+        return out
+
+    def check(self, precisions) -> None:
+        """Refuse a precision whose resident form here is no smaller than a higher precision's (it would cost
+        as many bytes and lose quality): name both, with their bits per weight."""
+        bad = self.dominated()
+        for p in precisions:
+            if p in bad:
+                q = bad[p]
+
+                def bpw(x):
+                    return f" ({8 * self.sizes[x] / self.weights:.2f} bits per weight)" if self.weights else ""
+                raise UserError(f"{p.value} takes {format_size(self.sizes[p])} per expert resident on {self.where}"
+                                f"{bpw(p)}, no less than {q.value}'s {format_size(self.sizes[q])}{bpw(q)}: give "
+                                f"{q.value} or another precision above it")

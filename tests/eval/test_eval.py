@@ -12,6 +12,8 @@ import dynaexq
 from dynaexq.cli import main
 from dynaexq.demo import BUNDLED
 from dynaexq.errors import UserError
+from dynaexq.quant.precision import Precision
+from dynaexq.runtime.version import make_version
 from dynaexq.store.reader import StoreReader
 
 WIN = ["--windows", "3", "--window-tokens", "64", "--calibration-windows", "6"]
@@ -73,10 +75,15 @@ def test_eval_json_is_consistent_and_matches_an_independent_computation(store, c
     int3 = sum(reader.expert_bytes(layer, e, dynaexq.quant.precision.Precision.INT3)
                for layer in reader.layers for e in range(reader.num_experts))
     assert res["uniform:int3"]["expert_bytes"] == int3  # measured resident bytes == manifest bytes
+    # a budget named int3 is what every expert at int3 occupies resident: the same bytes, each tensor 64-B aligned
+    v = make_version(reader.read_expert(reader.layers[0], 0, Precision.INT3), "cpu", torch.float32)
+    aligned = len(reader.layers) * reader.num_experts * sum(-(-t.numel() * t.element_size() // 64) * 64 for t in (
+        v.gate_up.blob, v.down.blob))
+    assert int3 <= aligned < 1.01 * int3
     for name in ("calibrated", "calibrated-multilevel", "oracle"):
         r = res[name]
-        assert r["budget"] == int3 and r["expert_bytes"] <= int3
-        assert r["expert_bytes"] > 0.97 * int3  # the budget is filled
+        assert r["budget"] == aligned and r["expert_bytes"] <= aligned
+        assert r["expert_bytes"] > 0.97 * aligned  # the budget is filled
         assert math.isclose(r["mean_kl"], sum(v["kl"] for v in r["domains"].values()) / 3)
     assert set(res["calibrated"]["precisions"]) == {"int8", "int2"}
 

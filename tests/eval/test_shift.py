@@ -105,12 +105,12 @@ def test_phase_oracle_is_the_oracle_map_of_each_phases_own_routing(bundled_store
                     progress=False)
     try:
         got = run_shift(ev, "phase-oracle", "int3", repeats=2, step_tokens=16)
-        budget, oracle = resolve_budget("int3", ev.reader), parse_policy("oracle")
+        budget, oracle = resolve_budget("int3", ev.sized), parse_policy("oracle")  # resident bytes
         ref_map = {(layer, e): ev.ref for layer in ev.reader.layers for e in range(ev.reader.num_experts)}
         for row, (name, i) in zip(got["phases"], [("code", 0), ("dict", 0), ("code", 1), ("dict", 1)]):
             w = ev.windows[name][i:i + 1]
             ev.engine.apply(ref_map)
-            plan = oracle.plan(ev.reader, budget, _router_mass(ev.engine, w))  # brute force: route, plan, run
+            plan = oracle.plan(ev.sized, budget, _router_mass(ev.engine, w))  # brute force: route, plan, run
             ev.engine.apply(plan)
             with torch.inference_mode():
                 logp = torch.log_softmax(ev.engine.model(input_ids=w).logits[0, :-1].double(), -1)

@@ -32,7 +32,7 @@ import numpy as np
 
 from dynaexq.errors import UserError
 from dynaexq.quant.precision import Precision
-from dynaexq.runtime.budget import ALLOCATIONS, two_tier_counts
+from dynaexq.runtime.budget import ALLOCATIONS, SizedReader, two_tier_counts
 from dynaexq.runtime.planners.calibrated import LADDER, MultilevelPlanner, _options
 
 
@@ -133,8 +133,8 @@ class DynamicPlanner:
                                    expert_budget, self.alloc)
             return {(layer, p): (n if p == self.hi else E - n) for layer, n in n_hi.items() for p in tiers}
         flat = {layer: np.ones(E) for layer in reader.layers}
-        plan = MultilevelPlanner(tuple(tiers), self.power).plan(_SlotSizes(reader, slot_bytes), expert_budget,
-                                                                hotness or flat)
+        sized = SizedReader(reader, {p: slot_bytes[(reader.layers[0], p)] for p in tiers})  # the measured slots
+        plan = MultilevelPlanner(tuple(tiers), self.power).plan(sized, expert_budget, hotness or flat)
         out = {(layer, p): 0 for layer in reader.layers for p in tiers}
         for (layer, _), p in plan.items():
             out[(layer, p)] += 1
@@ -216,17 +216,3 @@ def _swaps(S, C, tier, delta: float) -> list:
         tier[a], tier[b] = q, p
         out.append(best)
     return out
-
-
-class _SlotSizes:
-    """A store reader whose expert sizes are the runtime's measured slot sizes (for the multilevel allocation)."""
-
-    def __init__(self, reader, slot_bytes: dict):
-        self._reader, self._bytes = reader, slot_bytes
-        self.layers, self.num_experts, self.precisions = reader.layers, reader.num_experts, reader.precisions
-
-    def expert_bytes(self, layer, e, p):
-        return self._bytes[(layer, p)]
-
-    def output_error(self, layer, e, p):
-        return self._reader.output_error(layer, e, p)
