@@ -78,7 +78,8 @@ def cmd_serve(args) -> int:
               "use the server", file=sys.stderr)
     engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
                           store=args.store, calibration=args.calibration, runtime=_runtime_config(args),
-                          dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense, threads=_threads(args))
+                          dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense, threads=_threads(args),
+                          device=args.device)
     try:
         app = create_app(engine, config)
     except BaseException:
@@ -98,7 +99,8 @@ def cmd_generate(args) -> int:
 
     engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
                           store=args.store, calibration=args.calibration, runtime=_runtime_config(args),
-                          dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense, threads=_threads(args))
+                          dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense, threads=_threads(args),
+                          device=args.device)
     try:
         if engine.tokenizer is None:
             raise UserError(f"model {args.model!r} has no tokenizer files; generate needs one")
@@ -144,7 +146,8 @@ def cmd_eval(args) -> int:
     out = harness.evaluate(_model_path(args.model), args.data, args.policy, args.expert_budget, args.windows,
                            args.window_tokens, args.calibration, args.calibration_windows, progress=not args.json,
                            store=args.store, dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense,
-                           config=_runtime_config(args), step_tokens=args.step_tokens or harness.STEP_TOKENS)
+                           config=_runtime_config(args), step_tokens=args.step_tokens or harness.STEP_TOKENS,
+                           device=args.device)
     print(report.table(out), file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(out))
@@ -175,7 +178,8 @@ def _sweep(args) -> int:
     budgets = args.expert_budget or ["int2"]  # the sweep's own budgets start at all-int2
     args.store = harness.check_plans(model, [harness.parse_policy(p) for p in policies], budgets, args.store)
     ev = harness.Evaluation(model, data, args.windows, args.window_tokens, args.calibration, args.calibration_windows,
-                            store=args.store, dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense)
+                            store=args.store, dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense,
+                            device=args.device)
     try:
         budgets = ([harness.resolve_budget(b, ev.reader) for b in args.expert_budget] if args.expert_budget
                    else report.sweep_budgets(ev.reader))
@@ -214,7 +218,7 @@ def _shift(args) -> int:
                                args.window_tokens, args.calibration, args.calibration_windows, args.repeats,
                                args.step_tokens or 32, config, progress=not args.json, store=args.store,
                                dtype=_dtype(args.dtype), verify=args.verify, scenario=args.scenario,
-                               dense=args.dense)
+                               dense=args.dense, device=args.device)
     print(shift.table(out["results"]), file=sys.stderr if args.json else sys.stdout)
     if args.plot:
         paths = shift.write_outputs(out, Path(args.out or f"eval-{args.scenario}"))
@@ -229,7 +233,8 @@ def cmd_lm_eval(args) -> int:
     from dynaexq.eval import lm_eval_adapter
 
     engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
-                          store=args.store, calibration=args.calibration, verify=args.verify, threads=_threads(args))
+                          store=args.store, calibration=args.calibration, verify=args.verify, threads=_threads(args),
+                          device=args.device)
     results = lm_eval_adapter.run(engine, args.tasks, args.include_path, args.limit, args.batch_size,
                                   args.num_fewshot)
     from lm_eval.utils import make_table
@@ -247,6 +252,10 @@ def cmd_inspect(args) -> int:
     report = store_inspect.inspect(args.path, args.verify)
     print(json.dumps(report, indent=1) if args.json else store_inspect.format_report(report))
     return 0 if report.get("integrity", "ok").startswith(("ok", "stamps ok")) else 2
+
+
+def _add_device(parser) -> None:
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda[:N] (default: %(default)s)")
 
 
 def _add_threads(parser) -> None:
@@ -293,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--store", help="use this store for --model (it must have been prepared from that checkpoint)")
     _add_verify(sg)
     _add_threads(sg)
+    _add_device(sg)
     sg.add_argument("--policy", default="uniform:bf16", help="uniform:<precision> | map:<file.json> | calibrated"
                     "[:hi=int8,lo=int2] | calibrated-multilevel | runtime policies: dynaexq[:hi=int8,lo=int2,"
                     "delta=0.01,alloc=proportional|depth] | multilevel | frozen (default: %(default)s)")
@@ -321,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--store", help="use this store for --model (it must have been prepared from that checkpoint)")
     _add_verify(se)
     _add_threads(se)
+    _add_device(se)
     se.add_argument("--data", nargs="+", action="extend", metavar="NAME=FILE", help="UTF-8 text files to evaluate on "
                     "(default: the model's eval/*.txt)")
     se.add_argument("--policy", nargs="+", action="extend", metavar="SPEC", help="policies (default: uniform "
@@ -364,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--store", help="use this store for --model")
     _add_verify(sl)
     _add_threads(sl)
+    _add_device(sl)
     sl.add_argument("--policy", default="uniform:bf16", help="precision policy (default: %(default)s)")
     sl.add_argument("--expert-budget", help="bytes for expert weights or a precision name")
     sl.add_argument("--calibration", nargs="+", action="extend", metavar="[NAME=]FILE",
@@ -380,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--store", help="use this store for --model (it must have been prepared from that checkpoint)")
     _add_verify(sv)
     _add_threads(sv)
+    _add_device(sv)
     sv.add_argument("--policy", default="uniform:bf16", help="precision policy, as for generate; the runtime "
                     "policies (dynaexq, multilevel) learn from the served traffic (default: %(default)s)")
     sv.add_argument("--expert-budget", help="bytes for expert weights, e.g. 20GiB, or a precision name (int3)")
@@ -414,6 +427,9 @@ def main(argv=None) -> int:
 
     hf_logging.disable_progress_bar()  # we show our own bars; theirs would repeat for every load
     try:
+        if getattr(args, "device", None) is not None:
+            from dynaexq.engine.load import check_device
+            check_device(args.device)  # before any work: a missing GPU is not found after the reference pass
         return args.fn(args)
     except UserError as err:
         print(f"dynaexq: error: {err}", file=sys.stderr)

@@ -197,3 +197,12 @@ def test_calibration_accepts_name_equals_file_like_data(tmp_path):
     assert calibration_files(tmp_path, None, [f"prose={f}", str(f)]) == [f, f]
     with pytest.raises(Exception, match="do not exist"):
         calibration_files(tmp_path, None, [f"prose={tmp_path / 'missing.txt'}"])
+
+
+@pytest.mark.parametrize("command", [["generate", "x"], ["eval"], ["serve"], ["lm-eval", "task"]])
+def test_device_flag_refuses_a_device_this_machine_does_not_have(tiny, capsys, command):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    code, _, err = run(capsys, *command, "--model", tiny, "--device", "cuda")
+    assert code == 2 and "--device cuda: no CUDA device is available" in err and "--device cpu" in err, err

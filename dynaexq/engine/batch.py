@@ -97,7 +97,7 @@ class Sequence:
         if self.params.temperature == 0:
             return int(logits.argmax())
         cdf = self.warpers(None, logits.float()[None])[0].softmax(-1).cumsum(0)  # [V]
-        u = torch.rand((), generator=self.generator) * cdf[-1]  # inverse-CDF draw: torch.multinomial costs ~10x
+        u = torch.rand((), generator=self.generator).to(cdf.device) * cdf[-1]  # inverse-CDF draw (multinomial: ~10x)
         return int(torch.searchsorted(cdf, u, right=True).clamp(max=cdf.numel() - 1))
 
     def append(self, token: int) -> None:
@@ -148,32 +148,37 @@ class Sequence:
 
 
 def sample_rows(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-    """logits [B, V] -> one token per sequence, as each one's own `sample` draws it (its warpers, its generator),
-    in a few batched calls: temperature, top-k and top-p as per-row tensors over one sort, one softmax and
-    cumsum, one searchsorted; only the draws stay per row (each sequence's generator, in its order)."""
-    if not seqs:
-        return []
+    """logits [B, V] -> one token per sequence (see `sample_tokens`), on the host."""
+    return sample_tokens(seqs, logits).tolist() if seqs else []
+
+
+def sample_tokens(seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> tokens [B] on the logits' device, one per sequence as each one's own `sample` draws it (its
+    warpers, its generator), in a few batched calls: temperature, top-k and top-p as per-row tensors over one
+    sort, one softmax and cumsum, one searchsorted; only the draws stay per row (each sequence's generator, on
+    the host, in its order)."""
+    dev = logits.device
     tokens = logits.argmax(-1)  # [B]: greedy rows
     hot = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
     if hot:
         x = logits[hot].float()  # [b, V]
         v = x.shape[-1]
         params = [seqs[i].params for i in hot]
-        x = x / torch.tensor([[p.temperature] for p in params])
-        k = torch.tensor([[min(p.top_k, v) if p.top_k else v] for p in params])  # [b, 1]
+        x = x / torch.tensor([[p.temperature] for p in params], device=dev)
+        k = torch.tensor([[min(p.top_k, v) if p.top_k else v] for p in params], device=dev)  # [b, 1]
         kth = x.sort(-1, descending=True).values.gather(1, k - 1)  # [b, 1] (TopKLogitsWarper: keeps ties)
         x = x.masked_fill(x < kth, -float("inf"))
-        top_p = torch.tensor([[p.top_p] for p in params])
-        if bool((top_p < 1).any()):  # TopPLogitsWarper: drop the low tail holding <= 1 - top_p, keep the top one
+        top_p = torch.tensor([[p.top_p] for p in params], device=dev)
+        if any(p.top_p < 1 for p in params):  # TopPLogitsWarper: drop the low tail holding <= 1 - top_p, keep the top
             asc, order = x.sort(-1)
             drop = asc.softmax(-1).cumsum(-1) <= 1 - top_p
             drop[:, -1] = False
             drop &= top_p < 1
             x = x.masked_fill(drop.scatter(1, order, drop), -float("inf"))
         cdf = x.softmax(-1).cumsum(-1)  # [b, V]
-        u = torch.stack([torch.rand((), generator=seqs[i].generator) for i in hot])[:, None] * cdf[:, -1:]
-        tokens[hot] = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=v - 1)
-    return tokens.tolist()
+        u = torch.stack([torch.rand((), generator=seqs[i].generator) for i in hot]).to(dev)[:, None] * cdf[:, -1:]
+        tokens[torch.tensor(hot, device=dev)] = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=v - 1)
+    return tokens
 
 
 def _lpad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:

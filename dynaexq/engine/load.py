@@ -92,9 +92,28 @@ def load(path, policy="uniform:bf16", expert_budget=None, *, store=None, device=
     return engine
 
 
+def check_device(device) -> torch.device:
+    """`device` as a torch.device that exists on this machine, else a UserError naming what would be valid."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {str(device)!r}: valid devices are cpu, cuda, cuda:N")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise UserError(f"--device {dev}: no CUDA device is available (torch {torch.__version__}, {build}); "
+                            "use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise UserError(f"--device {dev}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    return dev
+
+
 def _load(path, policy, expert_budget, store, device, backend, dtype, verify, progress, calibration,
           calibration_windows, window_tokens, runtime, dense) -> Engine:
-    device = torch.device(device)
+    device = check_device(device)
     backend = backend or ("cuda" if device.type == "cuda" else "cpu")
     reader = StoreReader(resolve_store(path, store, progress))
     reader.check(verify, progress)

@@ -85,7 +85,8 @@ class Evaluation:
 
     def __init__(self, model, data: dict[str, Path], windows: int = 16, window_tokens: int = 256,
                  calibration=None, calibration_windows: int = 128, batch: int = 8, progress: bool = True,
-                 store=None, dtype: torch.dtype | None = torch.float32, verify: str = "lazy", dense: str = "model"):
+                 store=None, dtype: torch.dtype | None = torch.float32, verify: str = "lazy", dense: str = "model",
+                 device="cpu"):
         if windows <= 0 or window_tokens < 2 or calibration_windows <= 0:
             raise UserError(f"--windows and --calibration-windows must be >= 1 and --window-tokens >= 2 (got "
                             f"{windows}, {calibration_windows}, {window_tokens})")
@@ -101,7 +102,7 @@ class Evaluation:
         self.windows = {name: text_windows(tokenizer, read_text(path), windows, window_tokens, f"--data {name} ({path})")
                         for name, path in data.items()}
         self.engine = load(model, f"uniform:{self.ref.value}", store=store_dir, progress=progress, dtype=dtype,
-                           verify=verify)
+                           verify=verify, device=device)
         self.reader = self.engine.reader
         self.sized = resident_sizes(self.reader, self.engine.backend, self.engine.dtype, self.engine.model.device)
         self.reference_bytes = self.engine.expert_bytes()
@@ -281,7 +282,8 @@ def check_plans(model, planners, budgets, store=None) -> Path:
 
 def evaluate(model, data=None, policies=None, budgets=None, windows=16, window_tokens=256, calibration=None,
              calibration_windows=128, progress=True, store=None, dtype=torch.float32, verify="lazy",
-             dense: str = "model", config: RuntimeConfig | None = None, step_tokens: int = STEP_TOKENS) -> dict:
+             dense: str = "model", config: RuntimeConfig | None = None, step_tokens: int = STEP_TOKENS,
+             device="cpu") -> dict:
     """The whole `dynaexq eval`: every policy (x budget, for hotness policies) -> the JSON report."""
     budgets = [parse_budget(b) for b in (budgets or [])]
     policies = list(policies) if policies else list(DEFAULT_POLICIES) + (list(HOTNESS_POLICIES) if budgets else [])
@@ -289,7 +291,7 @@ def evaluate(model, data=None, policies=None, budgets=None, windows=16, window_t
     data = parse_data(data, _model_dir(model))
     store = check_plans(model, planners, budgets, store)
     ev = Evaluation(model, data, windows, window_tokens, calibration, calibration_windows, progress=progress,
-                    store=store, dtype=dtype, verify=verify, dense=dense)
+                    store=store, dtype=dtype, verify=verify, dense=dense, device=device)
     try:
         results = []
         for spec, pl in zip(policies, planners):

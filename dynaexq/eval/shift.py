@@ -240,7 +240,8 @@ def write_outputs(report: dict, outdir: Path) -> list:
 def evaluate_shift(model, data=None, policies=None, budgets=None, windows=16, window_tokens=256, calibration=None,
                    calibration_windows=128, repeats: int | None = None, step_tokens: int = 32,
                    config: RuntimeConfig = RuntimeConfig(), progress=True, store=None,
-                   dtype=torch.float32, verify="lazy", scenario: str = "shift", dense: str = "model") -> dict:
+                   dtype=torch.float32, verify="lazy", scenario: str = "shift", dense: str = "model",
+                   device="cpu") -> dict:
     """The whole `dynaexq eval --scenario ...` -> JSON report (every policy at every budget; default int3)."""
     from dynaexq.store.reader import StoreReader
 
@@ -265,7 +266,7 @@ def evaluate_shift(model, data=None, policies=None, budgets=None, windows=16, wi
     ev = None
     try:
         ev = Evaluation(model, data, windows, window_tokens, calibration, calibration_windows, progress=progress,
-                        store=store, dtype=dtype, verify=verify, dense=dense)
+                        store=store, dtype=dtype, verify=verify, dense=dense, device=device)
         stream = phases(ev.windows, repeats, scenario)  # too few windows fails before any policy runs
         results = [run_shift(ev, spec, b, repeats, step_tokens, config, scenario)
                    for spec, (pl, _, _) in zip(policies, parsed)

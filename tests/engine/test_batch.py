@@ -206,3 +206,22 @@ def test_detokenization_decodes_a_bounded_window_per_token(engine, monkeypatch):
     for t in ids:
         seq.append(t)
     assert len(widths) <= 2 * len(ids) + 1 and max(widths[:-1]) <= 8, (len(widths), max(widths))
+
+
+def test_the_sampler_keeps_every_tensor_on_the_logits_device():
+    """On `meta` (no data, but any mix of devices raises): greedy, temperature, top-k and top-p rows together give
+    one token per row on the logits' device."""
+    from dynaexq.engine.batch import sample_tokens
+    kinds = [dict(temperature=0.0), dict(temperature=0.7, top_k=5), dict(temperature=1.2, top_p=0.8)]
+    seqs = [Sequence([1], SamplingParams(seed=i, **kw), None) for i, kw in enumerate(kinds)]
+    tokens = sample_tokens(seqs, torch.empty(3, 50, device="meta"))
+    assert tokens.device.type == "meta" and tokens.shape == (3,)
+
+
+def test_load_refuses_a_device_that_is_not_there(bundled_store):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(dynaexq.UserError, match=r"--device cuda: no CUDA device is available"):
+        dynaexq.load(bundled_store, policy="uniform:int8", device="cuda", progress=False)
+    with pytest.raises(dynaexq.UserError, match=r"--device 'tpu': valid devices are cpu, cuda, cuda:N"):
+        dynaexq.load(bundled_store, policy="uniform:int8", device="tpu", progress=False)
