@@ -26,10 +26,14 @@ def load(path, policy="uniform:bf16", expert_budget=None, **kwargs):
 
 
 def prepare(checkpoint, out, **kwargs):
-    """Checkpoint directory -> expert store (see dynaexq.store.prepare)."""
-    from dynaexq.store.prepare import prepare as _prepare
+    """Checkpoint directory -> expert store, exactly as `dynaexq prepare` makes it: every expert at every precision,
+    quantized (GPTQ) against the inputs routed to it on calibration text when the checkpoint has a tokenizer.
+    Keyword arguments: precisions (default bf16, int8, int4, int3, int2), calibration (text files; default the
+    model's calibration/*.txt, else dynaexq's own corpus; ["none"]: against the weight error only), windows
+    (of 256 calibration tokens, default 128), progress. Resumes an interrupted prepare; returns the store path."""
+    from dynaexq.engine.calibrate import prepare_store
 
-    return _prepare(checkpoint, out, **kwargs)
+    return prepare_store(checkpoint, out, **kwargs)
 
 
 __all__ = ["load", "prepare", "UserError", "__version__"]

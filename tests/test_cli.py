@@ -206,3 +206,13 @@ def test_device_flag_refuses_a_device_this_machine_does_not_have(tiny, capsys, c
         pytest.skip("a CUDA device is present")
     code, _, err = run(capsys, *command, "--model", tiny, "--device", "cuda")
     assert code == 2 and "--device cuda: no CUDA device is available" in err and "--device cpu" in err, err
+
+
+def test_the_python_prepare_makes_the_store_the_command_makes(tiny, tmp_path, capsys):
+    import dynaexq
+    code, _, err = run(capsys, "prepare", tiny, "--out", tmp_path / "cli", "--calibration-windows", "4")
+    assert code == 0, err
+    dynaexq.prepare(tiny, tmp_path / "api", windows=4, progress=False)
+    a, b = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("cli", "api"))
+    assert a["calibration"] is not None and a["calibration"] == b["calibration"]  # calibrated, on the same text
+    assert a["experts"] == b["experts"]  # every expert's digest at every precision
