@@ -234,14 +234,22 @@ def cmd_lm_eval(args) -> int:
 
     engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
                           store=args.store, calibration=args.calibration, verify=args.verify, threads=_threads(args),
-                          device=args.device)
-    results = lm_eval_adapter.run(engine, args.tasks, args.include_path, args.limit, args.batch_size,
-                                  args.num_fewshot)
+                          device=args.device, runtime=_runtime_config(args))
+    try:  # closing stops the runtime and saves --hotness-file
+        results = lm_eval_adapter.run(engine, args.tasks, args.include_path, args.limit, args.batch_size,
+                                      args.num_fewshot)
+        runtime = None
+        if engine.runtime is not None:
+            s = engine.runtime.stats()
+            runtime = {"steps": s["steps"], "decisions": s["decisions"], "transitions": s["transitions"]["pairs"]}
+        expert_bytes = engine.expert_bytes()
+    finally:
+        engine.close()
     from lm_eval.utils import make_table
 
     print(make_table(results), file=sys.stderr if args.json else sys.stdout)
     if args.json:
-        print(json.dumps({"policy": engine.policy, "expert_bytes": engine.expert_bytes(),
+        print(json.dumps({"policy": engine.policy, "expert_bytes": expert_bytes, "runtime": runtime,
                           "results": results["results"]}, default=str))
     return 0
 
@@ -384,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--num-fewshot", type=int)
     sl.add_argument("--batch-size", type=int, default=8)
     sl.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
+    add_runtime_flags(sl)
     sl.set_defaults(fn=cmd_lm_eval)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, completions, models) with "

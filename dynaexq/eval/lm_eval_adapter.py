@@ -11,6 +11,10 @@ local JSONL task:
     doc_to_text: ""
     doc_to_target: "{{text}}"
     metric_list: [{metric: word_perplexity}, {metric: bits_per_byte}]
+
+With a runtime policy every forward lm-eval makes is one engine step (`engine.after_step()`: the controller sees
+its routing and decides when due), as in the decode loop and the server; a generation task's `generate` call is
+one step however many tokens it makes.
 """
 from __future__ import annotations
 
@@ -25,7 +29,19 @@ def as_lm(engine, batch_size: int = 8, max_length: int | None = None):
     if engine.tokenizer is None:
         raise UserError("this model has no tokenizer files; lm-eval needs one")
     max_length = max_length or getattr(engine.model.config, "max_position_embeddings", 2048)
-    return HFLM(pretrained=engine.model, tokenizer=engine.tokenizer, batch_size=batch_size, max_length=max_length)
+
+    class EngineLM(HFLM):  # each forward (and each generate call) is one engine step
+        def _model_call(self, *args, **kwargs):
+            out = super()._model_call(*args, **kwargs)
+            engine.after_step()
+            return out
+
+        def _model_generate(self, *args, **kwargs):
+            out = super()._model_generate(*args, **kwargs)
+            engine.after_step()
+            return out
+
+    return EngineLM(pretrained=engine.model, tokenizer=engine.tokenizer, batch_size=batch_size, max_length=max_length)
 
 
 def run(engine, tasks: list[str], include_path=None, limit=None, batch_size: int = 8, num_fewshot=None) -> dict:

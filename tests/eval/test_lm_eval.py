@@ -97,3 +97,28 @@ def test_unknown_task_is_a_clear_error(tasks, bundled_store):
     engine = dynaexq.load(BUNDLED, "uniform:int2", store=bundled_store, progress=False)
     with pytest.raises(UserError, match="unknown"):
         lm_eval_adapter.run(engine, ["no_such_task_here"], include_path=[tasks[0]])
+
+
+def test_lm_eval_steps_the_runtime_controller_and_saves_its_hotness(tasks, tmp_path, monkeypatch, bundled_store,
+                                                                    capsys):
+    """A runtime policy under lm-eval: the controller sees every forward (decisions are taken) and the engine is
+    closed at the end, so --hotness-file is written."""
+    from dynaexq.cli import main
+    root, _, _ = tasks
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "ds"))
+    steps = []
+    real = dynaexq.engine.engine.Engine.after_step
+
+    def after_step(self):
+        steps.append(self.runtime.controller.steps if self.runtime else None)
+        return real(self)
+    monkeypatch.setattr(dynaexq.engine.engine.Engine, "after_step", after_step)
+    hot = tmp_path / "hot.pt"
+    code = main(["lm-eval", "dxq_ppl", "--include-path", str(root), "--model", str(bundled_store), "--policy",
+                 "multilevel", "--expert-budget", "int3", "--hotness-file", str(hot), "--update-every-tokens", "64",
+                 "--batch-size", "2", "--json"])
+    assert code == 0, capsys.readouterr().err
+    assert len(steps) >= 3 and steps == sorted(steps) and steps[-1] >= 2  # every forward was a controller step
+    assert hot.is_file()
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["runtime"]["decisions"] >= 1, out
