@@ -13,8 +13,12 @@ __version__ = "0.1.0"
 from dynaexq.errors import UserError  # noqa: E402  (light: the error every user-fixable problem raises)
 
 
-def load(path, policy="uniform:bf16", expert_budget=None, **kwargs):
+def load(path, policy="auto", expert_budget=None, **kwargs):
     """Load a checkpoint directory (prepared into a cached store on first use) or a store -> Engine.
+
+    policy: "auto" (default: the checkpoint's own precision when the whole model fits the memory the machine can
+    give now, else the multilevel runtime within it; see dynaexq/engine/auto.py), a static map such as
+    "uniform:int4", or a runtime policy such as "multilevel" (README: Policies).
 
     expert_budget: bytes (int), a size string such as "20GiB", or a precision name such as "int3" (the bytes of
     every expert at int3); a plan needing more is refused. Keyword arguments: store, device, backend ("cpu" |

@@ -311,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(sg)
     _add_threads(sg)
     _add_device(sg)
-    sg.add_argument("--policy", default="uniform:bf16", help="uniform:<precision> | map:<file.json> | calibrated"
+    sg.add_argument("--policy", default="auto", help="auto (fit this machine: the checkpoint's own precision when "
+                    "everything fits the memory available, else the multilevel runtime within it; --budget / "
+                    "--expert-budget replace the machine's figure) | uniform:<precision> | map:<file.json> | calibrated"
                     "[:hi=int8,lo=int2] | calibrated-multilevel | runtime policies: dynaexq[:hi=int8,lo=int2,"
                     "delta=0.01,alloc=proportional|depth] | multilevel | frozen (default: %(default)s)")
     sg.add_argument("--expert-budget", help="bytes for expert weights, e.g. 20GiB, 512MB, 123456, or a precision "
@@ -384,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(sl)
     _add_threads(sl)
     _add_device(sl)
-    sl.add_argument("--policy", default="uniform:bf16", help="precision policy (default: %(default)s)")
+    sl.add_argument("--policy", default="auto", help="precision policy, as for generate (default: %(default)s)")
     sl.add_argument("--expert-budget", help="bytes for expert weights or a precision name")
     sl.add_argument("--calibration", nargs="+", action="extend", metavar="[NAME=]FILE",
                     help="calibration texts for calibrated policies")
@@ -402,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(sv)
     _add_threads(sv)
     _add_device(sv)
-    sv.add_argument("--policy", default="uniform:bf16", help="precision policy, as for generate; the runtime "
+    sv.add_argument("--policy", default="auto", help="precision policy, as for generate; the runtime "
                     "policies (dynaexq, multilevel) learn from the served traffic (default: %(default)s)")
     sv.add_argument("--expert-budget", help="bytes for expert weights, e.g. 20GiB, or a precision name (int3)")
     sv.add_argument("--calibration", nargs="+", action="extend", metavar="[NAME=]FILE",

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM
 from dynaexq.arch import get_arch
 from dynaexq.bank import ExpertBank
 from dynaexq.demo import BUNDLED
+from dynaexq.engine import auto
 from dynaexq.engine.dynamic import start_runtime
 from dynaexq.engine.engine import Engine, read_text, text_windows
 from dynaexq.errors import UserError
@@ -71,11 +72,12 @@ def resolve_store(path, store=None, progress: bool = True) -> Path:
     return target
 
 
-def load(path, policy="uniform:bf16", expert_budget=None, *, store=None, device="cpu",
+def load(path, policy="auto", expert_budget=None, *, store=None, device="cpu",
          backend: str | None = None, dtype: torch.dtype | None = None, verify: str = "lazy",
          progress: bool = True, calibration=None, calibration_windows: int = 128, window_tokens: int = 256,
          runtime: RuntimeConfig | None = None, dense: str = "model", threads: int | None = None) -> Engine:
-    """`expert_budget`: bytes, a size string ('20MiB') or a precision name ('int3': every expert at int3).
+    """`policy`: "auto" (fit the machine: engine/auto.py), a static map or a runtime policy (runtime/planners).
+    `expert_budget`: bytes, a size string ('20MiB') or a precision name ('int3': every expert at int3).
     Policies that rank experts by hotness (calibrated, calibrated-multilevel) load every expert at their cheapest
     precision, measure routing on the calibration texts (`calibration`: paths; default: the model's
     calibration/*.txt) and then publish their final map. Runtime policies (dynaexq, multilevel, frozen) start the
@@ -117,9 +119,14 @@ def _load(path, policy, expert_budget, store, device, backend, dtype, verify, pr
     backend = backend or ("cuda" if device.type == "cuda" else "cpu")
     reader = StoreReader(resolve_store(path, store, progress))
     reader.check(verify, progress)
-    planner = parse_policy(policy) if isinstance(policy, str) else policy
     sized = resident_sizes(reader, backend, dtype or getattr(torch, reader.manifest["source_dtype"]), device)
     budget = resolve_budget(expert_budget, sized)  # a precision name: the bytes every expert takes resident here
+    if isinstance(policy, str) and policy.strip().lower() == "auto":  # fit the machine (engine/auto.py)
+        policy, runtime, why = auto.choose(reader, sized, dtype or getattr(torch, reader.manifest["source_dtype"]),
+                                           device, budget, runtime)
+        if progress:
+            print(f"dynaexq: policy auto -> {policy}: {why}", file=sys.stderr)
+    planner = parse_policy(policy) if isinstance(policy, str) else policy
     if getattr(planner, "dynamic", False):
         planner = _usable_ladder(planner, sized)
         sized.check(planner.tiers(reader))
