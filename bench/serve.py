@@ -105,6 +105,7 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--dtype", default="model", help="serve --dtype (default: %(default)s)")
     ap.add_argument("--dense", default="model", help="serve --dense (default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=None, help="serve --threads (default: the server's own, all cores)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over all levels; medians are reported")
     args = ap.parse_args()
 
@@ -115,7 +116,8 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "dynaexq.cli", "serve", "--model", args.model, "--policy", args.policy,
            "--expert-budget", args.expert_budget, "--max-batch", str(args.max_batch), "--port", str(port),
-           "--dtype", args.dtype, "--dense", args.dense, "--log-level", "warning"]
+           "--dtype", args.dtype, "--dense", args.dense, "--log-level", "warning"] + \
+        (["--threads", str(args.threads)] if args.threads else [])
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 600
@@ -143,7 +145,7 @@ def main() -> int:
         server.wait(timeout=120)
 
     print(f"dynaexq serve, {args.policy} at --expert-budget {args.expert_budget}, --dtype {args.dtype}, "
-          f"--max-batch {args.max_batch}, "
+          f"--max-batch {args.max_batch}, --threads {args.threads or 'default'}, "
           f"{args.max_tokens} tokens per request, {args.seconds:.0f} s per level")
     print(f"{'clients':>7} {'tok/s':>8} {'x1':>6} {'reqs':>5} {'err':>4} {'TTFT p50/p90/p99 ms':>22} "
           f"{'token p50/p90/p99 ms':>22}   tok/s per round")
@@ -164,7 +166,7 @@ def main() -> int:
     print(f"runtime: {tr['promotions']} promotions, {tr['demotions']} demotions, forward wait "
           f"{experts['forward_wait_s'] * 1000:.1f} ms, peak {experts['budget']['peak_used']} of "
           f"{experts['budget']['cap']} bytes")
-    print(json.dumps({"bench": "serve", "policy": args.policy, "expert_budget": args.expert_budget, "dtype": args.dtype,
+    print(json.dumps({"bench": "serve", "policy": args.policy, "expert_budget": args.expert_budget, "dtype": args.dtype, "threads": args.threads,
                       "dense": args.dense,
                       "levels": rows, "transitions": tr, "forward_wait_s": experts["forward_wait_s"]}))
     return 0

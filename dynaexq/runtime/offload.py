@@ -27,6 +27,7 @@ import time
 from collections import Counter, deque
 
 from dynaexq.runtime.version import place, slot_layout
+from dynaexq.threads import limit_this_thread
 
 DEMAND, PREFETCH, BACKGROUND = 0, 1, 2  # fetch priorities: a miss first
 _KINDS = {DEMAND: "misses", PREFETCH: "prefetches", BACKGROUND: "upgrades"}
@@ -207,6 +208,7 @@ class ExpertCache:
 
     # --- the reader pool ------------------------------------------------------------------------------------------
     def _worker(self) -> None:
+        limit_this_thread(1)  # its copies and builds must not take the forward pass's cores
         while True:
             with self._cv:
                 while not self._queue and not self._closed:

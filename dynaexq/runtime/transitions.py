@@ -33,6 +33,7 @@ import torch
 
 from dynaexq.runtime.pool import STAGING, Pools
 from dynaexq.runtime.version import place, slot_layout
+from dynaexq.threads import limit_this_thread
 
 
 class CopyStream:
@@ -169,6 +170,7 @@ class TransitionEngine:
         return None, wake
 
     def _worker(self) -> None:
+        limit_this_thread(1)  # its copies and builds must not take the forward pass's cores
         while True:
             with self._cond:
                 while not self._closed:
