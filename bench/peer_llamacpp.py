@@ -1,8 +1,18 @@
-"""dynaexq against llama.cpp on the bundled model: KL at equal expert bytes, on dynaexq eval's own windows.
+"""dynaexq against llama.cpp on the bundled model: KL at equal bytes, on dynaexq eval's own windows.
 
-Command (~15 min the first time: the llama.cpp build is cached in ~/.cache/dynaexq/llamacpp; later ~8 min):
+Commands (~15 min the first time: the llama.cpp build is cached in ~/.cache/dynaexq/llamacpp; later ~8 min):
 
-    .venv/bin/python bench/peer_llamacpp.py            # --types Q4_K_M,Q4_0,... --threads 2
+    .venv/bin/python bench/peer_llamacpp.py                  # whole model: every tensor at llama.cpp's type mixes
+    .venv/bin/python bench/peer_llamacpp.py --mode experts   # only the expert tensors quantized in both (kernels)
+
+Modes
+  whole    (the comparison users make) llama-quantize's own mixes for each type, every tensor as llama.cpp
+           quantizes it (attention, embedding, output too), with and without an imatrix; the GGUF's bytes of every
+           tensor; dynaexq at exactly those bytes with `--weight-budget` (its non-expert matrices and experts in one
+           plan, runtime/planners/weights.py): calibrated-multilevel and the multilevel runtime (streamed, the
+           controller live).
+  experts  only the expert tensors quantized (attention, embeddings and router bf16 / f32, as dynaexq's
+           `--expert-budget`); dynaexq's calibrated-multilevel at the GGUF's expert bytes.
 
 What it does
   1. llama.cpp: `pip download` of the llama-cpp-python sdist (the llama.cpp it vendors), cmake build of
@@ -94,11 +104,20 @@ def gguf_experts(path: Path) -> tuple[int, dict]:
     return nbytes, {k: sorted(v) for k, v in types.items()}
 
 
-def quantize(base: Path, qtype: str, imatrix: Path | None, out: Path) -> None:
-    keep = ["attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm"]
-    cmd = [BIN / "llama-quantize", "--token-embedding-type", "bf16", "--output-tensor-type", "bf16"]
-    for k in keep:
-        cmd += ["--tensor-type", f"{k}=bf16"]
+def gguf_bytes(path: Path) -> int:
+    """Bytes of every tensor of a GGUF (what the file's weights weigh)."""
+    sys.path.insert(0, str(SRC / "gguf-py"))
+    import gguf
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
+
+
+def quantize(base: Path, qtype: str, imatrix: Path | None, out: Path, whole: bool = False) -> None:
+    cmd = [BIN / "llama-quantize"]
+    if not whole:  # only the experts: everything else stays bf16, as with dynaexq's --expert-budget
+        keep = ["attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm"]
+        cmd += ["--token-embedding-type", "bf16", "--output-tensor-type", "bf16"]
+        for k in keep:
+            cmd += ["--tensor-type", f"{k}=bf16"]
     if imatrix is not None:
         cmd += ["--imatrix", imatrix]
     sh(cmd + [base, out, qtype, str(os.cpu_count())])
@@ -173,6 +192,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--mode", choices=["whole", "experts"], default="whole", help="whole model (default) or only "
+                    "the experts quantized")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT.parent))
     from dynaexq.demo import BUNDLED
@@ -196,51 +217,68 @@ def main() -> None:
 
     store = prepare_store(BUNDLED, work / "dynaexq-store", progress=False)
     ev = Evaluation(BUNDLED, parse_data(None, BUNDLED), args.windows, 256, store=store, progress=False)
+    whole = args.mode == "whole"
     rows = []
     for qtype in [t.strip() for t in args.types.split(",") if t.strip()]:
         best = None
         for with_imatrix in (False, True):
-            out = work / f"experts-{qtype}{'-imatrix' if with_imatrix else ''}.gguf"
+            out = work / f"{'whole' if whole else 'experts'}-{qtype}{'-imatrix' if with_imatrix else ''}.gguf"
             if not out.is_file():
                 try:
-                    quantize(base, qtype, imatrix if with_imatrix else None, out)
+                    quantize(base, qtype, imatrix if with_imatrix else None, out, whole)
                 except subprocess.CalledProcessError as err:  # e.g. IQ2 types refuse to run without an imatrix
                     print(f"  llama.cpp {qtype} imatrix={with_imatrix}: llama-quantize failed: "
                           f"{err.stderr.strip().splitlines()[-1] if err.stderr.strip() else err}", file=sys.stderr)
                     continue
             nbytes, types = gguf_experts(out)
+            total = gguf_bytes(out)
             dom = kl_llama(out, ev, work, args.threads)
             kl = sum(d["kl"] for d in dom.values()) / len(dom)
-            row = {"type": qtype, "imatrix": with_imatrix, "expert_bytes": nbytes, "types": types, "kl": kl,
-                   "domains": dom}
-            print(f"  llama.cpp {qtype:<7} imatrix={with_imatrix!s:<5} {nbytes:>10} B  KL {kl:.5f}  {types}",
-                  file=sys.stderr)
+            row = {"type": qtype, "imatrix": with_imatrix, "expert_bytes": nbytes, "weight_bytes": total,
+                   "types": types, "kl": kl, "domains": dom}
+            print(f"  llama.cpp {qtype:<7} imatrix={with_imatrix!s:<5} {total:>10} B ({nbytes} in experts)  KL "
+                  f"{kl:.5f}  {types}", file=sys.stderr)
             rows.append(row)
             best = row if best is None or kl < best["kl"] else best
-        ours = ev.run("calibrated-multilevel", best["expert_bytes"])
-        best["dynaexq_multilevel"] = {"expert_bytes": ours["expert_bytes"], "kl": ours["mean_kl"],
-                                      "precisions": ours["precisions"]}
-    uniform = {p: ev.run(f"uniform:{p}") for p in ("int8", "int4", "int3", "int2")}
+        if best is None:
+            continue
+        policies = ("calibrated-multilevel", "multilevel") if whole else ("calibrated-multilevel",)
+        for policy in policies:
+            ours = ev.run(policy, weight_budget=best["weight_bytes"]) if whole else \
+                ev.run(policy, best["expert_bytes"])
+            best[f"dynaexq_{policy}"] = {"expert_bytes": ours["expert_bytes"], "weight_bytes": ours["weight_bytes"],
+                                         "kl": ours["mean_kl"], "precisions": ours["precisions"],
+                                         "dense_precisions": ours.get("dense_precisions")}
+            print(f"  dynaexq {policy} at {ours['weight_bytes'] if whole else ours['expert_bytes']} B: KL "
+                  f"{ours['mean_kl']:.5f}", file=sys.stderr)
     params = sum(ev.reader.manifest["shapes"][m][0] * ev.reader.manifest["shapes"][m][1] for m in ("gate_up", "down"))
     params *= len(ev.reader.layers) * ev.reader.num_experts
+    what = "bytes of every weight" if whole else "expert bytes"
     print(f"\nKL(HF float32 reference || quantized), mean over code/prose/dict, {args.windows} x 256 tokens each; "
-          "only the experts quantized in both")
-    print(f"{'llama.cpp type':<16} {'expert bytes':>12} {'bpw':>5} {'llama.cpp best':>15} {'dynaexq multilevel':>19} "
-          f"{'ratio':>6}  types (best)")
+          + ("every tensor quantized by each system" if whole else "only the experts quantized in both"))
+    print(f"{'llama.cpp type':<16} {what:>21} {'llama.cpp best':>15} {'dynaexq c-multilevel':>21} {'ratio':>6}"
+          + (f" {'multilevel (runtime)':>21} {'ratio':>6}" if whole else "") + "  types (best)")
     for r in rows:
-        if "dynaexq_multilevel" not in r:
+        if "dynaexq_calibrated-multilevel" not in r:
             continue
-        d = r["dynaexq_multilevel"]
-        print(f"{r['type'] + (' +imatrix' if r['imatrix'] else ''):<16} {r['expert_bytes']:>12} "
-              f"{8 * r['expert_bytes'] / params:>5.2f} {r['kl']:>15.5f} {d['kl']:>19.5f} {d['kl'] / r['kl']:>6.2f}  "
-              f"{r['types']}")
-    print("dynaexq uniform formats: " + ", ".join(f"{p} {u['expert_bytes']} B ({8 * u['expert_bytes'] / params:.2f} "
-                                                  f"bpw) KL {u['mean_kl']:.5f}" for p, u in uniform.items()))
+        d = r["dynaexq_calibrated-multilevel"]
+        line = (f"{r['type'] + (' +imatrix' if r['imatrix'] else ''):<16} "
+                f"{r['weight_bytes'] if whole else r['expert_bytes']:>21} {r['kl']:>15.5f} {d['kl']:>21.5f} "
+                f"{d['kl'] / r['kl']:>6.2f}")
+        if whole:
+            m = r["dynaexq_multilevel"]
+            line += f" {m['kl']:>21.5f} {m['kl'] / r['kl']:>6.2f}"
+        print(line + f"  {r['types']}")
+    uniform = {} if whole else {p: ev.run(f"uniform:{p}") for p in ("int8", "int4", "int3", "int2")}
+    if uniform:
+        print("dynaexq uniform formats: " + ", ".join(f"{p} {u['expert_bytes']} B ({8 * u['expert_bytes'] / params:.2f} "
+                                                      f"bpw) KL {u['mean_kl']:.5f}" for p, u in uniform.items()))
     speed = {} if args.skip_speed else decode_speed(work, BUNDLED, store, args.threads)
     if speed:
         print(f"decode, batch 1, {args.threads} threads: llama.cpp Q4_K_M experts {speed['llamacpp_tok_s']:.1f} tok/s, "
               f"dynaexq uniform:int4 {speed['dynaexq_tok_s']:.1f} tok/s ({speed['ratio']:.2f}x)")
-    print(json.dumps({"bench": "peer_llamacpp", "llamacpp_version": VERSION, "threads": args.threads, "rows": rows,
+    print(json.dumps({"bench": "peer_llamacpp", "mode": args.mode, "llamacpp_version": VERSION,
+                      "threads": args.threads, "rows": rows,
                       "dynaexq_uniform": {p: {"expert_bytes": u["expert_bytes"], "kl": u["mean_kl"]}
                                           for p, u in uniform.items()}, "expert_params": params, "speed": speed,
                       "total_s": time.perf_counter() - t_all}))
@@ -250,6 +288,8 @@ def decode_speed(work: Path, model: Path, store: Path, threads: int) -> dict:
     import dynaexq
 
     gguf_path = work / "experts-Q4_K_M.gguf"
+    if not gguf_path.is_file():
+        return {}
     res = json.loads(sh([BIN / "llama-bench", "-m", gguf_path, "-p", "0", "-n", "64", "-t", threads, "-r", "3",
                          "-o", "json"]).stdout)
     llama = float(res[0]["avg_ts"])

@@ -79,7 +79,7 @@ def cmd_serve(args) -> int:
     engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
                           store=args.store, calibration=args.calibration, runtime=_runtime_config(args),
                           dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense, threads=_threads(args),
-                          device=args.device)
+                          device=args.device, weight_budget=args.weight_budget)
     try:
         app = create_app(engine, config)
     except BaseException:
@@ -100,7 +100,7 @@ def cmd_generate(args) -> int:
     engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
                           store=args.store, calibration=args.calibration, runtime=_runtime_config(args),
                           dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense, threads=_threads(args),
-                          device=args.device)
+                          device=args.device, weight_budget=args.weight_budget)
     try:
         if engine.tokenizer is None:
             raise UserError(f"model {args.model!r} has no tokenizer files; generate needs one")
@@ -111,8 +111,9 @@ def cmd_generate(args) -> int:
         dt = time.perf_counter() - t0
         print()
         n = len(engine.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-        print(f"[{engine.policy}: {n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s; experts resident "
-              f"{format_size(engine.expert_bytes())} {engine.precision_counts()}]", file=sys.stderr)
+        print(f"[{engine.policy}: {n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s; weights resident "
+              f"{format_size(engine.weight_bytes())}, of which experts {format_size(engine.expert_bytes())} "
+              f"{engine.precision_counts()}]", file=sys.stderr)
         if engine.runtime is not None:
             s = engine.runtime.stats()
             t, off = s["transitions"], s.get("offload")
@@ -147,7 +148,7 @@ def cmd_eval(args) -> int:
                            args.window_tokens, args.calibration, args.calibration_windows, progress=not args.json,
                            store=args.store, dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense,
                            config=_runtime_config(args), step_tokens=args.step_tokens or harness.STEP_TOKENS,
-                           device=args.device)
+                           device=args.device, weight_budgets=args.weight_budget)
     print(report.table(out), file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(out))
@@ -262,6 +263,13 @@ def cmd_inspect(args) -> int:
     return 0 if report.get("integrity", "ok").startswith(("ok", "stamps ok")) else 2
 
 
+def _add_weight_budget(parser, many: bool = False) -> None:
+    kw = dict(nargs="+", action="extend", metavar="SIZE") if many else {}
+    parser.add_argument("--weight-budget", **kw, help="bytes for every weight tensor (what a GGUF file's tensors "
+                        "weigh), e.g. 17GiB: the non-expert matrices (attention, shared experts, head, embedding) "
+                        "and the experts are planned in one budget; instead of --expert-budget and --dense")
+
+
 def _add_device(parser) -> None:
     parser.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda[:N] (default: %(default)s)")
 
@@ -318,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "delta=0.01,alloc=proportional|depth] | multilevel | frozen (default: %(default)s)")
     sg.add_argument("--expert-budget", help="bytes for expert weights, e.g. 20GiB, 512MB, 123456, or a precision "
                     "name (int3 = the bytes of every expert at int3)")
+    _add_weight_budget(sg)
     sg.add_argument("--calibration", nargs="+", action="extend", metavar="[NAME=]FILE", help="calibration texts for "
                     "the calibrated policies (default: the model's calibration/*.txt)")
     add_runtime_flags(sg)
@@ -348,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "int8/int4/int3/int2, plus calibrated, calibrated-multilevel and oracle when a budget is given)")
     se.add_argument("--expert-budget", nargs="+", action="extend", metavar="SIZE", help="expert budgets: sizes "
                     "(20MiB) or precision names (int3 = the bytes of every expert at int3)")
+    _add_weight_budget(se, many=True)
     se.add_argument("--calibration", nargs="+", action="extend", metavar="[NAME=]FILE", help="calibration texts for "
                     "the calibrated "
                     "policies (default: the model's calibration/*.txt, never its eval texts)")
@@ -407,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--policy", default="auto", help="precision policy, as for generate; the runtime "
                     "policies (dynaexq, multilevel) learn from the served traffic (default: %(default)s)")
     sv.add_argument("--expert-budget", help="bytes for expert weights, e.g. 20GiB, or a precision name (int3)")
+    _add_weight_budget(sv)
     sv.add_argument("--calibration", nargs="+", action="extend", metavar="[NAME=]FILE",
                     help="calibration texts for the hotness policies")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")

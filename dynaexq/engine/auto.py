@@ -54,7 +54,7 @@ def source_precision(reader) -> Precision:
 
 
 def choose(reader, sized, dtype: torch.dtype, device: torch.device, expert_budget: int | None,
-           config: RuntimeConfig | None) -> tuple[str, RuntimeConfig | None, str]:
+           config: RuntimeConfig | None, weight_budget: int | None = None) -> tuple[str, RuntimeConfig | None, str]:
     """-> (the policy, its runtime config, why): the checkpoint's precision when it fits, else the multilevel
     runtime within the budget (the offload regime below every expert at its lowest precision)."""
     from transformers import AutoConfig
@@ -62,6 +62,16 @@ def choose(reader, sized, dtype: torch.dtype, device: torch.device, expert_budge
     full = source_precision(reader)
     experts = len(reader.layers) * reader.num_experts * sized.sizes[full]
     config = config or RuntimeConfig()
+    if weight_budget is not None:
+        from dynaexq.runtime.planners.weights import fixed_bytes
+        dense = sum(it["shape"][0] * it["shape"][1] for it in reader.dense_items().values()) * dtype.itemsize
+        whole = fixed_bytes(reader, dtype) + dense + experts
+        if whole <= weight_budget:
+            return f"uniform:{full.value}", None, (f"every weight at {full.value} ({format_size(whole)}) fits the "
+                                                   f"weight budget {format_size(weight_budget)}")
+        return RUNTIME, config, (f"every weight at {full.value} needs {format_size(whole)}, over the weight budget "
+                                 f"{format_size(weight_budget)}: one allocation plans the non-expert matrices, the "
+                                 "multilevel runtime the experts")
     if expert_budget is not None:
         if experts <= expert_budget:
             return f"uniform:{full.value}", None, (f"every expert at {full.value} ({format_size(experts)}) fits the "

@@ -1,15 +1,18 @@
 """Continuous batching: many sequences share every decode step; a sequence joins and leaves between steps.
 
-`BatchDecoder` keeps the running sequences' KV cache as one left-padded DynamicCache (keys/values [B, h, L, d])
-with an attention mask [B, L]. One `step()`:
-  1. prefill: one chunk (<= `prefill_chunk` tokens) of the oldest waiting sequence, in that sequence's own cache;
-     after its last chunk its first token is sampled and it joins the batch (the shorter cache is left-padded);
-  2. decode: one forward of [B, 1] (every row's newest token at its own position), one token sampled per row
-     (`sample_rows`: one batched call for all rows, each row's own warpers and generator);
-  3. finished or cancelled rows leave, and columns that are padding in every remaining row are dropped.
+`BatchDecoder` keeps the running sequences' keys and values in one preallocated SlotCache (engine/kv_cache.py):
+row i is the i-th running sequence's, right-padded, and the row after the running ones is the prefilling
+sequence's. One `step()`:
+  1. prefill: one chunk (<= `prefill_chunk` tokens) of the oldest waiting sequence, written into its row; after
+     its last chunk its first token is sampled and it joins the batch (its row is already the next one);
+  2. decode: one forward of [B, 1] (every row's newest token at its own position, written at that position:
+     nothing is concatenated), one token sampled per row (`sample_rows`: one batched call for all rows, each
+     row's own warpers and generator);
+  3. finished or cancelled rows leave: the last running row moves into each hole.
 Chunked prefill bounds how long a newcomer stalls the running streams (one chunk per step). Padding never
 reaches a router: prefill is per sequence and a decode step has one real token per row, so the experts'
-routing statistics (and the hotness controller) see only real tokens.
+routing statistics (and the hotness controller) see only real tokens. Models whose cache is not plain full
+attention (sliding windows, linear attention) keep transformers' DynamicCache and are served one at a time.
 
 `Sequence` holds one request's tokens, its sampler (transformers' logits warpers, its own torch.Generator)
 and its detokenized text with stop strings applied; it knows nothing of HTTP.
@@ -22,10 +25,10 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import (DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
                           TopPLogitsWarper)
-from transformers.cache_utils import DynamicLayer
+
+from dynaexq.engine.kv_cache import SlotCache
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")  # chat templates' turn ends
 
@@ -70,7 +73,8 @@ class Sequence:
         self.params, self.tokenizer, self.stop_ids = params, tokenizer, frozenset(stop_ids)
         self.context = context  # the model's maximum positions: generation stops there
         self.out: list[int] = []
-        self.cache = None  # own DynamicCache while prefilling
+        self.row = None  # its row of the decoder's SlotCache (from its first prefill chunk on)
+        self.cache = None  # its own DynamicCache (models the SlotCache does not take: served one at a time)
         self.prefilled = 0
         self.finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
         self.error: str | None = None
@@ -181,12 +185,6 @@ def sample_tokens(seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
     return tokens
 
 
-def _lpad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """Left-pad t with zeros along `dim` (counted from the end: -1 for a mask, -2 for keys/values) to `width`."""
-    n = width - t.shape[dim]
-    return t if n == 0 else F.pad(t, (0, 0) * (-dim - 1) + (n, 0))
-
-
 class BatchDecoder:
     def __init__(self, model, max_batch: int = 8, prefill_chunk: int = 128, faults=None):
         if max_batch < 1 or prefill_chunk < 1:
@@ -195,18 +193,18 @@ class BatchDecoder:
         # Engine.faults: forwards inside it report tokens that lost an expert instead of raising (offload regime)
         self.faults = faults or (lambda: contextlib.nullcontext([]))
         self.device = next(model.parameters()).device
-        probe = DynamicCache(config=model.config)
-        if not all(type(layer) is DynamicLayer for layer in probe.layers):  # sliding / linear-attention states
+        self.slots = SlotCache.supports(model.config)
+        if not self.slots:  # sliding-window / linear-attention states: transformers' own cache, one sequence
+            probe = DynamicCache(config=model.config)
             if max_batch > 1:
                 print("dynaexq: continuous batching needs a full-attention KV cache; this model's cache "
                       f"({sorted({type(x).__name__ for x in probe.layers})}) is served one sequence at a time",
                       file=sys.stderr)
             max_batch = 1
         self.max_batch = max_batch
+        self.kv = SlotCache(model.config, max_batch + 1) if self.slots else None  # + the row being prefilled
         self.waiting: deque[Sequence] = deque()
-        self.rows: list[Sequence] = []
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None  # [B, L]: 1 = real token
+        self.rows: list[Sequence] = []  # running: row i of the cache is rows[i]'s
         self.decoded = 0  # rows decoded by the last step
         self.prefilling: Sequence | None = None  # the sequence whose prompt chunk the current step runs (set until
         # the step ends, popped from `waiting` or not: the scheduler fails it with the rows if the step raises)
@@ -216,6 +214,14 @@ class BatchDecoder:
 
     def idle(self) -> bool:
         return not self.rows and not self.waiting
+
+    def reset(self) -> None:
+        """Forget every row (after a step that raised: the scheduler has failed the sequences in it)."""
+        for seq in [*self.rows, *self.waiting]:
+            seq.row = seq.cache = None
+        self.rows, self.prefilling = [], None
+        if self.kv is not None:
+            self.kv.lens[:] = [0] * self.kv.rows
 
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
@@ -232,49 +238,53 @@ class BatchDecoder:
             self._decode()
             touched.extend(self.rows)
         if joining is not None:  # after the others' decode: its first token is already sampled
-            self._join(joining)
+            self.rows.append(joining)  # its row is the next one: nothing moves
         self.prefilling = None  # only now: a step that raises fails this sequence too, wherever it was
         self._drop_finished()
         return touched
 
     def _prefill_chunk(self, seq: Sequence) -> bool:
         """Run the next chunk of seq's prompt; True once the whole prompt is in its cache (first token sampled)."""
-        if seq.cache is None:
-            seq.cache = DynamicCache(config=self.model.config)
         chunk = seq.prompt[seq.prefilled:seq.prefilled + self.prefill_chunk]
         ids = torch.tensor([chunk], device=self.device)
+        if self.slots:
+            if seq.row is None:
+                seq.row = len(self.rows)  # the row after the running ones
+                self.kv.clear(seq.row)
+            self.kv.select(seq.row, 1, len(chunk))
+            cache = self.kv
+        else:
+            cache = seq.cache = seq.cache if seq.cache is not None else DynamicCache(config=self.model.config)
         with self.faults() as faults:
-            logits = self.model(input_ids=ids, past_key_values=seq.cache, use_cache=True, logits_to_keep=1).logits
+            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        if self.slots:
+            self.kv.advance(len(chunk))
         seq.prefilled += len(chunk)
         if faults:  # every token is this sequence's: it fails, the batch goes on
-            seq.finish_reason, seq.error, seq.cache = "error", faults[0][1], None
+            seq.finish_reason, seq.error = "error", faults[0][1]
+            self._free(seq)
             return True
         if seq.prefilled < len(seq.prompt):
             return False
         seq.append(seq.sample(logits[0, -1]))
+        if seq.finished:
+            self._free(seq)
         return True
-
-    def _join(self, seq: Sequence) -> None:
-        cache, seq.cache = seq.cache, None
-        mask = torch.ones(1, cache.get_seq_length(), dtype=torch.long, device=self.device)
-        if not self.rows:
-            self.cache, self.mask = cache, mask
-        else:
-            width = max(self.mask.shape[1], mask.shape[1])
-            for mine, new in zip(self.cache.layers, cache.layers):
-                mine.keys = torch.cat([_lpad(mine.keys, width, -2), _lpad(new.keys, width, -2)])
-                mine.values = torch.cat([_lpad(mine.values, width, -2), _lpad(new.values, width, -2)])
-            self.mask = torch.cat([_lpad(self.mask, width, -1), _lpad(mask, width, -1)])
-        self.rows.append(seq)
 
     def _decode(self) -> None:
         B = self.decoded = len(self.rows)
         ids = torch.tensor([[s.out[-1]] for s in self.rows], device=self.device)  # [B, 1]
-        pos = torch.tensor([[len(s.prompt) + len(s.out) - 1] for s in self.rows], device=self.device)  # [B, 1]
-        self.mask = torch.cat([self.mask, self.mask.new_ones(B, 1)], dim=1)  # [B, L+1]
+        if self.slots:
+            self.kv.select(0, B, 1)
+            pos = torch.tensor([[n] for n in self.kv.lens[:B]], device=self.device)  # [B, 1]: each row's position
+            kw = dict(attention_mask=self.kv.mask().to(self.device), position_ids=pos, past_key_values=self.kv,
+                      dynaexq_lengths=self.kv.lengths())
+        else:
+            kw = dict(past_key_values=self.rows[0].cache)
         with self.faults() as faults:
-            logits = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
-                                use_cache=True).logits[:, -1]  # [B, V]
+            logits = self.model(input_ids=ids, use_cache=True, **kw).logits[:, -1]  # [B, V]
+        if self.slots:
+            self.kv.advance(1)
         for rows, message in faults:  # rows [B] that lost an expert: their sequences fail, the others go on
             for i in rows.nonzero().flatten().tolist():
                 if not self.rows[i].finished:
@@ -283,18 +293,32 @@ class BatchDecoder:
         for i, token in zip(live, sample_rows([self.rows[i] for i in live], logits[live])):
             self.rows[i].append(token)
 
+    def _free(self, seq: Sequence) -> None:
+        if seq.row is not None:
+            self.kv.clear(seq.row)
+        seq.row = seq.cache = None
+
     def _drop_finished(self) -> None:
-        if any(s.finished for s in self.waiting):  # cancelled before they ran
-            self.waiting = deque(s for s in self.waiting if not s.finished)
-        keep = [i for i, s in enumerate(self.rows) if not s.finished]
-        if len(keep) == len(self.rows):
-            return
-        self.rows = [self.rows[i] for i in keep]
-        if not keep:
-            self.cache = self.mask = None
-            return
-        idx = torch.tensor(keep, device=self.device)
-        first = int(self.mask[idx].any(0).nonzero()[0])  # leading columns that are padding in every row
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[idx, :, first:], layer.values[idx, :, first:]
-        self.mask = self.mask[idx, first:]
+        """Finished rows leave: the last running row moves into each hole (one sequence's copy, not the batch's),
+        and a sequence half-way through its prefill follows to the row after the running ones."""
+        for seq in [s for s in self.waiting if s.finished]:  # cancelled before they ran (or during prefill)
+            self._free(seq)
+        self.waiting = deque(s for s in self.waiting if not s.finished)
+        i = 0
+        while i < len(self.rows):
+            if not self.rows[i].finished:
+                i += 1
+                continue
+            gone, last = self.rows[i], len(self.rows) - 1
+            if self.slots and i != last:
+                self.kv.move(last, i)
+                self.rows[last].row = i
+            elif self.slots:
+                self.kv.clear(i)
+            self.rows[i] = self.rows[last]
+            self.rows.pop()
+            gone.row = gone.cache = None
+        filling = self.waiting[0] if self.waiting and self.waiting[0].row is not None else None
+        if filling is not None and filling.row != len(self.rows):
+            self.kv.move(filling.row, len(self.rows))
+            filling.row = len(self.rows)

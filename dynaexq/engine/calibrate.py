@@ -5,14 +5,16 @@
      own corpus, dynaexq/bundled/dxq-moe-mini/calibration) is cut into `windows` windows of `window_tokens`;
   2. store.prepare.PrepareJob copies the non-expert weights, and the transformers model is built on them with an
      ExpertBank per MoE layer and no expert resident;
-  3. one forward of all windows in float32: when it reaches MoE layer l, that layer's bank hands the pass to
+  3. one forward of all windows in float32 (up to the output head's input: no logits): each non-expert matrix is
+     quantized at every precision when the pass reaches it, against the second moment of its input
+     (store/dense.py); when it reaches MoE layer l, that layer's bank hands the pass to
      `_LayerCalibrator`, which reads the layer's experts from the source (once), computes the layer's output with
      them, and the per-token second moments of each expert's two inputs, H_x = E[x x^T] over the tokens routed to
      it (gate_up's input) and H_h = E[h h^T] (down's input, h = act(gate_up x)), each pooled with the layer's
      mean as POOL pseudo-tokens (so an expert that sees few or no tokens gets the layer's statistics: never
      zero, never NaN); then the job quantizes and writes the layer (GPTQ against them) and the source experts
-     are dropped. The pass stops after the last MoE layer. Memory: one layer of source experts, one expert's
-     statistics at a time, the activations of the calibration batch.
+     are dropped. Memory: one layer of source experts, one expert's statistics at a time, one matrix's input
+     moment, the activations of the calibration batch.
 A checkpoint without a tokenizer (or `calibration=["none"]`) is prepared without calibration (weight error),
 and it says so.
 """
@@ -37,8 +39,8 @@ class _Done(Exception):
 
 
 class _LayerCalibrator:
-    def __init__(self, job: PrepareJob, last: int):
-        self.job, self.last = job, last
+    def __init__(self, job: PrepareJob):
+        self.job = job
 
     @torch.inference_mode()
     def __call__(self, bank, hidden, top_k_index, top_k_weights):
@@ -81,8 +83,6 @@ class _LayerCalibrator:
 
             job.write_layer(layer, experts, hessians)
         del experts
-        if layer == self.last:
-            raise _Done
         return y.view_as(hidden).to(hidden.dtype)
 
 
@@ -122,9 +122,10 @@ def prepare_store(src, out, precisions=DEFAULT_PRECISIONS, calibration=None, win
         return job.out
     model = _build_model(Path(out), get_arch(job.ckpt.config), torch.float32, torch.device("cpu"))
     banks = banks_of(model)
-    calibrator = _LayerCalibrator(job, max(job.index))
+    calibrator = _LayerCalibrator(job)
     for bank in banks.values():
         bank.calibrator = calibrator
+    hooks = _dense_hooks(model, job)
     try:
         with torch.inference_mode():
             model(input_ids=ids, use_cache=False)
@@ -133,4 +134,45 @@ def prepare_store(src, out, precisions=DEFAULT_PRECISIONS, calibration=None, win
     finally:
         for bank in banks.values():
             bank.calibrator = None
+        for h in hooks:
+            h.remove()
+    left = job.dense.todo()
+    if left:  # modules the forward did not reach (e.g. extra prediction layers): their weight error only
+        print(f"dynaexq: {len(left)} non-expert matrices were not reached by the calibration pass ({left[:3]}...); "
+              "quantized against their weight error", file=sys.stderr)
+        for name in left:
+            job.add_dense(name)
     return job.finish()
+
+
+def _dense_hooks(model, job: PrepareJob) -> list:
+    """Forward pre-hooks quantizing each non-expert matrix against the second moment of its input when the pass
+    reaches it (the input is shared by q/k/v: computed once); the output head's hook ends the pass (no logits)."""
+    items, last = job.dense.items, {}
+
+    def moment(x):
+        key = (x.data_ptr(), tuple(x.shape))
+        if last.get("key") != key:
+            xf = x.reshape(-1, x.shape[-1]).float()
+            last.update(key=key, H=xf.T @ xf / max(len(xf), 1))  # float32 GEMM over the calibration tokens
+        return last["H"]
+
+    hooks = []
+    head = model.get_output_embeddings()
+    for name, it in items.items():
+        if it["role"] == "embedding" and not job.dense.finished(name):
+            job.add_dense(name)  # read by rows: no input to weigh
+        elif it["role"] == "linear" and not job.dense.finished(name) and model.get_submodule(name) is not head:
+            hooks.append(model.get_submodule(name).register_forward_pre_hook(
+                lambda m, args, name=name: job.add_dense(name, moment(args[0]))))
+    head_items = [n for n, it in items.items() if it["role"] == "tied" or (it["role"] == "linear" and
+                                                                          model.get_submodule(n) is head)]
+
+    def end(m, args):
+        for name in head_items:
+            job.add_dense(name, moment(args[0]))
+        raise _Done
+
+    if head is not None:
+        hooks.append(head.register_forward_pre_hook(end))
+    return hooks

@@ -30,6 +30,13 @@ class Engine:
     runtime: object | None = None  # engine.dynamic.Runtime while a dynamic policy runs
     threads: int = field(default_factory=torch.get_num_threads)  # cores a decode step computes on
     sizes: object | None = None  # runtime.budget.SizedReader: each precision's bytes per expert resident here
+    dense_plan: dict = field(default_factory=dict)  # non-expert matrix -> Precision (the others as loaded)
+
+    def weight_bytes(self) -> int:
+        """Bytes of every weight tensor resident now: the model's own (non-expert) ones, each storage once, plus
+        the experts' (`expert_bytes`)."""
+        from dynaexq.engine.dynamic import nonexpert_bytes
+        return nonexpert_bytes(self.model) + self.expert_bytes()
 
     def use_threads(self) -> None:
         """Make the calling thread (the one about to run forwards) compute on `threads` cores. Called where a

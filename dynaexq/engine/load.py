@@ -26,16 +26,18 @@ from transformers import AutoModelForCausalLM
 from dynaexq.arch import get_arch
 from dynaexq.bank import ExpertBank
 from dynaexq.demo import BUNDLED
-from dynaexq.engine import auto
+from dynaexq.engine import attention, auto
 from dynaexq.engine.dynamic import start_runtime
 from dynaexq.engine.engine import Engine, read_text, text_windows
 from dynaexq.errors import UserError
-from dynaexq.quant.dense import quantize_dense
+from dynaexq.quant.dense import apply_plan
 from dynaexq.runtime.budget import SizedReader
 from dynaexq.runtime.controller import RuntimeConfig
+from dynaexq.runtime.hotness import Hotness
 from dynaexq.runtime.version import make_version, slot_layout
 from dynaexq.runtime.planners import parse_policy, resolve_budget
-from dynaexq.sizes import format_size
+from dynaexq.runtime.planners.weights import manual_plan, plan_dense
+from dynaexq.sizes import format_size, parse_size
 from dynaexq.store import layout
 from dynaexq.store.checkpoint import Checkpoint
 from dynaexq.store.reader import StoreReader
@@ -62,7 +64,9 @@ def resolve_store(path, store=None, progress: bool = True) -> Path:
                             f"the checkpoint {str(path)!r} (config or shard headers differ); prepare this checkpoint "
                             "into its own store")
         return Path(store)
-    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    # the store format is part of the key: a dynaexq that reads another format prepares its own store
+    digest = hashlib.sha256(json.dumps({**fingerprint, "format": layout.FORMAT_VERSION},
+                                       sort_keys=True).encode()).hexdigest()[:16]
     target = cache_root() / "stores" / f"{path.resolve().name}-{digest}"
     if not layout.is_store(target):
         from dynaexq.engine.calibrate import prepare_store
@@ -75,7 +79,8 @@ def resolve_store(path, store=None, progress: bool = True) -> Path:
 def load(path, policy="auto", expert_budget=None, *, store=None, device="cpu",
          backend: str | None = None, dtype: torch.dtype | None = None, verify: str = "lazy",
          progress: bool = True, calibration=None, calibration_windows: int = 128, window_tokens: int = 256,
-         runtime: RuntimeConfig | None = None, dense: str = "model", threads: int | None = None) -> Engine:
+         runtime: RuntimeConfig | None = None, dense: str = "model", threads: int | None = None,
+         weight_budget=None) -> Engine:
     """`policy`: "auto" (fit the machine: engine/auto.py), a static map or a runtime policy (runtime/planners).
     `expert_budget`: bytes, a size string ('20MiB') or a precision name ('int3': every expert at int3).
     Policies that rank experts by hotness (calibrated, calibrated-multilevel) load every expert at their cheapest
@@ -85,11 +90,13 @@ def load(path, policy="auto", expert_budget=None, *, store=None, device="cpu",
     same calibration as warm start; call `engine.close()` to stop it (and save its hotness file).
     `verify`: "lazy" (shard stamps now, each expert's digest on its first read), "full" (hash every shard now) or
     "off" (store/reader.py). `dense`: "model" (the non-expert weights in `dtype`), "int8" or "bf16" (quant/dense.py).
+    `weight_budget`: bytes (or a size string) for every weight tensor: the non-expert matrices' precisions are
+    planned with the experts' in one budget (runtime/planners/weights.py), instead of `expert_budget`.
     `threads`: the cores a decode step computes on (default: torch's count on the calling thread)."""
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise UserError(f"threads must be a positive integer, got {threads!r}")
     engine = _load(path, policy, expert_budget, store, device, backend, dtype, verify, progress, calibration,
-                   calibration_windows, window_tokens, runtime, dense)
+                   calibration_windows, window_tokens, runtime, dense, weight_budget)
     engine.threads = threads or torch.get_num_threads()
     return engine
 
@@ -114,37 +121,45 @@ def check_device(device) -> torch.device:
 
 
 def _load(path, policy, expert_budget, store, device, backend, dtype, verify, progress, calibration,
-          calibration_windows, window_tokens, runtime, dense) -> Engine:
+          calibration_windows, window_tokens, runtime, dense, weight_budget) -> Engine:
     device = check_device(device)
     backend = backend or ("cuda" if device.type == "cuda" else "cpu")
     reader = StoreReader(resolve_store(path, store, progress))
     reader.check(verify, progress)
-    sized = resident_sizes(reader, backend, dtype or getattr(torch, reader.manifest["source_dtype"]), device)
+    dtype_ = dtype or getattr(torch, reader.manifest["source_dtype"])  # the non-expert weights' and activations'
+    sized = resident_sizes(reader, backend, dtype_, device)
     budget = resolve_budget(expert_budget, sized)  # a precision name: the bytes every expert takes resident here
+    wb = None if weight_budget is None else parse_size(weight_budget)
+    if wb is not None and (budget is not None or dense != "model"):
+        raise UserError("--weight-budget plans every weight, the non-expert matrices included: give it alone, not with "
+                        "--expert-budget (experts only) or --dense (non-expert precisions by hand)")
     if isinstance(policy, str) and policy.strip().lower() == "auto":  # fit the machine (engine/auto.py)
-        policy, runtime, why = auto.choose(reader, sized, dtype or getattr(torch, reader.manifest["source_dtype"]),
-                                           device, budget, runtime)
+        policy, runtime, why = auto.choose(reader, sized, dtype_, device, budget, runtime, wb)
         if progress:
             print(f"dynaexq: policy auto -> {policy}: {why}", file=sys.stderr)
     planner = parse_policy(policy) if isinstance(policy, str) else policy
     if getattr(planner, "dynamic", False):
         planner = _usable_ladder(planner, sized)
         sized.check(planner.tiers(reader))
-        engine = _load_dynamic(path, reader, planner, budget, device, backend, dtype, progress, calibration,
-                               calibration_windows, window_tokens, runtime or RuntimeConfig(), dense)
-        engine.sizes = sized
+        engine = _load_dynamic(path, reader, sized, planner, budget, wb, device, backend, dtype, progress,
+                               calibration, calibration_windows, window_tokens, runtime or RuntimeConfig(), dense)
         return engine
     if runtime is not None:
         raise UserError(f"runtime options are for the runtime policies (dynaexq, multilevel, frozen), not {planner}")
     if planner.hotness_source == "eval":
         raise UserError(f"policy {planner} is an upper bound computed from the evaluated text's own routing; it "
                         "exists only in `dynaexq eval`")
-    if planner.hotness_source and budget is None:
+    if planner.hotness_source and budget is None and wb is None:
         raise UserError(f"policy {planner} needs an expert budget (--expert-budget SIZE, or a precision such as int3 "
-                        "meaning the bytes of every expert at that precision)")
+                        "meaning the bytes of every expert at that precision) or a --weight-budget")
     calib_files = calibration_files(path, reader, calibration) if planner.hotness_source else []
     plan = planner.floor(sized) if planner.hotness_source else planner.plan(sized, budget)
     sized.check(set(plan.values()))
+    dense_plan, shares = manual_plan(reader, dense), None
+    if hasattr(planner, "dense_plan"):  # a map file's "dense" section
+        dense_plan = {**dense_plan, **planner.dense_plan(reader)}
+    if wb is not None and not planner.hotness_source:  # a fixed expert map: the non-expert matrices get the rest
+        dense_plan, _, shares = plan_dense(sized, wb, dtype_, expert_plan=plan)
     need = sum(sized.expert_bytes(layer, e, p) for (layer, e), p in plan.items())
     if budget is not None and need > budget:
         fits = [p.value for p in reader.precisions
@@ -152,15 +167,31 @@ def _load(path, policy, expert_budget, store, device, backend, dtype, verify, pr
         hint = f"uniform precisions that fit: {', '.join(fits)}" if fits else "no uniform precision fits"
         raise UserError(f"policy {planner} needs {need} bytes ({format_size(need)}) of expert memory resident on "
                         f"{sized.where} but the expert budget is {budget} bytes ({format_size(budget)}); {hint}")
-    engine = _empty_engine(reader, planner, device, backend, dtype, dense)
+    engine = _empty_engine(reader, planner, device, backend, dtype, dense_plan)
     engine.sizes = sized
     engine.apply(plan, progress=progress)  # every version owns its memory; the store is unmapped after
     if calib_files:
         windows = calibration_tokens(engine.tokenizer, calib_files, calibration_windows, window_tokens)
-        final = planner.plan(sized, budget, engine.routing_mass(windows, progress=progress))
+        mass = engine.routing_mass(windows, progress=progress)
+        if wb is not None:  # one allocation for the non-expert matrices and the experts
+            dense_plan, budget, shares = plan_dense(sized, wb, dtype_, {k: m / windows.numel() for k, m in mass.items()})
+            apply_plan(engine.model, reader, dense_plan, backend)
+        final = planner.plan(sized, budget, mass)
         sized.check(set(final.values()))
         engine.apply(final, progress=progress)
+    engine.dense_plan = dense_plan
+    if shares is not None and progress:
+        print(f"dynaexq: weight budget {format_size(wb)} = fixed {format_size(shares['fixed'])} + non-expert matrices "
+              f"{format_size(shares['dense'])} ({_counts(dense_plan)}) + experts {format_size(shares['experts'])}",
+              file=sys.stderr)
     return engine
+
+
+def _counts(plan: dict) -> str:
+    held = {}
+    for p in plan.values():
+        held[p.value] = held.get(p.value, 0) + 1
+    return ", ".join(f"{n} {p}" for p, n in sorted(held.items())) or "as loaded"
 
 
 def _usable_ladder(planner, sized):
@@ -194,35 +225,56 @@ def resident_sizes(reader, backend: str, dtype, device) -> SizedReader:
     return SizedReader(reader, sizes, where, weights)
 
 
-def _load_dynamic(path, reader, planner, budget, device, backend, dtype, progress, calibration,
+def _load_dynamic(path, reader, sized, planner, budget, wb, device, backend, dtype, progress, calibration,
                   calibration_windows, window_tokens, config: RuntimeConfig, dense: str = "model") -> Engine:
-    if budget is None and config.budget is None:
-        raise UserError(f"policy {planner} needs a memory budget: --budget SIZE (the whole model, DynaExq Eq. 4) or "
-                        "--expert-budget SIZE / a precision name such as int3 (expert weights only)")
-    warm_files = None
-    if not (config.hotness_file and Path(config.hotness_file).is_file()):
-        warm_files = calibration_files(path, reader, calibration)
-    engine = _empty_engine(reader, planner, device, backend, dtype, dense)
+    if budget is None and config.budget is None and wb is None:
+        raise UserError(f"policy {planner} needs a memory budget: --budget SIZE (the whole model, DynaExq Eq. 4), "
+                        "--weight-budget SIZE (every weight) or --expert-budget SIZE / a precision name such as int3 "
+                        "(expert weights only)")
+    hot_file = config.hotness_file and Path(config.hotness_file).is_file()
+    warm_files = None if hot_file else calibration_files(path, reader, calibration)
+    engine = _empty_engine(reader, planner, device, backend, dtype, manual_plan(reader, dense))
+    engine.sizes = sized
+    measured = {}
 
     def calibrate(floor):  # DynaExq's warm start: the model in all-low mode, mean routed mass per token
-        engine.apply(floor, progress=progress)
-        windows = calibration_tokens(engine.tokenizer, warm_files, calibration_windows, window_tokens)
-        return {layer: m / windows.numel() for layer, m in engine.routing_mass(windows, progress=progress).items()}
+        if "hot" not in measured:
+            engine.apply(floor, progress=progress)
+            windows = calibration_tokens(engine.tokenizer, warm_files, calibration_windows, window_tokens)
+            mass = engine.routing_mass(windows, progress=progress)
+            measured["hot"] = {layer: m / windows.numel() for layer, m in mass.items()}
+        return measured["hot"]
 
+    if wb is not None:  # the non-expert matrices' share first (one allocation with the experts), fixed from now on
+        if hot_file:
+            h = Hotness(reader.layers, reader.num_experts)
+            h.load(config.hotness_file)
+            hot = h.snapshot()
+        else:
+            hot = calibrate(planner.floor(sized))
+        engine.dense_plan, budget, shares = plan_dense(sized, wb, engine.dtype, hot)
+        apply_plan(engine.model, reader, engine.dense_plan, backend)
+        if progress:
+            print(f"dynaexq: weight budget {format_size(wb)} = fixed {format_size(shares['fixed'])} + non-expert "
+                  f"matrices {format_size(shares['dense'])} ({_counts(engine.dense_plan)}) + experts "
+                  f"{format_size(shares['experts'])} (the runtime's)", file=sys.stderr)
     start_runtime(engine, planner, budget, config, calibrate if warm_files else None, progress)
     return engine
 
 
-def _empty_engine(reader, planner, device, backend, dtype, dense: str = "model") -> Engine:
-    """The model built on the store with an ExpertBank per MoE layer, no expert published yet."""
+def _empty_engine(reader, planner, device, backend, dtype, dense_plan: dict) -> Engine:
+    """The model built on the store with an ExpertBank per MoE layer, no expert published yet, its non-expert
+    matrices at `dense_plan` ({module name: Precision}; the others as loaded)."""
     arch = get_arch(reader.manifest["config"])
     dtype = dtype or getattr(torch, reader.manifest["source_dtype"])
     model = _build_model(reader.path, arch, dtype, device)
-    quantize_dense(model, dense)
+    if dense_plan and device.type != "cpu" and backend == "cpu":
+        raise UserError(f"the non-expert matrices' kernels run where the model runs; {device} with the cpu backend")
+    apply_plan(model, reader, dense_plan, backend)
     banks = banks_of(model)
     assert sorted(banks) == sorted(reader.layers), (sorted(banks), reader.layers)
     return Engine(model=model, tokenizer=load_tokenizer(reader.path), reader=reader, banks=banks,
-                  policy=str(planner), plan={}, backend=backend, dtype=dtype)
+                  policy=str(planner), plan={}, backend=backend, dtype=dtype, dense_plan=dict(dense_plan))
 
 
 def banks_of(model) -> dict:
@@ -270,6 +322,7 @@ def _build_model(store_dir: Path, arch, dtype, device):
                                                          device_map=None if device.type == "cpu" else device)
         finally:
             setattr(module, arch.experts_class, original)
+    attention.install(model)  # decode steps over the SlotCache read keys and values in place
     return model.eval()
 
 

@@ -137,7 +137,7 @@ class Scheduler:
             failed = d.rows + ([d.prefilling] if d.prefilling is not None and d.prefilling not in d.rows else [])
             with self._cond:  # the decoder is clean before any client hears of the failure
                 d.waiting = deque(s for s in d.waiting if s is not d.prefilling)
-                d.rows, d.cache, d.mask, d.prefilling = [], None, None, None
+                d.reset()
             for seq in failed:
                 self._fail(seq, f"generation failed: {type(err).__name__}: {err}")
             return

@@ -30,12 +30,15 @@ from transformers import DynamicCache
 
 from dynaexq.engine.dynamic import start_runtime, stop_runtime
 from dynaexq.engine.engine import read_text, text_windows
+from dynaexq.engine.kv_cache import SlotCache
 from dynaexq.engine.load import (calibration_files, calibration_tokens, load, load_tokenizer, resident_sizes,
                                  resolve_store)
 from dynaexq.errors import UserError
-from dynaexq.quant.dense import quantize_dense
+from dynaexq.quant.dense import apply_plan, restore
 from dynaexq.runtime.controller import RuntimeConfig
 from dynaexq.runtime.planners import parse_budget, parse_policy, resolve_budget
+from dynaexq.runtime.planners.weights import manual_plan, plan_dense
+from dynaexq.sizes import parse_size
 from dynaexq.store.reader import StoreReader
 
 DEFAULT_POLICIES = ("uniform:int8", "uniform:int4", "uniform:int3", "uniform:int2")
@@ -49,11 +52,18 @@ def budgeted(planner) -> bool:
 
 
 def stream_logits(engine, x: torch.Tensor, step_tokens: int) -> torch.Tensor:
-    """x [B, T] through the model in steps of `step_tokens` with a KV cache (the logits equal one forward of the
-    whole window), the controller stepping after each -> logits [B, T, V]."""
-    cache, chunks = DynamicCache(config=engine.model.config), []
+    """x [B, T] through the model in steps of `step_tokens` with a preallocated KV cache (the logits equal one
+    forward of the whole window), the controller stepping after each -> logits [B, T, V]."""
+    config, chunks = engine.model.config, []
+    slots = SlotCache.supports(config)
+    cache = SlotCache(config, x.shape[0], x.shape[1]) if slots else DynamicCache(config=config)
     for s in range(0, x.shape[1], step_tokens):
-        chunks.append(engine.model(input_ids=x[:, s:s + step_tokens], past_key_values=cache, use_cache=True).logits)
+        chunk = x[:, s:s + step_tokens]
+        if slots:
+            cache.select(0, x.shape[0], chunk.shape[1])
+        chunks.append(engine.model(input_ids=chunk, past_key_values=cache, use_cache=True).logits)
+        if slots:
+            cache.advance(chunk.shape[1])
         engine.after_step()
     return torch.cat(chunks, 1)
 
@@ -106,6 +116,7 @@ class Evaluation:
         self.reader = self.engine.reader
         self.sized = resident_sizes(self.reader, self.engine.backend, self.engine.dtype, self.engine.model.device)
         self.reference_bytes = self.engine.expert_bytes()
+        self.reference_weight_bytes = self.engine.weight_bytes()
         short = {n: len(w) for n, w in self.windows.items() if len(w) < windows}
         if short:
             print(f"dynaexq eval: text too short for {windows} windows of {window_tokens} tokens, using fewer: {short}",
@@ -119,7 +130,8 @@ class Evaluation:
             self.ref_stats[name] = self._score(w, ref=None, store=self.ref_logp[name], desc=f"reference {name}")
         self.eval_hotness = {layer: mass.double().cpu() for layer, (_, mass) in self.engine.take_routing_stats().items()}
         self.dense = dense  # the reference keeps the dense weights in `dtype`; every policy runs with these
-        quantize_dense(self.engine.model, dense)
+        self.dense_plan = manual_plan(self.reader, dense)
+        apply_plan(self.engine.model, self.reader, self.dense_plan)
         self._calib_hotness, self._ref_hotness, self.calibration_token_counts = {}, {}, {}
 
     def calibration_texts(self) -> dict[str, Path]:
@@ -181,11 +193,41 @@ class Evaluation:
         return out
 
     def run(self, policy: str, budget=None, config: RuntimeConfig | None = None,
-            step_tokens: int = STEP_TOKENS) -> dict:
+            step_tokens: int = STEP_TOKENS, weight_budget=None) -> dict:
+        """One policy at an expert budget, or at a weight budget (every weight: the non-expert matrices are planned
+        with the experts, runtime/planners/weights.py, and put back to the reference's after the run)."""
         planner = parse_policy(policy)
+        wb = None if weight_budget is None else parse_size(weight_budget)
         budget_bytes = resolve_budget(budget, self.sized)
-        if getattr(planner, "dynamic", False):
-            return self._run_runtime(planner, budget_bytes, config or RuntimeConfig(), step_tokens)
+        swapped, dense_plan = {}, self.dense_plan
+        if wb is not None:
+            if self.dense_plan:
+                raise UserError("--weight-budget plans the non-expert matrices itself; leave --dense at model")
+            if planner.hotness_source == "calibration" or getattr(planner, "dynamic", False):
+                floor = planner.floor(self.sized)
+                hot = {k: m / self.calibration_token_counts[None] for k, m in self.calibration_hotness(floor).items()}
+                dense_plan, budget_bytes, _ = plan_dense(self.sized, wb, self.engine.dtype, hot)
+            elif planner.hotness_source == "eval":
+                total = sum(self.windows[n].numel() for n in self.windows)
+                hot = {k: m / total for k, m in self.eval_hotness.items()}
+                dense_plan, budget_bytes, _ = plan_dense(self.sized, wb, self.engine.dtype, hot)
+            else:
+                dense_plan, _, _ = plan_dense(self.sized, wb, self.engine.dtype,
+                                              expert_plan=planner.plan(self.sized, None))
+            swapped = apply_plan(self.engine.model, self.reader, dense_plan)
+        try:
+            if getattr(planner, "dynamic", False):
+                out = self._run_runtime(planner, budget_bytes, config or RuntimeConfig(), step_tokens)
+            else:
+                out = self._run_static(planner, budget_bytes)
+        finally:
+            restore(self.engine.model, swapped)
+        counts = {}
+        for p in dense_plan.values():
+            counts[p.value] = counts.get(p.value, 0) + 1
+        return {**out, "weight_budget": wb, "dense_precisions": counts}
+
+    def _run_static(self, planner, budget_bytes) -> dict:
         hotness = None
         if planner.hotness_source == "calibration":
             hotness = self.calibration_hotness(planner.floor(self.reader))
@@ -206,7 +248,7 @@ class Evaluation:
         for p in plan.values():
             counts[p.value] = counts.get(p.value, 0) + 1
         return {"policy": str(planner), "budget": budget_bytes, "expert_bytes": self.engine.expert_bytes(),
-                "precisions": counts, "domains": domains,
+                "weight_bytes": self.engine.weight_bytes(), "precisions": counts, "domains": domains,
                 "mean_kl": sum(d["kl"] for d in domains.values()) / len(domains),
                 "seconds": {"publish": round(t1 - t0, 3), "eval": round(time.perf_counter() - t1, 3)}}
 
@@ -232,7 +274,7 @@ class Evaluation:
                 for p in lst:
                     counts[p] = counts.get(p, 0) + 1
             return {"policy": str(planner), "budget": budget_bytes, "expert_bytes": self.engine.expert_bytes(),
-                    "precisions": counts, "domains": domains,
+                    "weight_bytes": self.engine.weight_bytes(), "precisions": counts, "domains": domains,
                     "mean_kl": sum(d["kl"] for d in domains.values()) / len(domains),
                     "runtime": {"step_tokens": step_tokens, "decisions": s["decisions"],
                                 "transitions": {k: s["transitions"][k] for k in ("pairs", "bytes_moved", "failures")},
@@ -245,7 +287,7 @@ class Evaluation:
     def report(self, results: list) -> dict:
         """The JSON report of `dynaexq eval` around these results."""
         return {"model": str(self.model_path), "reference_policy": f"uniform:{self.ref.value}", "dense": self.dense,
-                "reference_expert_bytes": self.reference_bytes,
+                "reference_expert_bytes": self.reference_bytes, "reference_weight_bytes": self.reference_weight_bytes,
                 "windows": {n: list(w.shape) for n, w in self.windows.items()},
                 "reference": {name: dict(s) for name, s in self.ref_stats.items()}, "results": results}
 
@@ -261,14 +303,19 @@ def calibration_texts(model, reader, given) -> dict[str, Path]:
             for s, f in zip(given or [str(f) for f in files], files)}
 
 
-def check_plans(model, planners, budgets, store=None) -> Path:
+def check_plans(model, planners, budgets, store=None, weight_budgets=()) -> Path:
     """Fail before any heavy work: resolve the store, then plan every policy x budget once with flat hotness
     (budget parsing, minimum budgets, ladders the store lacks). Returns the store directory."""
     store_dir = resolve_store(model, store)
     reader = StoreReader(store_dir)
     flat = {layer: torch.ones(reader.num_experts, dtype=torch.float64) for layer in reader.layers}
+    for wb in weight_budgets:
+        parse_size(wb)
+    if weight_budgets and not reader.dense_items():
+        raise UserError(f"store {str(store_dir)!r} holds no quantized non-expert matrices; prepare the checkpoint "
+                        "again to evaluate at --weight-budget")
     for pl in planners:
-        if budgeted(pl) and not budgets:
+        if budgeted(pl) and not budgets and not weight_budgets:
             raise UserError(f"policy {pl} needs --expert-budget (a size such as 20MiB, or a precision such as int3)")
         if getattr(pl, "dynamic", False):
             for b in budgets:
@@ -283,20 +330,26 @@ def check_plans(model, planners, budgets, store=None) -> Path:
 def evaluate(model, data=None, policies=None, budgets=None, windows=16, window_tokens=256, calibration=None,
              calibration_windows=128, progress=True, store=None, dtype=torch.float32, verify="lazy",
              dense: str = "model", config: RuntimeConfig | None = None, step_tokens: int = STEP_TOKENS,
-             device="cpu") -> dict:
-    """The whole `dynaexq eval`: every policy (x budget, for hotness policies) -> the JSON report."""
+             device="cpu", weight_budgets=None) -> dict:
+    """The whole `dynaexq eval`: every policy (x expert budget, for hotness and runtime policies; x weight budget,
+    for every policy) -> the JSON report."""
     budgets = [parse_budget(b) for b in (budgets or [])]
-    policies = list(policies) if policies else list(DEFAULT_POLICIES) + (list(HOTNESS_POLICIES) if budgets else [])
+    weight_budgets = list(weight_budgets or [])
+    policies = list(policies) if policies else list(DEFAULT_POLICIES) + (
+        list(HOTNESS_POLICIES) if budgets or weight_budgets else [])
     planners = [parse_policy(p) for p in policies]  # bad specs fail before any work
     data = parse_data(data, _model_dir(model))
-    store = check_plans(model, planners, budgets, store)
+    store = check_plans(model, planners, budgets, store, weight_budgets)
     ev = Evaluation(model, data, windows, window_tokens, calibration, calibration_windows, progress=progress,
                     store=store, dtype=dtype, verify=verify, dense=dense, device=device)
     try:
         results = []
         for spec, pl in zip(policies, planners):
-            for b in (budgets if budgeted(pl) else [None]):
-                results.append(ev.run(spec, b, config, step_tokens))
+            if not weight_budgets or budgets:
+                for b in (budgets if budgeted(pl) else [None]):
+                    results.append(ev.run(spec, b, config, step_tokens))
+            for wb in weight_budgets:
+                results.append(ev.run(spec, None, config, step_tokens, wb))
         return ev.report(results)
     finally:
         ev.close()

@@ -10,11 +10,14 @@ from dynaexq.sizes import format_size
 
 def table(report: dict, markdown: bool = False) -> str:
     domains = list(report["reference"])
-    head = ["policy", "expert bytes", "mean KL"] + [f"{d} {m}" for d in domains for m in ("ppl", "KL", "top-1")]
-    rows = [[f"reference ({report['reference_policy']})", format_size(report["reference_expert_bytes"]), "0"]
+    head = ["policy", "expert bytes", "weight bytes", "mean KL"] + [f"{d} {m}" for d in domains
+                                                                    for m in ("ppl", "KL", "top-1")]
+    rows = [[f"reference ({report['reference_policy']})", format_size(report["reference_expert_bytes"]),
+             format_size(report["reference_weight_bytes"]) if "reference_weight_bytes" in report else "-", "0"]
             + [c for d in domains for c in (f"{report['reference'][d]['ppl']:.2f}", "0", "1")]]
     for r in report["results"]:
-        rows.append([r["policy"], format_size(r["expert_bytes"]), f"{r['mean_kl']:.5f}"]
+        rows.append([r["policy"], format_size(r["expert_bytes"]),
+                     format_size(r["weight_bytes"]) if "weight_bytes" in r else "-", f"{r['mean_kl']:.5f}"]
                     + [c for d in domains for c in (f"{r['domains'][d]['ppl']:.2f}", f"{r['domains'][d]['kl']:.5f}",
                                                      f"{r['domains'][d]['top1']:.3f}")])
     if markdown:

@@ -1,46 +1,47 @@
-"""Non-expert weights through the experts' own CPU kernels (`--dense int8|bf16`): the attention projections and
-any dense or shared-expert MLP.
+"""Non-expert matrices at their planned precision, run by the experts' own kernels: the dense half of one budget.
 
-Every `nn.Linear` of the model outside the experts is replaced by a `DenseLinear` holding its weight in an
-expert format (quant/formats.py) — int8: per-row codes with an fp16 scale and zero; bf16: the weight rounded to
-bf16 — and run by the native row-major kernel of the grouped expert path (csrc/rowmajor.cpp through
-quant/grouped_cpu.py, one "tier" of one expert: fp32 accumulation, one rounding into the model's dtype). Left as
-they are: the output head (often tied to the embedding, and the most sensitive matrix; llama.cpp's mixes keep it
-higher too), the embedding, the norms and any router (a linear with one output per expert): routing decides
-which experts run, its error is not averaged away. Measured on this CPU (no bf16 matmul units; 2.13 CPU wheel,
-1 thread, cold weights, bench/generate.py for end to end): a bf16 [4096, 2048] weight at one token 1.38 ms vs
-F.linear's 2.28 ms, at 8 tokens 2.24 vs 6.83 ms; int8 halves the bytes again.
+`DenseLinear(kernel, bias)` takes the place of a transformers `nn.Linear` (attention projections, shared experts,
+dense MLP layers, the output head) with the store's version of its weight (store/dense.py) at the planned
+precision, prepared by quant.kernels: int8 and floats on the native row-major kernel, 2/3/4-bit on the fused
+low-bit kernel, each as one "tier" of one expert through the grouped driver (fp32 sums, one rounding into the
+activation dtype); other backends call the kernel itself. `DenseEmbedding(kernel, dtype)` takes the place of the
+input embedding and decodes only the rows a step reads from the same resident form, so a tied embedding and
+head share one copy of the bytes. `apply_plan(model, reader, plan)` swaps the modules of a plan
+{module name: Precision}; a matrix planned at the model's own dtype keeps transformers' module. Nothing here
+decides precisions (runtime/planners/weights.py does).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from dynaexq.errors import UserError
 from dynaexq.quant import grouped_cpu, kernels
-from dynaexq.quant.precision import Precision
-from dynaexq.quant.quantize import quantize
+from dynaexq.quant.quantize import dequantize
 
-DENSE = ("model", "int8", "bf16")
-_PRECISION = {"int8": Precision.INT8, "bf16": Precision.BF16}
+DENSE = ("model", "int8", "bf16")  # --dense: the manual override of every attention/MLP linear (head kept)
+
+
+def _register(module: nn.Module, kernel) -> None:
+    """The kernel's resident tensors as buffers: counted among the model's bytes (engine `weight_bytes`)."""
+    held = kernel.qw.tensors() if not hasattr(kernel, "tensor_data_names") else {  # reference: the stored form
+        name: getattr(kernel, name) for name in kernel.tensor_data_names}
+    for name, t in held.items():
+        if isinstance(t, torch.Tensor):
+            module.register_buffer(f"w_{name}", t)
 
 
 class DenseLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, dense: str):
+    def __init__(self, kernel, bias: torch.Tensor | None, in_features: int, out_features: int, precision: str):
         super().__init__()
-        self.in_features, self.out_features, self.dense = linear.in_features, linear.out_features, dense
-        self.kernel = kernels.prepare(quantize(linear.weight.detach(), _PRECISION[dense]), "cpu")
-        held = self.kernel.qw.tensors() if isinstance(self.kernel, kernels.DequantFallback) else {
-            name: getattr(self.kernel, name) for name in self.kernel.tensor_data_names}
-        for name, t in held.items():  # buffers: counted among the model's bytes (engine/dynamic.nonexpert_bytes)
-            self.register_buffer(name, t)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        spec = grouped_cpu.spec(self.kernel)  # None: no native form (the kernel's own call runs it)
+        self.kernel, self.in_features, self.out_features, self.precision = kernel, in_features, out_features, precision
+        _register(self, kernel)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        spec = grouped_cpu.spec(kernel)  # None: no native form (the kernel's own call runs it)
         self._tier = None if spec is None else (spec[0], torch.tensor([spec[1]], dtype=torch.int64))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self._tier is not None and grouped_cpu.supports(x.dtype):
+        if self._tier is not None and x.device.type == "cpu" and grouped_cpu.supports(x.dtype):
             x2 = x2.contiguous()
             y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype)
             grouped_cpu.run(self._tier[0], torch.tensor([x2.shape[0]]), self._tier[1], x2, y)
@@ -51,23 +52,67 @@ class DenseLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.dense}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.precision}"
 
 
-def quantize_dense(model, dense: str = "int8") -> int:
-    """Replace the model's non-expert linears in place (see the module doc) -> how many were replaced."""
-    if dense not in DENSE:
-        raise UserError(f"--dense {dense!r}: valid values are {', '.join(DENSE)}")
-    if dense == "model":
-        return 0
+class DenseEmbedding(nn.Module):
+    def __init__(self, kernel, num_embeddings: int, embedding_dim: int, dtype: torch.dtype, precision: str):
+        super().__init__()
+        self.kernel, self.num_embeddings, self.embedding_dim = kernel, num_embeddings, embedding_dim
+        self.dtype, self.precision = dtype, precision
+        _register(self, kernel)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        k = self.kernel
+        if isinstance(k, kernels.FloatLinear):
+            rows = k.w[flat].to(self.dtype)
+        elif isinstance(k, kernels.Int8Cpu):  # W = s * q + corr per row
+            rows = (k.q[flat].float() * k.scale[flat, None].float() + k.corr[flat, None].float()).to(self.dtype)
+        elif hasattr(k, "rows"):  # the fused low-bit kernel decodes the rows from its blob
+            rows = k.rows(flat, self.dtype)
+        else:  # the reference and dequantize kernels keep the stored weight
+            rows = dequantize(k.qw, torch.float64)[flat].to(self.dtype)
+        return rows.view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.precision}"
+
+
+def apply_plan(model, reader, plan: dict, backend: str = "cpu") -> dict:
+    """Swap the modules of `plan` {item name: Precision} for their store versions -> {module name: the module it
+    replaced} (`restore` puts them back)."""
+    items = reader.dense_items()
     device = next(model.parameters()).device
-    if device.type != "cpu":
-        raise UserError(f"--dense {dense} runs on the CPU only (the native row-major kernel); the model is on {device}")
-    experts = getattr(model.config, "num_local_experts", None) or getattr(model.config, "num_experts", None)
-    head = model.get_output_embeddings()
-    todo = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head
-            and m.out_features != experts]
-    for name, m in todo:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, DenseLinear(m, dense))
-    return len(todo)
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    head_name = next((n for n, m in model.named_modules() if m is head), None)
+    swapped = {}
+    for name, p in sorted(plan.items()):
+        it = items[name]
+        module = model.get_submodule(name)
+        if p.is_float and module.weight.dtype == p.dtype:
+            continue  # the model's own module already holds exactly this
+        kernel = kernels.prepare(reader.read_dense(name, p), backend, None, device)
+        n, k = it["shape"]
+        if it["role"] in ("embedding", "tied"):
+            swapped[name] = _set(model, name, DenseEmbedding(kernel, n, k, module.weight.dtype, p.value))
+        if it["role"] == "tied" and head_name is not None:
+            swapped[head_name] = _set(model, head_name, DenseLinear(kernel, getattr(head, "bias", None), k, n, p.value))
+        if it["role"] == "linear":
+            swapped[name] = _set(model, name, DenseLinear(kernel, module.bias, k, n, p.value))
+    reader.close()
+    return swapped
+
+
+def restore(model, swapped: dict) -> None:
+    """Undo `apply_plan` (its return value)."""
+    for name, module in swapped.items():
+        _set(model, name, module)
+
+
+def _set(model, name: str, module: nn.Module) -> nn.Module:
+    parent, _, child = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    old = getattr(owner, child)
+    setattr(owner, child, module)
+    return old

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-_SRC = [Path(__file__).parent / "csrc" / f for f in ("lowbit.cpp", "rowmajor.cpp", "route.cpp")]  # + simd.h
+_SRC = [Path(__file__).parent / "csrc" / f for f in ("lowbit.cpp", "rowmajor.cpp", "route.cpp", "attention.cpp")]  # + simd.h
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # as in csrc/simd.h
 
 _lock = threading.Lock()
@@ -62,7 +62,7 @@ def _load() -> ctypes.CDLL | None:
 
 
 def build(extra_cflags: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Compile csrc/ (lowbit.cpp, rowmajor.cpp, route.cpp) for this CPU (or reuse the cached build) and load it;
+    """Compile csrc/ (lowbit.cpp, rowmajor.cpp, route.cpp, attention.cpp) for this CPU (or reuse the cached build) and load it;
     raises on failure.
     extra_cflags (e.g. "-mno-avx512f" to test the AVX2 kernel) get their own build and library name."""
     from torch.utils import cpp_extension
@@ -90,6 +90,11 @@ def build(extra_cflags: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib.dynaexq_route.restype = i
     lib.dynaexq_combine.argtypes = [i, i, i, p, p, p, p, i, i, p, i]
     lib.dynaexq_combine.restype = i
+    q = ctypes.c_int64
+    lib.dynaexq_lowbit_rows.argtypes = [i, i, i, i, p, p, ctypes.c_long, p, i]
+    lib.dynaexq_lowbit_rows.restype = i
+    lib.dynaexq_decode_attention.argtypes = [i, i, i, i, i, p, i, p, p, i, q, q, q, q, q, q, p, ctypes.c_float, p, i]
+    lib.dynaexq_decode_attention.restype = i
     return lib
 
 
@@ -172,6 +177,19 @@ class LowbitCpu:
         table = torch.stack([s, b + (8 - c) * s], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((codes + c).contiguous(), 1)
         return cls(qw.bits, (n, k), qw.group_size, None, packed, table)
+
+    def rows(self, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """W[idx] [n, K] in `dtype` (fp32/bf16/fp16), decoded from the resident blob (an embedding's lookup)."""
+        n, k = self.shape
+        idx = idx.reshape(-1).to(torch.int64).contiguous()
+        out = torch.empty(idx.numel(), k, dtype=dtype)
+        if self.blob is None:  # the aten fallback: its int4-packed codes are not row-addressable here
+            raise NotImplementedError("row lookup needs the native low-bit kernel")
+        rc = _lib.dynaexq_lowbit_rows(self.bits, n, k, self.group_size, self.blob.data_ptr(), idx.data_ptr(),
+                                      idx.numel(), out.data_ptr(), _DTYPE_CODE[dtype])
+        if rc != 0:
+            raise ValueError(f"dynaexq_lowbit_rows refused rows of a {self.bits}-bit [{n}, {k}] weight (rc {rc})")
+        return out
 
     @property
     def nbytes(self) -> int:

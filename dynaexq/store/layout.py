@@ -10,12 +10,16 @@ STORE/
                                  + `e.gate_up_bias`, `e.down_bias`)
   experts/L003.int4.json         written after its shard: per-expert bytes, errors and digests, sha256, and
                                  the prepare parameters (a resumed prepare skips shards whose sidecar matches)
+  dense/L003.int4.safetensors    layer 3's non-expert matrices at int4 (`q_proj.data|scale|...` per module
+                                 name), "top": head and embedding (store/dense.py), + sidecar .json
 Integrity, at three costs: the manifest holds each shard's sha256 (`inspect --verify` hashes whole shards), a
 *stamp* (size + sha256 of the header and three 64 KiB samples: what a load checks, milliseconds per shard), and
 each expert's digest (sha256 of its tensors in file order, checked on the expert's first read).
 Format 2: per-expert digests and shard stamps; prepare reads each expert once for all precisions. Format 3: the
 grouped formats of quant/formats.py (8-bit scale/offset codes, `e.gate_up.ranges`), GPTQ against calibration
-Hessians, activation-aware errors; the manifest records each precision's format and the calibration.
+Hessians, activation-aware errors; the manifest records each precision's format and the calibration. Format 4:
+the non-expert matrices too, at every precision (store/dense.py: `dense/L003.int4.safetensors`, the manifest's
+"dense" entry with their bytes, errors, energies and digests), for one budget over every weight.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import torch
 
 from dynaexq.quant.precision import Precision
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 NONEXPERT_INDEX = "model.safetensors.index.json"
 MATRICES = ("gate_up", "down")
@@ -42,6 +46,11 @@ def expert_shard(layer: int, precision: Precision) -> str:
 
 
 NONEXPERT_SHARD = "nonexpert.safetensors"
+
+
+def dense_shard(group: str, precision: Precision) -> str:
+    """The shard of one group of non-expert matrices (a decoder layer's, or "top": head and embedding)."""
+    return f"dense/{group}.{precision.value}.safetensors"
 
 
 def is_store(path) -> bool:

@@ -13,7 +13,8 @@ cost is error x sqrt(energy): the size of the output error, what the next layers
 Shards are written under a temporary name and renamed; a sidecar `experts/L003.int4.json` (per-expert bytes,
 errors, digests, sha256 and the prepare parameters) is written after its shard, so a killed run resumes by
 skipping the shards whose sidecar matches. Non-expert weights are copied unchanged (source dtype) into
-`nonexpert.safetensors`.
+`nonexpert.safetensors`, and the non-expert matrices are also quantized at every precision (store/dense.py):
+against their own inputs' second moments with calibration, their weight error without.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from dynaexq.errors import UserError
 from dynaexq.quant.formats import manifest_entry
 from dynaexq.quant.precision import DEFAULT_PRECISIONS, Precision
 from dynaexq.quant.quantize import dequantize, factor, quantize_many
-from dynaexq.store import layout
+from dynaexq.store import dense, layout
 from dynaexq.store.checkpoint import INDEX, Checkpoint
 from dynaexq.store.shard_writer import StreamingWriter, write_streaming
 
@@ -57,7 +58,8 @@ class PrepareJob:
         if not self.index:
             raise UserError(f"{str(self.src)!r} is a {self.arch.model_type} checkpoint without routed expert weights "
                             "(a dense configuration?): there is nothing for dynaexq to manage")
-        self.n_exp = self.arch.num_experts(AutoConfig.from_pretrained(self.src))
+        config = AutoConfig.from_pretrained(self.src)
+        self.n_exp = self.arch.num_experts(config)
         self.calibration = calibration
         self.params = {"format_version": layout.FORMAT_VERSION, "source": self.ckpt.fingerprint(),
                        "precisions": [p.value for p in self.precisions], "calibration": calibration,
@@ -77,8 +79,24 @@ class PrepareJob:
                 shutil.copyfile(f, self.out / f.name)
         _drop_expert_quantization(self.out / "config.json")
         self.stats: dict = {}
+        nonexpert = {k: self.ckpt.spec(k) for k in self.ckpt.keys() if not self.arch.is_expert_key(k)}
+        self.dense = dense.DenseJob(self.out, self.precisions, self.params_hash,
+                                    dense.items(nonexpert, config, self.n_exp))
         self.bar = tqdm(total=len(self.index) * self.n_exp, desc="prepare experts", unit="expert",
                         disable=not progress)
+        self.dense_bar = tqdm(total=len(self.dense.items), initial=len(self.dense.items) - len(self.dense.todo()),
+                              desc="prepare dense matrices", unit="matrix", disable=not progress)
+
+    def add_dense(self, name: str, H: torch.Tensor | None = None, W: torch.Tensor | None = None) -> None:
+        """Quantize non-expert matrix `name` at every precision (H: its input's second moment per token, None:
+        weight error; W: its weight, default read from the source)."""
+        if self.dense.finished(name):
+            return
+        if W is None:
+            W = self.ckpt.get(f"{name}.weight")
+            self.ckpt.close()
+        self.dense.add(name, W, H)
+        self.dense_bar.update(1)
 
     def finished(self, layer: int) -> bool:
         """True when every shard of `layer` is on disk from a run with the same parameters (then it is kept)."""
@@ -185,7 +203,9 @@ class PrepareJob:
         if self.done:
             return self.out
         self.bar.close()
+        self.dense_bar.close()
         out, stats = self.out, self.stats
+        dense_entry, dense_shards = self.dense.finish()
         missing = [layer for layer in self.index
                    if str(layer) not in stats or len(stats[str(layer)]) < len(self.precisions)]
         assert not missing, f"layers {missing} were never written"
@@ -196,6 +216,8 @@ class PrepareJob:
             for p in self.precisions:
                 name = layout.expert_shard(layer, p)
                 shards[name] = {"sha256": stats[str(layer)][p.value].pop("sha256"), **layout.stamp(out / name)}
+        for name, sha in dense_shards.items():
+            shards[name] = {"sha256": sha, **layout.stamp(out / name)}
         shapes = stats[str(next(iter(self.index)))][self.precisions[0].value]["shapes"]
         for layer in stats.values():
             for stat in layer.values():
@@ -206,7 +228,7 @@ class PrepareJob:
             "precisions": self.params["precisions"], "formats": self.params["formats"],
             "calibration": self.calibration, "num_experts": self.n_exp, "moe_layers": list(self.index),
             "shapes": shapes, "source_dtype": str(self.ckpt.dtype()).removeprefix("torch."), "experts": stats,
-            "shards": shards,
+            "dense": dense_entry, "shards": shards,
         }
         layout.atomic_write_json(out / layout.MANIFEST, manifest)
         self.done = True
@@ -224,6 +246,8 @@ def prepare(src, out, precisions=DEFAULT_PRECISIONS, progress: bool = True) -> P
             job.bar.update(job.n_exp)
             continue
         job.write_layer(layer, job.read_layer(layer))
+    for name in job.dense.todo():
+        job.add_dense(name)
     return job.finish()
 
 

@@ -1,73 +1,107 @@
-"""`--dense int8|bf16`: the non-expert linears in an expert format on the native kernel, against a float64
-reference and end to end."""
+"""Non-expert matrices from the store at planned precisions (store/dense.py, quant/dense.py): each module against
+a float64 dequantize-then-matmul of the stored version, whole models against transformers' own model with every
+weight replaced by its float64 dequantization, `--dense` as the manual override, and the store's records."""
 import json
 
 import pytest
 import torch
+import transformers as T
 from torch import nn
 
 import dynaexq
 from dynaexq.cli import main
-from dynaexq.engine.dynamic import nonexpert_bytes
-from dynaexq.errors import UserError
-from dynaexq.quant.dense import DenseLinear, quantize_dense
+from dynaexq.quant import kernels
+from dynaexq.quant.dense import DenseEmbedding, DenseLinear
+from dynaexq.quant.precision import Precision
+from dynaexq.quant.quantize import dequantize
+from dynaexq.store.reader import StoreReader
+from test_load_equivalence import _dequantized_reference, _ids
+
+LOW = [Precision.INT8, Precision.INT4, Precision.INT3, Precision.INT2]
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_int8_linear_matches_a_float64_dequantize_then_matmul(bias):
+def test_the_store_holds_every_non_expert_matrix_at_every_precision(checkpoints):
+    ckpt, store = checkpoints("deepseek_v3")  # MLA projections, a dense first layer, shared experts
+    reader = StoreReader(store)
+    items = reader.dense_items()
+    src = T.AutoModelForCausalLM.from_pretrained(ckpt)
+    linear = {n: tuple(m.weight.shape) for n, m in src.named_modules() if isinstance(m, nn.Linear)}
+    # every linear a kernel takes (rows % 16, inputs % 32; this tiny model's MLA and dense-MLP shapes do not)
+    takes = {n for n, (rows, cols) in linear.items() if rows % 16 == 0 and cols % 32 == 0}
+    assert {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate_proj", "model.layers.1.self_attn.o_proj",
+            "model.layers.1.mlp.shared_experts.gate_proj", "lm_head"} <= takes
+    assert set(items) == takes | {"model.embed_tokens"}
+    assert items["model.embed_tokens"]["role"] == "embedding" and items["lm_head"]["role"] == "linear"
+    assert not any(".gate" == n[-5:] for n in items)  # routers stay as they are
+    for name, it in items.items():
+        w = src.get_submodule(name).weight.detach().double()
+        errs = []
+        for p in reader.precisions:
+            qw = reader.read_dense(name, p)
+            assert it["precisions"][p.value]["bytes"] == qw.nbytes
+            errs.append(float((dequantize(qw, torch.float64) - w).norm() / w.norm()))
+        assert errs[0] == 0 and errs[-1] > errs[-3] > 0, (name, errs)  # fp32 exact; int2 further than int4
+
+
+@pytest.mark.parametrize("p", LOW, ids=str)
+def test_dense_linear_and_embedding_equal_float64_of_the_stored_version(checkpoints, p):
+    _, store = checkpoints("qwen3_moe")
+    reader = StoreReader(store)
     g = torch.Generator().manual_seed(0)
-    lin = nn.Linear(256, 96, bias=bias)
+    for name, it in reader.dense_items().items():
+        qw = reader.read_dense(name, p)
+        kernel = kernels.prepare(qw, "cpu")
+        w = dequantize(qw, torch.float64)
+        if p == Precision.INT8:  # int8 keeps its row scale in bf16 resident (kernels.Int8Cpu): what the codes say
+            stored, w = w, kernel.q.double() * kernel.scale.double()[:, None] + kernel.corr.double()[:, None]
+            assert float((w - stored).norm() / stored.norm()) < 5e-3
+        n, k = it["shape"]
+        if it["role"] == "linear":
+            x = torch.randn(5, k, generator=g)
+            y = DenseLinear(kernel, None, k, n, p.value)(x)
+            ref = x.double() @ w.T
+            assert float((y.double() - ref).norm() / ref.norm()) < 1e-5, (name, p)
+        else:
+            ids = torch.tensor([[3, 0, 127], [64, 64, 17]])
+            rows = DenseEmbedding(kernel, n, k, torch.float32, p.value)(ids)
+            torch.testing.assert_close(rows.double(), w[ids], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_a_map_with_dense_precisions_equals_float64_with_every_weight_dequantized(arch, checkpoints, tmp_path):
+    """transformers' model in float64, each expert and each non-expert matrix replaced by its stored version's
+    float64 dequantization, against dynaexq's reference backend: equal to 1e-9."""
+    ckpt, store = checkpoints(arch)
+    reader = StoreReader(store)
+    names = sorted(reader.dense_items())
+    dense = {n: [Precision.INT4, Precision.INT8, Precision.INT2, Precision.INT3][i % 4] for i, n in enumerate(names)}
+    spec = {"default": "int3", "dense": {n: p.value for n, p in dense.items()}}
+    (tmp_path / "map.json").write_text(json.dumps(spec))
+    ref = _dequantized_reference(ckpt, reader, {(layer, e): Precision.INT3 for layer in reader.layers
+                                                for e in range(reader.num_experts)})
     with torch.no_grad():
-        lin.weight.copy_(torch.randn(96, 256, generator=g) * torch.rand(96, 1, generator=g))  # rows of unequal size
-    q = DenseLinear(lin, "int8")
-    x = torch.randn(3, 5, 256, generator=g)
-    y = q(x)
-    w = q.q.double() * q.scale.double()[:, None] + q.corr.double()[:, None]  # what the codes say (kernels.Int8Cpu)
-    ref = x.double() @ w.T + (lin.bias.double() if bias else 0)
-    assert y.shape == (3, 5, 96) and y.dtype == torch.float32
-    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6  # fp32 sums of the codes' exact values
-    exact = x.double() @ lin.weight.double().T + (lin.bias.double() if bias else 0)
-    assert ((y.double() - exact).norm() / exact.norm()).item() < 2e-2  # int8 per row: about 1/254 of each row's max
-    err = (w - lin.weight.double()).abs().amax(1) / lin.weight.double().abs().amax(1)
-    assert err.max().item() <= 1 / 254 + 1 / 128  # half a code step (+ the bf16 scale's rounding)
+        for name, p in dense.items():
+            ref.get_submodule(name).weight.copy_(dequantize(reader.read_dense(name, p), torch.float64))
+    eng = dynaexq.load(store, policy=f"map:{tmp_path / 'map.json'}", backend="reference", dtype=torch.float64,
+                       progress=False)
+    assert eng.dense_plan == dense
+    with torch.no_grad():
+        a, b = ref(_ids(3)).logits, eng.model(_ids(3)).logits
+    torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_bf16_linear_matches_a_float64_matmul_of_its_bf16_weight(dtype):
-    g = torch.Generator().manual_seed(1)
-    lin = nn.Linear(512, 64, bias=True)
-    q = DenseLinear(lin, "bf16")
-    x = torch.randn(2, 9, 512, generator=g).to(dtype)
-    ref = x.double() @ lin.weight.to(torch.bfloat16).double().T + lin.bias.double()
-    y = q(x)
-    assert y.shape == (2, 9, 64) and y.dtype == dtype
-    assert ((y.double() - ref).norm() / ref.norm()).item() < (1e-6 if dtype == torch.float32 else 5e-3)
-    exact = x.double() @ lin.weight.double().T + lin.bias.double()
-    assert ((y.double() - exact).norm() / exact.norm()).item() > 1e-4 or dtype == torch.bfloat16  # bf16 weights
-
-
-def test_quantize_dense_replaces_the_attention_not_the_head_or_routers(bundled_store):
-    eng = dynaexq.load(bundled_store, "uniform:int4", dtype=torch.float32, progress=False)
-    before = nonexpert_bytes(eng.model)
-    n = quantize_dense(eng.model, "int8")
-    layers = eng.model.config.num_hidden_layers
-    assert n == 4 * layers  # q, k, v, o of every layer
-    assert isinstance(eng.model.get_output_embeddings(), nn.Linear)
-    assert not any(isinstance(m, nn.Linear) for name, m in eng.model.named_modules() if "self_attn" in name)
-    assert nonexpert_bytes(eng.model) < before
-    with pytest.raises(UserError, match="valid values are model, int8, bf16"):
-        quantize_dense(eng.model, "int4")
-
-
-def test_eval_dense_int8_keeps_the_reference_and_reports_the_cost(bundled_store, capsys):
+def test_dense_bf16_override_and_its_bytes(bundled_store, capsys):
+    plain = dynaexq.load(bundled_store, "uniform:int4", progress=False)
+    int8 = dynaexq.load(bundled_store, "uniform:int4", dense="int8", progress=False)
+    attn = [m for n, m in int8.model.named_modules() if "self_attn" in n and isinstance(m, DenseLinear)]
+    assert len(attn) == 4 * int8.model.config.num_hidden_layers  # q, k, v, o of every layer; the head kept
+    assert not isinstance(int8.model.get_output_embeddings(), DenseLinear)
+    assert int8.weight_bytes() < plain.weight_bytes() and int8.expert_bytes() == plain.expert_bytes()
     args = ["eval", "--store", str(bundled_store), "--windows", "2", "--window-tokens", "64", "--policy",
             "uniform:bf16", "--json"]
     assert main(args) == 0
-    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ref = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main(args + ["--dense", "int8"]) == 0
-    int8 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert plain["dense"] == "model" and int8["dense"] == "int8"
-    assert plain["results"][0]["mean_kl"] < 1e-6 < int8["results"][0]["mean_kl"] < 5e-3  # the reference is not int8
-    assert main(args + ["--dense", "bf16"]) == 0
-    bf16 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert bf16["dense"] == "bf16" and bf16["results"][0]["mean_kl"] < int8["results"][0]["mean_kl"]
+    q8 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ref["results"][0]["mean_kl"] < 1e-6 < q8["results"][0]["mean_kl"] < 5e-3  # the reference is not int8
+    assert q8["results"][0]["weight_bytes"] < ref["results"][0]["weight_bytes"]

@@ -236,3 +236,44 @@ extern "C" int dynaexq_lowbit_grouped(int bits, int G, int N, int K, int E, cons
   return -1;
 #endif
 }
+
+// Rows of the weight itself, decoded from the blob: out[i, :] = W[rows[i], :] in dtype dt (an embedding read
+// by rows from the same resident bytes its tied output head multiplies with). Scalar: a step reads few rows.
+extern "C" int dynaexq_lowbit_rows(int bits, int N, int K, int G, const uint8_t* w, const int64_t* rows, long R,
+                                   void* out, int dt) {
+#if ISA
+  const int ck = bits == 2 ? 16 : bits == 3 ? 32 : bits == 4 ? 8 : 0, per = bits == 3 ? 10 : ck;
+  if (!ck || N % 16 || K % G || G % ck) return -1;
+  const int ng = K / G, nw = ck / per, chunks = G / ck, es = dt == F32 ? 4 : 2;
+  const long code_bytes = 2L * G * bits, rec_bytes = code_bytes + 32, panel_bytes = HEADER + ng * rec_bytes;
+  const uint32_t mask = (1u << bits) - 1;
+  for (long i = 0; i < R; ++i) {
+    const long n = rows[i];
+    if (n < 0 || n >= N) return -2;
+    const uint8_t* panel = w + (n / 16) * panel_bytes;
+    const int lane = (int)(n % 16);
+    uint16_t h[3];
+    memcpy(h, panel, 6);
+    const float ds = _cvtsh_ss(h[0]), db = _cvtsh_ss(h[1]), bmin = _cvtsh_ss(h[2]);
+    char* o = (char*)out + i * (long)K * es;
+    for (int g = 0; g < ng; ++g) {
+      const uint8_t* rec = panel + HEADER + g * rec_bytes;
+      const float s = ds * rec[code_bytes + lane], b = bmin + db * rec[code_bytes + 16 + lane];
+      for (int c = 0; c < chunks; ++c) {
+        uint32_t word[3] = {0, 0, 0};
+        for (int wi = 0; wi < nw; ++wi) memcpy(&word[wi], rec + 4L * ((c * nw + wi) * 16 + lane), 4);
+        for (int j = 0; j < ck; ++j) {
+          uint32_t q;
+          if (bits != 3 || j < 30) q = (word[j / per] >> (bits * (j % per))) & mask;
+          else if (j == 30) q = (word[0] >> 30) | (((word[1] >> 30) & 1) << 2);
+          else q = (word[2] >> 30) | ((word[1] >> 31) << 2);
+          store1(o + ((long)g * G + (long)c * ck + j) * es, dt, s * (float)q + b);
+        }
+      }
+    }
+  }
+  return 0;
+#else
+  return -1;
+#endif
+}

@@ -154,25 +154,15 @@ class MultilevelPlanner:
         _need(self, budget, hotness)
         ladder = self._ladder(reader)
         floor = min(ladder, key=lambda p: reader.expert_bytes(reader.layers[0], 0, p))
-        used = _check_fits(self, reader, budget, floor)
+        _check_fits(self, reader, budget, floor)
         mean = sum(float(h) for layer in reader.layers for h in hotness[layer]) / max(1, len(hotness) * reader.num_experts)
-        plan, heap = {}, []
+        options = {}
         for layer in reader.layers:
             for e in range(reader.num_experts):
                 hot = max(_hot(hotness, layer, e), 1e-6 * mean + 1e-30)  # unrouted experts: bytes left go by error
-                pts = sorted((reader.expert_bytes(layer, e, p), hot * reader.output_error(layer, e, p) ** self.power, p)
-                             for p in ladder)
-                hull = _lower_hull(pts)
-                plan[(layer, e)] = hull[0][2]
-                _push(heap, hull, 0, layer, e)
-        while heap:
-            _, layer, e, i, hull = heapq.heappop(heap)
-            step = hull[i + 1][0] - hull[i][0]
-            if used + step <= budget:
-                used += step
-                plan[(layer, e)] = hull[i + 1][2]
-                _push(heap, hull, i + 1, layer, e)
-        return plan
+                options[(layer, e)] = [(reader.expert_bytes(layer, e, p), hot * reader.output_error(layer, e, p)
+                                        ** self.power, p) for p in ladder]
+        return allocate(options, budget)
 
     def __str__(self):
         name = "calibrated-multilevel" if self.hotness_source == "calibration" else "oracle"
@@ -199,7 +189,27 @@ def _lower_hull(pts):
     return hull
 
 
-def _push(heap, hull, i, layer, e):
+def allocate(options: dict, budget: int) -> dict:
+    """{item: [(bytes, cost, precision)]} -> {item: precision}: every item at its cheapest option on the lower hull
+    of its (bytes, cost) options, then the upgrade with the largest cost reduction per byte that still fits, again
+    and again (each item's upgrades come in hull order). The items may be experts and dense matrices alike."""
+    plan, heap, used = {}, [], 0
+    for n, (key, opts) in enumerate(options.items()):
+        hull = _lower_hull(sorted(opts, key=lambda o: (o[0], o[1])))
+        plan[key] = hull[0][2]
+        used += hull[0][0]
+        _push(heap, hull, 0, n, key)
+    while heap:
+        _, n, key, i, hull = heapq.heappop(heap)
+        step = hull[i + 1][0] - hull[i][0]
+        if used + step <= budget:
+            used += step
+            plan[key] = hull[i + 1][2]
+            _push(heap, hull, i + 1, n, key)
+    return plan
+
+
+def _push(heap, hull, i, n, key):
     if i + 1 < len(hull):
         gain = (hull[i][1] - hull[i + 1][1]) / (hull[i + 1][0] - hull[i][0])
-        heapq.heappush(heap, (-gain, layer, e, i, hull))
+        heapq.heappush(heap, (-gain, n, key, i, hull))

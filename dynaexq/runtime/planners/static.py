@@ -2,9 +2,11 @@
 
 uniform:<precision>  every routed expert alike (static quantization, the baseline)
 map:<file.json>      explicit precisions:
-                     {"default": "int4", "layers": {"3": "int8", "5": {"0": "bf16", "7": "int2"}}}
+                     {"default": "int4", "layers": {"3": "int8", "5": {"0": "bf16", "7": "int2"}},
+                      "dense": {"model.layers.0.self_attn.q_proj": "int8", "lm_head": "int4"}}
                      a layer maps to one precision or to {expert: precision}; unnamed ones get "default"
-                     (required unless every expert is named).
+                     (required unless every expert is named); "dense" (optional) sets non-expert matrices by
+                     module name (`dynaexq inspect` lists them; the others stay as loaded).
 """
 from __future__ import annotations
 
@@ -78,6 +80,17 @@ class MapPlanner:
                     raise UserError(f"precision map {self.path!r} names expert(s) {bad} in layer {layer}; experts "
                                     f"are 0..{reader.num_experts - 1}")
         return out
+
+    def dense_plan(self, reader) -> dict:
+        """{non-expert matrix: Precision} of the map's "dense" section (empty without one)."""
+        given, items = self.spec.get("dense", {}), reader.dense_items()
+        if not isinstance(given, dict):
+            raise UserError(f'precision map {self.path!r}: "dense" must map module names to precisions')
+        bad = sorted(set(given) - set(items))
+        if bad:
+            raise UserError(f"precision map {self.path!r} names {bad[:3]}, not quantizable non-expert matrices of this "
+                            f"store; they are: {', '.join(sorted(items)[:6])}{', ...' if len(items) > 6 else ''}")
+        return {name: Precision.parse(p) for name, p in given.items()}
 
     def __str__(self):
         return f"map:{self.path}"

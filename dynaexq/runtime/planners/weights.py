@@ -1,0 +1,101 @@
+"""One budget for every weight: the non-expert matrices and the experts in one allocation.
+
+`--weight-budget SIZE` is the bytes of every weight tensor the model holds (what a GGUF file's tensors weigh, so a
+user can ask for "the size of that Q4_K_M file"). Three parts: the *fixed* weights kept as they are (norms,
+routers, biases, matrices no kernel takes; `fixed_bytes`), the *dense* items of store/dense.py (attention and
+MLA projections, shared experts, dense MLPs, the output head, the embedding), and the *experts*.
+`plan_dense(...)` decides the dense items' precisions:
+  - with expert hotness (the budget-filling policies: calibrated-multilevel, calibrated, the runtime ones),
+    dense items and experts share one greedy allocation (calibrated.allocate): each option costs
+    hotness x output_error**power, where a dense item's hotness is 1 (every token reads it) and an expert's its
+    routed probability mass per token, and output errors are on one scale (StoreReader.output_error /
+    dense_error); whether a dense matrix goes below int8 is the measurement's call;
+  - with a fixed expert map (uniform, map), the dense items share what the experts leave.
+It returns the dense plan and the expert budget left (the policy then plans its experts, or the runtime switches
+them, within it). Sizes are the bytes resident where the model runs (runtime/budget.SizedReader's measured
+ratio to the store's bytes). `manual_plan` is `--dense P`: every attention/MLP linear at P, head and embedding kept.
+"""
+from __future__ import annotations
+
+import torch
+from safetensors import safe_open
+
+from dynaexq.errors import UserError
+from dynaexq.quant.precision import Precision
+from dynaexq.runtime.planners.calibrated import LADDER, allocate
+from dynaexq.sizes import format_size
+from dynaexq.store import layout
+
+
+def manual_plan(reader, dense: str) -> dict:
+    """--dense int8|bf16: every linear item but the output head at that precision; "model": none."""
+    if dense == "model":
+        return {}
+    p = Precision(dense)
+    return {name: p for name, it in reader.dense_items().items() if it["role"] == "linear" and "lm_head" not in name}
+
+
+def fixed_bytes(reader, dtype: torch.dtype) -> int:
+    """Bytes of the non-expert tensors that are not dense items (norms, routers, biases...), in `dtype` when
+    floating point."""
+    items = reader.dense_items()
+    total = 0
+    with safe_open(str(reader.path / layout.NONEXPERT_SHARD), "pt") as f:
+        for key in f.keys():
+            if key.removesuffix(".weight") in items and key.endswith(".weight"):
+                continue
+            sl = f.get_slice(key)
+            numel = 1
+            for d in sl.get_shape():
+                numel *= d
+            src = getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(sl.get_dtype(), "uint8"))
+            total += numel * (dtype.itemsize if src.is_floating_point else src.itemsize)
+    return total
+
+
+def dense_bytes(sized, name: str, p: Precision, dtype: torch.dtype) -> int:
+    """Resident bytes of dense item `name` at `p`: the model's own dtype is the module itself; otherwise the
+    store's bytes times the ratio measured on the experts (SizedReader) for that precision."""
+    it = sized.dense_items()[name]
+    if p.is_float and p.dtype == dtype:
+        return it["shape"][0] * it["shape"][1] * dtype.itemsize
+    layer = sized.layers[0]
+    ratio = sized.sizes[p] / sized._reader.expert_bytes(layer, 0, p)
+    return int(sized.dense_bytes(name, p) * ratio)
+
+
+def plan_dense(sized, weight_budget: int, dtype: torch.dtype, hotness: dict | None = None,
+               expert_plan: dict | None = None, ladder=LADDER, power: float = 2.0) -> tuple[dict, int, dict]:
+    """-> (dense plan {name: Precision}, the expert budget left, {"fixed", "dense", "experts"} bytes planned).
+    `hotness`: {layer: routed mass per token [E]} (joint allocation); else `expert_plan` is kept as it is."""
+    items = sized.dense_items()
+    if not items:
+        raise UserError(f"store {str(sized.path)!r} holds no quantized non-expert matrices (prepared by an older "
+                        "dynaexq?); prepare the checkpoint again to plan --weight-budget")
+    fixed = fixed_bytes(sized, dtype)
+    ladder = [p for p in ladder if p in sized.precisions and p not in sized.dominated()]
+    options = {("dense", name): [(dense_bytes(sized, name, p, dtype), sized.dense_error(name, p) ** power, p)
+                                 for p in ladder] for name in items}
+    if hotness is not None:
+        mean = sum(float(h) for layer in sized.layers for h in hotness[layer]) / max(1, len(hotness) * sized.num_experts)
+        for layer in sized.layers:
+            for e in range(sized.num_experts):
+                hot = max(float(hotness[layer][e]), 1e-6 * mean + 1e-30)
+                options[(layer, e)] = [(sized.expert_bytes(layer, e, p), hot * sized.output_error(layer, e, p) ** power, p)
+                                       for p in ladder]
+        room = weight_budget - fixed
+    else:
+        experts = sum(sized.expert_bytes(layer, e, p) for (layer, e), p in expert_plan.items())
+        room = weight_budget - fixed - experts
+    low = sum(min(b for b, _, _ in o) for o in options.values())
+    if room < low:
+        cheapest = fixed + low + (0 if hotness is not None else experts)
+        raise UserError(f"--weight-budget {format_size(weight_budget)} cannot hold the model: the weights kept as they "
+                        f"are take {format_size(fixed)}, and every matrix at its smallest precision "
+                        + ("with the experts' map " if hotness is None else "")
+                        + f"needs {format_size(cheapest)} in all; the minimum --weight-budget is {format_size(cheapest)}")
+    plan = allocate(options, room)
+    dense = {name: plan[("dense", name)] for name in items}
+    dense_total = sum(dense_bytes(sized, name, p, dtype) for name, p in dense.items())
+    shares = {"fixed": fixed, "dense": dense_total, "experts": weight_budget - fixed - dense_total}
+    return dense, weight_budget - fixed - dense_total, shares
