@@ -3,8 +3,15 @@ import sys
 import warnings
 from pathlib import Path
 
-import pytest
-import torch
+# OpenMP threads that finish a parallel region spin (GOMP_SPINCOUNT, 300k by default) before they sleep; on a
+# machine another process keeps busy, a spinning thread burns the time slice its partner needs and a test run
+# takes several times longer (measured: tests/engine/test_batch.py 25 s idle, 210 s with both cores busy; 53 s
+# with 1,000 spins, 32 s idle). Set before torch loads its OpenMP runtime.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+assert "torch" not in sys.modules, "torch was imported before tests/conftest.py could set GOMP_SPINCOUNT"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -187,6 +187,14 @@ def _load(path, policy, expert_budget, store, device, backend, dtype, verify, pr
     return engine
 
 
+def _weight_room(config: RuntimeConfig, sized, tiers) -> int:
+    """--budget minus what is not weights (KV cache, activations, margin, the runtime's staging slots)."""
+    total = parse_size(config.budget)
+    staging = config.staging_slots * max(sized.sizes[p] for p in tiers)
+    return total - parse_size(config.kv_reserve) - parse_size(config.activation_reserve) \
+        - int(total * config.safety_margin) - staging
+
+
 def _counts(plan: dict) -> str:
     held = {}
     for p in plan.values():
@@ -245,6 +253,9 @@ def _load_dynamic(path, reader, sized, planner, budget, wb, device, backend, dty
             measured["hot"] = {layer: m / windows.numel() for layer, m in mass.items()}
         return measured["hot"]
 
+    whole = wb is None and budget is None and config.budget is not None and bool(reader.dense_items())
+    if whole:
+        wb = _weight_room(config, sized, planner.tiers(reader))  # --budget spends on the same plan
     if wb is not None:  # the non-expert matrices' share first (one allocation with the experts), fixed from now on
         if hot_file:
             h = Hotness(reader.layers, reader.num_experts)
@@ -253,6 +264,8 @@ def _load_dynamic(path, reader, sized, planner, budget, wb, device, backend, dty
         else:
             hot = calibrate(planner.floor(sized))
         engine.dense_plan, budget, shares = plan_dense(sized, wb, engine.dtype, hot)
+        if whole:  # Eq. 4 measures the model as it now is: the experts get what --budget leaves
+            budget = None
         apply_plan(engine.model, reader, engine.dense_plan, backend)
         if progress:
             print(f"dynaexq: weight budget {format_size(wb)} = fixed {format_size(shares['fixed'])} + non-expert "

@@ -209,6 +209,17 @@ def _prompt_ids(tok, req) -> list[int]:
     return list(prompt)
 
 
+async def _next(seq, q: asyncio.Queue):
+    """The sequence's next event, or within a second a TimeoutError; a sequence that ended with no event for
+    its client (its event callback failed on the scheduler thread) ends with its error now."""
+    try:
+        return await asyncio.wait_for(q.get(), timeout=1.0)
+    except asyncio.TimeoutError:
+        if seq.finished and q.empty() and seq.finish_reason == "error":
+            return "", "error", len(seq.out), seq.error or "generation failed"
+        raise
+
+
 def create_app(engine, config: ServeConfig = ServeConfig()) -> FastAPI:
     server = Server(engine, config)
 
@@ -290,7 +301,7 @@ def create_app(engine, config: ServeConfig = ServeConfig()) -> FastAPI:
         try:
             while finish is None:
                 try:
-                    delta, finish, n, error = await asyncio.wait_for(q.get(), timeout=1.0)
+                    delta, finish, n, error = await _next(seq, q)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         return Response(status_code=499)
@@ -326,7 +337,10 @@ def create_app(engine, config: ServeConfig = ServeConfig()) -> FastAPI:
             if chat:
                 yield chunk({"role": "assistant", "content": ""})
             while finish is None:
-                delta, finish, n, error = await q.get()
+                try:
+                    delta, finish, n, error = await _next(seq, q)
+                except asyncio.TimeoutError:
+                    continue
                 if finish == "error":
                     yield f"data: {json.dumps({'error': {'message': error, 'type': 'server_error'}})}\n\n"
                     break

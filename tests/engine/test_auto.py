@@ -12,7 +12,7 @@ MiB = 1 << 20
 
 @pytest.mark.parametrize("memory, policy, regime", [(1024 * MiB, "uniform:bf16", None),
                                                     (48 * MiB, "multilevel", "resident"),
-                                                    (30 * MiB, "multilevel", "offload")])
+                                                    (22 * MiB, "multilevel", "offload")])
 def test_auto_fits_the_memory_the_machine_gives(bundled_store, monkeypatch, capsys, memory, policy, regime):
     monkeypatch.setattr(auto, "available_memory", lambda device: (memory, "MemAvailable (forced)"))
     engine = dynaexq.load(bundled_store, runtime=RuntimeConfig(kv_reserve="1MiB"), calibration_windows=4)

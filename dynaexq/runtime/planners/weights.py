@@ -10,7 +10,10 @@ MLA projections, shared experts, dense MLPs, the output head, the embedding), an
     hotness x output_error**power, where a dense item's hotness is 1 (every token reads it) and an expert's its
     routed probability mass per token, and output errors are on one scale (StoreReader.output_error /
     dense_error); whether a dense matrix goes below int8 is the measurement's call;
-  - with a fixed expert map (uniform, map), the dense items share what the experts leave.
+  - with a fixed expert map (uniform, map), the dense items share what the experts leave;
+  - when not even every expert at its smallest precision fits (the runtime's offload regime: the experts become
+    a cache), the dense items get a share of the room in proportion to their full size against the experts'
+    smallest, and the experts' cache the rest.
 It returns the dense plan and the expert budget left (the policy then plans its experts, or the runtime switches
 them, within it). Sizes are the bytes resident where the model runs (runtime/budget.SizedReader's measured
 ratio to the store's bytes). `manual_plan` is `--dense P`: every attention/MLP linear at P, head and embedding kept.
@@ -88,6 +91,14 @@ def plan_dense(sized, weight_budget: int, dtype: torch.dtype, hotness: dict | No
         experts = sum(sized.expert_bytes(layer, e, p) for (layer, e), p in expert_plan.items())
         room = weight_budget - fixed - experts
     low = sum(min(b for b, _, _ in o) for o in options.values())
+    if hotness is not None and room < low:
+        # not even every expert at its smallest precision fits: the experts become a cache (the runtime's offload
+        # regime); the non-expert matrices, read by every token, take a share in proportion to their full size
+        dense_top = sum(max(b for b, _, _ in options[("dense", n)]) for n in items)
+        floor = sum(min(b for b, _, _ in o) for k, o in options.items() if k[0] != "dense")
+        options = {k: o for k, o in options.items() if k[0] == "dense"}
+        room = int(room * dense_top / (dense_top + floor))
+        low = sum(min(b for b, _, _ in o) for o in options.values())
     if room < low:
         cheapest = fixed + low + (0 if hotness is not None else experts)
         raise UserError(f"--weight-budget {format_size(weight_budget)} cannot hold the model: the weights kept as they "
