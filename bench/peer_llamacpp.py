@@ -123,11 +123,10 @@ def quantize(base: Path, qtype: str, imatrix: Path | None, out: Path, whole: boo
     sh(cmd + [base, out, qtype, str(os.cpu_count())])
 
 
-def experts_gguf(ckpt: Path, qtype: str, work: Path) -> Path:
-    """A checkpoint -> (cached in work) its GGUF with only the expert tensors at qtype, the rest bf16 as in
-    dynaexq (no imatrix: for speed, not quality). The bf16 GGUF in between is kept for the next type."""
+def bf16_gguf(ckpt: Path, work: Path) -> Path:
+    """A checkpoint -> (cached in work) its bf16 GGUF by llama.cpp's converter."""
     work.mkdir(parents=True, exist_ok=True)
-    base, out = work / f"{ckpt.name}-bf16.gguf", work / f"{ckpt.name}-experts-{qtype}.gguf"
+    base = work / f"{ckpt.name}-bf16.gguf"
     if not base.is_file():
         src = ckpt
         config = json.loads((ckpt / "config.json").read_text())
@@ -141,6 +140,13 @@ def experts_gguf(ckpt: Path, qtype: str, work: Path) -> Path:
         (work / "convert.py").write_text(CONVERT)
         sh([sys.executable, work / "convert.py", SRC, src, "--outtype", "bf16", "--outfile", f"{base}.tmp"])
         os.replace(f"{base}.tmp", base)
+    return base
+
+
+def experts_gguf(ckpt: Path, qtype: str, work: Path) -> Path:
+    """A checkpoint -> (cached in work) its GGUF with only the expert tensors at qtype, the rest bf16 as in
+    dynaexq (no imatrix: for speed, not quality)."""
+    base, out = bf16_gguf(ckpt, work), work / f"{ckpt.name}-experts-{qtype}.gguf"
     if not out.is_file():
         quantize(base, qtype, None, Path(f"{out}.tmp"))
         os.replace(f"{out}.tmp", out)
