@@ -3,13 +3,17 @@ Qwen3-30B-A3B-shaped checkpoint with the real vocabulary.
 
 Command (the checkpoint, its store and the GGUFs are built once in --workdir and ~/.cache/dynaexq/llamacpp):
 
-    .venv/bin/python bench/whole_model.py                      # 8 layers, Q4_K_M and Q2_K, 2 threads, ~25 min
+    .venv/bin/python bench/whole_model.py                      # 4 layers, Q4_K_M and Q2_K, 2 threads
+
+The first run builds the checkpoint (~1 min) and its store (the weight-only prepare of every layer at
+--precisions, ~5 min per layer here); later runs reuse both (~10 min).
 
 What it measures
   Checkpoint: bench/_common.py's random Qwen3MoeForCausalLM with Qwen3-30B-A3B layer shapes (hidden 2048, 128
   experts of 768, top-8, 32 / 4 heads of 128), --layers layers and the real vocabulary (151,936: the output head
   and the embedding weigh what Qwen3's do), bf16; the store prepared from it without calibration (random
-  weights: quality is not measured here).
+  weights: quality is not measured here), at --precisions (bf16, int8, int4, int2 by default: what the types
+  measured use; add int3 for Q3 types).
   llama.cpp (bench/peer_llamacpp.py's build): each --types type by llama-quantize's own whole-model mix (every
   tensor, attention and head included); its weight bytes = the GGUF's tensor bytes.
   dynaexq: `uniform:<p>` experts (int4 for the Q4 types, int3 for Q3, int2 for Q2) with `--weight-budget` = that
@@ -137,7 +141,8 @@ def llama_speed(gguf_path: Path, threads: int, contexts, batches, steps: int, pr
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default="/tmp/dynaexq-bench")
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--precisions", default="bf16,int8,int4,int2")
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--types", default="Q4_K_M,Q2_K")
     ap.add_argument("--threads", type=int, default=2)
@@ -157,8 +162,9 @@ def main(argv=None) -> None:
     contexts = [int(c) for c in args.contexts.split(",")]
     work = Path(args.workdir)
     ckpt = synthetic_checkpoint(work, layers=args.layers, experts=128, vocab=args.vocab)
-    store = work / f"store-{ckpt.name}-v4"
-    prepare(ckpt, store, precisions=("bf16", "int8", "int4", "int3", "int2"), progress=True)
+    precisions = tuple(p.strip() for p in args.precisions.split(","))
+    store = work / f"store-{ckpt.name}-{'-'.join(precisions)}-v4"
+    prepare(ckpt, store, precisions=precisions, progress=True)
     llama.build()
     rows = []
     bw = bandwidth()

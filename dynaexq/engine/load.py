@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 from dynaexq.arch import get_arch
 from dynaexq.bank import ExpertBank
 from dynaexq.demo import BUNDLED
-from dynaexq.engine import attention, auto
+from dynaexq.engine import attention, auto, norm
 from dynaexq.engine.dynamic import start_runtime
 from dynaexq.engine.engine import Engine, read_text, text_windows
 from dynaexq.errors import UserError
@@ -336,6 +336,7 @@ def _build_model(store_dir: Path, arch, dtype, device):
         finally:
             setattr(module, arch.experts_class, original)
     attention.install(model)  # decode steps over the SlotCache read keys and values in place
+    norm.install(model)  # RMSNorms as one native call
     return model.eval()
 
 
