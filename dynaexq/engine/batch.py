@@ -29,6 +29,7 @@ from transformers import (DynamicCache, LogitsProcessorList, TemperatureLogitsWa
                           TopPLogitsWarper)
 
 from dynaexq.engine.kv_cache import SlotCache
+from dynaexq.quant import lowbit_cpu
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")  # chat templates' turn ends
 
@@ -156,13 +157,27 @@ def sample_rows(seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
     return sample_tokens(seqs, logits).tolist() if seqs else []
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> `logits.argmax(-1)`: natively on the CPU (csrc/argmax.cpp; aten's takes ~0.6 ms per
+    vocabulary-wide bf16 row here), aten's elsewhere."""
+    lib = lowbit_cpu.extension()
+    if logits.device.type != "cpu" or logits.dtype not in lowbit_cpu._DTYPE_CODE or lib is None or logits.dim() != 2:
+        return logits.argmax(-1)
+    x = logits.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    if lib.dynaexq_argmax(x.shape[0], x.shape[1], x.data_ptr(), lowbit_cpu._DTYPE_CODE[x.dtype], out.data_ptr(),
+                          torch.get_num_threads()) != 0:
+        raise ValueError(f"dynaexq_argmax refused logits {list(x.shape)}")
+    return out
+
+
 def sample_tokens(seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
     """logits [B, V] -> tokens [B] on the logits' device, one per sequence as each one's own `sample` draws it (its
     warpers, its generator), in a few batched calls: temperature, top-k and top-p as per-row tensors over one
     sort, one softmax and cumsum, one searchsorted; only the draws stay per row (each sequence's generator, on
     the host, in its order)."""
     dev = logits.device
-    tokens = logits.argmax(-1)  # [B]: greedy rows
+    tokens = argmax(logits)  # [B]: greedy rows
     hot = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
     if hot:
         x = logits[hot].float()  # [b, V]
@@ -290,7 +305,8 @@ class BatchDecoder:
                 if not self.rows[i].finished:
                     self.rows[i].finish_reason, self.rows[i].error = "error", message
         live = [i for i, s in enumerate(self.rows) if not s.finished]
-        for i, token in zip(live, sample_rows([self.rows[i] for i in live], logits[live])):
+        rows = logits if len(live) == B else logits[live]  # (a copy of every row's logits only when some failed)
+        for i, token in zip(live, sample_rows([self.rows[i] for i in live], rows)):
             self.rows[i].append(token)
 
     def _free(self, seq: Sequence) -> None:

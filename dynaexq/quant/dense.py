@@ -90,10 +90,14 @@ def apply_plan(model, reader, plan: dict, backend: str = "cpu") -> dict:
     for name, p in sorted(plan.items()):
         it = items[name]
         module = model.get_submodule(name)
-        if p.is_float and module.weight.dtype == p.dtype:
-            continue  # the model's own module already holds exactly this
-        kernel = kernels.prepare(reader.read_dense(name, p), backend, None, device)
         n, k = it["shape"]
+        if p.is_float and module.weight.dtype == p.dtype:  # the model's own module already holds exactly this
+            own = kernels.FloatLinear(module.weight.detach())
+            if it["role"] == "linear" and backend == "cpu" and grouped_cpu.spec(own) is not None:
+                # its very tensor on the native row-major kernel (faster than aten's float matmul on a CPU)
+                swapped[name] = _set(model, name, DenseLinear(own, module.bias, k, n, p.value))
+            continue
+        kernel = kernels.prepare(reader.read_dense(name, p), backend, None, device)
         if it["role"] in ("embedding", "tied"):
             swapped[name] = _set(model, name, DenseEmbedding(kernel, n, k, module.weight.dtype, p.value))
         if it["role"] == "tied" and head_name is not None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 _SRC = [Path(__file__).parent / "csrc" / f for f in ("lowbit.cpp", "rowmajor.cpp", "route.cpp", "attention.cpp",
-                                                     "norm.cpp")]  # + simd.h
+                                                     "norm.cpp", "argmax.cpp")]  # + simd.h
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # as in csrc/simd.h
 
 _lock = threading.Lock()
@@ -63,7 +63,7 @@ def _load() -> ctypes.CDLL | None:
 
 
 def build(extra_cflags: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Compile csrc/ (lowbit.cpp, rowmajor.cpp, route.cpp, attention.cpp, norm.cpp) for this CPU (or reuse the cached build) and load it;
+    """Compile csrc/ (lowbit.cpp, rowmajor.cpp, route.cpp, attention.cpp, norm.cpp, argmax.cpp) for this CPU (or reuse the cached build) and load it;
     raises on failure.
     extra_cflags (e.g. "-mno-avx512f" to test the AVX2 kernel) get their own build and library name."""
     from torch.utils import cpp_extension
@@ -98,6 +98,8 @@ def build(extra_cflags: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib.dynaexq_decode_attention.restype = i
     lib.dynaexq_rms_norm.argtypes = [ctypes.c_long, i, p, p, i, ctypes.c_float, i, p, i]
     lib.dynaexq_rms_norm.restype = i
+    lib.dynaexq_argmax.argtypes = [ctypes.c_long, ctypes.c_long, p, i, p, i]
+    lib.dynaexq_argmax.restype = i
     return lib
 
 

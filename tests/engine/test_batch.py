@@ -225,3 +225,18 @@ def test_load_refuses_a_device_that_is_not_there(bundled_store):
         dynaexq.load(bundled_store, policy="uniform:int8", device="cuda", progress=False)
     with pytest.raises(dynaexq.UserError, match=r"--device 'tpu': valid devices are cpu, cuda, cuda:N"):
         dynaexq.load(bundled_store, policy="uniform:int8", device="tpu", progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_native_argmax_equals_aten(dtype):
+    from dynaexq.engine.batch import argmax
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 151936, generator=g).to(dtype)
+    x[1, 5000] = x[1, 140000] = 100  # a tie in two chunks: the first wins
+    x[2] = -float("inf")  # nothing but -inf: index 0
+    x[3, 9000], x[3, 20] = float("nan"), 1000  # a NaN counts as the largest
+    x[4, :] = 0
+    x[4, 4095] = x[4, 4096] = 1  # a tie across a chunk border
+    x[5, -1] = 50  # the very last
+    torch.testing.assert_close(argmax(x), x.argmax(-1), rtol=0, atol=0)
+    assert argmax(x[:, :7]).tolist() == x[:, :7].argmax(-1).tolist()  # shorter than a chunk
