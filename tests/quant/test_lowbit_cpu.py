@@ -180,6 +180,7 @@ def test_the_first_build_says_it_is_compiling_and_a_cached_one_is_silent(monkeyp
     monkeypatch.setattr(lowbit_cpu.ctypes, "CDLL", lambda path: types.SimpleNamespace(
         dynaexq_rowmajor_grouped=types.SimpleNamespace(), dynaexq_route=types.SimpleNamespace(),
         dynaexq_combine=types.SimpleNamespace(), dynaexq_decode_attention=types.SimpleNamespace(),
+        dynaexq_rms_norm=types.SimpleNamespace(), dynaexq_argmax=types.SimpleNamespace(),
         **{f"dynaexq_lowbit_{n}": types.SimpleNamespace() for n in names}))
     lowbit_cpu.build()
     first = capsys.readouterr().err
