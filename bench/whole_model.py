@@ -6,7 +6,7 @@ Command (the checkpoint, its store and the GGUFs are built once in --workdir and
     .venv/bin/python bench/whole_model.py                      # 4 layers, Q4_K_M and Q2_K, 2 threads
 
 The first run builds the checkpoint (~1 min) and its store (the weight-only prepare of every layer at
---precisions, ~4 min per layer and ~9 min per vocabulary-wide matrix here); later runs reuse both (~28 min).
+--precisions, ~4 min per layer and ~9 min per vocabulary-wide matrix here); later runs reuse both (~12 min).
 
 What it measures
   Checkpoint: bench/_common.py's random Qwen3MoeForCausalLM with Qwen3-30B-A3B layer shapes (hidden 2048, 128

@@ -33,7 +33,13 @@ static void rm_tile(const RArgs& a, const float* x, const float* xs, char* y, in
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = vf_zero();
   const char* w = a.w + (long)n0 * a.K * WB;
+  // the tile reads NR rows as NR short interleaved streams, which the hardware prefetcher follows poorly
+  // (measured on Zen 4: 10.7 GB/s on one core): prefetch the next tile's bytes in address order, NR * WB / 4
+  // lines per step, so they arrive as this tile ends (22.6 GB/s, 28.6 on two cores against 29.6 for a sum)
+  constexpr int PF = NR * WB / 4;
+  const char* next = w + (long)NR * a.K * WB;
   for (int k = 0; k < a.K; k += 16) {
+    for (int l = 0; l < PF; ++l) _mm_prefetch(next + ((long)(k / 16) * PF + l) * 64, _MM_HINT_T0);
     vf wv[NR];
     for (int r = 0; r < NR; ++r) wv[r] = load_w<WT>(w + ((long)r * a.K + k) * WB);
     for (int m = 0; m < M; ++m) {
