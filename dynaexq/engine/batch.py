@@ -100,7 +100,7 @@ class Sequence:
     def sample(self, logits: torch.Tensor) -> int:
         """logits [V] -> the next token (argmax when temperature is 0)."""
         if self.params.temperature == 0:
-            return int(logits.argmax())
+            return int(argmax(logits[None])[0])
         cdf = self.warpers(None, logits.float()[None])[0].softmax(-1).cumsum(0)  # [V]
         u = torch.rand((), generator=self.generator).to(cdf.device) * cdf[-1]  # inverse-CDF draw (multinomial: ~10x)
         return int(torch.searchsorted(cdf, u, right=True).clamp(max=cdf.numel() - 1))
