@@ -30,7 +30,7 @@ from dynaexq.engine import attention, auto, norm
 from dynaexq.engine.dynamic import start_runtime
 from dynaexq.engine.engine import Engine, read_text, text_windows
 from dynaexq.errors import UserError
-from dynaexq.quant.dense import apply_plan
+from dynaexq.quant.dense import apply_plan, native_floats
 from dynaexq.runtime.budget import SizedReader
 from dynaexq.runtime.controller import RuntimeConfig
 from dynaexq.runtime.hotness import Hotness
@@ -284,6 +284,8 @@ def _empty_engine(reader, planner, device, backend, dtype, dense_plan: dict) -> 
     if dense_plan and device.type != "cpu" and backend == "cpu":
         raise UserError(f"the non-expert matrices' kernels run where the model runs; {device} with the cpu backend")
     apply_plan(model, reader, dense_plan, backend)
+    if backend == "cpu" and device.type == "cpu":
+        native_floats(model)  # every float linear left on the native kernel at decode's few rows
     banks = banks_of(model)
     assert sorted(banks) == sorted(reader.layers), (sorted(banks), reader.layers)
     return Engine(model=model, tokenizer=load_tokenizer(reader.path), reader=reader, banks=banks,

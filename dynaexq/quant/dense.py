@@ -7,8 +7,9 @@ FLOAT_GEMM_ROWS rows; from there aten's GEMM), 2/3/4-bit on the fused low-bit ke
 expert through the grouped driver (fp32 sums, one rounding into the activation dtype); other backends call the
 kernel itself. `DenseEmbedding(kernel, dtype)` takes the place of the input embedding and decodes only the rows a
 step reads from the same resident form, so a tied embedding and head share one copy of the bytes.
-`apply_plan(model, reader, plan)` swaps the modules of a plan {module name: Precision}; a linear planned at the
-model's own dtype runs its own tensor on the native kernel (an embedding keeps transformers' module). Nothing here
+`apply_plan(model, reader, plan)` swaps the modules of a plan {module name: Precision} (one planned at the model's
+own dtype keeps its module); `native_floats(model)` then puts every float linear left on the native kernel over
+its own tensor (transformers' bf16 matmul is the slower one on a CPU at decode's few rows). Nothing here
 decides precisions (runtime/planners/weights.py does).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from dynaexq.quant import grouped_cpu, kernels
+from dynaexq.quant.precision import Precision
 from dynaexq.quant.quantize import dequantize
 
 DENSE = ("model", "int8", "bf16")  # --dense: the manual override of every attention/MLP linear (head kept)
@@ -36,10 +38,16 @@ def _register(module: nn.Module, kernel) -> None:
 
 
 class DenseLinear(nn.Module):
-    def __init__(self, kernel, bias: torch.Tensor | None, in_features: int, out_features: int, precision: str):
+    def __init__(self, kernel, bias: torch.Tensor | None, in_features: int, out_features: int, precision: str,
+                 weight: nn.Parameter | None = None):
+        """weight: the replaced module's own parameter when the kernel runs that very tensor (kept as `weight`,
+        so the module still reads as that linear)."""
         super().__init__()
         self.kernel, self.in_features, self.out_features, self.precision = kernel, in_features, out_features, precision
-        _register(self, kernel)
+        if weight is not None:
+            self.weight = weight
+        else:
+            _register(self, kernel)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         spec = grouped_cpu.spec(kernel)  # None: no native form (the kernel's own call runs it)
         self._tier = None if spec is None else (spec[0], torch.tensor([spec[1]], dtype=torch.int64))
@@ -98,10 +106,6 @@ def apply_plan(model, reader, plan: dict, backend: str = "cpu") -> dict:
         module = model.get_submodule(name)
         n, k = it["shape"]
         if p.is_float and module.weight.dtype == p.dtype:  # the model's own module already holds exactly this
-            own = kernels.FloatLinear(module.weight.detach())
-            if it["role"] == "linear" and backend == "cpu" and grouped_cpu.spec(own) is not None:
-                # its very tensor on the native row-major kernel (faster than aten's float matmul on a CPU)
-                swapped[name] = _set(model, name, DenseLinear(own, module.bias, k, n, p.value))
             continue
         kernel = kernels.prepare(reader.read_dense(name, p), backend, None, device)
         if it["role"] in ("embedding", "tied"):
@@ -111,6 +115,22 @@ def apply_plan(model, reader, plan: dict, backend: str = "cpu") -> dict:
         if it["role"] == "linear":
             swapped[name] = _set(model, name, DenseLinear(kernel, module.bias, k, n, p.value))
     reader.close()
+    return swapped
+
+
+def native_floats(model) -> dict:
+    """Every linear left with a float weight on the CPU (nn.Linear, or a DenseLinear over its own tensor) runs
+    that very tensor on the native row-major kernel below FLOAT_GEMM_ROWS rows -> {module name: the module it
+    replaced}. Where no native kernel takes the shape or device, the module stays as it is."""
+    swapped = {}
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or module.weight.device.type != "cpu":
+            continue
+        own = kernels.FloatLinear(module.weight.detach())
+        if grouped_cpu.spec(own) is not None:
+            p = next((p.value for p in Precision if p.is_float and p.dtype == module.weight.dtype), "float")
+            swapped[name] = _set(model, name, DenseLinear(own, module.bias, module.in_features, module.out_features,
+                                                          p, module.weight))
     return swapped
 
 

@@ -95,7 +95,9 @@ def test_dense_bf16_override_and_its_bytes(bundled_store, capsys):
     int8 = dynaexq.load(bundled_store, "uniform:int4", dense="int8", progress=False)
     attn = [m for n, m in int8.model.named_modules() if "self_attn" in n and isinstance(m, DenseLinear)]
     assert len(attn) == 4 * int8.model.config.num_hidden_layers  # q, k, v, o of every layer; the head kept
-    assert not isinstance(int8.model.get_output_embeddings(), DenseLinear)
+    head = int8.model.get_output_embeddings()  # kept: its own bf16 tensor (on the native kernel at few rows)
+    assert head.precision == "bf16" and head.weight.dtype == torch.bfloat16
+    assert not any(n.startswith("w_") for n, _ in head.named_buffers())
     assert int8.weight_bytes() < plain.weight_bytes() and int8.expert_bytes() == plain.expert_bytes()
     args = ["eval", "--store", str(bundled_store), "--windows", "2", "--window-tokens", "64", "--policy",
             "uniform:bf16", "--json"]
@@ -105,3 +107,21 @@ def test_dense_bf16_override_and_its_bytes(bundled_store, capsys):
     q8 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert ref["results"][0]["mean_kl"] < 1e-6 < q8["results"][0]["mean_kl"] < 5e-3  # the reference is not int8
     assert q8["results"][0]["weight_bytes"] < ref["results"][0]["weight_bytes"]
+
+
+def test_float_linears_run_their_own_tensor_natively_at_few_rows(bundled_store):
+    eng = dynaexq.load(bundled_store, "uniform:int4", progress=False)
+    mods = {n: m for n, m in eng.model.named_modules() if isinstance(m, DenseLinear)}
+    assert {"lm_head", "model.layers.0.self_attn.q_proj"} <= set(mods)  # nothing planned: the model's own weights
+    assert not [n for n, m in eng.model.named_modules() if type(m) is nn.Linear]
+    g = torch.Generator().manual_seed(0)
+    for name in ("lm_head", "model.layers.0.self_attn.q_proj", "model.layers.3.self_attn.o_proj"):
+        m = mods[name]
+        assert m.precision == "bf16" and m.weight.dtype == torch.bfloat16
+        for rows in (1, 3, 16):  # native below 8 rows, aten's GEMM from there
+            x = torch.randn(rows, m.in_features, generator=g).to(torch.bfloat16)
+            with torch.no_grad():
+                got = m(x).double()
+            want = x.double() @ m.weight.double().T  # float64 of the same bf16 operands
+            step = want.abs() * 2.0 ** -8 + 1e-6  # one bf16 rounding of the fp32 sum (half an ulp) plus slack
+            assert ((got - want).abs() <= step).all(), (name, rows)
