@@ -119,9 +119,9 @@ def apply_plan(model, reader, plan: dict, backend: str = "cpu") -> dict:
 
 
 def native_floats(model) -> dict:
-    """Every linear left with a float weight on the CPU (nn.Linear, or a DenseLinear over its own tensor) runs
-    that very tensor on the native row-major kernel below FLOAT_GEMM_ROWS rows -> {module name: the module it
-    replaced}. Where no native kernel takes the shape or device, the module stays as it is."""
+    """Every nn.Linear left with a float weight on the CPU runs that very tensor on the native row-major kernel
+    below FLOAT_GEMM_ROWS rows (a DenseLinear keeping it as `weight`) -> {module name: the module it replaced}.
+    Where no native kernel takes the shape, the module stays as it is."""
     swapped = {}
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or module.weight.device.type != "cpu":
