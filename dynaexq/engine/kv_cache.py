@@ -7,8 +7,8 @@ a contiguous range of rows chosen by `select(start, n)`: a prefill chunk on the 
 prefilled, a decode step on the running rows [0, B). `update` writes the step's keys and values at each row's own
 positions (one indexed store for a decode step: nothing is copied or concatenated) and returns views of the rows
 up to the longest one; the decoder passes a [B, L] mask of each row's valid positions and each token's position.
-After the forward the decoder calls `advance(n)`. A sequence that leaves gives its row back with `release`: the
-last running row moves into the hole (a copy of that one sequence's keys, not of the batch). The decode attention
+After the forward the decoder calls `advance(n)`. A sequence that leaves empties its row (`clear`) and the decoder
+moves the last running row into the hole (`move`: a copy of that one sequence's keys, not of the batch). The decode attention
 (engine/attention.py) reads the rows in place with their lengths.
 """
 from __future__ import annotations

@@ -181,9 +181,7 @@ def _load(path, policy, expert_budget, store, device, backend, dtype, verify, pr
         engine.apply(final, progress=progress)
     engine.dense_plan = dense_plan
     if shares is not None and progress:
-        print(f"dynaexq: weight budget {format_size(wb)} = fixed {format_size(shares['fixed'])} + non-expert matrices "
-              f"{format_size(shares['dense'])} ({_counts(dense_plan)}) + experts {format_size(shares['experts'])}",
-              file=sys.stderr)
+        _say_shares(wb, shares, dense_plan, "")
     return engine
 
 
@@ -195,11 +193,15 @@ def _weight_room(config: RuntimeConfig, sized, tiers) -> int:
         - int(total * config.safety_margin) - staging
 
 
-def _counts(plan: dict) -> str:
+def _say_shares(wb: int, shares: dict, dense_plan: dict, experts_note: str) -> None:
+    """The plan printed at start: the weight budget's three shares."""
     held = {}
-    for p in plan.values():
+    for p in dense_plan.values():
         held[p.value] = held.get(p.value, 0) + 1
-    return ", ".join(f"{n} {p}" for p, n in sorted(held.items())) or "as loaded"
+    counts = ", ".join(f"{n} {p}" for p, n in sorted(held.items())) or "as loaded"
+    print(f"dynaexq: weight budget {format_size(wb)} = fixed {format_size(shares['fixed'])} + non-expert matrices "
+          f"{format_size(shares['dense'])} ({counts}) + experts {format_size(shares['experts'])}{experts_note}",
+          file=sys.stderr)
 
 
 def _usable_ladder(planner, sized):
@@ -268,9 +270,7 @@ def _load_dynamic(path, reader, sized, planner, budget, wb, device, backend, dty
             budget = None
         apply_plan(engine.model, reader, engine.dense_plan, backend)
         if progress:
-            print(f"dynaexq: weight budget {format_size(wb)} = fixed {format_size(shares['fixed'])} + non-expert "
-                  f"matrices {format_size(shares['dense'])} ({_counts(engine.dense_plan)}) + experts "
-                  f"{format_size(shares['experts'])} (the runtime's)", file=sys.stderr)
+            _say_shares(wb, shares, engine.dense_plan, " (the runtime's)")
     start_runtime(engine, planner, budget, config, calibrate if warm_files else None, progress)
     return engine
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dynaexq.errors import UserError
 from dynaexq.quant import grouped_cpu, kernels
 from dynaexq.quant.precision import Precision
 from dynaexq.quant.quantize import dequantize
@@ -108,6 +109,10 @@ def apply_plan(model, reader, plan: dict, backend: str = "cpu") -> dict:
         if p.is_float and module.weight.dtype == p.dtype:  # the model's own module already holds exactly this
             continue
         kernel = kernels.prepare(reader.read_dense(name, p), backend, None, device)
+        if it["role"] in ("embedding", "tied") and getattr(kernel, "blob", True) is None:
+            raise UserError(f"{name} at {p.value}: an embedding below int8 reads its rows with the native low-bit "
+                            "kernel, which is not available here (see the warning); plan it at int8 or a float "
+                            "precision (a map's \"dense\" section) or give a larger --weight-budget")
         if it["role"] in ("embedding", "tied"):
             swapped[name] = _set(model, name, DenseEmbedding(kernel, n, k, module.weight.dtype, p.value))
         if it["role"] == "tied" and head_name is not None:

@@ -189,7 +189,7 @@ class LowbitCpu:
         idx = idx.reshape(-1).to(torch.int64).contiguous()
         out = torch.empty(idx.numel(), k, dtype=dtype)
         if self.blob is None:  # the aten fallback: its int4-packed codes are not row-addressable here
-            raise NotImplementedError("row lookup needs the native low-bit kernel")
+            raise RuntimeError("row lookup needs the native low-bit kernel (apply_plan refuses such an embedding)")
         rc = _lib.dynaexq_lowbit_rows(self.bits, n, k, self.group_size, self.blob.data_ptr(), idx.data_ptr(),
                                       idx.numel(), out.data_ptr(), _DTYPE_CODE[dtype])
         if rc != 0:

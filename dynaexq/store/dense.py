@@ -15,6 +15,7 @@ Nothing here decides precisions or builds modules (quant/dense.py does, engine/l
 """
 from __future__ import annotations
 
+import json
 import re
 
 import torch
@@ -71,7 +72,6 @@ class DenseJob:
         return (self.out / layout.dense_shard(group, p)).with_suffix(".json")
 
     def _resume(self, group: str) -> None:
-        import json
         sides = [self._sidecar(group, p) for p in self.precisions]
         if not all(s.is_file() and (self.out / layout.dense_shard(group, p)).is_file()
                    for s, p in zip(sides, self.precisions)):

@@ -54,3 +54,14 @@ def test_with_the_native_kernel_resident_bytes_are_the_stored_ones_up_to_alignme
     for p in (Precision.INT2, Precision.INT3, Precision.INT4):
         engine = dynaexq.load(store, f"uniform:{p.value}", expert_budget=p.value, progress=False)
         assert _store_bytes(store, p) <= engine.expert_bytes() <= 1.05 * _store_bytes(store, p)  # 64-B aligned
+
+
+def test_on_the_fallback_an_embedding_below_int8_is_refused_at_load(bundled_store, fallback, tmp_path):
+    import json
+    from dynaexq.errors import UserError
+    (tmp_path / "map.json").write_text(json.dumps({"default": "int4", "dense": {"model.embed_tokens": "int4"}}))
+    with pytest.raises(UserError, match="embed_tokens at int4.*native low-bit kernel"):
+        dynaexq.load(bundled_store, f"map:{tmp_path / 'map.json'}", progress=False)
+    (tmp_path / "map.json").write_text(json.dumps({"default": "int4", "dense": {"model.embed_tokens": "int8"}}))
+    eng = dynaexq.load(bundled_store, f"map:{tmp_path / 'map.json'}", progress=False)  # int8 rows: fine
+    assert eng.generate("def f(x):", max_new_tokens=3)
