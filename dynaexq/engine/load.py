@@ -200,8 +200,9 @@ def _say_shares(wb: int, shares: dict, dense_plan: dict, experts_note: str) -> N
         held[p.value] = held.get(p.value, 0) + 1
     counts = ", ".join(f"{n} {p}" for p, n in sorted(held.items())) or "as loaded"
     print(f"dynaexq: weight budget {format_size(wb)} = fixed {format_size(shares['fixed'])} + non-expert matrices "
-          f"{format_size(shares['dense'])} ({counts}) + experts {format_size(shares['experts'])}{experts_note}",
-          file=sys.stderr)
+          f"{format_size(shares['dense'])} ({counts}) + experts {format_size(shares['experts'])}{experts_note}; "
+          f"a decode token reads {format_size(shares['read'])} of them (at most what a file with every matrix at "
+          f"the budget's mean bits per weight would)", file=sys.stderr)
 
 
 def _usable_ladder(planner, sized):

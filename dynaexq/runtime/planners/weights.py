@@ -14,6 +14,12 @@ MLA projections, shared experts, dense MLPs, the output head, the embedding), an
   - when not even every expert at its smallest precision fits (the runtime's offload regime: the experts become
     a cache), the dense items get a share of the room in proportion to their full size against the experts'
     smallest, and the experts' cache the rest.
+In every case the plan is capped by what one decode token reads: batch-1 decode is bound by the bytes each token
+reads, every token reads every dense matrix (but the embedding, which it reads a row of) and only its top-k experts,
+so a byte on a dense matrix costs E/k times the decode time of a byte on an expert. The cap is what a file holding
+every planned weight at the budget's mean bits per weight would read per token (`read_limit`); when the
+error-optimal plan reads more, each option's cost gains mu x the bytes it adds to a token's reads and mu is
+bisected until the plan reads no more than the cap (the budget the dense matrices then leave goes to the experts).
 It returns the dense plan and the expert budget left (the policy then plans its experts, or the runtime switches
 them, within it). Sizes are the bytes resident where the model runs (runtime/budget.SizedReader's measured
 ratio to the store's bytes). `manual_plan` is `--dense P`: every attention/MLP linear at P, head and embedding kept.
@@ -67,9 +73,57 @@ def dense_bytes(sized, name: str, p: Precision, dtype: torch.dtype) -> int:
     return int(sized.dense_bytes(name, p) * ratio)
 
 
+def top_k(sized) -> int:
+    config = sized.manifest["config"]
+    return int(config.get("num_experts_per_tok") or config.get("experts_per_token") or 1)
+
+
+def read_limit(sized, weight_budget: int, fixed: int) -> int:
+    """Bytes of the planned matrices one decode token may read: what it reads when every planned weight (dense
+    items and experts) holds the budget's mean bits per weight: every dense matrix but an untied embedding,
+    and top-k experts per MoE layer."""
+    items = sized.dense_items()
+    dense = {n: it["shape"][0] * it["shape"][1] for n, it in items.items()}
+    per_expert = sum(rows * cols for rows, cols in sized.manifest["shapes"].values())
+    experts = len(sized.layers) * sized.num_experts * per_expert
+    read = sum(w for n, w in dense.items() if items[n]["role"] != "embedding") \
+        + len(sized.layers) * top_k(sized) * per_expert
+    return int((weight_budget - fixed) * read / (sum(dense.values()) + experts))
+
+
+def _capped(options: dict, room: int, reads: dict, limit: int) -> dict:
+    """allocate(options, room) reading at most `limit` bytes per token ({key: share of its bytes a token reads}):
+    each option's cost + mu x its bytes read, mu the smallest (bisected) that meets the limit."""
+    def plan_at(mu):
+        priced = {k: [(b, c + mu * b * reads[k], p) for b, c, p in o] for k, o in options.items()}
+        plan = allocate(priced, room)
+        return plan, sum(reads[k] * next(b for b, _, p in options[k] if p == plan[k]) for k in plan)
+
+    plan, read = plan_at(0.0)
+    if read <= limit:
+        return plan
+    hi = max((c for o in options.values() for _, c, _ in o), default=1.0) / max(limit, 1) or 1e-30
+    for _ in range(200):  # grow mu until the reads fit (or nothing is left to shed)
+        plan, read = plan_at(hi)
+        if read <= limit:
+            break
+        hi *= 4
+    lo = hi / 4
+    for _ in range(24):
+        mid = (lo * hi) ** 0.5
+        got, r = plan_at(mid)
+        if r <= limit:
+            hi, plan = mid, got
+        else:
+            lo = mid
+    return plan
+
+
 def plan_dense(sized, weight_budget: int, dtype: torch.dtype, hotness: dict | None = None,
                expert_plan: dict | None = None, ladder=LADDER, power: float = 2.0) -> tuple[dict, int, dict]:
-    """-> (dense plan {name: Precision}, the expert budget left, {"fixed", "dense", "experts"} bytes planned).
+    """-> (dense plan {name: Precision}, the expert budget left, {"fixed", "dense", "experts", "read"} bytes
+    planned, "read" being what one decode token reads of the planned matrices: the dense ones and the experts as
+    this allocation (or the fixed map) holds them).
     `hotness`: {layer: routed mass per token [E]} (joint allocation); else `expert_plan` is kept as it is."""
     items = sized.dense_items()
     if not items:
@@ -79,6 +133,8 @@ def plan_dense(sized, weight_budget: int, dtype: torch.dtype, hotness: dict | No
     ladder = [p for p in ladder if p in sized.precisions and p not in sized.dominated()]
     options = {("dense", name): [(dense_bytes(sized, name, p, dtype), sized.dense_error(name, p) ** power, p)
                                  for p in ladder] for name in items}
+    reads = {("dense", name): float(it["role"] != "embedding") for name, it in items.items()}
+    k, limit = top_k(sized), read_limit(sized, weight_budget, fixed)
     if hotness is not None:
         mean = sum(float(h) for layer in sized.layers for h in hotness[layer]) / max(1, len(hotness) * sized.num_experts)
         for layer in sized.layers:
@@ -86,18 +142,22 @@ def plan_dense(sized, weight_budget: int, dtype: torch.dtype, hotness: dict | No
                 hot = max(float(hotness[layer][e]), 1e-6 * mean + 1e-30)
                 options[(layer, e)] = [(sized.expert_bytes(layer, e, p), hot * sized.output_error(layer, e, p) ** power, p)
                                        for p in ladder]
+            total = float(sum(hotness[layer])) or 1.0
+            reads.update({(layer, e): k * float(hotness[layer][e]) / total for e in range(sized.num_experts)})
         room = weight_budget - fixed
     else:
         experts = sum(sized.expert_bytes(layer, e, p) for (layer, e), p in expert_plan.items())
         room = weight_budget - fixed - experts
+        limit -= experts * k // sized.num_experts
     low = sum(min(b for b, _, _ in o) for o in options.values())
     if hotness is not None and room < low:
         # not even every expert at its smallest precision fits: the experts become a cache (the runtime's offload
         # regime); the non-expert matrices, read by every token, take a share in proportion to their full size
         dense_top = sum(max(b for b, _, _ in options[("dense", n)]) for n in items)
         floor = sum(min(b for b, _, _ in o) for k, o in options.items() if k[0] != "dense")
-        options = {k: o for k, o in options.items() if k[0] == "dense"}
+        options = {key: o for key, o in options.items() if key[0] == "dense"}
         room = int(room * dense_top / (dense_top + floor))
+        limit -= floor * k // sized.num_experts
         low = sum(min(b for b, _, _ in o) for o in options.values())
     if room < low:
         cheapest = fixed + low + (0 if hotness is not None else experts)
@@ -105,8 +165,10 @@ def plan_dense(sized, weight_budget: int, dtype: torch.dtype, hotness: dict | No
                         f"are take {format_size(fixed)}, and every matrix at its smallest precision "
                         + ("with the experts' map " if hotness is None else "")
                         + f"needs {format_size(cheapest)} in all; the minimum --weight-budget is {format_size(cheapest)}")
-    plan = allocate(options, room)
+    plan = _capped(options, room, reads, limit)
     dense = {name: plan[("dense", name)] for name in items}
     dense_total = sum(dense_bytes(sized, name, p, dtype) for name, p in dense.items())
-    shares = {"fixed": fixed, "dense": dense_total, "experts": weight_budget - fixed - dense_total}
+    read = sum(reads[key] * next(b for b, _, p in options[key] if p == plan[key]) for key in plan)
+    shares = {"fixed": fixed, "dense": dense_total, "experts": weight_budget - fixed - dense_total,
+              "read": int(read) + int(read_limit(sized, weight_budget, fixed) - limit)}
     return dense, weight_budget - fixed - dense_total, shares
