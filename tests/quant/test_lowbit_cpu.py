@@ -76,6 +76,27 @@ def test_fused_matches_reference(ext, weights, bits, dist, shape):
         assert _rel(fast(x), want) < 1e-5  # fp32 in, fp32 accumulate: only summation order differs
 
 
+@pytest.mark.parametrize("bits", (2, 4))
+def test_the_bf16_pair_path_equals_float64_up_to_the_output_rounding(ext, weights, bits):
+    """bf16 x with 4/2-bit codes take the vdpbf16ps tile where the CPU has AVX512-BF16: the products are exact, so
+    against float64 of the same bf16 x only fp32 accumulation and the bf16 output rounding (2**-9) remain;
+    fp32 x takes the fp32 tile (the other test) on the same blob."""
+    if not ext.dynaexq_lowbit_bf16_dot():
+        pytest.skip("this CPU (or compiler) has no AVX512-BF16: bf16 x takes the fp32 tile")
+    for dist in ("normal", "student_t"):
+        for shape in SHAPES:
+            qw = weights[bits, dist, shape]
+            fast, ref = kernels.prepare(qw, "cpu"), kernels.prepare(qw, "reference")
+            for m in (1, 2, 3, 8, 17):
+                x = (torch.randn(m, shape[1], generator=torch.Generator().manual_seed(m)) * 3).to(torch.bfloat16)
+                want = ref(x.double())
+                y = fast(x)
+                err = (y.double() - want).abs()
+                assert float((err / want.abs().clamp_min(1e-3 * float(want.abs().max()))).max()) < 2 ** -8, (shape, m)
+                # the bf16 result is the fp32 tile's result rounded (the same sums, another order)
+                assert _rel(y, fast(x.float()).to(torch.bfloat16)) < 2 ** -8
+
+
 def test_fallback_gives_same_results(ext, weights, monkeypatch):
     cases = []  # (qw, x, fused output), computed before the extension is switched off
     g = torch.Generator().manual_seed(0)  # inputs independent of what ran before (the global RNG's state)
@@ -176,7 +197,7 @@ def test_the_first_build_says_it_is_compiling_and_a_cached_one_is_silent(monkeyp
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr(cpp_extension, "load", fake_load)
-    names = ("mm", "pack", "grouped", "rows")
+    names = ("mm", "pack", "grouped", "rows", "bf16_dot")
     monkeypatch.setattr(lowbit_cpu.ctypes, "CDLL", lambda path: types.SimpleNamespace(
         dynaexq_rowmajor_grouped=types.SimpleNamespace(), dynaexq_route=types.SimpleNamespace(),
         dynaexq_combine=types.SimpleNamespace(), dynaexq_decode_attention=types.SimpleNamespace(),

@@ -79,6 +79,7 @@ struct Args {
   const float* xsum;  // [M, K/G]: per-group sums of x
   char* y;            // [M, N] in dtype ydt
   int ydt;
+  int xdt;            // the dtype x came in (BF16: a.x holds exact bf16 values)
 };
 
 
@@ -152,6 +153,86 @@ static void tile(const Args& a, int p0, int m0) {
       store16(a.y + ((long)(m0 + m) * a.N + 16 * (p0 + v)) * es, a.ydt, ybuf[m] + 16 * v);
 }
 
+#if defined(__AVX512BF16__)
+#define LOWBIT_BF16 1
+// The same tile for a bf16 x with 4- or 2-bit codes (x exact in bf16, so nothing is rounded that the fp32 tile
+// keeps): two codes per 32-bit lane become a bf16 pair in one vpermw (code - MID from a table, exact), and one
+// vdpbf16ps adds both products to the row's fp32 accumulator: 3 vector ops per 32 weights (the fp32 tile: 3 per
+// 16). A word's low half holds codes 0..PER/2-1 and its high half the rest, so pair j is (code j, code j +
+// PER/2) and x is laid out as the same pairs (xp). Per group y += s * acc + (b + MID s) * sum x.
+template <int BITS, int MT, int NV>
+static void tile_bf16(const Args& a, int p0, int m0) {
+  constexpr int CK = BITS == 2 ? 16 : 8, CB = 2 * BITS * CK, HALF = CK / 2;
+  const int ng = a.K / a.G, nchunk = a.G / CK;
+  thread_local std::vector<uint32_t> xpbuf;
+  xpbuf.resize((long)MT * a.K / 2);
+  for (int m = 0; m < MT; ++m) {  // x's bf16 bits as the code pairs: (x[k0 + j], x[k0 + j + HALF]) per chunk k0
+    const uint32_t* xr = (const uint32_t*)(a.x + (long)(m0 + m) * a.K);
+    uint32_t* xp = xpbuf.data() + (long)m * a.K / 2;
+    for (int k0 = 0; k0 < a.K; k0 += CK)
+      for (int j = 0; j < HALF; ++j) xp[k0 / 2 + j] = (xr[k0 + j] >> 16) | (xr[k0 + j + HALF] & 0xFFFF0000u);
+  }
+  constexpr int MID = 1 << (BITS - 1);  // codes centred: code - MID, small exact bf16 values
+  alignas(64) uint16_t tab[32];
+  for (int i = 0; i < 32; ++i) tab[i] = bf16_round((float)((i & ((1 << BITS) - 1)) - MID));
+  const vi lut = _mm512_load_si512(tab);
+  float ybuf[MT][NV * 16] = {};
+  vf ds[NV], db[NV], lo[NV];
+  for (int v = 0; v < NV; ++v) {
+    uint16_t h[3];
+    memcpy(h, a.w + (p0 + v) * a.panel_bytes, 6);
+    ds[v] = vf_set1(_cvtsh_ss(h[0])); db[v] = vf_set1(_cvtsh_ss(h[1])); lo[v] = vf_set1(_cvtsh_ss(h[2]));
+  }
+  for (int g = 0; g < ng; ++g) {
+    vf acc[MT][NV];
+    for (int m = 0; m < MT; ++m)
+      for (int v = 0; v < NV; ++v) acc[m][v] = vf_zero();
+    const uint8_t* rec[NV];
+    for (int v = 0; v < NV; ++v) {
+      rec[v] = a.w + (p0 + v) * a.panel_bytes + HEADER + g * a.rec_bytes;
+      const char* ahead = g + PF < ng ? (const char*)rec[v] + PF * a.rec_bytes
+                                      : (const char*)(a.w + (p0 + v + NV) * a.panel_bytes + HEADER
+                                                      + (g + PF - ng) * a.rec_bytes);
+      for (int b = 0; b < a.rec_bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+    }
+    for (int c = 0; c < nchunk; ++c) {
+      const uint32_t* xp[MT];
+      for (int m = 0; m < MT; ++m) xp[m] = xpbuf.data() + (long)m * a.K / 2 + (g * a.G + c * CK) / 2;
+      vi cur[NV];
+      for (int v = 0; v < NV; ++v) cur[v] = vi_load(rec[v] + c * CB);
+#pragma GCC unroll 8
+      for (int j = 0; j < HALF; ++j) {
+        __m512bh w[NV];
+        for (int v = 0; v < NV; ++v) {
+          w[v] = (__m512bh)_mm512_permutexvar_epi16(cur[v], lut);  // reads 5 index bits: the table repeats
+          cur[v] = vi_srl(cur[v], BITS);
+        }
+        for (int m = 0; m < MT; ++m) {
+          const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xp[m][j]);
+          for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], w[v], xb);
+        }
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      const vf s = vf_mul(ds[v], vf_load_u8(rec[v] + a.code_bytes));
+      const vf b = vf_fma(vf_set1((float)MID), s, vf_fma(db[v], vf_load_u8(rec[v] + a.code_bytes + 16), lo[v]));
+      for (int m = 0; m < MT; ++m) {
+        const vf xs = vf_set1(a.xsum[(long)(m0 + m) * ng + g]);
+        vf_store(ybuf[m] + 16 * v, vf_fma(s, acc[m][v], vf_fma(b, xs, vf_load(ybuf[m] + 16 * v))));
+      }
+    }
+  }
+  const int es = a.ydt == F32 ? 4 : 2;
+  for (int m = 0; m < MT; ++m)
+    for (int v = 0; v < NV; ++v)
+      store16(a.y + ((long)(m0 + m) * a.N + 16 * (p0 + v)) * es, a.ydt, ybuf[m] + 16 * v);
+}
+#else
+#define LOWBIT_BF16 0
+#endif
+
+extern "C" int dynaexq_lowbit_bf16_dot() { return LOWBIT_BF16; }
+
 template <int BITS, int MT = 1>
 static void run_rows(const Args& a, int p0, int np, int m0, int mt) {  // mt rows, panels p0..p0+np
   if (mt != MT) {
@@ -160,6 +241,15 @@ static void run_rows(const Args& a, int p0, int np, int m0, int mt) {  // mt row
   }
   constexpr int NV = nv_for(MT);
   int p = p0;
+#if LOWBIT_BF16
+  if constexpr (BITS != 3) {
+    if (a.xdt == BF16) {
+      for (; p + NV <= p0 + np; p += NV) tile_bf16<BITS, MT, NV>(a, p, m0);
+      for (; p < p0 + np; ++p) tile_bf16<BITS, MT, 1>(a, p, m0);
+      return;
+    }
+  }
+#endif
   for (; p + NV <= p0 + np; p += NV) tile<BITS, MT, NV>(a, p, m0);
   for (; p < p0 + np; ++p) tile<BITS, MT, 1>(a, p, m0);
 }
@@ -187,7 +277,7 @@ extern "C" int dynaexq_lowbit_mm(int bits, int G, int M, int N, int K, const voi
   thread_local std::vector<float> buf;  // per calling thread; grows once, reused across calls
   buf.resize((long)std::min(M, MB) * (K + ng));
   Args a;
-  a.N = N; a.K = K; a.G = G; a.w = w; a.ydt = dt;
+  a.N = N; a.K = K; a.G = G; a.w = w; a.ydt = dt; a.xdt = dt;
   a.code_bytes = 2L * G * bits;
   a.rec_bytes = a.code_bytes + 32;
   a.panel_bytes = HEADER + ng * a.rec_bytes;
@@ -221,7 +311,7 @@ extern "C" int dynaexq_lowbit_grouped(int bits, int G, int N, int K, int E, cons
   for (int e = 0; e < E; ++e) blobs[e] = ptrs[3 * e];
   const int ng = K / G, P = N / 16, es = dt == F32 ? 4 : 2;
   Args base;
-  base.N = N; base.K = K; base.G = G; base.ydt = dt;
+  base.N = N; base.K = K; base.G = G; base.ydt = dt; base.xdt = dt;
   base.code_bytes = 2L * G * bits;
   base.rec_bytes = base.code_bytes + 32;
   base.panel_bytes = HEADER + ng * base.rec_bytes;
