@@ -125,3 +125,33 @@ def test_float_linears_run_their_own_tensor_natively_at_few_rows(bundled_store):
             want = x.double() @ m.weight.double().T  # float64 of the same bf16 operands
             step = want.abs() * 2.0 ** -8 + 1e-6  # one bf16 rounding of the fp32 sum (half an ulp) plus slack
             assert ((got - want).abs() <= step).all(), (name, rows)
+
+
+def test_routers_run_their_own_weight_natively_and_route_as_transformers_does(bundled_store):
+    from dynaexq.quant import grouped_cpu
+    from dynaexq.quant.dense import NativeWeight
+
+    eng = dynaexq.load(bundled_store, "uniform:int4", progress=False)
+    routers = {n: m for n, m in eng.model.named_modules() if type(m).__name__.endswith("Router")}
+    assert routers and all(type(m.weight) is NativeWeight for m in routers.values())
+    g = torch.Generator().manual_seed(1)
+    for name, m in routers.items():
+        plain = torch.nn.Parameter(m.weight.detach().clone(), requires_grad=False)  # transformers' own path
+        for rows in (1, 3, 16):  # native below 8 rows, aten's GEMM from there
+            x = torch.randn(rows, m.weight.shape[1], generator=g).to(torch.bfloat16)
+            before = grouped_cpu.calls
+            with torch.no_grad():
+                logits, scores, idx = m(x)
+            assert (grouped_cpu.calls == before + 1) == (rows < 8), (name, rows)
+            want = x.double() @ m.weight.double().T  # float64 of the same bf16 operands
+            assert type(logits) is torch.Tensor and logits.dtype == torch.bfloat16
+            assert ((logits.double() - want).abs() <= want.abs() * 2.0 ** -8 + 1e-6).all(), (name, rows)
+            native, m.weight = m.weight, plain
+            try:
+                with torch.no_grad():
+                    ref_logits, ref_scores, ref_idx = m(x)
+            finally:
+                m.weight = native
+            same = (logits == ref_logits).all(dim=-1)  # rows whose logits round alike route alike
+            assert same.any(), (name, rows)
+            assert torch.equal(idx[same], ref_idx[same]) and torch.equal(scores[same], ref_scores[same])
