@@ -79,7 +79,7 @@ def cmd_serve(args) -> int:
     engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
                           store=args.store, calibration=args.calibration, runtime=_runtime_config(args),
                           dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense, threads=_threads(args),
-                          device=args.device, weight_budget=args.weight_budget)
+                          device=args.device, weight_budget=args.weight_budget, read_budget=args.read_budget)
     try:
         app = create_app(engine, config)
     except BaseException:
@@ -100,7 +100,7 @@ def cmd_generate(args) -> int:
     engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
                           store=args.store, calibration=args.calibration, runtime=_runtime_config(args),
                           dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense, threads=_threads(args),
-                          device=args.device, weight_budget=args.weight_budget)
+                          device=args.device, weight_budget=args.weight_budget, read_budget=args.read_budget)
     try:
         if engine.tokenizer is None:
             raise UserError(f"model {args.model!r} has no tokenizer files; generate needs one")
@@ -148,7 +148,7 @@ def cmd_eval(args) -> int:
                            args.window_tokens, args.calibration, args.calibration_windows, progress=not args.json,
                            store=args.store, dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense,
                            config=_runtime_config(args), step_tokens=args.step_tokens or harness.STEP_TOKENS,
-                           device=args.device, weight_budgets=args.weight_budget)
+                           device=args.device, weight_budgets=args.weight_budget, read_budget=args.read_budget)
     print(report.table(out), file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(out))
@@ -268,6 +268,11 @@ def _add_weight_budget(parser, many: bool = False) -> None:
     parser.add_argument("--weight-budget", **kw, help="bytes for every weight tensor (what a GGUF file's tensors "
                         "weigh), e.g. 17GiB: the non-expert matrices (attention, shared experts, head, embedding) "
                         "and the experts are planned in one budget; instead of --expert-budget and --dense")
+    parser.add_argument("--read-budget", metavar="SIZE", help="with --weight-budget (or --budget): the bytes one decode "
+                        "token may read of every weight (batch-1 decode speed is bound by them), e.g. what that GGUF "
+                        "reads per token; the plan then trades precision where every token reads (attention, head) "
+                        "for precision where only the routed tokens do (experts). Default: no cap (the error-optimal "
+                        "plan)")
 
 
 def _add_device(parser) -> None:

@@ -80,7 +80,7 @@ def load(path, policy="auto", expert_budget=None, *, store=None, device="cpu",
          backend: str | None = None, dtype: torch.dtype | None = None, verify: str = "lazy",
          progress: bool = True, calibration=None, calibration_windows: int = 128, window_tokens: int = 256,
          runtime: RuntimeConfig | None = None, dense: str = "model", threads: int | None = None,
-         weight_budget=None) -> Engine:
+         weight_budget=None, read_budget=None) -> Engine:
     """`policy`: "auto" (fit the machine: engine/auto.py), a static map or a runtime policy (runtime/planners).
     `expert_budget`: bytes, a size string ('20MiB') or a precision name ('int3': every expert at int3).
     Policies that rank experts by hotness (calibrated, calibrated-multilevel) load every expert at their cheapest
@@ -91,12 +91,13 @@ def load(path, policy="auto", expert_budget=None, *, store=None, device="cpu",
     `verify`: "lazy" (shard stamps now, each expert's digest on its first read), "full" (hash every shard now) or
     "off" (store/reader.py). `dense`: "model" (the non-expert weights in `dtype`), "int8" or "bf16" (quant/dense.py).
     `weight_budget`: bytes (or a size string) for every weight tensor: the non-expert matrices' precisions are
-    planned with the experts' in one budget (runtime/planners/weights.py), instead of `expert_budget`.
+    planned with the experts' in one budget (runtime/planners/weights.py), instead of `expert_budget`;
+    `read_budget`: with it, bytes (or a size string) one decode token may read of every weight (its batch-1 speed).
     `threads`: the cores a decode step computes on (default: torch's count on the calling thread)."""
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise UserError(f"threads must be a positive integer, got {threads!r}")
     engine = _load(path, policy, expert_budget, store, device, backend, dtype, verify, progress, calibration,
-                   calibration_windows, window_tokens, runtime, dense, weight_budget)
+                   calibration_windows, window_tokens, runtime, dense, weight_budget, read_budget)
     engine.threads = threads or torch.get_num_threads()
     return engine
 
@@ -121,7 +122,7 @@ def check_device(device) -> torch.device:
 
 
 def _load(path, policy, expert_budget, store, device, backend, dtype, verify, progress, calibration,
-          calibration_windows, window_tokens, runtime, dense, weight_budget) -> Engine:
+          calibration_windows, window_tokens, runtime, dense, weight_budget, read_budget=None) -> Engine:
     device = check_device(device)
     backend = backend or ("cuda" if device.type == "cuda" else "cpu")
     reader = StoreReader(resolve_store(path, store, progress))
@@ -130,6 +131,9 @@ def _load(path, policy, expert_budget, store, device, backend, dtype, verify, pr
     sized = resident_sizes(reader, backend, dtype_, device)
     budget = resolve_budget(expert_budget, sized)  # a precision name: the bytes every expert takes resident here
     wb = None if weight_budget is None else parse_size(weight_budget)
+    rb = None if read_budget is None else parse_size(read_budget)
+    if rb is not None and wb is None and (runtime is None or runtime.budget is None):
+        raise UserError("--read-budget caps the plan of every weight: give it with --weight-budget (or --budget)")
     if wb is not None and (budget is not None or dense != "model"):
         raise UserError("--weight-budget plans every weight, the non-expert matrices included: give it alone, not with "
                         "--expert-budget (experts only) or --dense (non-expert precisions by hand)")
@@ -142,7 +146,7 @@ def _load(path, policy, expert_budget, store, device, backend, dtype, verify, pr
         planner = _usable_ladder(planner, sized)
         sized.check(planner.tiers(reader))
         engine = _load_dynamic(path, reader, sized, planner, budget, wb, device, backend, dtype, progress,
-                               calibration, calibration_windows, window_tokens, runtime or RuntimeConfig(), dense)
+                               calibration, calibration_windows, window_tokens, runtime or RuntimeConfig(), dense, rb)
         return engine
     if runtime is not None:
         raise UserError(f"runtime options are for the runtime policies (dynaexq, multilevel, frozen), not {planner}")
@@ -159,7 +163,7 @@ def _load(path, policy, expert_budget, store, device, backend, dtype, verify, pr
     if hasattr(planner, "dense_plan"):  # a map file's "dense" section
         dense_plan = {**dense_plan, **planner.dense_plan(reader)}
     if wb is not None and not planner.hotness_source:  # a fixed expert map: the non-expert matrices get the rest
-        dense_plan, _, shares = plan_dense(sized, wb, dtype_, expert_plan=plan)
+        dense_plan, _, shares = plan_dense(sized, wb, dtype_, expert_plan=plan, read_budget=rb)
     need = sum(sized.expert_bytes(layer, e, p) for (layer, e), p in plan.items())
     if budget is not None and need > budget:
         fits = [p.value for p in reader.precisions
@@ -174,7 +178,8 @@ def _load(path, policy, expert_budget, store, device, backend, dtype, verify, pr
         windows = calibration_tokens(engine.tokenizer, calib_files, calibration_windows, window_tokens)
         mass = engine.routing_mass(windows, progress=progress)
         if wb is not None:  # one allocation for the non-expert matrices and the experts
-            dense_plan, budget, shares = plan_dense(sized, wb, dtype_, {k: m / windows.numel() for k, m in mass.items()})
+            dense_plan, budget, shares = plan_dense(sized, wb, dtype_, {k: m / windows.numel() for k, m in mass.items()},
+                                                    read_budget=rb)
             apply_plan(engine.model, reader, dense_plan, backend)
         final = planner.plan(sized, budget, mass)
         sized.check(set(final.values()))
@@ -201,8 +206,7 @@ def _say_shares(wb: int, shares: dict, dense_plan: dict, experts_note: str) -> N
     counts = ", ".join(f"{n} {p}" for p, n in sorted(held.items())) or "as loaded"
     print(f"dynaexq: weight budget {format_size(wb)} = fixed {format_size(shares['fixed'])} + non-expert matrices "
           f"{format_size(shares['dense'])} ({counts}) + experts {format_size(shares['experts'])}{experts_note}; "
-          f"a decode token reads {format_size(shares['read'])} of them (at most what a file with every matrix at "
-          f"the budget's mean bits per weight would)", file=sys.stderr)
+          f"a decode token reads {format_size(shares['read'])}", file=sys.stderr)
 
 
 def _usable_ladder(planner, sized):
@@ -237,7 +241,8 @@ def resident_sizes(reader, backend: str, dtype, device) -> SizedReader:
 
 
 def _load_dynamic(path, reader, sized, planner, budget, wb, device, backend, dtype, progress, calibration,
-                  calibration_windows, window_tokens, config: RuntimeConfig, dense: str = "model") -> Engine:
+                  calibration_windows, window_tokens, config: RuntimeConfig, dense: str = "model",
+                  read_budget: int | None = None) -> Engine:
     if budget is None and config.budget is None and wb is None:
         raise UserError(f"policy {planner} needs a memory budget: --budget SIZE (the whole model, DynaExq Eq. 4), "
                         "--weight-budget SIZE (every weight) or --expert-budget SIZE / a precision name such as int3 "
@@ -266,7 +271,7 @@ def _load_dynamic(path, reader, sized, planner, budget, wb, device, backend, dty
             hot = h.snapshot()
         else:
             hot = calibrate(planner.floor(sized))
-        engine.dense_plan, budget, shares = plan_dense(sized, wb, engine.dtype, hot)
+        engine.dense_plan, budget, shares = plan_dense(sized, wb, engine.dtype, hot, read_budget=read_budget)
         if whole:  # Eq. 4 measures the model as it now is: the experts get what --budget leaves
             budget = None
         apply_plan(engine.model, reader, engine.dense_plan, backend)

@@ -193,11 +193,14 @@ class Evaluation:
         return out
 
     def run(self, policy: str, budget=None, config: RuntimeConfig | None = None,
-            step_tokens: int = STEP_TOKENS, weight_budget=None) -> dict:
+            step_tokens: int = STEP_TOKENS, weight_budget=None, read_budget=None) -> dict:
         """One policy at an expert budget, or at a weight budget (every weight: the non-expert matrices are planned
         with the experts, runtime/planners/weights.py, and put back to the reference's after the run)."""
         planner = parse_policy(policy)
         wb = None if weight_budget is None else parse_size(weight_budget)
+        rb = None if read_budget is None else parse_size(read_budget)
+        if rb is not None and wb is None:
+            raise UserError("--read-budget caps the plan of every weight: give it with --weight-budget")
         budget_bytes = resolve_budget(budget, self.sized)
         swapped, dense_plan = {}, self.dense_plan
         if wb is not None:
@@ -206,14 +209,14 @@ class Evaluation:
             if planner.hotness_source == "calibration" or getattr(planner, "dynamic", False):
                 floor = planner.floor(self.sized)
                 hot = {k: m / self.calibration_token_counts[None] for k, m in self.calibration_hotness(floor).items()}
-                dense_plan, budget_bytes, _ = plan_dense(self.sized, wb, self.engine.dtype, hot)
+                dense_plan, budget_bytes, _ = plan_dense(self.sized, wb, self.engine.dtype, hot, read_budget=rb)
             elif planner.hotness_source == "eval":
                 total = sum(self.windows[n].numel() for n in self.windows)
                 hot = {k: m / total for k, m in self.eval_hotness.items()}
-                dense_plan, budget_bytes, _ = plan_dense(self.sized, wb, self.engine.dtype, hot)
+                dense_plan, budget_bytes, _ = plan_dense(self.sized, wb, self.engine.dtype, hot, read_budget=rb)
             else:
                 dense_plan, _, _ = plan_dense(self.sized, wb, self.engine.dtype,
-                                              expert_plan=planner.plan(self.sized, None))
+                                              expert_plan=planner.plan(self.sized, None), read_budget=rb)
             swapped = apply_plan(self.engine.model, self.reader, dense_plan)
         try:
             if getattr(planner, "dynamic", False):
@@ -225,7 +228,7 @@ class Evaluation:
         counts = {}
         for p in dense_plan.values():
             counts[p.value] = counts.get(p.value, 0) + 1
-        return {**out, "weight_budget": wb, "dense_precisions": counts}
+        return {**out, "weight_budget": wb, "read_budget": rb, "dense_precisions": counts}
 
     def _run_static(self, planner, budget_bytes) -> dict:
         hotness = None
@@ -330,11 +333,13 @@ def check_plans(model, planners, budgets, store=None, weight_budgets=()) -> Path
 def evaluate(model, data=None, policies=None, budgets=None, windows=16, window_tokens=256, calibration=None,
              calibration_windows=128, progress=True, store=None, dtype=torch.float32, verify="lazy",
              dense: str = "model", config: RuntimeConfig | None = None, step_tokens: int = STEP_TOKENS,
-             device="cpu", weight_budgets=None) -> dict:
+             device="cpu", weight_budgets=None, read_budget=None) -> dict:
     """The whole `dynaexq eval`: every policy (x expert budget, for hotness and runtime policies; x weight budget,
-    for every policy) -> the JSON report."""
+    for every policy, each capped at `read_budget` when given) -> the JSON report."""
     budgets = [parse_budget(b) for b in (budgets or [])]
     weight_budgets = list(weight_budgets or [])
+    if read_budget is not None and not weight_budgets:
+        raise UserError("--read-budget caps the plan of every weight: give it with --weight-budget")
     policies = list(policies) if policies else list(DEFAULT_POLICIES) + (
         list(HOTNESS_POLICIES) if budgets or weight_budgets else [])
     planners = [parse_policy(p) for p in policies]  # bad specs fail before any work
@@ -349,7 +354,7 @@ def evaluate(model, data=None, policies=None, budgets=None, windows=16, window_t
                 for b in (budgets if budgeted(pl) else [None]):
                     results.append(ev.run(spec, b, config, step_tokens))
             for wb in weight_budgets:
-                results.append(ev.run(spec, None, config, step_tokens, wb))
+                results.append(ev.run(spec, None, config, step_tokens, wb, read_budget))
         return ev.report(results)
     finally:
         ev.close()

@@ -1,93 +1,94 @@
-"""The one allocation for every weight (runtime/planners/weights.py): the budget holds, and a plan never reads per
-decode token more than a file with every planned weight at the budget's mean bits per weight would."""
+"""The one allocation for every weight (runtime/planners/weights.py): the budget holds; without --read-budget the
+plan is the error-optimal allocation; with it, no plan reads more per decode token than the read budget."""
+import pytest
 import torch
 
+import dynaexq
 from dynaexq.engine.load import resident_sizes
+from dynaexq.errors import UserError
 from dynaexq.quant.precision import Precision
 from dynaexq.runtime.planners import weights
 from dynaexq.runtime.planners.calibrated import LADDER, allocate
 from dynaexq.store.reader import StoreReader
 
+F32 = torch.float32
+
 
 def _sized(store):
-    return resident_sizes(StoreReader(store), "cpu", torch.float32, torch.device("cpu"))
-
-
-def _limit_by_hand(sized, budget, fixed):
-    """The cap from the shapes: (budget - fixed) x (weights a token reads) / (every planned weight)."""
-    items = sized.dense_items()
-    config = sized.manifest["config"]
-    per_expert = sum(r * c for r, c in sized.manifest["shapes"].values())
-    n_layers = len(sized.layers)
-    every = sum(i["shape"][0] * i["shape"][1] for i in items.values()) + n_layers * sized.num_experts * per_expert
-    read = sum(i["shape"][0] * i["shape"][1] for i in items.values() if i["role"] != "embedding") \
-        + n_layers * config["num_experts_per_tok"] * per_expert
-    return (budget - fixed) * read / every
+    return resident_sizes(StoreReader(store), "cpu", F32, torch.device("cpu"))
 
 
 def _dense_read(sized, plan):
+    """What a token reads of the dense matrices: all of each but an untied embedding (a row of it)."""
     items = sized.dense_items()
-    return sum(weights.dense_bytes(sized, n, p, torch.float32) for n, p in plan.items() if items[n]["role"] != "embedding")
+    return sum(weights.dense_bytes(sized, n, p, F32) for n, p in plan.items() if items[n]["role"] != "embedding")
 
 
-def test_a_fixed_expert_map_leaves_the_dense_matrices_what_a_token_may_read(checkpoints):
-    _, store = checkpoints("qwen3_moe")
-    sized = _sized(store)
-    fixed = weights.fixed_bytes(sized, torch.float32)
+def _dense_options(sized):
+    return {("dense", n): [(weights.dense_bytes(sized, n, p, F32), sized.dense_error(n, p) ** 2, p) for p in LADDER]
+            for n in sized.dense_items()}
+
+
+def _fixed_map(sized):
     experts = {(layer, e): Precision.INT4 for layer in sized.layers for e in range(sized.num_experts)}
-    expert_bytes = sum(sized.expert_bytes(layer, e, p) for (layer, e), p in experts.items())
-    k = sized.manifest["config"]["num_experts_per_tok"]
-    items = sized.dense_items()
-    top = sum(weights.dense_bytes(sized, n, Precision.INT8, torch.float32) for n in items)
-    budget = fixed + expert_bytes + top  # room for every dense matrix at int8
-    plan, left, shares = weights.plan_dense(sized, budget, torch.float32, expert_plan=experts)
-    used = sum(weights.dense_bytes(sized, n, p, torch.float32) for n, p in plan.items())
-    assert fixed + expert_bytes + used <= budget and shares["dense"] == used
-    limit = _limit_by_hand(sized, budget, fixed) - expert_bytes * k / sized.num_experts
-    assert _dense_read(sized, plan) <= limit + 1
-    assert shares["read"] == _dense_read(sized, plan) + expert_bytes * k // sized.num_experts
-    # the cap bites here: the error-optimal plan alone would read more
-    options = {n: [(weights.dense_bytes(sized, n, p, torch.float32), sized.dense_error(n, p) ** 2, p)
-                   for p in (Precision.INT8, Precision.INT4, Precision.INT3, Precision.INT2)] for n in items}
-    free = allocate(options, budget - fixed - expert_bytes)
-    assert _dense_read(sized, free) > limit
-    # and where it does not bite, the plan is the error-optimal one
-    loose, _, _ = weights.plan_dense(sized, fixed + expert_bytes + used // 3, torch.float32, expert_plan=experts)
-    alone = allocate(options, used // 3)
-    if _dense_read(sized, alone) <= _limit_by_hand(sized, fixed + expert_bytes + used // 3, fixed) \
-            - expert_bytes * k / sized.num_experts:
-        assert loose == alone
+    total = sum(sized.expert_bytes(layer, e, p) for (layer, e), p in experts.items())
+    return experts, total, total * sized.manifest["config"]["num_experts_per_tok"] // sized.num_experts
 
 
-def test_the_joint_allocation_reads_no_more_than_the_cap_with_the_experts(checkpoints):
+def test_a_fixed_expert_map_with_and_without_a_read_budget(checkpoints):
     _, store = checkpoints("qwen3_moe")
     sized = _sized(store)
-    fixed = weights.fixed_bytes(sized, torch.float32)
+    fixed = weights.fixed_bytes(sized, F32)
+    experts, expert_bytes, expert_read = _fixed_map(sized)
+    top = sum(weights.dense_bytes(sized, n, Precision.INT8, F32) for n in sized.dense_items())
+    budget = fixed + expert_bytes + top  # room for every dense matrix at int8
+    free = {k[1]: p for k, p in allocate(_dense_options(sized), budget - fixed - expert_bytes).items()}
+    plan, _, shares = weights.plan_dense(sized, budget, F32, expert_plan=experts)
+    assert plan == free  # no cap: the error-optimal allocation
+    assert shares["read"] == fixed + _dense_read(sized, plan) + expert_read
+    cap = fixed + expert_read + _dense_read(sized, free) * 2 // 3
+    capped, _, shares = weights.plan_dense(sized, budget, F32, expert_plan=experts, read_budget=cap)
+    used = sum(weights.dense_bytes(sized, n, p, F32) for n, p in capped.items())
+    assert fixed + expert_bytes + used <= budget and shares["dense"] == used
+    assert fixed + _dense_read(sized, capped) + expert_read == shares["read"] <= cap
+    assert sum(p.bits for p in capped.values()) < sum(p.bits for p in free.values())
+
+
+def test_the_joint_allocation_under_a_read_budget(checkpoints):
+    _, store = checkpoints("qwen3_moe")
+    sized = _sized(store)
+    fixed = weights.fixed_bytes(sized, F32)
     g = torch.Generator().manual_seed(0)
     hot = {layer: torch.rand(sized.num_experts, generator=g, dtype=torch.float64) for layer in sized.layers}
     k = sized.manifest["config"]["num_experts_per_tok"]
-    full = fixed + sum(weights.dense_bytes(sized, n, Precision.INT8, torch.float32) for n in sized.dense_items()) \
-        + sum(sized.expert_bytes(layer, e, Precision.INT8) for layer in sized.layers for e in range(sized.num_experts))
-    bit = 0
-    for budget in (int(full * 0.45), int(full * 0.7)):
-        plan, left, shares = weights.plan_dense(sized, budget, torch.float32, hotness=hot)
-        assert fixed + shares["dense"] + left == budget and left > 0
-        assert shares["read"] <= _limit_by_hand(sized, budget, fixed) + 1
-        # the error-optimal allocation of the same options, without the cap
-        options = {("dense", n): [(weights.dense_bytes(sized, n, p, torch.float32), sized.dense_error(n, p) ** 2, p)
-                                  for p in LADDER] for n in sized.dense_items()}
-        for layer in sized.layers:
-            for e in range(sized.num_experts):
-                options[(layer, e)] = [(sized.expert_bytes(layer, e, p), float(hot[layer][e])
-                                        * sized.output_error(layer, e, p) ** 2, p) for p in LADDER]
-        free = allocate(options, budget - fixed)
-        share = {(layer, e): k * float(hot[layer][e] / hot[layer].sum()) for layer in sized.layers
-                 for e in range(sized.num_experts)}
-        read = sum(next(b for b, _, p in o if p == free[key]) * (share[key] if key[0] != "dense" else
-                   float(sized.dense_items()[key[1]]["role"] != "embedding")) for key, o in options.items())
-        if read > _limit_by_hand(sized, budget, fixed) + 1:
-            bit += 1
-            assert plan != {key[1]: p for key, p in free.items() if key[0] == "dense"}
-        else:
-            assert plan == {key[1]: p for key, p in free.items() if key[0] == "dense"}
-    assert bit  # at least one budget where the cap changes the plan
+    budget = fixed + sum(weights.dense_bytes(sized, n, Precision.INT8, F32) for n in sized.dense_items()) \
+        + sum(sized.expert_bytes(layer, e, Precision.INT4) for layer in sized.layers for e in range(sized.num_experts))
+    free_plan, free_left, free_shares = weights.plan_dense(sized, budget, F32, hotness=hot)
+    cap = fixed + (free_shares["read"] - fixed) * 3 // 4
+    plan, left, shares = weights.plan_dense(sized, budget, F32, hotness=hot, read_budget=cap)
+    assert fixed + shares["dense"] + left == budget and free_shares["dense"] + free_left + fixed == budget
+    assert shares["read"] <= cap < free_shares["read"] and plan != free_plan
+    # the experts' reads are the rest: resident bytes x k x their share of the layer's routed mass, at most every
+    # expert's largest option at its share
+    expert_max = sum(max(sized.expert_bytes(layer, e, p) for p in LADDER) * k * float(hot[layer][e] / hot[layer].sum())
+                     for layer in sized.layers for e in range(sized.num_experts))
+    assert fixed + _dense_read(sized, plan) <= shares["read"] <= fixed + _dense_read(sized, plan) + expert_max + 1
+
+
+def test_a_read_budget_below_the_minimum_is_refused_naming_it(checkpoints):
+    _, store = checkpoints("qwen3_moe")
+    sized = _sized(store)
+    fixed = weights.fixed_bytes(sized, F32)
+    experts, expert_bytes, expert_read = _fixed_map(sized)
+    budget = fixed + expert_bytes + sum(weights.dense_bytes(sized, n, Precision.INT8, F32) for n in sized.dense_items())
+    least = fixed + expert_read + sum(min(b for b, _, _ in o) for key, o in _dense_options(sized).items()
+                                      if sized.dense_items()[key[1]]["role"] != "embedding")
+    with pytest.raises(UserError, match="minimum --read-budget"):
+        weights.plan_dense(sized, budget, F32, expert_plan=experts, read_budget=least - 1)
+    plan, _, shares = weights.plan_dense(sized, budget, F32, expert_plan=experts, read_budget=least)
+    assert shares["read"] <= least
+
+
+def test_read_budget_needs_a_weight_budget(bundled_store):
+    with pytest.raises(UserError, match="--read-budget caps the plan of every weight"):
+        dynaexq.load(bundled_store, "uniform:int4", read_budget="1MiB", progress=False)

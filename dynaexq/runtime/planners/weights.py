@@ -14,12 +14,16 @@ MLA projections, shared experts, dense MLPs, the output head, the embedding), an
   - when not even every expert at its smallest precision fits (the runtime's offload regime: the experts become
     a cache), the dense items get a share of the room in proportion to their full size against the experts'
     smallest, and the experts' cache the rest.
-In every case the plan is capped by what one decode token reads: batch-1 decode is bound by the bytes each token
-reads, every token reads every dense matrix (but the embedding, which it reads a row of) and only its top-k experts,
-so a byte on a dense matrix costs E/k times the decode time of a byte on an expert. The cap is what a file holding
-every planned weight at the budget's mean bits per weight would read per token (`read_limit`); when the
-error-optimal plan reads more, each option's cost gains mu x the bytes it adds to a token's reads and mu is
-bisected until the plan reads no more than the cap (the budget the dense matrices then leave goes to the experts).
+With `read_budget` (`--read-budget SIZE`: the bytes one decode token may read of every weight, what a GGUF's
+tensors but the embedding's give with the experts at top-k / E: batch-1 decode is bound by them) the plan is also
+capped in what a token reads: every token reads every dense matrix (but an untied embedding, of which it reads a
+row), the fixed weights, and per MoE layer its top-k experts (an expert's read share: k x its routed mass / the
+layer's); each option's cost gains mu x the bytes it adds to a token's reads and mu is bisected until the plan
+fits (the budget the dense matrices then leave goes to the experts). Without it the plan is the error-optimal one,
+which on a large model reads more per token than a file of the same size quantized by llama.cpp's recipes (at
+Q4_K_M's bytes on the 30B-shaped checkpoint: bf16 attention + an int8 head, 520 against 376 MiB), and on a small
+one with a large vocabulary is much the better for it (a cap at a uniform file's reads took the bundled model's KL
+at Q4_K_M's bytes from 0.00077 to 0.0068).
 It returns the dense plan and the expert budget left (the policy then plans its experts, or the runtime switches
 them, within it). Sizes are the bytes resident where the model runs (runtime/budget.SizedReader's measured
 ratio to the store's bytes). `manual_plan` is `--dense P`: every attention/MLP linear at P, head and embedding kept.
@@ -78,19 +82,6 @@ def top_k(sized) -> int:
     return int(config.get("num_experts_per_tok") or config.get("experts_per_token") or 1)
 
 
-def read_limit(sized, weight_budget: int, fixed: int) -> int:
-    """Bytes of the planned matrices one decode token may read: what it reads when every planned weight (dense
-    items and experts) holds the budget's mean bits per weight: every dense matrix but an untied embedding,
-    and top-k experts per MoE layer."""
-    items = sized.dense_items()
-    dense = {n: it["shape"][0] * it["shape"][1] for n, it in items.items()}
-    per_expert = sum(rows * cols for rows, cols in sized.manifest["shapes"].values())
-    experts = len(sized.layers) * sized.num_experts * per_expert
-    read = sum(w for n, w in dense.items() if items[n]["role"] != "embedding") \
-        + len(sized.layers) * top_k(sized) * per_expert
-    return int((weight_budget - fixed) * read / (sum(dense.values()) + experts))
-
-
 def _capped(options: dict, room: int, reads: dict, limit: int) -> dict:
     """allocate(options, room) reading at most `limit` bytes per token ({key: share of its bytes a token reads}):
     each option's cost + mu x its bytes read, mu the smallest (bisected) that meets the limit."""
@@ -120,9 +111,10 @@ def _capped(options: dict, room: int, reads: dict, limit: int) -> dict:
 
 
 def plan_dense(sized, weight_budget: int, dtype: torch.dtype, hotness: dict | None = None,
-               expert_plan: dict | None = None, ladder=LADDER, power: float = 2.0) -> tuple[dict, int, dict]:
+               expert_plan: dict | None = None, ladder=LADDER, power: float = 2.0,
+               read_budget: int | None = None) -> tuple[dict, int, dict]:
     """-> (dense plan {name: Precision}, the expert budget left, {"fixed", "dense", "experts", "read"} bytes
-    planned, "read" being what one decode token reads of the planned matrices: the dense ones and the experts as
+    planned, "read" being what one decode token reads: the fixed weights, the dense matrices and the experts as
     this allocation (or the fixed map) holds them).
     `hotness`: {layer: routed mass per token [E]} (joint allocation); else `expert_plan` is kept as it is."""
     items = sized.dense_items()
@@ -134,7 +126,8 @@ def plan_dense(sized, weight_budget: int, dtype: torch.dtype, hotness: dict | No
     options = {("dense", name): [(dense_bytes(sized, name, p, dtype), sized.dense_error(name, p) ** power, p)
                                  for p in ladder] for name in items}
     reads = {("dense", name): float(it["role"] != "embedding") for name, it in items.items()}
-    k, limit = top_k(sized), read_limit(sized, weight_budget, fixed)
+    k, expert_read = top_k(sized), 0  # expert_read: what a token reads of experts outside this allocation
+    limit = None if read_budget is None else read_budget - fixed  # the fixed weights are read by every token
     if hotness is not None:
         mean = sum(float(h) for layer in sized.layers for h in hotness[layer]) / max(1, len(hotness) * sized.num_experts)
         for layer in sized.layers:
@@ -148,7 +141,8 @@ def plan_dense(sized, weight_budget: int, dtype: torch.dtype, hotness: dict | No
     else:
         experts = sum(sized.expert_bytes(layer, e, p) for (layer, e), p in expert_plan.items())
         room = weight_budget - fixed - experts
-        limit -= experts * k // sized.num_experts
+        expert_read = experts * k // sized.num_experts
+        limit = None if limit is None else limit - expert_read
     low = sum(min(b for b, _, _ in o) for o in options.values())
     if hotness is not None and room < low:
         # not even every expert at its smallest precision fits: the experts become a cache (the runtime's offload
@@ -157,7 +151,8 @@ def plan_dense(sized, weight_budget: int, dtype: torch.dtype, hotness: dict | No
         floor = sum(min(b for b, _, _ in o) for k, o in options.items() if k[0] != "dense")
         options = {key: o for key, o in options.items() if key[0] == "dense"}
         room = int(room * dense_top / (dense_top + floor))
-        limit -= floor * k // sized.num_experts
+        expert_read = floor * k // sized.num_experts
+        limit = None if limit is None else limit - expert_read
         low = sum(min(b for b, _, _ in o) for o in options.values())
     if room < low:
         cheapest = fixed + low + (0 if hotness is not None else experts)
@@ -165,10 +160,16 @@ def plan_dense(sized, weight_budget: int, dtype: torch.dtype, hotness: dict | No
                         f"are take {format_size(fixed)}, and every matrix at its smallest precision "
                         + ("with the experts' map " if hotness is None else "")
                         + f"needs {format_size(cheapest)} in all; the minimum --weight-budget is {format_size(cheapest)}")
-    plan = _capped(options, room, reads, limit)
+    if limit is not None:
+        least = sum(reads[key] * min(b for b, _, _ in o) for key, o in options.items())
+        if limit < least:
+            need = read_budget - limit + int(least)
+            raise UserError(f"--read-budget {format_size(read_budget)} is below what a decode token reads with every "
+                            f"matrix at its smallest precision: the minimum --read-budget is {format_size(need)}")
+    plan = allocate(options, room) if limit is None else _capped(options, room, reads, limit)
     dense = {name: plan[("dense", name)] for name in items}
     dense_total = sum(dense_bytes(sized, name, p, dtype) for name, p in dense.items())
     read = sum(reads[key] * next(b for b, _, p in options[key] if p == plan[key]) for key in plan)
     shares = {"fixed": fixed, "dense": dense_total, "experts": weight_budget - fixed - dense_total,
-              "read": int(read) + int(read_limit(sized, weight_budget, fixed) - limit)}
+              "read": fixed + int(read) + expert_read}
     return dense, weight_budget - fixed - dense_total, shares
