@@ -18,7 +18,9 @@ What it measures
   tensor, attention and head included); its weight bytes = the GGUF's tensor bytes.
   dynaexq: `uniform:<p>` experts (int4 for the Q4 types, int3 for Q3, int2 for Q2) with `--weight-budget` = that
   GGUF's bytes: the non-expert matrices get what the experts leave (runtime/planners/weights.py); its resident
-  weight bytes are reported beside the file's.
+  weight bytes are reported beside the file's. Two plans: the default (error-optimal within the bytes) and
+  "= reads", with `--read-budget` = what a decode token reads of that GGUF (below), so both systems hold the
+  same bytes and read the same bytes per token: the speed ratio is then the runtimes' alone.
   Decode: B sequences (--batches) each holding a context of C tokens (--contexts; prefilled, not timed), then
   --new-tokens greedy decode steps timed: dynaexq through its BatchDecoder (what `generate` and `serve` run: the
   SlotCache, the decode attention, sampling every step), llama.cpp through llama-bench `-d C -n N` (B = 1) and
@@ -172,27 +174,32 @@ def main(argv=None) -> None:
         path = whole_gguf(ckpt, qtype, llama.CACHE / "work")
         file_bytes = llama.gguf_bytes(path)
         expert_p = EXPERT_PRECISION[qtype.split("_")[0]]
-        engine = dynaexq.load(store, f"uniform:{expert_p}", weight_budget=file_bytes, threads=args.threads,
-                              progress=False)
-        ours = {"decode": {}, "prefill": None}
-        samples = {(b, c): [] for b in batches for c in contexts}
-        pre = []
-        for r in range(args.repeats):
-            for b in batches:
-                for c in contexts:
-                    samples[(b, c)].append(decode_tok_s(engine, b, c, args.new_tokens, seed=r))
-            pre.append(prefill_tok_s(engine, args.prefill, seed=r))
-        ours["decode"] = {k: statistics.median(v) for k, v in samples.items()}
-        ours["prefill"] = statistics.median(pre)
-        theirs = llama_speed(path, args.threads, contexts, batches, args.new_tokens, args.prefill, args.repeats)
-        k, E = engine.model.config.num_experts_per_tok, engine.reader.num_experts
-        row = {"type": qtype, "file_bytes": file_bytes, "dynaexq_weight_bytes": engine.weight_bytes(),
-               "dynaexq_policy": engine.policy, "dense": {p.value: n for p, n in _count(engine.dense_plan).items()},
-               "dynaexq": ours, "llamacpp": theirs, "step_bytes": {"dynaexq": step_bytes(engine),
-                                                                  "llamacpp": gguf_step_bytes(path, k, E)}}
-        rows.append(row)
-        engine.close()
-        del engine
+        theirs_read = gguf_step_bytes(path, 8, 128)
+        for variant, reads in (("", None), (" = reads", theirs_read)):
+            engine = dynaexq.load(store, f"uniform:{expert_p}", weight_budget=file_bytes, read_budget=reads,
+                                  threads=args.threads, progress=False)
+            ours = {"decode": {}, "prefill": None}
+            samples = {(b, c): [] for b in batches for c in contexts}
+            pre = []
+            for r in range(args.repeats):
+                for b in batches:
+                    for c in contexts:
+                        samples[(b, c)].append(decode_tok_s(engine, b, c, args.new_tokens, seed=r))
+                pre.append(prefill_tok_s(engine, args.prefill, seed=r))
+            ours["decode"] = {k: statistics.median(v) for k, v in samples.items()}
+            ours["prefill"] = statistics.median(pre)
+            if not variant:
+                theirs = llama_speed(path, args.threads, contexts, batches, args.new_tokens, args.prefill,
+                                     args.repeats)
+            k, E = engine.model.config.num_experts_per_tok, engine.reader.num_experts
+            assert (k, E) == (8, 128)
+            rows.append({"type": qtype + variant, "file_bytes": file_bytes, "read_budget": reads,
+                         "dynaexq_weight_bytes": engine.weight_bytes(), "dynaexq_policy": engine.policy,
+                         "dense": {p.value: n for p, n in _count(engine.dense_plan).items()},
+                         "dynaexq": ours, "llamacpp": theirs, "step_bytes": {"dynaexq": step_bytes(engine),
+                                                                             "llamacpp": theirs_read}})
+            engine.close()
+            del engine
     print(f"whole model, {args.layers} layers x 128 experts, vocab {args.vocab}; {args.threads} threads; read "
           f"bandwidth {bw / 1e9:.1f} GB/s")
     for r in rows:

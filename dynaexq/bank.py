@@ -45,6 +45,7 @@ class ExpertBank(nn.Module):
         self.table = None  # the runtime's ExpertTable while the dynamic runtime runs: reads take a lease
         self.cache = None  # the offload regime's ExpertCache (runtime/offload.py): some experts are not resident
         self.calibrator = None  # set only while `prepare` calibrates: it computes the layer from source experts
+        self.recorder = None  # trace.RoutingRecorder while the engine records routing
         self.routed_tokens = 0  # tokens routed since the controller last looked (a host int: no sync)
         self.last_read: list = []  # the versions the last forward computed with (tests check against them)
         self.path = "grouped"  # or "reference": the per-expert loop (see the module docstring)
@@ -60,6 +61,8 @@ class ExpertBank(nn.Module):
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.calibrator is not None:  # `prepare`'s calibration pass (engine/calibrate.py) computes this layer
             return self.calibrator(self, hidden, top_k_index, top_k_weights)
+        if self.recorder is not None:
+            self.recorder.add(self.layer, top_k_index, top_k_weights)
         if self.cache is not None:
             return self._offloaded(hidden, top_k_index, top_k_weights)
         table = self.table

@@ -201,12 +201,13 @@ def sample_tokens(seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
 
 
 class BatchDecoder:
-    def __init__(self, model, max_batch: int = 8, prefill_chunk: int = 128, faults=None):
+    def __init__(self, model, max_batch: int = 8, prefill_chunk: int = 128, faults=None, recorder=None):
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
         self.model, self.prefill_chunk = model, prefill_chunk
         # Engine.faults: forwards inside it report tokens that lost an expert instead of raising (offload regime)
         self.faults = faults or (lambda: contextlib.nullcontext([]))
+        self.recorder = recorder  # trace.RoutingRecorder: each forward's token rows, by sequence
         self.device = next(model.parameters()).device
         self.slots = SlotCache.supports(model.config)
         if not self.slots:  # sliding-window / linear-attention states: transformers' own cache, one sequence
@@ -272,6 +273,8 @@ class BatchDecoder:
             cache = seq.cache = seq.cache if seq.cache is not None else DynamicCache(config=self.model.config)
         with self.faults() as faults:
             logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        if self.recorder is not None:
+            self.recorder.step([seq] * len(chunk), phase=0)
         if self.slots:
             self.kv.advance(len(chunk))
         seq.prefilled += len(chunk)
@@ -298,6 +301,8 @@ class BatchDecoder:
             kw = dict(past_key_values=self.rows[0].cache)
         with self.faults() as faults:
             logits = self.model(input_ids=ids, use_cache=True, **kw).logits[:, -1]  # [B, V]
+        if self.recorder is not None:
+            self.recorder.step(self.rows, phase=1)
         if self.slots:
             self.kv.advance(1)
         for rows, message in faults:  # rows [B] that lost an expert: their sequences fail, the others go on

@@ -31,6 +31,27 @@ class Engine:
     threads: int = field(default_factory=torch.get_num_threads)  # cores a decode step computes on
     sizes: object | None = None  # runtime.budget.SizedReader: each precision's bytes per expert resident here
     dense_plan: dict = field(default_factory=dict)  # non-expert matrix -> Precision (the others as loaded)
+    recorder: object | None = None  # trace.RoutingRecorder while `record_routing` records
+
+    def record_routing(self, path) -> None:
+        """Record every forward's routing from now on (generate, the server's batches) into the routing trace
+        `path` (dynaexq/trace.py), written by `close()` (or `save_routing()`)."""
+        from dynaexq.trace import RoutingRecorder
+        if Path(path).suffix != ".npz":
+            raise UserError(f"--record-routing {str(path)!r}: a routing trace is written as .npz")
+        config = self.model.config
+        name = Path(str(getattr(config, "_name_or_path", "") or self.reader.manifest["source"].get("path", ""))).name
+        self.recorder = RoutingRecorder(sorted(self.banks), self.reader.num_experts,
+                                        int(getattr(config, "num_experts_per_tok", 1)), name)
+        self.recorder.path = Path(path)
+        for bank in self.banks.values():
+            bank.recorder = self.recorder
+
+    def save_routing(self):
+        """Write the routing recorded so far (atomically) -> its path, or None when not recording."""
+        if self.recorder is None:
+            return None
+        return self.recorder.trace().save(self.recorder.path)
 
     def weight_bytes(self) -> int:
         """Bytes of every weight tensor resident now: the model's own (non-expert) ones, each storage once, plus
@@ -79,7 +100,9 @@ class Engine:
         return make_version(self.reader.read_expert(layer, e, p), self.backend, self.dtype, self.model.device)
 
     def close(self) -> None:
-        """Stop the dynamic runtime, if any (stops its transitions, saves --hotness-file); experts are unpublished."""
+        """Stop the dynamic runtime, if any (stops its transitions, saves --hotness-file); experts are unpublished.
+        A routing recording is written."""
+        self.save_routing()
         if self.runtime is not None:
             from dynaexq.engine.dynamic import stop_runtime
             stop_runtime(self, self.runtime)
@@ -133,7 +156,7 @@ class Engine:
             raise UserError("the prompt is empty after tokenization; give some text")
         context = getattr(self.model.config, "max_position_embeddings", None)
         seq = Sequence(ids, params, self.tokenizer, stop_token_ids(self.model, self.tokenizer), context)
-        decoder = BatchDecoder(self.model, max_batch=1, faults=self.faults)
+        decoder = BatchDecoder(self.model, max_batch=1, faults=self.faults, recorder=self.recorder)
         decoder.add(seq)
         self.use_threads()
         while not seq.finished:

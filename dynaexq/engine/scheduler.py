@@ -34,7 +34,8 @@ class Scheduler:
     def __init__(self, engine, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 128, on_step=None,
                  context: int | None = None):
         self.engine, self.max_queue, self.on_step = engine, max_queue, on_step
-        self.decoder = BatchDecoder(engine.model, max_batch, prefill_chunk, faults=engine.faults)
+        self.decoder = BatchDecoder(engine.model, max_batch, prefill_chunk, faults=engine.faults,
+                                    recorder=engine.recorder)
         self.max_batch = self.decoder.max_batch
         self.context = context or getattr(engine.model.config, "max_position_embeddings", None)  # stops there
         self.stop_ids = {chat: stop_token_ids(engine.model, engine.tokenizer, chat) for chat in (False, True)}
