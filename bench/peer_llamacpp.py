@@ -10,7 +10,8 @@ Modes
            quantizes it (attention, embedding, output too), with and without an imatrix; the GGUF's bytes of every
            tensor; dynaexq at exactly those bytes with `--weight-budget` (its non-expert matrices and experts in one
            plan, runtime/planners/weights.py): calibrated-multilevel and the multilevel runtime (streamed, the
-           controller live).
+           controller live); and calibrated-multilevel with `--read-budget` = what a decode token reads of that
+           GGUF too ("= reads": the same bytes held and the same bytes read per token as llama.cpp).
   experts  only the expert tensors quantized (attention, embeddings and router bf16 / f32, as dynaexq's
            `--expert-budget`); dynaexq's calibrated-multilevel at the GGUF's expert bytes.
 
@@ -225,6 +226,7 @@ def main() -> None:
     ev = Evaluation(BUNDLED, parse_data(None, BUNDLED), args.windows, 256, store=store, progress=False)
     whole = args.mode == "whole"
     rows = []
+    out_of = {}  # id(row) -> its GGUF
     for qtype in [t.strip() for t in args.types.split(",") if t.strip()]:
         best = None
         for with_imatrix in (False, True):
@@ -245,14 +247,19 @@ def main() -> None:
             print(f"  llama.cpp {qtype:<7} imatrix={with_imatrix!s:<5} {total:>10} B ({nbytes} in experts)  KL "
                   f"{kl:.5f}  {types}", file=sys.stderr)
             rows.append(row)
+            out_of[id(row)] = out
             best = row if best is None or kl < best["kl"] else best
         if best is None:
             continue
-        policies = ("calibrated-multilevel", "multilevel") if whole else ("calibrated-multilevel",)
+        policies = ("calibrated-multilevel", "multilevel", "calibrated-multilevel=reads") if whole else \
+            ("calibrated-multilevel",)
+        k = ev.engine.model.config.num_experts_per_tok
         for policy in policies:
-            ours = ev.run(policy, weight_budget=best["weight_bytes"]) if whole else \
-                ev.run(policy, best["expert_bytes"])
-            best[f"dynaexq_{policy}"] = {"expert_bytes": ours["expert_bytes"], "weight_bytes": ours["weight_bytes"],
+            spec, _, reads = policy.partition("=")
+            read_budget = gguf_step_bytes(out_of[id(best)], k, ev.reader.num_experts) if reads else None
+            ours = ev.run(spec, weight_budget=best["weight_bytes"], read_budget=read_budget) if whole else \
+                ev.run(spec, best["expert_bytes"])
+            best[f"dynaexq_{policy}"] = {"read_budget": read_budget, "expert_bytes": ours["expert_bytes"], "weight_bytes": ours["weight_bytes"],
                                          "kl": ours["mean_kl"], "precisions": ours["precisions"],
                                          "dense_precisions": ours.get("dense_precisions")}
             print(f"  dynaexq {policy} at {ours['weight_bytes'] if whole else ours['expert_bytes']} B: KL "
@@ -263,7 +270,8 @@ def main() -> None:
     print(f"\nKL(HF float32 reference || quantized), mean over code/prose/dict, {args.windows} x 256 tokens each; "
           + ("every tensor quantized by each system" if whole else "only the experts quantized in both"))
     print(f"{'llama.cpp type':<16} {what:>21} {'llama.cpp best':>15} {'dynaexq c-multilevel':>21} {'ratio':>6}"
-          + (f" {'multilevel (runtime)':>21} {'ratio':>6}" if whole else "") + "  types (best)")
+          + (f" {'multilevel (runtime)':>21} {'ratio':>6} {'c-multilevel = reads':>21} {'ratio':>6}" if whole else "")
+          + "  types (best)")
     for r in rows:
         if "dynaexq_calibrated-multilevel" not in r:
             continue
@@ -272,8 +280,8 @@ def main() -> None:
                 f"{r['weight_bytes'] if whole else r['expert_bytes']:>21} {r['kl']:>15.5f} {d['kl']:>21.5f} "
                 f"{d['kl'] / r['kl']:>6.2f}")
         if whole:
-            m = r["dynaexq_multilevel"]
-            line += f" {m['kl']:>21.5f} {m['kl'] / r['kl']:>6.2f}"
+            m, q = r["dynaexq_multilevel"], r["dynaexq_calibrated-multilevel=reads"]
+            line += f" {m['kl']:>21.5f} {m['kl'] / r['kl']:>6.2f} {q['kl']:>21.5f} {q['kl'] / r['kl']:>6.2f}"
         print(line + f"  {r['types']}")
     uniform = {} if whole else {p: ev.run(f"uniform:{p}") for p in ("int8", "int4", "int3", "int2")}
     if uniform:
@@ -288,6 +296,21 @@ def main() -> None:
                       "dynaexq_uniform": {p: {"expert_bytes": u["expert_bytes"], "kl": u["mean_kl"]}
                                           for p, u in uniform.items()}, "expert_params": params, "speed": speed,
                       "total_s": time.perf_counter() - t_all}))
+
+
+def gguf_step_bytes(path: Path, k: int, experts: int) -> int:
+    """The same for a GGUF: every tensor but token_embd (unless it is also the output), k / E of the experts'."""
+    sys.path.insert(0, str(SRC / "gguf-py"))
+    import gguf
+    tensors = gguf.GGUFReader(str(path)).tensors
+    names = {t.name for t in tensors}
+    total = 0
+    for t in tensors:
+        if t.name == "token_embd.weight" and "output.weight" in names:
+            continue
+        share = k / experts if "_exps" in t.name else 1
+        total += int(t.n_bytes * share)
+    return total
 
 
 def decode_speed(work: Path, model: Path, store: Path, threads: int) -> dict:

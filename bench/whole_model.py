@@ -109,21 +109,6 @@ def step_bytes(engine) -> int:
     return nonexpert_bytes(model) - embedding + int(k * len(engine.banks) * per_expert)
 
 
-def gguf_step_bytes(path: Path, k: int, experts: int) -> int:
-    """The same for a GGUF: every tensor but token_embd (unless it is also the output), k / E of the experts'."""
-    sys.path.insert(0, str(llama.SRC / "gguf-py"))
-    import gguf
-    tensors = gguf.GGUFReader(str(path)).tensors
-    names = {t.name for t in tensors}
-    total = 0
-    for t in tensors:
-        if t.name == "token_embd.weight" and "output.weight" in names:
-            continue
-        share = k / experts if "_exps" in t.name else 1
-        total += int(t.n_bytes * share)
-    return total
-
-
 def llama_speed(gguf_path: Path, threads: int, contexts, batches, steps: int, prefill: int, reps: int) -> dict:
     out = {"decode": {}, "prefill": None}
     res = json.loads(llama.sh([llama.BIN / "llama-bench", "-m", gguf_path, "-p", prefill, "-n", steps, "-d",
@@ -174,7 +159,7 @@ def main(argv=None) -> None:
         path = whole_gguf(ckpt, qtype, llama.CACHE / "work")
         file_bytes = llama.gguf_bytes(path)
         expert_p = EXPERT_PRECISION[qtype.split("_")[0]]
-        theirs_read = gguf_step_bytes(path, 8, 128)
+        theirs_read = llama.gguf_step_bytes(path, 8, 128)
         for variant, reads in (("", None), (" = reads", theirs_read)):
             engine = dynaexq.load(store, f"uniform:{expert_p}", weight_budget=file_bytes, read_budget=reads,
                                   threads=args.threads, progress=False)

@@ -52,6 +52,15 @@ def test_a_fixed_expert_map_with_and_without_a_read_budget(checkpoints):
     assert fixed + expert_bytes + used <= budget and shares["dense"] == used
     assert fixed + _dense_read(sized, capped) + expert_read == shares["read"] <= cap
     assert sum(p.bits for p in capped.values()) < sum(p.bits for p in free.values())
+    # nothing is left on the table: no single matrix can go to a better option within both budgets
+    items = sized.dense_items()
+    for n, p in capped.items():
+        now = (weights.dense_bytes(sized, n, p, F32), sized.dense_error(n, p))
+        for q in LADDER:
+            b, err = weights.dense_bytes(sized, n, q, F32), sized.dense_error(n, q)
+            extra_read = (b - now[0]) * (items[n]["role"] != "embedding")
+            if err < now[1] and b > now[0]:
+                assert fixed + expert_bytes + used + b - now[0] > budget or shares["read"] + extra_read > cap, (n, q)
 
 
 def test_the_joint_allocation_under_a_read_budget(checkpoints):
@@ -92,3 +101,18 @@ def test_a_read_budget_below_the_minimum_is_refused_naming_it(checkpoints):
 def test_read_budget_needs_a_weight_budget(bundled_store):
     with pytest.raises(UserError, match="--read-budget caps the plan of every weight"):
         dynaexq.load(bundled_store, "uniform:int4", read_budget="1MiB", progress=False)
+
+
+def test_the_capped_plan_spends_what_the_lagrangian_leaves():
+    """A head whose upgrade is worth more per byte than the attention's: mu high enough to keep the head low
+    also pushes the attention down, leaving reads unspent; the plan must take the attention's upgrade back.
+    Against the exhaustive optimum of this small case."""
+    import itertools
+
+    options = {"head": [(50, 10.0, "lo"), (100, 2.0, "hi")], "attn": [(10, 5.0, "lo"), (20, 4.5, "hi")]}
+    reads = {"head": 1.0, "attn": 1.0}
+    plan = weights._capped(options, 1000, reads, 105)
+    best = min((sum(c for _, c, _ in combo), {k: p for k, (_, _, p) in zip(options, combo)})
+               for combo in itertools.product(*options.values())
+               if sum(b for b, _, _ in combo) <= 105)[1]
+    assert plan == best == {"head": "lo", "attn": "hi"}

@@ -107,7 +107,34 @@ def _capped(options: dict, room: int, reads: dict, limit: int) -> dict:
             hi, plan = mid, got
         else:
             lo = mid
-    return plan
+    return _fill(options, plan, room, reads, limit)
+
+
+def _fill(options: dict, plan: dict, room: int, reads: dict, limit: int) -> dict:
+    """The Lagrangian plan sits on the convex hull and can leave much of both budgets unspent (measured: a head
+    pushed from int8 to int4 took the attention down with it, 275 of 376 MiB read): upgrade, again and again,
+    the option with the largest cost reduction per share of the budgets left that still fits both."""
+    def size(key, p):
+        return next(b for b, _, q in options[key] if q == p)
+
+    plan = dict(plan)
+    used = sum(size(k, p) for k, p in plan.items())
+    read = sum(reads[k] * size(k, p) for k, p in plan.items())
+    while True:
+        best, best_key = None, None
+        for key, p in plan.items():
+            b0, c0 = next((b, c) for b, c, q in options[key] if q == p)
+            for b, c, q in options[key]:
+                db, dr = b - b0, reads[key] * (b - b0)
+                if c >= c0 or db <= 0 or used + db > room or read + dr > limit:
+                    continue
+                gain = (c0 - c) / (db / max(1, room - used) + dr / max(1.0, limit - read))
+                if best is None or gain > best[0]:
+                    best, best_key = (gain, q, db, dr), key
+        if best_key is None:
+            return plan
+        _, q, db, dr = best
+        plan[best_key], used, read = q, used + db, read + dr
 
 
 def plan_dense(sized, weight_budget: int, dtype: torch.dtype, hotness: dict | None = None,
