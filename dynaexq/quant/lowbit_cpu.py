@@ -4,8 +4,9 @@ Fast path: the fused C++ kernel of `csrc/lowbit.cpp` (AVX-512 or AVX2, OpenMP ov
 codes, 8-bit scale/offset codes and per-panel ranges of a private blob (`pack_blob`, layout in the .cpp
 header), turns each code into a float in registers and accumulates x @ W^T in fp32; x (bf16/fp16/fp32) is
 converted to fp32 once per call and the output is the only allocation. With a bf16 x and 4- or 2-bit codes on a
-CPU with AVX512-BF16 (`dynaexq_lowbit_bf16_dot()` says), two codes become a bf16 pair and one vdpbf16ps adds both
-products (exact: x is bf16, the codes small integers), half the vector ops per weight of the fp32 path. It is JIT-compiled with -march=native
+CPU with AVX512-BF16 (`dynaexq_lowbit_bf16_dot()` says), tiles of 1-2 rows (decode) make two codes a bf16 pair
+that one vdpbf16ps multiplies (exact: x is bf16, the codes small integers), half the vector ops per weight of the
+fp32 tile; tiles of more rows (prefill) stay on the fp32 tile, which is faster there. It is JIT-compiled with -march=native
 on first use through torch.utils.cpp_extension (needs `ninja` and a C++ compiler) into $TORCH_EXTENSIONS_DIR or
 ~/.cache/dynaexq/torch_extensions, then called through ctypes (the GIL is released during the call).
 

@@ -242,7 +242,11 @@ static void run_rows(const Args& a, int p0, int np, int m0, int mt) {  // mt row
   constexpr int NV = nv_for(MT);
   int p = p0;
 #if LOWBIT_BF16
-  if constexpr (BITS != 3) {
+  // the pair tile wins where decoding the codes is the work (few rows); with more rows the products are, and
+  // vdpbf16ps (half an FMA's rate here per pair of products) loses to the fp32 tile (measured on 1536 x 2048:
+  // int4 224 vs 199 us at 4 rows, 1735 vs 1386 at 32; int2 238 vs 193 at 4, 680 vs 603 at 16; at 1-2 rows
+  // int4 66 vs 75, int2 55 vs 73)
+  if constexpr (BITS != 3 && MT <= 2) {
     if (a.xdt == BF16) {
       for (; p + NV <= p0 + np; p += NV) tile_bf16<BITS, MT, NV>(a, p, m0);
       for (; p < p0 + np; ++p) tile_bf16<BITS, MT, 1>(a, p, m0);

@@ -30,6 +30,8 @@ ratio to the store's bytes). `manual_plan` is `--dense P`: every attention/MLP l
 """
 from __future__ import annotations
 
+import heapq
+
 import torch
 from safetensors import safe_open
 
@@ -112,29 +114,32 @@ def _capped(options: dict, room: int, reads: dict, limit: int) -> dict:
 
 def _fill(options: dict, plan: dict, room: int, reads: dict, limit: int) -> dict:
     """The Lagrangian plan sits on the convex hull and can leave much of both budgets unspent (measured: a head
-    pushed from int8 to int4 took the attention down with it, 275 of 376 MiB read): upgrade, again and again,
-    the option with the largest cost reduction per share of the budgets left that still fits both."""
-    def size(key, p):
-        return next(b for b, _, q in options[key] if q == p)
-
+    pushed from int8 to int4 took the attention down with it, 275 of 376 MiB read): take upgrades that still fit
+    both budgets, the largest cost reduction per share of the budgets left (at the start) first, each item's in
+    byte order."""
     plan = dict(plan)
-    used = sum(size(k, p) for k, p in plan.items())
-    read = sum(reads[k] * size(k, p) for k, p in plan.items())
-    while True:
-        best, best_key = None, None
-        for key, p in plan.items():
-            b0, c0 = next((b, c) for b, c, q in options[key] if q == p)
-            for b, c, q in options[key]:
-                db, dr = b - b0, reads[key] * (b - b0)
-                if c >= c0 or db <= 0 or used + db > room or read + dr > limit:
-                    continue
-                gain = (c0 - c) / (db / max(1, room - used) + dr / max(1.0, limit - read))
-                if best is None or gain > best[0]:
-                    best, best_key = (gain, q, db, dr), key
-        if best_key is None:
-            return plan
-        _, q, db, dr = best
-        plan[best_key], used, read = q, used + db, read + dr
+    size = {key: {q: (b, c) for b, c, q in o} for key, o in options.items()}
+    used = sum(size[k][p][0] for k, p in plan.items())
+    read = sum(reads[k] * size[k][p][0] for k, p in plan.items())
+    scale_b, scale_r = max(1, room - used), max(1.0, limit - read)
+
+    def push(heap, key):
+        b0, c0 = size[key][plan[key]]
+        ups = [(b, c, q) for b, c, q in sorted(options[key], key=lambda o: o[0]) if b > b0 and c < c0]
+        if ups:
+            b, c, q = ups[0]
+            heapq.heappush(heap, (-(c0 - c) / ((b - b0) / scale_b + reads[key] * (b - b0) / scale_r), id(key), key, q))
+
+    heap = []
+    for key in plan:
+        push(heap, key)
+    while heap:
+        _, _, key, q = heapq.heappop(heap)
+        db = size[key][q][0] - size[key][plan[key]][0]
+        if used + db <= room and read + reads[key] * db <= limit:
+            plan[key], used, read = q, used + db, read + reads[key] * db
+            push(heap, key)
+    return plan
 
 
 def plan_dense(sized, weight_budget: int, dtype: torch.dtype, hotness: dict | None = None,
