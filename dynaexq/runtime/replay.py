@@ -288,10 +288,11 @@ def _replay_offload(trace, planner, reader, budget, sizes, hotness, clock, score
 
 
 class _Transitions:
-    """The transition engine's interface to the controller, completing each pair at once."""
+    """The transition engine's interface to the controller, completing each pair at once (a pair reads its lo and
+    hi versions); `score` [bool] says whether the current token is scored."""
 
-    def __init__(self, assign, tiers, sizes, trace, score):
-        self.tiers, self.sizes, self.score = tiers, sizes, score
+    def __init__(self, sizes: dict, score: list):
+        self.sizes, self.score = sizes, score
         self.read, self.pairs = 0, 0
 
     def submit(self, pairs) -> None:
@@ -312,7 +313,7 @@ def _replay_resident(trace, planner, reader, budget, sizes, hotness, clock, scor
     flat = {layer: torch.zeros(trace.num_experts, dtype=torch.float64) for layer in trace.layers}
     assign = initial_assign(planner, flat, counts, tiers, costs)
     score = [False]
-    moves = _Transitions(assign, tiers, sizes, trace, score)
+    moves = _Transitions(sizes, score)
     ctl = Controller(planner, hotness, moves, assign, costs, tiers, clock.config, cold=True)
     served, count = Counter(), Counter()
     for t in range(len(trace)):
