@@ -83,14 +83,13 @@ struct Args {
 };
 
 
-// MT rows of x (from row m0) times NV panels (from panel p0): y[m0:m0+MT, 16*p0 : 16*(p0+NV)].
-template <int BITS, int MT, int NV>
-static void tile(const Args& a, int p0, int m0) {
-  constexpr int CK = BITS == 2 ? 16 : BITS == 3 ? 32 : 8, CB = 2 * BITS * CK;  // k per chunk, bytes per chunk
-  constexpr int PER = BITS == 2 ? 16 : BITS == 3 ? 10 : 8;                       // codes per word read by shifting
-  const int ng = a.K / a.G, nchunk = a.G / CK;
-  const vf lut = make_lut(BITS);
-  const vi low2 = vi_set1(3);
+// The walk every tile shares: MT rows of x (from row m0) times NV panels (from panel p0), y[m0:m0+MT,
+// 16*p0 : 16*(p0+NV)]. Per group g: the records of the NV panels (the record PF groups ahead prefetched; near the
+// end, that of the next tile, panel v + NV), `group(g, rec, acc)` accumulates sum_k code[k] x[k] (a tile's codes
+// may be centred: code - shift), then y += s * acc + (b + shift * s) * sum_k x[k].
+template <int MT, int NV, class Group>
+static void walk(const Args& a, int p0, int m0, float shift, Group group) {
+  const int ng = a.K / a.G;
   float ybuf[MT][NV * 16] = {};
   vf ds[NV], db[NV], lo[NV];
   for (int v = 0; v < NV; ++v) {
@@ -105,12 +104,36 @@ static void tile(const Args& a, int p0, int m0) {
     const uint8_t* rec[NV];
     for (int v = 0; v < NV; ++v) {
       rec[v] = a.w + (p0 + v) * a.panel_bytes + HEADER + g * a.rec_bytes;
-      // prefetch the record PF groups ahead; near the end, that of the next tile (panel v + NV)
       const char* ahead = g + PF < ng ? (const char*)rec[v] + PF * a.rec_bytes
                                       : (const char*)(a.w + (p0 + v + NV) * a.panel_bytes + HEADER
                                                       + (g + PF - ng) * a.rec_bytes);
       for (int b = 0; b < a.rec_bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
     }
+    group(g, rec, acc);
+    for (int v = 0; v < NV; ++v) {
+      const vf s = vf_mul(ds[v], vf_load_u8(rec[v] + a.code_bytes));
+      const vf b = vf_fma(vf_set1(shift), s, vf_fma(db[v], vf_load_u8(rec[v] + a.code_bytes + 16), lo[v]));
+      for (int m = 0; m < MT; ++m) {
+        const vf xs = vf_set1(a.xsum[(long)(m0 + m) * ng + g]);
+        vf_store(ybuf[m] + 16 * v, vf_fma(s, acc[m][v], vf_fma(b, xs, vf_load(ybuf[m] + 16 * v))));
+      }
+    }
+  }
+  const int es = a.ydt == F32 ? 4 : 2;
+  for (int m = 0; m < MT; ++m)
+    for (int v = 0; v < NV; ++v)
+      store16(a.y + ((long)(m0 + m) * a.N + 16 * (p0 + v)) * es, a.ydt, ybuf[m] + 16 * v);
+}
+
+// The fp32 tile: each code a float by one vpermps, one FMA per row of x.
+template <int BITS, int MT, int NV>
+static void tile(const Args& a, int p0, int m0) {
+  constexpr int CK = BITS == 2 ? 16 : BITS == 3 ? 32 : 8, CB = 2 * BITS * CK;  // k per chunk, bytes per chunk
+  constexpr int PER = BITS == 2 ? 16 : BITS == 3 ? 10 : 8;                       // codes per word read by shifting
+  const int nchunk = a.G / CK;
+  const vf lut = make_lut(BITS);
+  const vi low2 = vi_set1(3);
+  walk<MT, NV>(a, p0, m0, 0.f, [&](int g, const uint8_t* const* rec, vf (&acc)[MT][NV]) {
     for (int c = 0; c < nchunk; ++c) {
       const float* xk[MT];
       for (int m = 0; m < MT; ++m) xk[m] = a.x + (long)(m0 + m) * a.K + g * a.G + c * CK;
@@ -138,32 +161,20 @@ static void tile(const Args& a, int p0, int m0) {
         }
       }
     }
-    for (int v = 0; v < NV; ++v) {
-      const vf s = vf_mul(ds[v], vf_load_u8(rec[v] + a.code_bytes));
-      const vf b = vf_fma(db[v], vf_load_u8(rec[v] + a.code_bytes + 16), lo[v]);
-      for (int m = 0; m < MT; ++m) {
-        const vf xs = vf_set1(a.xsum[(long)(m0 + m) * ng + g]);
-        vf_store(ybuf[m] + 16 * v, vf_fma(s, acc[m][v], vf_fma(b, xs, vf_load(ybuf[m] + 16 * v))));
-      }
-    }
-  }
-  const int es = a.ydt == F32 ? 4 : 2;
-  for (int m = 0; m < MT; ++m)
-    for (int v = 0; v < NV; ++v)
-      store16(a.y + ((long)(m0 + m) * a.N + 16 * (p0 + v)) * es, a.ydt, ybuf[m] + 16 * v);
+  });
 }
 
 #if defined(__AVX512BF16__)
 #define LOWBIT_BF16 1
-// The same tile for a bf16 x with 4- or 2-bit codes (x exact in bf16, so nothing is rounded that the fp32 tile
+// The tile for a bf16 x with 4- or 2-bit codes (x exact in bf16, so nothing is rounded that the fp32 tile
 // keeps): two codes per 32-bit lane become a bf16 pair in one vpermw (code - MID from a table, exact), and one
 // vdpbf16ps adds both products to the row's fp32 accumulator: 3 vector ops per 32 weights (the fp32 tile: 3 per
 // 16). A word's low half holds codes 0..PER/2-1 and its high half the rest, so pair j is (code j, code j +
-// PER/2) and x is laid out as the same pairs (xp). Per group y += s * acc + (b + MID s) * sum x.
+// PER/2) and x is laid out as the same pairs (xp).
 template <int BITS, int MT, int NV>
 static void tile_bf16(const Args& a, int p0, int m0) {
   constexpr int CK = BITS == 2 ? 16 : 8, CB = 2 * BITS * CK, HALF = CK / 2;
-  const int ng = a.K / a.G, nchunk = a.G / CK;
+  const int nchunk = a.G / CK;
   thread_local std::vector<uint32_t> xpbuf;
   xpbuf.resize((long)MT * a.K / 2);
   for (int m = 0; m < MT; ++m) {  // x's bf16 bits as the code pairs: (x[k0 + j], x[k0 + j + HALF]) per chunk k0
@@ -176,25 +187,7 @@ static void tile_bf16(const Args& a, int p0, int m0) {
   alignas(64) uint16_t tab[32];
   for (int i = 0; i < 32; ++i) tab[i] = bf16_round((float)((i & ((1 << BITS) - 1)) - MID));
   const vi lut = _mm512_load_si512(tab);
-  float ybuf[MT][NV * 16] = {};
-  vf ds[NV], db[NV], lo[NV];
-  for (int v = 0; v < NV; ++v) {
-    uint16_t h[3];
-    memcpy(h, a.w + (p0 + v) * a.panel_bytes, 6);
-    ds[v] = vf_set1(_cvtsh_ss(h[0])); db[v] = vf_set1(_cvtsh_ss(h[1])); lo[v] = vf_set1(_cvtsh_ss(h[2]));
-  }
-  for (int g = 0; g < ng; ++g) {
-    vf acc[MT][NV];
-    for (int m = 0; m < MT; ++m)
-      for (int v = 0; v < NV; ++v) acc[m][v] = vf_zero();
-    const uint8_t* rec[NV];
-    for (int v = 0; v < NV; ++v) {
-      rec[v] = a.w + (p0 + v) * a.panel_bytes + HEADER + g * a.rec_bytes;
-      const char* ahead = g + PF < ng ? (const char*)rec[v] + PF * a.rec_bytes
-                                      : (const char*)(a.w + (p0 + v + NV) * a.panel_bytes + HEADER
-                                                      + (g + PF - ng) * a.rec_bytes);
-      for (int b = 0; b < a.rec_bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
-    }
+  walk<MT, NV>(a, p0, m0, (float)MID, [&](int g, const uint8_t* const* rec, vf (&acc)[MT][NV]) {
     for (int c = 0; c < nchunk; ++c) {
       const uint32_t* xp[MT];
       for (int m = 0; m < MT; ++m) xp[m] = xpbuf.data() + (long)m * a.K / 2 + (g * a.G + c * CK) / 2;
@@ -213,19 +206,7 @@ static void tile_bf16(const Args& a, int p0, int m0) {
         }
       }
     }
-    for (int v = 0; v < NV; ++v) {
-      const vf s = vf_mul(ds[v], vf_load_u8(rec[v] + a.code_bytes));
-      const vf b = vf_fma(vf_set1((float)MID), s, vf_fma(db[v], vf_load_u8(rec[v] + a.code_bytes + 16), lo[v]));
-      for (int m = 0; m < MT; ++m) {
-        const vf xs = vf_set1(a.xsum[(long)(m0 + m) * ng + g]);
-        vf_store(ybuf[m] + 16 * v, vf_fma(s, acc[m][v], vf_fma(b, xs, vf_load(ybuf[m] + 16 * v))));
-      }
-    }
-  }
-  const int es = a.ydt == F32 ? 4 : 2;
-  for (int m = 0; m < MT; ++m)
-    for (int v = 0; v < NV; ++v)
-      store16(a.y + ((long)(m0 + m) * a.N + 16 * (p0 + v)) * es, a.ydt, ybuf[m] + 16 * v);
+  });
 }
 #else
 #define LOWBIT_BF16 0
