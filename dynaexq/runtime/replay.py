@@ -163,6 +163,7 @@ class _Cache:
         self.pending: list = []
         self.count, self.served = Counter(), Counter()
         self.read = 0
+        self.uses = getattr(policy, "freq", None)  # LFU's routing counts, kept here as experts are routed
 
     def layer(self, layer: int, experts, weights, score: bool) -> None:
         self.tick += 1
@@ -171,7 +172,8 @@ class _Cache:
         for e, w in zip(experts.tolist(), weights.tolist()):
             key = (layer, e)
             self.last[key] = self.tick
-            getattr(self.policy, "freq", Counter())[key] += 1
+            if self.uses is not None:
+                self.uses[key] += 1
             want = self.policy.want(layer, e)
             if key in self.where:
                 self.count["hits"] += score
