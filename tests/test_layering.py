@@ -6,7 +6,7 @@ import dynaexq
 
 # rank of each top-level part of the package; a module may import only ranks <= its own
 RANK = {"errors": 0, "sizes": 0, "threads": 0, "quant": 1, "arch": 2, "store": 3, "trace": 3, "runtime": 4, "bank": 5,
-        "engine": 6, "demo": 6, "eval": 7, "serve": 7, "cli": 8, "__init__": 8}
+        "engine": 6, "demo": 6, "eval": 7, "serve": 7, "cli": 8, "cli_trace": 8, "__init__": 8}
 
 
 def _part(module: str) -> str:
