@@ -80,12 +80,6 @@ class Trace:
             raise UserError(f"{str(path)!r} is not a dynaexq routing trace ({err}); write one with --record-routing "
                             "or `dynaexq trace import`") from None
 
-    def halves(self) -> tuple["Trace", "Trace"]:
-        """The first and second half of the rows (a profile learned on one, scored on the other)."""
-        h = len(self) // 2
-        return tuple(Trace(self.experts[s], self.weights[s], self.sequence[s], self.phase[s], dict(self.meta))
-                     for s in (slice(0, h), slice(h, None)))
-
 
 def import_route_csv(path) -> Trace:
     """`*.route.csv` (`#` header lines, then turn,phase,step,layer,slot,expert,weight,...): one sequence per turn,
@@ -169,7 +163,8 @@ class RoutingRecorder:
     """Records the routing of a running engine: every bank hands `add(layer, idx [N, K], w [N, K])` the routing of
     its forward; `step(sequence ids [N], phase)` closes one forward pass (its N token rows, in order)."""
 
-    def __init__(self, layers, num_experts: int, top_k: int, model: str = ""):
+    def __init__(self, layers, num_experts: int, top_k: int, model: str = "", path=None):
+        self.path = path  # where Engine.save_routing writes it
         self.layers, self.meta = list(layers), {"model": model, "num_experts": num_experts, "top_k": top_k,
                                                 "layers": list(layers), "source": "dynaexq --record-routing"}
         self._pending: dict = {}

@@ -111,12 +111,12 @@ def test_lru_replay_equals_an_independent_lru_and_the_profile_covers_at_least_it
         assert r["counts"]["hits"] == _lru_hits(t, per_layer, 100), per_layer
         assert r["read_bytes_per_token"] == r["counts"]["misses"] * SIZES[Precision.INT2] / (len(t) - 100)
         s = replay(t, "static-offload:int2", budget, SIZES, score_from=len(t) // 2)
-        first, second = t.halves()
+        first, second = t.experts[:len(t) // 2], t.experts[len(t) // 2:]
         cover = 0
         for i in range(L):
-            counts = np.bincount(first.experts[:, i].reshape(-1), minlength=t.num_experts)
+            counts = np.bincount(first[:, i].reshape(-1), minlength=t.num_experts)
             top = set(np.argsort(-counts, kind="stable")[:max(0, per_layer - k)].tolist())
-            cover += sum(int(e) in top for e in second.experts[:, i].reshape(-1))
+            cover += sum(int(e) in top for e in second[:, i].reshape(-1))
         assert s["counts"]["hits"] >= cover
     with pytest.raises(UserError, match="offload minimum"):
         replay(t, "lru-offload:int2", (k * L - 1) * SIZES[Precision.INT2], SIZES)

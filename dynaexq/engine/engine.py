@@ -42,8 +42,7 @@ class Engine:
         config = self.model.config
         name = Path(str(getattr(config, "_name_or_path", "") or self.reader.manifest["source"].get("path", ""))).name
         self.recorder = RoutingRecorder(sorted(self.banks), self.reader.num_experts,
-                                        int(getattr(config, "num_experts_per_tok", 1)), name)
-        self.recorder.path = Path(path)
+                                        int(getattr(config, "num_experts_per_tok", 1)), name, Path(path))
         for bank in self.banks.values():
             bank.recorder = self.recorder
 
