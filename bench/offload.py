@@ -15,7 +15,7 @@ Human table, then one JSON line.
   .venv/bin/python bench/offload.py --models bundled                  # bundled_offload.out (2 min, KL too)
   .venv/bin/python bench/offload.py --models synthetic --batches 1    # synthetic_b1 (8 min)
   .venv/bin/python bench/offload.py --models synthetic --batches 8 --warm 8 --tokens 6 \
-      --policies "lru-offload:int4;dynaexq:hi=int4,lo=int2;dynaexq:hi=int4,lo=int2,hi_share=0"   # synthetic_b8
+      --policies "lru-offload:int4;dynaexq:hi=int4,lo=int2,hi_share=0.25;dynaexq:hi=int4,lo=int2"   # synthetic_b8
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fmt_bytes, synthetic_checkpoint  # noqa: E402
 
-POLICIES = ["lru-offload:int4", "lru-offload+prefetch:int4", "dynaexq:hi=int4,lo=int2",
-            "dynaexq:hi=int4,lo=int2,prefetch=1", "dynaexq:hi=int4,lo=int2,hi_share=0"]
+POLICIES = ["lru-offload:int4", "lru-offload+prefetch:int4", "dynaexq:hi=int4,lo=int2,hi_share=0.25",
+            "dynaexq:hi=int4,lo=int2,hi_share=0.25,prefetch=1", "dynaexq:hi=int4,lo=int2"]  # the last: the default
 BASELINE = "lru-offload:int4"
 
 

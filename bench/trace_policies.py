@@ -3,8 +3,8 @@ the bytes of every expert at int2 (the offload regime), through the real policy 
 
     .venv/bin/python bench/trace_policies.py          # bench/results/trace_policies.out (~5 min, 1 core)
 
-Policies: dynaexq's hotness cache (`dynaexq:hi=int4,lo=int2`: a quarter of the bytes int4 slots for the hottest
-experts, the rest int2; and `hi_share=0`: all int2, the hotness ranking alone), LRU (`lru-offload:int2`,
+Policies: dynaexq's hotness cache (`dynaexq:hi=int4,lo=int2`, the default: all int2, the hotness ranking alone;
+and `hi_share=0.25`: a quarter of the bytes int4 slots for the hottest experts, the rest int2), LRU (`lru-offload:int2`,
 mixtral-offloading), LFU (`lfu-offload:int2`) and a static profile learned on the first half
 (`static-offload:int2`: per layer the most-routed experts pinned, top-k more slots for the others). Every policy
 sees the first half of a trace as warm-up (and the profile's learning data) and is scored on the second half.
@@ -28,7 +28,7 @@ from dynaexq.trace import import_trace  # noqa: E402
 TRACES = Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
 SOURCES = {"Qwen3-30B-A3B": "bigmoe_route_trace/qwen.route.csv", "Gemma-4-26B-A4B": "bigmoe_route_trace/gemma.route.csv",
            "gpt-oss-120b": "bigmoe_route_trace/gptoss.route.csv", "FLAME-MoE-290M": "flame_moe_290m"}
-POLICIES = ["dynaexq:hi=int4,lo=int2", "dynaexq:hi=int4,lo=int2,hi_share=0", "lru-offload:int2", "lfu-offload:int2",
+POLICIES = ["dynaexq:hi=int4,lo=int2,hi_share=0.25", "dynaexq:hi=int4,lo=int2", "lru-offload:int2", "lfu-offload:int2",
             "static-offload:int2"]
 SHARES = (0.10, 0.25, 0.50)
 

@@ -424,3 +424,32 @@ def test_closing_the_reader_never_closes_a_file_under_a_read(checkpoints, monkey
         os.fstat(fd)  # the last read closed it
     with pytest.raises(OSError, match="closed"):
         io.read(0, 3, Precision.INT4)
+
+
+@pytest.mark.parametrize("policy", ["dynaexq:hi=int4,lo=int2", "multilevel"])
+def test_no_cliff_at_the_floor_just_below_all_int2_is_the_all_int2_model_minus_one_slot(bundled_store, policy):
+    """The map is continuous across the budget of every expert at int2: just below it the default policy holds all
+    but the experts one slot's worth of bytes would hold, all at int2 (no hi slots paid for by residency), so it
+    computes exactly what the all-int2 model computes (misses are read at int2) -- checked against a static
+    uniform:int2 map; just above it every expert is resident."""
+    m = _slot(bundled_store, "int2")
+    ref = dynaexq.load(bundled_store, "uniform:int2", progress=False)
+    n_all = len(ref.reader.layers) * ref.reader.num_experts
+    ids = torch.randint(0, ref.model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ref.model(input_ids=ids).logits
+    ref.close()
+    for frac, regime in ((0.999, "offload"), (1.001, None)):
+        eng = dynaexq.load(bundled_store, policy, int(frac * n_all * m), progress=False)
+        try:
+            assert getattr(eng.runtime, "regime", None) == regime
+            if regime == "offload":
+                assert eng.runtime.policy.counts == {Precision.INT2: int(frac * n_all * m) // m}
+                assert eng.runtime.policy.counts[Precision.INT2] >= 0.99 * n_all
+            else:
+                assert set(eng.precision_counts()) == {"int2"}
+            with torch.no_grad():
+                got = eng.model(input_ids=ids).logits
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        finally:
+            eng.close()

@@ -20,7 +20,8 @@ frozen[:hi=int8,lo=int2,alloc=proportional]
     The paper's static ablation: the warm-start map, never changed.
 
 Below the budget of every expert at the lowest precision, dynaexq and multilevel run the offload regime
-(`offload_policy`: planners/offload.py; options hi_share=0.25 and prefetch=0 apply there).
+(`offload_policy`: planners/offload.py; options hi_share=0 and prefetch=0 apply there). With hi_share=0 every
+byte below that budget buys residency at `lo`, so the map is continuous across it (bench/floor.py).
 A planner never touches bytes: `decide` returns pairs and updates the target assignment it is given.
 """
 from __future__ import annotations
@@ -63,7 +64,7 @@ class DynamicPlanner:
     delta: float = 0.01
     alloc: str = "proportional"
     max_pairs: int = 0
-    hi_share: float = 0.25  # offload regime: the share of the bytes for hi slots
+    hi_share: float = 0.0  # offload regime: the share of the bytes for hi slots (0: every byte buys residency)
     prefetch: bool = False  # offload regime: look-ahead prefetch (off: measured, bench/offload.py)
     hotness_source = "calibration"  # the warm start (a --hotness-file replaces it)
     dynamic = True
@@ -83,7 +84,7 @@ class DynamicPlanner:
             raise UserError(f"policy {spec}: the ladder needs at least two precisions, e.g. ladder=int8/int4/int2")
         try:
             power, delta, max_pairs = float(o.get("power", 2)), float(o.get("delta", 0.01)), int(o.get("max_pairs", 0))
-            hi_share, prefetch = float(o.get("hi_share", 0.25)), int(o.get("prefetch", 0))
+            hi_share, prefetch = float(o.get("hi_share", 0)), int(o.get("prefetch", 0))
         except ValueError:
             raise UserError(f"policy {spec}: power, delta and hi_share must be numbers, max_pairs and prefetch "
                             "integers") from None

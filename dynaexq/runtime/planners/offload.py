@@ -6,7 +6,10 @@ many slots each precision gets, which precision a miss fetches, and which reside
 lru-offload[:int4]            mixtral-offloading: one precision, the same number of slots in every layer; a miss
                               fetches that precision and evicts the layer's least recently used expert.
 lru-offload+prefetch[:int4]   the same, plus look-ahead prefetch (layer l+1's router on layer l's hidden state).
-dynaexq / multilevel          below the all-low budget (`HotPolicy`): precision-aware (HOBBIT, DyMoE's mixed-
+dynaexq / multilevel          below the all-low budget (`HotPolicy`): by default (hi_share=0) every slot `lo`,
+                              the hottest experts resident (a stall costs more than the precision a `hi` slot
+                              buys; so the map is continuous with the resident one at the all-low budget,
+                              bench/floor.py). With hi_share > 0 precision-aware (HOBBIT, DyMoE's mixed-
                               precision cache): `hi_share` of the bytes are `hi` slots, the rest `lo`; the
                               hottest experts by the live hotness S (routed probability mass: the gate score) are
                               wanted at hi and fetched so on a miss, every other one at lo (a fraction of the
@@ -88,7 +91,7 @@ class HotPolicy:
     name: str
     hi: Precision
     lo: Precision
-    hi_share: float = 0.25
+    hi_share: float = 0.0
     prefetch: bool = False
     alloc: str = "proportional"
     counts: dict = field(default_factory=dict)
