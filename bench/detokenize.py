@@ -22,7 +22,7 @@ import time
 
 from dynaexq.demo import BUNDLED
 from dynaexq.engine.batch import SamplingParams, Sequence
-from dynaexq.engine.load import load_tokenizer
+from dynaexq.engine.model import load_tokenizer
 
 
 def main() -> None:

@@ -67,16 +67,13 @@ def verify_once(reader) -> None:
 @torch.inference_mode()
 def decode(engine, prompt, warm: int, tokens: int, repeats: int):
     """Greedy decode of prompt [B, S]: -> (tok/s per repeat window, runtime stats after each window)."""
-    model = engine.model
-    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-    engine.after_step()
+    out = engine.run(input_ids=prompt, use_cache=True, logits_to_keep=1)  # each forward one engine step
     cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
 
     def run(n):
         nonlocal tok
         for _ in range(n):
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
-            engine.after_step()
+            out = engine.run(input_ids=tok, past_key_values=cache, use_cache=True)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
 
     run(warm)
@@ -125,9 +122,7 @@ def kl_scores(engine, windows, ref_logp: dict, policy: str, budget: int, config)
 def _logp(engine, windows):
     out = []
     for w in windows:
-        out.append(F.log_softmax(engine.model(input_ids=w[None]).logits[0, :-1].float(), -1))
-        if engine.runtime is not None:
-            engine.after_step()
+        out.append(F.log_softmax(engine.run(input_ids=w[None]).logits[0, :-1].float(), -1))
     return out
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dynaexq.demo import BUNDLED  # noqa: E402
 from dynaexq.engine.calibrate import POOL, prepare_store  # noqa: E402
-from dynaexq.engine.load import calibration_files, calibration_tokens  # noqa: E402
+from dynaexq.engine.model import calibration_files, calibration_tokens  # noqa: E402
 from dynaexq.eval.harness import Evaluation, parse_data  # noqa: E402
 from dynaexq.quant import quantize as Q  # noqa: E402
 from dynaexq.quant.kernels import FloatLinear  # noqa: E402

@@ -41,7 +41,8 @@ from _common import CpuLoad  # noqa: E402
 
 from dynaexq.demo import default_model  # noqa: E402
 from dynaexq.engine.dynamic import start_runtime, stop_runtime  # noqa: E402
-from dynaexq.engine.load import calibration_files, calibration_tokens, load  # noqa: E402
+from dynaexq.engine.load import load  # noqa: E402
+from dynaexq.engine.model import calibration_files, calibration_tokens  # noqa: E402
 from dynaexq.runtime.controller import RuntimeConfig  # noqa: E402
 from dynaexq.runtime.planners import parse_policy, resolve_budget  # noqa: E402
 
@@ -63,13 +64,11 @@ def sample(engine, planner, budget, warm, blocking, config, batch_prompts, new_t
         seconds = 0.0
         with CpuLoad() as load_:
             for ids in batch_prompts:
-                out = engine.model(input_ids=ids, use_cache=True)  # prefill, not timed
-                engine.after_step()
+                out = engine.run(input_ids=ids, use_cache=True)  # prefill, not timed
                 cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
                 t0 = time.perf_counter()
-                for _ in range(new_tokens):
-                    out = engine.model(input_ids=nxt, past_key_values=cache, use_cache=True)
-                    engine.after_step()  # the controller's step (in the timed loop, as in serving)
+                for _ in range(new_tokens):  # each one engine step: the controller's part is timed, as in serving
+                    out = engine.run(input_ids=nxt, past_key_values=cache, use_cache=True)
                     nxt = out.logits[:, -1:].argmax(-1)
                 seconds += time.perf_counter() - t0
         s = rt.stats()

@@ -66,32 +66,32 @@ def whole_gguf(ckpt: Path, qtype: str, work: Path) -> Path:
 
 @torch.inference_mode()
 def decode_tok_s(engine, batch: int, context: int, steps: int, seed: int) -> float:
-    """Aggregate decode tokens/s of `batch` sequences after a context of `context` tokens (BatchDecoder)."""
-    from dynaexq.engine.batch import BatchDecoder, SamplingParams, Sequence
+    """Aggregate decode tokens/s of `batch` sequences after a context of `context` tokens (the engine's step)."""
+    from dynaexq.engine.batch import SamplingParams, Sequence
     g = torch.Generator().manual_seed(seed)
     vocab = engine.model.config.vocab_size
-    dec = BatchDecoder(engine.model, max_batch=batch, prefill_chunk=max(512, context))
+    dec = engine.open_batch(max_batch=batch, prefill_chunk=max(512, context))
     dec.kv.reserve(context + steps + 2)
     for _ in range(batch):
         dec.add(Sequence(torch.randint(2, vocab, (context,), generator=g).tolist(),
                          SamplingParams(max_tokens=steps + 2, temperature=0), None))
     while dec.waiting:
-        dec.step()  # prefill (one sequence per step) and, once some run, their decode: not timed
+        engine.step(dec)  # prefill (one sequence per step) and, once some run, their decode: not timed
     t0 = time.perf_counter()
     for _ in range(steps):
-        dec.step()
+        engine.step(dec)
     return batch * steps / (time.perf_counter() - t0)
 
 
 @torch.inference_mode()
 def prefill_tok_s(engine, tokens: int, seed: int) -> float:
-    from dynaexq.engine.batch import BatchDecoder, SamplingParams, Sequence
+    from dynaexq.engine.batch import SamplingParams, Sequence
     g = torch.Generator().manual_seed(seed)
-    dec = BatchDecoder(engine.model, max_batch=1, prefill_chunk=tokens)
+    dec = engine.open_batch(max_batch=1, prefill_chunk=tokens)
     dec.add(Sequence(torch.randint(2, engine.model.config.vocab_size, (tokens,), generator=g).tolist(),
                      SamplingParams(max_tokens=2, temperature=0), None))
     t0 = time.perf_counter()
-    dec.step()
+    engine.step(dec)
     return tokens / (time.perf_counter() - t0)
 
 

@@ -174,7 +174,7 @@ class ExpertBank(nn.Module):
         flat_e = top_k_index.reshape(-1)  # [T*K]
         counts = torch.bincount(flat_e, minlength=self.num_experts)  # [E]
         self.token_counts += counts  # statistics stay on the device: no sync here
-        self.routed_mass.index_add_(0, flat_e, top_k_weights.reshape(-1).float())
+        self.routed_mass.index_add_(0, flat_e, top_k_weights.detach().reshape(-1).float())  # statistics: no autograd
         order = torch.argsort(flat_e, stable=True)  # pairs grouped by expert, tokens ascending
         return counts, order, hidden[order // k]  # one gather for all experts
 

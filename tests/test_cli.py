@@ -190,7 +190,7 @@ def test_list_flags_accept_repeated_and_space_separated_values(command, flag, ex
 
 
 def test_calibration_accepts_name_equals_file_like_data(tmp_path):
-    from dynaexq.engine.load import calibration_files
+    from dynaexq.engine.model import calibration_files
 
     f = tmp_path / "notes.txt"
     f.write_text("some text")

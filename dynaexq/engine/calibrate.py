@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from dynaexq.arch import get_arch
+from dynaexq.engine.model import banks_of, build_model, calibration_files, calibration_tokens, load_tokenizer
 from dynaexq.errors import UserError
 from dynaexq.quant.precision import DEFAULT_PRECISIONS
 from dynaexq.store.prepare import PrepareJob, prepare
@@ -89,8 +91,6 @@ class _LayerCalibrator:
 def calibration_text(src, given) -> list[Path]:
     """The calibration files: `given` ([NAME=]FILE...), else the model's calibration/*.txt, else dynaexq's corpus;
     [] for ["none"]."""
-    from dynaexq.engine.load import calibration_files
-
     if given and [str(g).lower() for g in given] == ["none"]:
         return []
     return calibration_files(src, None, given)
@@ -99,9 +99,6 @@ def calibration_text(src, given) -> list[Path]:
 def prepare_store(src, out, precisions=DEFAULT_PRECISIONS, calibration=None, windows: int = WINDOWS,
                   window_tokens: int = WINDOW_TOKENS, progress: bool = True) -> Path:
     """Checkpoint -> store, calibrated when the checkpoint has a tokenizer and calibration text is at hand."""
-    from dynaexq.arch import get_arch
-    from dynaexq.engine.load import _build_model, banks_of, calibration_tokens, load_tokenizer
-
     if windows < 1 or window_tokens < 2:
         raise UserError(f"--calibration-windows must be >= 1 and the window >= 2 tokens, got {windows}, "
                         f"{window_tokens}")
@@ -120,7 +117,7 @@ def prepare_store(src, out, precisions=DEFAULT_PRECISIONS, calibration=None, win
     job = PrepareJob(src, out, precisions, progress, calibration=desc)
     if job.done:
         return job.out
-    model = _build_model(Path(out), get_arch(job.ckpt.config), torch.float32, torch.device("cpu"))
+    model = build_model(Path(out), get_arch(job.ckpt.config), torch.float32, torch.device("cpu"))
     banks = banks_of(model)
     calibrator = _LayerCalibrator(job)
     for bank in banks.values():

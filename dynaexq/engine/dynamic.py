@@ -9,10 +9,9 @@
      with every expert at the lowest tier (DynaExq), else a cold start;
   3. unpublish the engine's own versions (no forward runs during start), allocate the arenas, install the
      initial map into them, then attach the table to the banks.
-The controller runs from an explicit engine step, never from a forward hook: whoever drives the model (the
-decode loop of `Engine.generate`, the server's scheduler, the eval streams) calls `engine.after_step()` after each
-step, which hands the banks' routing statistics since the last call to the controller; a forward with no
-`after_step` (a user's own `engine.model(...)` call) only adds to the next step's statistics.
+The controller runs from the engine's step (`Engine.step` / `Engine.run`), never from a forward hook: the step
+hands the routing statistics since the last step to `Runtime.on_step`; a forward the engine does not run (a
+user's own `engine.model(...)` call) only adds to the next step's statistics.
 `Runtime.stats()` is the observability API (hotness, maps, transitions, waits, pools).
 """
 from __future__ import annotations
@@ -48,10 +47,10 @@ class Runtime:
     banks: dict
     blocked_s: float = 0.0  # time the inference thread spent running transitions (blocking mode only)
 
-    def after_step(self) -> None:
-        """One engine step is over: its routing statistics go to the controller (hotness, then a decision when
-        one is due). Called between forwards, on the thread that runs them."""
-        stats = step_stats(self.banks)
+    def on_step(self, stats: dict) -> None:
+        """One engine step is over: its routing statistics ({layer: (routed tokens, routed mass [E])}, Engine.
+        step_stats) go to the controller (hotness, then a decision when one is due). Called between forwards, on
+        the thread that runs them."""
         t0 = time.perf_counter()
         self.controller.on_step(stats)
         if self.controller.config.blocking:
@@ -75,16 +74,6 @@ class Runtime:
     def check(self, quiescent: bool = True) -> None:
         self.pools.check()
         self.table.check(self.pools, quiescent)
-
-
-def step_stats(banks: dict) -> dict:
-    """{layer: (routed tokens, routed mass [E])} since the last call, each bank's counters reset (both regimes)."""
-    stats = {}
-    for layer, bank in banks.items():
-        _, mass = bank.take_stats()
-        stats[layer] = (bank.routed_tokens, mass)
-        bank.routed_tokens = 0
-    return stats
 
 
 def nonexpert_bytes(model) -> int:
@@ -188,8 +177,7 @@ def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = R
     rt.check()
     for bank in engine.banks.values():
         bank.table = table
-        bank.take_stats()
-        bank.routed_tokens = 0
+    engine.step_stats()  # the install's forwards (none) and the calibration's are not the run's
     engine.runtime = rt
     return rt
 

@@ -1,10 +1,20 @@
-"""Engine: the loaded model plus what the runtime knows about its experts.
+"""Engine: the loaded model plus what the runtime knows about its experts, and the step that drives both.
 
 `engine.model` is a plain transformers model (`engine.model(input_ids).logits` works as usual);
 `engine.generate` streams text; the accessors report what is actually resident.
+
+The step (nano-vllm's schedule -> run -> postprocess) is the engine's: `open_batch()` gives a continuous batch
+(engine/batch.py) that sequences join, and `step(batch)` runs its next prefill chunk and decode rows, samples, then
+hands the step's routing statistics to the runtime's controller (or, with a static map, to `hotness` when one
+is set). `run(**inputs)` is the same step for a forward of the caller's own inputs (teacher-forced evaluation,
+lm-eval). The routing statistics are one [L, E] buffer pair the MoE layers write into (each bank's counters are
+its row), read and reset once per step. A forward the engine does not run (a user's own `engine.model(...)`)
+only adds to the next step's statistics.
 """
 from __future__ import annotations
 
+import sys
+import traceback
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +42,18 @@ class Engine:
     sizes: object | None = None  # runtime.budget.SizedReader: each precision's bytes per expert resident here
     dense_plan: dict = field(default_factory=dict)  # non-expert matrix -> Precision (the others as loaded)
     recorder: object | None = None  # trace.RoutingRecorder while `record_routing` records
+    hotness: object | None = None  # runtime.hotness.Hotness fed by every step when no runtime runs (a dashboard's)
+    errors: Counter = field(default_factory=Counter)  # controller steps that failed (no sequence failed with them)
+
+    def __post_init__(self):
+        """The banks' routing counters become rows of one [L, E] pair, so a step reads and resets them at once."""
+        layers = sorted(self.banks)
+        E = len(self.banks[layers[0]].versions) if layers else 0
+        dev = self.banks[layers[0]].token_counts.device if layers else "cpu"
+        self._counts = torch.zeros(len(layers), E, dtype=torch.int64, device=dev)  # [L, E] routed tokens
+        self._mass = torch.zeros(len(layers), E, dtype=torch.float32, device=dev)  # [L, E] routed probability mass
+        for i, layer in enumerate(layers):
+            self.banks[layer].token_counts, self.banks[layer].routed_mass = self._counts[i], self._mass[i]
 
     def record_routing(self, path) -> None:
         """Record every forward's routing from now on (generate, the server's batches) into the routing trace
@@ -76,8 +98,18 @@ class Engine:
         return dict(held)
 
     def take_routing_stats(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Per MoE layer: (token counts [E], routed probability mass [E]) since the last call."""
-        return {layer: bank.take_stats() for layer, bank in self.banks.items()}
+        """Per MoE layer: (token counts [E], routed probability mass [E]) since the last call (or step)."""
+        counts, mass = self._counts.clone(), self._mass.clone()
+        self._counts.zero_()
+        self._mass.zero_()
+        return {layer: (counts[i], mass[i]) for i, layer in enumerate(sorted(self.banks))}
+
+    def step_stats(self) -> dict:
+        """{layer: (routed tokens, routed mass [E])} since the last step, every counter reset."""
+        stats = {layer: (self.banks[layer].routed_tokens, mass) for layer, (_, mass) in self.take_routing_stats().items()}
+        for bank in self.banks.values():
+            bank.routed_tokens = 0
+        return stats
 
     def apply(self, plan: dict, progress: bool = False) -> int:
         """Publish, for every (layer, expert) whose precision differs, the planned version read from the store;
@@ -122,11 +154,42 @@ class Engine:
         finally:
             cache.collect = None
 
+    def open_batch(self, max_batch: int = 8, prefill_chunk: int = 128):
+        """A continuous batch (engine/batch.py BatchDecoder) for `step` to run; sequences join it with `add`."""
+        from dynaexq.engine.batch import BatchDecoder
+        return BatchDecoder(self.model, max_batch, prefill_chunk, faults=self.faults, recorder=self.recorder)
+
+    def step(self, batch) -> list:
+        """One engine step: the batch's next prefill chunk and decode rows, sampled, then the controller's part
+        (`after_step`) -> the sequences that got a token or finished. If the forward raises, the exception
+        propagates (its sequences are the caller's to fail); a controller that raises fails no sequence: the
+        step's tokens stand, the failure is printed and counted in `errors["after_step"]`."""
+        touched = batch.step()
+        self._guarded_after_step()
+        return touched
+
+    def run(self, call=None, **inputs):
+        """One forward of the caller's own inputs (`engine.model(**inputs)`, or `call()` for a caller that runs the
+        model itself, e.g. lm-eval's generate) as an engine step -> its output."""
+        out = call() if call is not None else self.model(**inputs)
+        self._guarded_after_step()
+        return out
+
+    def _guarded_after_step(self) -> None:
+        try:
+            self.after_step()
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            self.errors["after_step"] += 1
+
     def after_step(self) -> None:
-        """Call after each forward step you drive yourself (generate, the server and the eval streams do): with
-        the dynamic runtime, its controller sees the step's routing and decides when due; otherwise nothing."""
+        """The controller's part of a step (`step` and `run` call it): the step's routing statistics go to the
+        runtime's controller (hotness, then a decision when one is due), or to `hotness` with a static map."""
+        stats = self.step_stats()
         if self.runtime is not None:
-            self.runtime.after_step()
+            self.runtime.on_step(stats)
+        elif self.hotness is not None:
+            self.hotness.update(stats)
 
     @torch.inference_mode()
     def routing_mass(self, windows: torch.Tensor, batch: int = 8, progress: bool = False) -> dict:
@@ -140,7 +203,7 @@ class Engine:
                  top_k: int = 0, seed: int | None = None, on_text=None) -> str:
         """Sample a continuation of `prompt` with the server's sampler (the same seed gives the same text here
         and from `dynaexq serve`); `on_text(delta)` receives the text as it is generated."""
-        from dynaexq.engine.batch import BatchDecoder, SamplingParams, Sequence, stop_token_ids
+        from dynaexq.engine.batch import SamplingParams, Sequence, stop_token_ids
 
         if self.tokenizer is None:
             raise UserError("this model has no tokenizer files (tokenizer.json / tokenizer_config.json); "
@@ -155,12 +218,11 @@ class Engine:
             raise UserError("the prompt is empty after tokenization; give some text")
         context = getattr(self.model.config, "max_position_embeddings", None)
         seq = Sequence(ids, params, self.tokenizer, stop_token_ids(self.model, self.tokenizer), context)
-        decoder = BatchDecoder(self.model, max_batch=1, faults=self.faults, recorder=self.recorder)
-        decoder.add(seq)
+        batch = self.open_batch(max_batch=1)
+        batch.add(seq)
         self.use_threads()
         while not seq.finished:
-            decoder.step()
-            self.after_step()
+            self.step(batch)
             delta = seq.delta()
             if delta and on_text is not None:
                 on_text(delta)

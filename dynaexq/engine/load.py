@@ -5,9 +5,8 @@
    prepared from that very checkpoint.
 2. Plan: the policy gives each (layer, expert) a precision; with `expert_budget`, a plan whose
    measured bytes exceed it is refused, naming the bytes it needs.
-3. Build: the transformers class of the architecture, with its `<Arch>Experts` class swapped for
-   ExpertBank while `from_pretrained` runs on the store directory, so the fused bf16 expert tensors
-   are never materialized and every non-expert weight, buffer and tie is transformers' own.
+3. Build (engine/model.py): the transformers class of the architecture, with its `<Arch>Experts` class
+   swapped for ExpertBank while `from_pretrained` runs on the store directory.
 4. Publish every expert's planned version into its bank.
 """
 from __future__ import annotations
@@ -17,18 +16,16 @@ import hashlib
 import json
 import os
 import sys
-import threading
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from dynaexq.arch import get_arch
-from dynaexq.bank import ExpertBank
-from dynaexq.demo import BUNDLED
-from dynaexq.engine import attention, auto, norm
+from dynaexq.engine import auto
+from dynaexq.engine.calibrate import prepare_store
 from dynaexq.engine.dynamic import start_runtime
-from dynaexq.engine.engine import Engine, read_text, text_windows
+from dynaexq.engine.engine import Engine
+from dynaexq.engine.model import banks_of, build_model, calibration_files, calibration_tokens, load_tokenizer
 from dynaexq.errors import UserError
 from dynaexq.quant.dense import apply_plan, native_floats
 from dynaexq.runtime.budget import SizedReader
@@ -41,10 +38,6 @@ from dynaexq.sizes import format_size, parse_size
 from dynaexq.store import layout
 from dynaexq.store.checkpoint import Checkpoint
 from dynaexq.store.reader import StoreReader
-
-_PATCH_LOCK = threading.Lock()
-DEFAULT_CORPUS = BUNDLED / "calibration"  # generic calibration text for models that ship none (see its model card)
-
 
 def cache_root() -> Path:
     return Path(os.environ.get("DYNAEXQ_CACHE", Path.home() / ".cache" / "dynaexq"))
@@ -69,8 +62,6 @@ def resolve_store(path, store=None, progress: bool = True) -> Path:
                                        sort_keys=True).encode()).hexdigest()[:16]
     target = cache_root() / "stores" / f"{path.resolve().name}-{digest}"
     if not layout.is_store(target):
-        from dynaexq.engine.calibrate import prepare_store
-
         print(f"dynaexq: preparing {path} into the store {target} (once; later loads reuse it)", file=sys.stderr)
         prepare_store(path, target, progress=progress)
     return target
@@ -286,7 +277,7 @@ def _empty_engine(reader, planner, device, backend, dtype, dense_plan: dict) -> 
     matrices at `dense_plan` ({module name: Precision}; the others as loaded)."""
     arch = get_arch(reader.manifest["config"])
     dtype = dtype or getattr(torch, reader.manifest["source_dtype"])
-    model = _build_model(reader.path, arch, dtype, device)
+    model = build_model(reader.path, arch, dtype, device)
     if dense_plan and device.type != "cpu" and backend == "cpu":
         raise UserError(f"the non-expert matrices' kernels run where the model runs; {device} with the cpu backend")
     apply_plan(model, reader, dense_plan, backend)
@@ -296,65 +287,3 @@ def _empty_engine(reader, planner, device, backend, dtype, dense_plan: dict) -> 
     assert sorted(banks) == sorted(reader.layers), (sorted(banks), reader.layers)
     return Engine(model=model, tokenizer=load_tokenizer(reader.path), reader=reader, banks=banks,
                   policy=str(planner), plan={}, backend=backend, dtype=dtype, dense_plan=dict(dense_plan))
-
-
-def banks_of(model) -> dict:
-    """{MoE layer: its ExpertBank}, each told its layer."""
-    banks = {}
-    for name, module in model.named_modules():
-        if isinstance(module, ExpertBank):
-            module.layer = _layer_of(name)
-            module.take_stats()  # from_pretrained allocates buffers without running __init__'s zeros
-            banks[module.layer] = module
-    return banks
-
-
-def calibration_tokens(tokenizer, files, n: int, length: int) -> torch.Tensor:
-    """n windows of `length` tokens, split evenly over the calibration files -> [n', length]."""
-    per_file = -(-n // len(files))
-    return torch.cat([text_windows(tokenizer, read_text(f), per_file, length, f"calibration text {str(f)!r}")
-                      for f in files])
-
-
-def calibration_files(path, reader, given) -> list[Path]:
-    if given:  # FILE or NAME=FILE (the name is informational, as in eval's --data)
-        files = [Path(f) if Path(f).is_file() or "=" not in f else Path(f.partition("=")[2]) for f in given]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise UserError(f"calibration text(s) {missing} do not exist; give UTF-8 text files")
-        return files
-    dirs = [Path(path)] + ([Path(reader.manifest["source"]["path"]), reader.path] if reader is not None else [])
-    for d in dirs:
-        files = sorted((d / "calibration").glob("*.txt"))
-        if files:
-            return files
-    return sorted(DEFAULT_CORPUS.glob("*.txt"))  # the model ships none: dynaexq's own (code, prose, dictionary)
-
-
-def _build_model(store_dir: Path, arch, dtype, device):
-    module = arch.modeling_module()
-    bank_cls = type(arch.experts_class, (ExpertBank,), {
-        "__init__": lambda self, config, *a, **k: ExpertBank.__init__(self, config, arch.num_experts(config), arch.glu)})
-    with _PATCH_LOCK:
-        original = getattr(module, arch.experts_class)
-        setattr(module, arch.experts_class, bank_cls)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(store_dir), dtype=dtype,
-                                                         device_map=None if device.type == "cpu" else device)
-        finally:
-            setattr(module, arch.experts_class, original)
-    attention.install(model)  # decode steps over the SlotCache read keys and values in place
-    norm.install(model)  # RMSNorms as one native call
-    return model.eval()
-
-
-def _layer_of(module_name: str) -> int:
-    parts = module_name.split(".")
-    return int(parts[parts.index("layers") + 1])
-
-
-def load_tokenizer(path: Path):
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(path))

@@ -82,9 +82,8 @@ class OffloadRuntime:
     hooks: list = field(default_factory=list)
     regime: str = "offload"
 
-    def after_step(self) -> None:
-        from dynaexq.engine.dynamic import step_stats
-        self.controller.on_step(step_stats(self.banks))
+    def on_step(self, stats: dict) -> None:
+        self.controller.on_step(stats)
 
     def stats(self) -> dict:
         c, r = self.controller, self.cache.report()
@@ -175,8 +174,7 @@ def start_offload(engine, planner, slot_bytes: dict, expert_budget: int, config,
         rt.hooks = install_lookahead(engine, cache)
     for bank in engine.banks.values():
         bank.table, bank.cache = table, cache
-        bank.take_stats()
-        bank.routed_tokens = 0
+    engine.step_stats()  # the warm fill's statistics are not the run's
     rt.check(quiescent=False)
     engine.runtime = rt
     return rt

@@ -1,15 +1,16 @@
 """Scheduler: the one thread that runs the model for concurrent requests.
 
-`submit(prompt_ids, params, on_event)` admits a request (bounded: at most `max_batch` running plus `max_queue`
-waiting, else `QueueFull`), and the scheduler thread loops: apply cancellations and newcomers, run one
-`BatchDecoder.step()`, hand every touched sequence's new text to its `on_event(seq, delta)` (called on the
-scheduler thread: it must be quick, e.g. `loop.call_soon_threadsafe`). `on_step(info)` is called after each step
-with {"batch": rows decoded (0 for a prefill-only step), "seconds": step time}; it runs on this thread, between
-forwards, so it may read the banks' routing statistics. Every part of the loop is guarded: a step that raises
-fails the sequences in it (their `finish_reason` becomes "error", with the message in `seq.error`); a failing
-controller step (`engine.after_step`) or `on_step` fails none (the step's tokens are computed) and is counted in
-`errors`; a callback that raises stops only its own sequence. If the thread ever ends for another reason, every
-sequence it holds fails, `stopped` says why and `submit` raises `Unavailable`.
+It keeps the queues, cancellations and callbacks; the step is the engine's. `submit(prompt_ids, params,
+on_event)` admits a request (bounded: at most `max_batch` running plus `max_queue` waiting, else `QueueFull`),
+and the scheduler thread loops: apply cancellations and newcomers to the engine's batch, run one
+`engine.step(batch)`, hand every touched sequence's new text to its `on_event(seq, delta)` (called on the scheduler
+thread: it must be quick, e.g. `loop.call_soon_threadsafe`). `on_step(info)` is called after each step with
+{"batch": rows decoded (0 for a prefill-only step), "seconds": step time}; it runs on this thread, between
+forwards. Every part of the loop is guarded: a step that raises fails the sequences in it (their
+`finish_reason` becomes "error", with the message in `seq.error`); a failing controller step (counted by the
+engine, `engine.errors`) or `on_step` fails none (the step's tokens are computed) and is counted in `errors`; a
+callback that raises stops only its own sequence. If the thread ever ends for another reason, every sequence it
+holds fails, `stopped` says why and `submit` raises `Unavailable`.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import time
 import traceback
 from collections import Counter, deque
 
-from dynaexq.engine.batch import BatchDecoder, SamplingParams, Sequence, stop_token_ids
+from dynaexq.engine.batch import SamplingParams, Sequence, stop_token_ids
 
 
 class QueueFull(Exception):
@@ -34,8 +35,7 @@ class Scheduler:
     def __init__(self, engine, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 128, on_step=None,
                  context: int | None = None):
         self.engine, self.max_queue, self.on_step = engine, max_queue, on_step
-        self.decoder = BatchDecoder(engine.model, max_batch, prefill_chunk, faults=engine.faults,
-                                    recorder=engine.recorder)
+        self.decoder = engine.open_batch(max_batch, prefill_chunk)
         self.max_batch = self.decoder.max_batch
         self.context = context or getattr(engine.model.config, "max_position_embeddings", None)  # stops there
         self.stop_ids = {chat: stop_token_ids(engine.model, engine.tokenizer, chat) for chat in (False, True)}
@@ -46,7 +46,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closed = False
         self.stopped: str | None = None  # why the scheduler thread ended (None while it runs)
-        self.errors: Counter = Counter()  # failures caught per part of a step (step, after_step, on_step, ...)
+        self.errors: Counter = Counter()  # failures caught per part of a step (step, on_step, callback, add)
         self._thread = threading.Thread(target=self._loop, name="dynaexq-scheduler", daemon=True)
         self._thread.start()
 
@@ -130,7 +130,7 @@ class Scheduler:
     def _step(self) -> None:
         t0 = time.perf_counter()
         try:
-            touched = self.decoder.step()
+            touched = self.engine.step(self.decoder)  # the controller's part is guarded inside: engine.errors
         except Exception as err:  # a failing step must not take the server down: fail its sequences
             traceback.print_exc(file=sys.stderr)
             self.errors["step"] += 1
@@ -143,8 +143,6 @@ class Scheduler:
                 self._fail(seq, f"generation failed: {type(err).__name__}: {err}")
             return
         self.steps += 1
-        # the tokens of this step are computed: a failing controller or metrics hook concerns no request
-        self._guarded("after_step", self.engine.after_step)  # the runtime's controller: hotness, decisions
         if self.on_step is not None:
             self._guarded("on_step", self.on_step, {"batch": self.decoder.decoded,
                                                     "seconds": time.perf_counter() - t0})

@@ -10,7 +10,7 @@ windows: perplexity, mean KL(reference || policy) per token and top-1 agreement 
 bytes actually resident afterwards (measured on the published versions).
 Runtime policies (dynaexq, multilevel, frozen, the offload baselines) start the runtime on the same engine
 (warm-started from the calibration texts, as `load` does) and stream each window in steps of `step_tokens` with a
-KV cache, the controller stepping after each (`engine.after_step`), as the decode loop and the server drive it;
+KV cache, each chunk one engine step (`engine.run`: the controller steps after it), as in decoding and serving;
 their transitions run live and each window is scored on whatever the runtime had published when it read it.
 """
 from __future__ import annotations
@@ -31,8 +31,8 @@ from transformers import DynamicCache
 from dynaexq.engine.dynamic import start_runtime, stop_runtime
 from dynaexq.engine.engine import read_text, text_windows
 from dynaexq.engine.kv_cache import SlotCache
-from dynaexq.engine.load import (calibration_files, calibration_tokens, load, load_tokenizer, resident_sizes,
-                                 resolve_store)
+from dynaexq.engine.load import load, resident_sizes, resolve_store
+from dynaexq.engine.model import calibration_files, calibration_tokens, load_tokenizer
 from dynaexq.errors import UserError
 from dynaexq.quant.dense import apply_plan, restore
 from dynaexq.runtime.controller import RuntimeConfig
@@ -61,10 +61,9 @@ def stream_logits(engine, x: torch.Tensor, step_tokens: int) -> torch.Tensor:
         chunk = x[:, s:s + step_tokens]
         if slots:
             cache.select(0, x.shape[0], chunk.shape[1])
-        chunks.append(engine.model(input_ids=chunk, past_key_values=cache, use_cache=True).logits)
+        chunks.append(engine.run(input_ids=chunk, past_key_values=cache, use_cache=True).logits)
         if slots:
             cache.advance(chunk.shape[1])
-        engine.after_step()
     return torch.cat(chunks, 1)
 
 

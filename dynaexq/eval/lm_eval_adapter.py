@@ -12,7 +12,7 @@ local JSONL task:
     doc_to_target: "{{text}}"
     metric_list: [{metric: word_perplexity}, {metric: bits_per_byte}]
 
-With a runtime policy every forward lm-eval makes is one engine step (`engine.after_step()`: the controller sees
+With a runtime policy every forward lm-eval makes is one engine step (`engine.run`: the controller sees
 its routing and decides when due), as in the decode loop and the server; a generation task's `generate` call is
 one step however many tokens it makes.
 """
@@ -32,14 +32,10 @@ def as_lm(engine, batch_size: int = 8, max_length: int | None = None):
 
     class EngineLM(HFLM):  # each forward (and each generate call) is one engine step
         def _model_call(self, *args, **kwargs):
-            out = super()._model_call(*args, **kwargs)
-            engine.after_step()
-            return out
+            return engine.run(call=lambda: super(EngineLM, self)._model_call(*args, **kwargs))
 
         def _model_generate(self, *args, **kwargs):
-            out = super()._model_generate(*args, **kwargs)
-            engine.after_step()
-            return out
+            return engine.run(call=lambda: super(EngineLM, self)._model_generate(*args, **kwargs))
 
     return EngineLM(pretrained=engine.model, tokenizer=engine.tokenizer, batch_size=batch_size, max_length=max_length)
 

@@ -8,7 +8,7 @@ A stream is a list of phases, each a block of evaluation windows of one domain:
             errors alone, experts in index order);
   steady    the same stream, warm-started from all calibration texts: does it settle at the oracle, and stay?
 Each window is streamed through the model in steps of `step_tokens` tokens with a KV cache (the logits equal one
-full-window forward); after every step the engine's `after_step()` hands the routing to the controller, as the
+full-window forward); every step is an engine step (`engine.run`: the routing goes to the controller), as the
 decode loop and the server do. Runtime policies (dynaexq, multilevel, frozen) start the runtime on the
 evaluation's engine and run with their transitions live in the background; static policies publish their map
 once. A policy may name its warm start (runtime) or calibration (static calibrated policies): `SPEC@NAME` uses

@@ -67,7 +67,9 @@ class Server:
             raise UserError(f"--max-model-len must be in [2, {limit}] (the model's maximum), got "
                             f"{config.max_model_len}")
         self.context = config.max_model_len or limit
-        self.hotness = None if engine.runtime else Hotness(engine.reader.layers, engine.reader.num_experts)
+        if engine.runtime is None and engine.hotness is None:  # static map: every step feeds the same EMA the
+            engine.hotness = Hotness(engine.reader.layers, engine.reader.num_experts)  # controller would keep
+        self.hotness = None if engine.runtime else engine.hotness
         self.started, self.created = time.monotonic(), int(time.time())
         self.scheduler = Scheduler(engine, config.max_batch, config.max_queue, config.prefill_chunk, self._on_step,
                                    context=self.context)
@@ -84,12 +86,6 @@ class Server:
         if info["batch"]:
             self.metrics.batch.observe(info["batch"])
         self.metrics.step.observe(info["seconds"])
-        if self.hotness is not None:  # static map: keep the same EMA the controller would
-            stats = {}
-            for layer, bank in self.engine.banks.items():
-                stats[layer] = (bank.routed_tokens, bank.take_stats()[1])
-                bank.routed_tokens = 0
-            self.hotness.update(stats)
 
     # --- one request -------------------------------------------------------------------------------------------
     def prepare(self, req, prompt_ids: list[int], chat: bool) -> SamplingParams:

@@ -108,8 +108,9 @@ class _ExpertCollector:
         errors = CounterMetricFamily("dynaexq_scheduler_errors", "failures caught in the scheduler loop, by where "
                                      "(step: its sequences failed; after_step, on_step: no request failed; callback, "
                                      "add: one request failed)", labels=["where"])
+        caught = self.scheduler.errors + self.engine.errors  # the controller's failures are the engine's
         for where in ("step", "after_step", "on_step", "callback", "add"):
-            errors.add_metric([where], self.scheduler.errors[where])
+            errors.add_metric([where], caught[where])
         yield errors
 
 

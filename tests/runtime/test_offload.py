@@ -57,8 +57,7 @@ def _steps(eng, n, seed, vocab=128):
     with torch.no_grad():
         for _ in range(n):
             t = int(torch.randint(1, 13, (1,), generator=g))
-            eng.model(input_ids=torch.randint(0, vocab, (1, t), generator=g))
-            eng.after_step()
+            eng.run(input_ids=torch.randint(0, vocab, (1, t), generator=g))
 
 
 def _float64(reader, layer, read, hidden, idx, w):

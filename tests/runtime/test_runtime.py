@@ -336,7 +336,7 @@ def test_a_half_life_in_tokens_weighs_each_step_by_its_evidence():
         Hotness([0], 4, half_life=-1)
 
 
-def test_the_controller_runs_from_after_step_not_from_a_forward(engine):
+def test_the_controller_runs_from_the_engine_step_not_from_a_forward(engine):
     rt = start(engine, "dynaexq:hi=int8,lo=int2", update_every=1)
     try:
         ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -345,9 +345,16 @@ def test_the_controller_runs_from_after_step_not_from_a_forward(engine):
             engine.model(input_ids=ids[:, :5])
         assert rt.controller.steps == 0 and rt.controller.decisions == 0
         counts = {layer: bank.token_counts.clone() for layer, bank in engine.banks.items()}
-        engine.after_step()  # one step: the routing of both forwards, 2 x 12 + 2 x 5 tokens
-        assert rt.controller.steps == 1 and rt.controller.decisions == 1 and rt.controller.tokens == 34
         assert all(int(c.sum()) == 34 * engine.model.config.num_experts_per_tok for c in counts.values())
+        seen = []
+        real = rt.controller.on_step
+        rt.controller.on_step = lambda stats: (seen.append(stats), real(stats))
+        with torch.inference_mode():  # one step: the routing of all three forwards, 2 x (12 + 5 + 3) tokens
+            engine.run(input_ids=ids[:, :3])
+        assert rt.controller.steps == 1 and rt.controller.decisions == 1 and rt.controller.tokens == 40
+        (stats,) = seen  # each layer's routed mass: 1 per token (the router renormalizes its top-k weights)
+        assert engine.model.config.norm_topk_prob and sorted(stats) == sorted(engine.banks)
+        assert all(stats[layer][0] == 40 and abs(float(stats[layer][1].sum()) - 40) < 1e-3 for layer in stats)
         assert all(int(bank.token_counts.sum()) == 0 for bank in engine.banks.values())
     finally:
         engine.close()

@@ -70,7 +70,7 @@ def test_each_experts_moments_are_its_routed_inputs_pooled_with_the_layer(tiny, 
     seen = _capture(monkeypatch)
     store = prepare_store(ck, tmp_path / "st", ["bf16", "int4", "int2"], [str(text)], windows=4, window_tokens=32,
                           progress=False)
-    from dynaexq.engine.load import calibration_tokens, load_tokenizer
+    from dynaexq.engine.model import calibration_tokens, load_tokenizer
     ids = calibration_tokens(load_tokenizer(ck), [text], 4, 32)
     ref = _reference_moments(ck, ids)
     for layer in (0, 1):  # layer 1's inputs come through layer 0 as the calibration pass computed it
