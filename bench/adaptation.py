@@ -25,11 +25,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import wait_for_quiet  # noqa: E402
 
+from dynaexq.config import RuntimeConfig  # noqa: E402
 from dynaexq.demo import default_model  # noqa: E402
-from dynaexq.eval.harness import Evaluation, parse_data  # noqa: E402
 from dynaexq.engine.dynamic import measure  # noqa: E402
+from dynaexq.eval.harness import Evaluation, parse_data  # noqa: E402
 from dynaexq.eval.shift import default_policies, parse_spec, phases, run_shift, stream_phase  # noqa: E402
-from dynaexq.runtime.controller import RuntimeConfig  # noqa: E402
 from dynaexq.runtime.planners import resolve_budget  # noqa: E402
 from dynaexq.runtime.planners.dynamic import _swaps  # noqa: E402
 

@@ -152,7 +152,7 @@ def main(argv=None):
     from dynaexq.engine.engine import read_text, text_windows
     from dynaexq.errors import UserError
     from dynaexq.quant.precision import Precision
-    from dynaexq.runtime.controller import RuntimeConfig
+    from dynaexq.config import RuntimeConfig
     from dynaexq.runtime.planners import parse_policy
 
     config = RuntimeConfig(update_every_tokens=args.update_every_tokens)

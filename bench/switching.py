@@ -39,11 +39,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CpuLoad  # noqa: E402
 
+from dynaexq.config import RuntimeConfig  # noqa: E402
 from dynaexq.demo import default_model  # noqa: E402
 from dynaexq.engine.dynamic import start_runtime, stop_runtime  # noqa: E402
 from dynaexq.engine.load import load  # noqa: E402
 from dynaexq.engine.model import calibration_files, calibration_tokens  # noqa: E402
-from dynaexq.runtime.controller import RuntimeConfig  # noqa: E402
 from dynaexq.runtime.planners import parse_policy, resolve_budget  # noqa: E402
 
 MODES = {"static": ("frozen:hi=int8,lo=int2", False), "live": ("dynaexq:hi=int8,lo=int2", False),

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from dynaexq.config import POLICY  # noqa: E402  (light: the defaults)
 from dynaexq.errors import UserError  # noqa: E402  (light: the error every user-fixable problem raises)
 
 
-def load(path, policy="auto", expert_budget=None, **kwargs):
+def load(path, policy=POLICY, expert_budget=None, **kwargs):
     """Load a checkpoint directory (prepared into a cached store on first use) or a store -> Engine.
 
     policy: "auto" (default: the checkpoint's own precision when the whole model fits the memory the machine can

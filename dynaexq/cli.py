@@ -12,7 +12,9 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from dynaexq.cli_export import add_export_parser
 from dynaexq.cli_trace import add_trace_parser
+from dynaexq.config import CALIBRATION_WINDOWS, EVAL_WINDOWS, POLICY, VERIFY, WINDOW_TOKENS
 from dynaexq.errors import UserError
 from dynaexq.quant.precision import DEFAULT_PRECISIONS
 
@@ -35,7 +37,7 @@ def cmd_prepare(args) -> int:
 
 
 def _runtime_config(args):
-    from dynaexq.runtime.controller import RuntimeConfig
+    from dynaexq.config import RuntimeConfig
 
     return _config(args, RuntimeConfig)
 
@@ -47,7 +49,7 @@ def _config(args, cls):
 
 
 def add_runtime_flags(parser, defaults=None) -> None:
-    from dynaexq.runtime.controller import RuntimeConfig
+    from dynaexq.config import RuntimeConfig
 
     add_config_flags(parser.add_argument_group("runtime policies (dynaexq, multilevel, frozen)"),
                      defaults or RuntimeConfig())
@@ -71,7 +73,7 @@ def cmd_serve(args) -> int:
 
     import dynaexq
     from dynaexq.serve.app import create_app
-    from dynaexq.serve.config import ServeConfig
+    from dynaexq.config import ServeConfig
 
     config = _config(args, ServeConfig) or ServeConfig()
     if args.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
@@ -153,7 +155,8 @@ def cmd_eval(args) -> int:
                            args.window_tokens, args.calibration, args.calibration_windows, progress=not args.json,
                            store=args.store, dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense,
                            config=_runtime_config(args), step_tokens=args.step_tokens or harness.STEP_TOKENS,
-                           device=args.device, weight_budgets=args.weight_budget, read_budget=args.read_budget)
+                           device=args.device, weight_budgets=args.weight_budget, read_budget=args.read_budget,
+                           record_routing=args.record_routing)
     print(report.table(out), file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(out))
@@ -185,7 +188,7 @@ def _sweep(args) -> int:
     args.store = harness.check_plans(model, [harness.parse_policy(p) for p in policies], budgets, args.store)
     ev = harness.Evaluation(model, data, args.windows, args.window_tokens, args.calibration, args.calibration_windows,
                             store=args.store, dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense,
-                            device=args.device)
+                            device=args.device, record_routing=args.record_routing)
     try:
         budgets = ([harness.resolve_budget(b, ev.reader) for b in args.expert_budget] if args.expert_budget
                    else report.sweep_budgets(ev.reader))
@@ -215,7 +218,7 @@ def _sweep(args) -> int:
 
 def _shift(args) -> int:
     from dynaexq.eval import shift
-    from dynaexq.runtime.controller import RuntimeConfig
+    from dynaexq.config import RuntimeConfig
 
     if args.sweep:
         raise UserError(f"--sweep and --scenario {args.scenario} are separate runs; give one of them")
@@ -224,7 +227,7 @@ def _shift(args) -> int:
                                args.window_tokens, args.calibration, args.calibration_windows, args.repeats,
                                args.step_tokens or 32, config, progress=not args.json, store=args.store,
                                dtype=_dtype(args.dtype), verify=args.verify, scenario=args.scenario,
-                               dense=args.dense, device=args.device)
+                               dense=args.dense, device=args.device, record_routing=args.record_routing)
     print(shift.table(out["results"]), file=sys.stderr if args.json else sys.stdout)
     if args.plot:
         paths = shift.write_outputs(out, Path(args.out or f"eval-{args.scenario}"))
@@ -306,7 +309,7 @@ def _threads(args) -> int | None:
 
 
 def _add_verify(parser) -> None:
-    parser.add_argument("--verify", default="lazy", choices=["lazy", "full", "off"], help="store integrity at load: "
+    parser.add_argument("--verify", default=VERIFY, choices=["lazy", "full", "off"], help="store integrity at load: "
                         "lazy = shard sizes and sampled hashes now, each expert's digest on its first read; full = "
                         "sha256 of every shard now (slow on big stores); off (default: %(default)s)")
 
@@ -324,8 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--calibration", nargs="+", action="extend", metavar="[NAME=]FILE", help="text whose tokens "
                     "each expert is quantized against (GPTQ on the inputs routed to it; default: the model's "
                     "calibration/*.txt, else dynaexq's own corpus; 'none': weight error only)")
-    sp.add_argument("--calibration-windows", type=int, default=128, help="windows of 256 tokens of calibration "
-                    "text, run in one forward pass (default: %(default)s)")
+    sp.add_argument("--calibration-windows", type=int, default=CALIBRATION_WINDOWS, help=f"windows of "
+                    f"{WINDOW_TOKENS} tokens of calibration text, run in one forward pass (default: %(default)s)")
     sp.set_defaults(fn=cmd_prepare)
 
     sg = sub.add_parser("generate", help="generate text, streaming tokens to the terminal")
@@ -335,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(sg)
     _add_threads(sg)
     _add_device(sg)
-    sg.add_argument("--policy", default="auto", help="auto (fit this machine: the checkpoint's own precision when "
+    sg.add_argument("--policy", default=POLICY, help="auto (fit this machine: the checkpoint's own precision when "
                     "everything fits the memory available, else the multilevel runtime within it; --budget / "
                     "--expert-budget replace the machine's figure) | uniform:<precision> | map:<file.json> | calibrated"
                     "[:hi=int8,lo=int2] | calibrated-multilevel | runtime policies: dynaexq[:hi=int8,lo=int2,"
@@ -378,10 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--calibration", nargs="+", action="extend", metavar="[NAME=]FILE", help="calibration texts for "
                     "the calibrated "
                     "policies (default: the model's calibration/*.txt, never its eval texts)")
-    se.add_argument("--calibration-windows", type=int, default=128, help="windows of --window-tokens read from the "
+    se.add_argument("--calibration-windows", type=int, default=CALIBRATION_WINDOWS, help="windows of --window-tokens read from the "
                     "calibration texts (default: %(default)s)")
-    se.add_argument("--windows", type=int, default=16, help="windows per domain (default: %(default)s)")
-    se.add_argument("--window-tokens", type=int, default=256, help="tokens per window (default: %(default)s)")
+    se.add_argument("--windows", type=int, default=EVAL_WINDOWS, help="windows per domain (default: %(default)s)")
+    se.add_argument("--window-tokens", type=int, default=WINDOW_TOKENS, help="tokens per window (default: %(default)s)")
     se.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "model"],
                     help="compute dtype of the non-expert weights and activations (default: %(default)s; 'model' = "
                     "the checkpoint's own); expert kernels keep theirs")
@@ -402,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--plot", action="store_true", help="scenarios: write SCENARIO.png (KL vs tokens streamed), "
                     ".md and .json to --out")
     add_runtime_flags(se)
+    se.add_argument("--record-routing", metavar="FILE.npz", help="record the routing of the reference pass (the "
+                    "model at its own precision over every eval window, one sequence per window) into this routing "
+                    "trace; replay it with `dynaexq trace replay`")
     se.add_argument("--json", action="store_true", help="print the report as one JSON object on the last stdout line")
     se.set_defaults(fn=cmd_eval)
 
@@ -413,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(sl)
     _add_threads(sl)
     _add_device(sl)
-    sl.add_argument("--policy", default="auto", help="precision policy, as for generate (default: %(default)s)")
+    sl.add_argument("--policy", default=POLICY, help="precision policy, as for generate (default: %(default)s)")
     sl.add_argument("--expert-budget", help="bytes for expert weights or a precision name")
     sl.add_argument("--calibration", nargs="+", action="extend", metavar="[NAME=]FILE",
                     help="calibration texts for calibrated policies")
@@ -431,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(sv)
     _add_threads(sv)
     _add_device(sv)
-    sv.add_argument("--policy", default="auto", help="precision policy, as for generate; the runtime "
+    sv.add_argument("--policy", default=POLICY, help="precision policy, as for generate; the runtime "
                     "policies (dynaexq, multilevel) learn from the served traffic (default: %(default)s)")
     sv.add_argument("--expert-budget", help="bytes for expert weights, e.g. 20GiB, or a precision name (int3)")
     _add_weight_budget(sv)
@@ -447,12 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dense(sv)
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                     help="uvicorn's log level (default: %(default)s)")
-    from dynaexq.serve.config import ServeConfig
+    from dynaexq.config import ServeConfig
     add_config_flags(sv.add_argument_group("server"), ServeConfig())
     add_runtime_flags(sv)
     sv.set_defaults(fn=cmd_serve)
 
     add_trace_parser(sub)
+    add_export_parser(sub)
 
     si = sub.add_parser("inspect", help="architecture, layers x experts, bytes per precision, store integrity")
     si.add_argument("path", help="store or checkpoint directory")

@@ -15,7 +15,7 @@ def cmd_trace(args) -> int:
         print(f"dynaexq: {len(trace)} token rows x {len(trace.layers)} MoE layers x top-{trace.experts.shape[2]} of "
               f"{trace.num_experts} experts -> {path}", file=sys.stderr)
         return 0
-    from dynaexq.runtime.controller import RuntimeConfig
+    from dynaexq.config import RuntimeConfig
     from dynaexq.runtime.replay import replay, replay_budget, replay_sizes
     from dynaexq.sizes import format_size
     config = RuntimeConfig(half_life_tokens=args.half_life_tokens, update_every_tokens=args.update_every_tokens)

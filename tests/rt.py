@@ -1,9 +1,9 @@
 """Test helpers for the dynamic runtime on a tiny Qwen3-MoE (2 MoE layers x 8 experts)."""
 import torch
 
+from dynaexq.config import RuntimeConfig
 from dynaexq.engine.dynamic import measure, start_runtime
 from dynaexq.quant.precision import Precision as P
-from dynaexq.runtime.controller import RuntimeConfig
 from dynaexq.runtime.planners import parse_policy, resolve_budget
 
 

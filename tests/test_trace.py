@@ -2,15 +2,16 @@
 importers of the public formats (files written here in those formats), a replay against an independent LRU, and a
 recording from generate against transformers' own router outputs."""
 import json
+
 import numpy as np
 import pytest
 import torch
 
 import dynaexq
 from dynaexq.cli import main
+from dynaexq.config import RuntimeConfig
 from dynaexq.errors import UserError
 from dynaexq.quant.precision import Precision
-from dynaexq.runtime.controller import RuntimeConfig
 from dynaexq.runtime.replay import replay, sizes_from_shapes
 from dynaexq.trace import Trace, import_flame, import_route_csv, import_trace
 
@@ -159,6 +160,33 @@ def test_generate_records_the_routing_transformers_computed(bundled_store, tmp_p
     prompt = len(eng.tokenizer("The quick brown fox", add_special_tokens=False)["input_ids"])
     assert t.phase.tolist() == [0] * prompt + [1] * (len(t) - prompt) and set(t.sequence.tolist()) == {0}
     assert np.allclose(np.nansum(t.weights, -1), 1.0, atol=1e-2)  # normalized top-k weights
+
+
+def test_eval_records_the_reference_routing_one_sequence_per_window(bundled_store, tmp_path, monkeypatch, capsys):
+    """`eval --record-routing`: the reference pass's routing, as transformers' routers computed it (a hook on each
+    router, independent of the banks that record), one sequence per window, every token of every window."""
+    from dynaexq.engine.engine import Engine
+
+    seen, real_post = [], Engine.__post_init__
+
+    def hooked(self):  # the routers' own outputs while the reference pass runs
+        real_post(self)
+        for layer in self.model.model.layers:
+            layer.mlp.gate.register_forward_hook(lambda m, a, out: seen.append(out[2].clone()) if self.recorder
+                                                 else None)
+    monkeypatch.setattr(Engine, "__post_init__", hooked)
+    path = tmp_path / "eval.npz"
+    assert main(["eval", "--model", str(bundled_store), "--policy", "uniform:int4", "--windows", "3",
+                 "--window-tokens", "32", "--record-routing", str(path), "--json"]) == 0
+    windows = sum(n for n, _ in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["windows"].values())
+    t = Trace.load(path)
+    L = len(t.layers)
+    want = [torch.cat(seen[i::L]) for i in range(L)]
+    assert len(t) == want[0].shape[0] and len(t) % 32 == 0 and set(t.phase.tolist()) == {0}
+    for i in range(L):
+        assert np.array_equal(t.experts[:, i], want[i].reshape(-1, want[i].shape[-1]).numpy())
+    assert len(t) == 32 * windows and sorted(set(t.sequence.tolist())) == list(range(windows))
+    assert all(np.all(t.sequence[k * 32:(k + 1) * 32] == k) for k in range(windows))  # each window's rows together
 
 
 def test_the_replay_command(tmp_path, capsys):

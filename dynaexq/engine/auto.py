@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from dynaexq.config import RuntimeConfig
 from dynaexq.quant.precision import Precision
-from dynaexq.runtime.controller import RuntimeConfig
 from dynaexq.sizes import format_size, parse_size
 from dynaexq.store import layout
 

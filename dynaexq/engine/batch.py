@@ -28,6 +28,7 @@ import torch
 from transformers import (DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
                           TopPLogitsWarper)
 
+from dynaexq.config import ServeConfig
 from dynaexq.engine.kv_cache import SlotCache
 from dynaexq.quant import lowbit_cpu
 
@@ -201,7 +202,8 @@ def sample_tokens(seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
 
 
 class BatchDecoder:
-    def __init__(self, model, max_batch: int = 8, prefill_chunk: int = 128, faults=None, recorder=None):
+    def __init__(self, model, max_batch: int = ServeConfig.max_batch, prefill_chunk: int = ServeConfig.prefill_chunk,
+                 faults=None, recorder=None):
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
         self.model, self.prefill_chunk = model, prefill_chunk

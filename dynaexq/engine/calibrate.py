@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 
 from dynaexq.arch import get_arch
+from dynaexq.config import CALIBRATION_WINDOWS, WINDOW_TOKENS
 from dynaexq.engine.model import banks_of, build_model, calibration_files, calibration_tokens, load_tokenizer
 from dynaexq.errors import UserError
 from dynaexq.quant.precision import DEFAULT_PRECISIONS
 from dynaexq.store.prepare import PrepareJob, prepare
 
 POOL = 64  # pseudo-tokens of the layer's mean statistics added to each expert's own
-WINDOWS, WINDOW_TOKENS = 128, 256
 
 
 class _Done(Exception):
@@ -96,7 +96,7 @@ def calibration_text(src, given) -> list[Path]:
     return calibration_files(src, None, given)
 
 
-def prepare_store(src, out, precisions=DEFAULT_PRECISIONS, calibration=None, windows: int = WINDOWS,
+def prepare_store(src, out, precisions=DEFAULT_PRECISIONS, calibration=None, windows: int = CALIBRATION_WINDOWS,
                   window_tokens: int = WINDOW_TOKENS, progress: bool = True) -> Path:
     """Checkpoint -> store, calibrated when the checkpoint has a tokenizer and calibration text is at hand."""
     if windows < 1 or window_tokens < 2:

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dynaexq.config import RuntimeConfig
 from dynaexq.errors import UserError
 from dynaexq.runtime.budget import BudgetPlan, split_budget
-from dynaexq.runtime.controller import Controller, RuntimeConfig, initial_assign
+from dynaexq.runtime.controller import Controller, initial_assign
 from dynaexq.runtime.hotness import Hotness
 from dynaexq.runtime.pool import Pools
 from dynaexq.runtime.table import ExpertTable

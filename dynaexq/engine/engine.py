@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dynaexq.config import ServeConfig
 from dynaexq.errors import UserError
 from dynaexq.runtime.version import make_version
 
@@ -67,6 +68,14 @@ class Engine:
                                         int(getattr(config, "num_experts_per_tok", 1)), name, Path(path))
         for bank in self.banks.values():
             bank.recorder = self.recorder
+
+    def stop_recording(self):
+        """Write the routing recorded so far and stop recording -> the trace's path (None when not recording)."""
+        path = self.save_routing()
+        self.recorder = None
+        for bank in self.banks.values():
+            bank.recorder = None
+        return path
 
     def save_routing(self):
         """Write the routing recorded so far (atomically) -> its path, or None when not recording."""
@@ -154,7 +163,7 @@ class Engine:
         finally:
             cache.collect = None
 
-    def open_batch(self, max_batch: int = 8, prefill_chunk: int = 128):
+    def open_batch(self, max_batch: int = ServeConfig.max_batch, prefill_chunk: int = ServeConfig.prefill_chunk):
         """A continuous batch (engine/batch.py BatchDecoder) for `step` to run; sequences join it with `add`."""
         from dynaexq.engine.batch import BatchDecoder
         return BatchDecoder(self.model, max_batch, prefill_chunk, faults=self.faults, recorder=self.recorder)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from dynaexq.arch import get_arch
+from dynaexq.config import CALIBRATION_WINDOWS, POLICY, VERIFY, WINDOW_TOKENS, RuntimeConfig
 from dynaexq.engine import auto
 from dynaexq.engine.calibrate import prepare_store
 from dynaexq.engine.dynamic import start_runtime
@@ -29,11 +30,10 @@ from dynaexq.engine.model import banks_of, build_model, calibration_files, calib
 from dynaexq.errors import UserError
 from dynaexq.quant.dense import apply_plan, native_floats
 from dynaexq.runtime.budget import SizedReader
-from dynaexq.runtime.controller import RuntimeConfig
 from dynaexq.runtime.hotness import Hotness
-from dynaexq.runtime.version import make_version, slot_layout
 from dynaexq.runtime.planners import parse_policy, resolve_budget
 from dynaexq.runtime.planners.weights import manual_plan, plan_dense
+from dynaexq.runtime.version import make_version, slot_layout
 from dynaexq.sizes import format_size, parse_size
 from dynaexq.store import layout
 from dynaexq.store.checkpoint import Checkpoint
@@ -67,9 +67,10 @@ def resolve_store(path, store=None, progress: bool = True) -> Path:
     return target
 
 
-def load(path, policy="auto", expert_budget=None, *, store=None, device="cpu",
-         backend: str | None = None, dtype: torch.dtype | None = None, verify: str = "lazy",
-         progress: bool = True, calibration=None, calibration_windows: int = 128, window_tokens: int = 256,
+def load(path, policy=POLICY, expert_budget=None, *, store=None, device="cpu",
+         backend: str | None = None, dtype: torch.dtype | None = None, verify: str = VERIFY,
+         progress: bool = True, calibration=None, calibration_windows: int = CALIBRATION_WINDOWS,
+         window_tokens: int = WINDOW_TOKENS,
          runtime: RuntimeConfig | None = None, dense: str = "model", threads: int | None = None,
          weight_budget=None, read_budget=None) -> Engine:
     """`policy`: "auto" (fit the machine: engine/auto.py), a static map or a runtime policy (runtime/planners).

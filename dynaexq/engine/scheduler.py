@@ -20,6 +20,7 @@ import time
 import traceback
 from collections import Counter, deque
 
+from dynaexq.config import ServeConfig
 from dynaexq.engine.batch import SamplingParams, Sequence, stop_token_ids
 
 
@@ -32,7 +33,8 @@ class Unavailable(Exception):
 
 
 class Scheduler:
-    def __init__(self, engine, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 128, on_step=None,
+    def __init__(self, engine, max_batch: int = ServeConfig.max_batch, max_queue: int = ServeConfig.max_queue,
+                 prefill_chunk: int = ServeConfig.prefill_chunk, on_step=None,
                  context: int | None = None):
         self.engine, self.max_queue, self.on_step = engine, max_queue, on_step
         self.decoder = engine.open_batch(max_batch, prefill_chunk)

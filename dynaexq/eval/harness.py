@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from transformers import DynamicCache
 
+from dynaexq.config import CALIBRATION_WINDOWS, EVAL_WINDOWS, VERIFY, WINDOW_TOKENS, RuntimeConfig
 from dynaexq.engine.dynamic import start_runtime, stop_runtime
 from dynaexq.engine.engine import read_text, text_windows
 from dynaexq.engine.kv_cache import SlotCache
@@ -35,7 +36,6 @@ from dynaexq.engine.load import load, resident_sizes, resolve_store
 from dynaexq.engine.model import calibration_files, calibration_tokens, load_tokenizer
 from dynaexq.errors import UserError
 from dynaexq.quant.dense import apply_plan, restore
-from dynaexq.runtime.controller import RuntimeConfig
 from dynaexq.runtime.planners import parse_budget, parse_policy, resolve_budget
 from dynaexq.runtime.planners.weights import manual_plan, plan_dense
 from dynaexq.sizes import parse_size
@@ -92,10 +92,10 @@ def parse_data(specs, model_dir: Path, subdir: str = "eval") -> dict[str, Path]:
 class Evaluation:
     """A loaded engine plus the reference outputs on the given windows; `run(policy, budget)` -> one result."""
 
-    def __init__(self, model, data: dict[str, Path], windows: int = 16, window_tokens: int = 256,
-                 calibration=None, calibration_windows: int = 128, batch: int = 8, progress: bool = True,
-                 store=None, dtype: torch.dtype | None = torch.float32, verify: str = "lazy", dense: str = "model",
-                 device="cpu"):
+    def __init__(self, model, data: dict[str, Path], windows: int = EVAL_WINDOWS, window_tokens: int = WINDOW_TOKENS,
+                 calibration=None, calibration_windows: int = CALIBRATION_WINDOWS, batch: int = 8,
+                 progress: bool = True, store=None, dtype: torch.dtype | None = torch.float32, verify: str = VERIFY,
+                 dense: str = "model", device="cpu", record_routing=None):
         if windows <= 0 or window_tokens < 2 or calibration_windows <= 0:
             raise UserError(f"--windows and --calibration-windows must be >= 1 and --window-tokens >= 2 (got "
                             f"{windows}, {calibration_windows}, {window_tokens})")
@@ -124,9 +124,13 @@ class Evaluation:
         self._batches = 0
         self.ref_logp, self.ref_stats = {}, {}
         self.engine.take_routing_stats()
+        if record_routing is not None:  # the reference pass's routing: the model's own on every eval window
+            self.engine.record_routing(record_routing)
         for name, w in self.windows.items():
             self.ref_logp[name] = []
             self.ref_stats[name] = self._score(w, ref=None, store=self.ref_logp[name], desc=f"reference {name}")
+        if record_routing is not None:
+            print(f"dynaexq eval: wrote the reference routing to {self.engine.stop_recording()}", file=sys.stderr)
         self.eval_hotness = {layer: mass.double().cpu() for layer, (_, mass) in self.engine.take_routing_stats().items()}
         self.dense = dense  # the reference keeps the dense weights in `dtype`; every policy runs with these
         self.dense_plan = manual_plan(self.reader, dense)
@@ -173,6 +177,9 @@ class Evaluation:
             x = windows[i:i + self.batch].to(device)
             logits = (stream_logits(self.engine, x, step_tokens) if step_tokens else
                       self.engine.model(input_ids=x).logits)
+            if self.engine.recorder is not None:  # each window one sequence, its rows in token order
+                rows = [(desc, i + b) for b in range(x.shape[0])]
+                self.engine.recorder.step([r for r in rows for _ in range(x.shape[1])], phase=0)
             logp = F.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
             target = x[:, 1:].cpu()
             nll += -logp.gather(-1, target[..., None]).sum().item()
@@ -329,10 +336,11 @@ def check_plans(model, planners, budgets, store=None, weight_budgets=()) -> Path
     return store_dir
 
 
-def evaluate(model, data=None, policies=None, budgets=None, windows=16, window_tokens=256, calibration=None,
-             calibration_windows=128, progress=True, store=None, dtype=torch.float32, verify="lazy",
+def evaluate(model, data=None, policies=None, budgets=None, windows=EVAL_WINDOWS, window_tokens=WINDOW_TOKENS,
+             calibration=None, calibration_windows=CALIBRATION_WINDOWS, progress=True, store=None, dtype=torch.float32,
+             verify=VERIFY,
              dense: str = "model", config: RuntimeConfig | None = None, step_tokens: int = STEP_TOKENS,
-             device="cpu", weight_budgets=None, read_budget=None) -> dict:
+             device="cpu", weight_budgets=None, read_budget=None, record_routing=None) -> dict:
     """The whole `dynaexq eval`: every policy (x expert budget, for hotness and runtime policies; x weight budget,
     for every policy, each capped at `read_budget` when given) -> the JSON report."""
     budgets = [parse_budget(b) for b in (budgets or [])]
@@ -345,7 +353,7 @@ def evaluate(model, data=None, policies=None, budgets=None, windows=16, window_t
     data = parse_data(data, _model_dir(model))
     store = check_plans(model, planners, budgets, store, weight_budgets)
     ev = Evaluation(model, data, windows, window_tokens, calibration, calibration_windows, progress=progress,
-                    store=store, dtype=dtype, verify=verify, dense=dense, device=device)
+                    store=store, dtype=dtype, verify=verify, dense=dense, device=device, record_routing=record_routing)
     try:
         results = []
         for spec, pl in zip(policies, planners):

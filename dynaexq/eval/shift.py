@@ -34,7 +34,7 @@ from dynaexq.engine.dynamic import start_runtime, stop_runtime
 from dynaexq.errors import UserError
 from dynaexq.eval.harness import (Evaluation, _model_dir, budgeted, calibration_texts, check_plans, parse_data,
                                   stream_logits)
-from dynaexq.runtime.controller import RuntimeConfig
+from dynaexq.config import CALIBRATION_WINDOWS, EVAL_WINDOWS, VERIFY, WINDOW_TOKENS, RuntimeConfig
 from dynaexq.runtime.planners import parse_policy, resolve_budget
 from dynaexq.sizes import format_size
 
@@ -237,11 +237,11 @@ def write_outputs(report: dict, outdir: Path) -> list:
     return paths
 
 
-def evaluate_shift(model, data=None, policies=None, budgets=None, windows=16, window_tokens=256, calibration=None,
-                   calibration_windows=128, repeats: int | None = None, step_tokens: int = 32,
+def evaluate_shift(model, data=None, policies=None, budgets=None, windows=EVAL_WINDOWS, window_tokens=WINDOW_TOKENS,
+                   calibration=None, calibration_windows=CALIBRATION_WINDOWS, repeats: int | None = None, step_tokens: int = 32,
                    config: RuntimeConfig = RuntimeConfig(), progress=True, store=None,
-                   dtype=torch.float32, verify="lazy", scenario: str = "shift", dense: str = "model",
-                   device="cpu") -> dict:
+                   dtype=torch.float32, verify=VERIFY, scenario: str = "shift", dense: str = "model",
+                   device="cpu", record_routing=None) -> dict:
     """The whole `dynaexq eval --scenario ...` -> JSON report (every policy at every budget; default int3)."""
     from dynaexq.store.reader import StoreReader
 
@@ -266,7 +266,8 @@ def evaluate_shift(model, data=None, policies=None, budgets=None, windows=16, wi
     ev = None
     try:
         ev = Evaluation(model, data, windows, window_tokens, calibration, calibration_windows, progress=progress,
-                        store=store, dtype=dtype, verify=verify, dense=dense, device=device)
+                        store=store, dtype=dtype, verify=verify, dense=dense, device=device,
+                        record_routing=record_routing)
         stream = phases(ev.windows, repeats, scenario)  # too few windows fails before any policy runs
         results = [run_shift(ev, spec, b, repeats, step_tokens, config, scenario)
                    for spec, (pl, _, _) in zip(policies, parsed)

@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dynaexq.config import RuntimeConfig
 from dynaexq.errors import UserError
 from dynaexq.quant import formats
 from dynaexq.quant.precision import Precision
-from dynaexq.runtime.controller import RuntimeConfig, observe
+from dynaexq.runtime.controller import observe
 from dynaexq.runtime.hotness import Hotness
 from dynaexq.runtime.planners import parse_policy
 from dynaexq.runtime.planners.offload import LruPolicy, minimum_budget

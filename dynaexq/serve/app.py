@@ -29,12 +29,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from dynaexq.config import ServeConfig
 from dynaexq.engine.batch import SamplingParams
 from dynaexq.engine.scheduler import QueueFull, Scheduler, Unavailable
 from dynaexq.errors import UserError
 from dynaexq.runtime.hotness import Hotness
 from dynaexq.serve import protocol as P
-from dynaexq.serve.config import ServeConfig
 from dynaexq.serve.metrics import Metrics, experts_report
 
 

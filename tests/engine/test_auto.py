@@ -4,8 +4,8 @@ the choice and the figures behind it are printed."""
 import pytest
 
 import dynaexq
+from dynaexq.config import RuntimeConfig
 from dynaexq.engine import auto
-from dynaexq.runtime.controller import RuntimeConfig
 
 MiB = 1 << 20
 

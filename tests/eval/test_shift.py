@@ -7,10 +7,10 @@ import torch
 
 import dynaexq
 from dynaexq.cli import main
+from dynaexq.config import RuntimeConfig
 from dynaexq.demo import BUNDLED
 from dynaexq.eval.harness import Evaluation
 from dynaexq.eval.shift import run_shift
-from dynaexq.runtime.controller import RuntimeConfig
 
 SMALL = ["--windows", "2", "--window-tokens", "64", "--calibration-windows", "6", "--step-tokens", "16",
          "--update-every", "2"]

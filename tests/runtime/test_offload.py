@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import dynaexq
+from dynaexq.config import RuntimeConfig
 from dynaexq.errors import UserError
 from dynaexq.quant.precision import Precision
 from dynaexq.quant.quantize import dequantize
-from dynaexq.runtime.controller import RuntimeConfig
 from dynaexq.runtime.planners.offload import HotPolicy, LruPolicy
 from dynaexq.store.direct import DirectReader
 from dynaexq.store.reader import StoreReader

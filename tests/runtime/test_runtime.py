@@ -8,12 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dynaexq.config import RuntimeConfig
 from dynaexq.engine.dynamic import measure, start_runtime
 from dynaexq.engine.load import load
 from dynaexq.errors import UserError
 from dynaexq.quant.precision import Precision as P
 from dynaexq.quant.quantize import dequantize
-from dynaexq.runtime.controller import RuntimeConfig
 from dynaexq.runtime.planners import parse_policy, resolve_budget
 from rt import published, random_stats, start
 
@@ -361,7 +361,7 @@ def test_the_controller_runs_from_the_engine_step_not_from_a_forward(engine):
 
 
 def test_runtime_config_decides_by_tokens_unless_steps_are_asked_for():
-    from dynaexq.runtime.controller import HALF_LIFE_TOKENS, UPDATE_EVERY_TOKENS
+    from dynaexq.config import HALF_LIFE_TOKENS, UPDATE_EVERY_TOKENS
 
     c = RuntimeConfig()
     assert (c.update_every_tokens, c.update_every, c.half_life_tokens) == (UPDATE_EVERY_TOKENS, 0, HALF_LIFE_TOKENS)

@@ -11,8 +11,8 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 import dynaexq
+from dynaexq.config import ServeConfig
 from dynaexq.serve.app import create_app
-from dynaexq.serve.config import ServeConfig
 from live import LiveServer
 
 KEY = "sk-test-key"

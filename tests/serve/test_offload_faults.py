@@ -8,10 +8,10 @@ import requests
 import torch
 
 import dynaexq
+from dynaexq.config import ServeConfig
 from dynaexq.quant.precision import Precision
 from dynaexq.runtime.version import slot_layout
 from dynaexq.serve.app import create_app
-from dynaexq.serve.config import ServeConfig
 from live import LiveServer
 
 MODEL = "dxq-moe-mini"

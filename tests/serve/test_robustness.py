@@ -9,8 +9,8 @@ import requests
 import torch
 
 import dynaexq
+from dynaexq.config import ServeConfig
 from dynaexq.serve.app import create_app
-from dynaexq.serve.config import ServeConfig
 from live import LiveServer
 
 MODEL = "dxq-moe-mini"

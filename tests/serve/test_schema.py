@@ -11,8 +11,8 @@ from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
 
 import dynaexq
+from dynaexq.config import ServeConfig
 from dynaexq.serve.app import create_app
-from dynaexq.serve.config import ServeConfig
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
