@@ -7,7 +7,7 @@ PIP := .venv/bin/pip
 	python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.0"  # the CPU wheel on this machine's index; pins nothing beyond pyproject's range
-	$(PIP) install -q -e ".[dev,eval,server]"
+	$(PIP) install -q -e ".[dev,eval,server,ray]"
 	touch $@
 
 # the dashboard test drives Debian's chromium headless; install it when missing (needs root or sudo)

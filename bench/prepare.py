@@ -7,6 +7,7 @@ process on the machine can make it 2-4x slower; `--quick` is a ~30 s smoke test)
     .venv/bin/python bench/prepare.py                       # --workdir /tmp/dynaexq-bench
     .venv/bin/python bench/prepare.py --precisions bf16,int4
     .venv/bin/python bench/prepare.py --quick
+    .venv/bin/python bench/prepare.py --ray 2                # the quantization as tasks on a local 2-CPU Ray cluster
 
 What it measures
   The checkpoint: a random Qwen3MoeForCausalLM with Qwen3-30B-A3B layer shapes (hidden 2048,
@@ -63,17 +64,23 @@ t_import = time.perf_counter() - t_import
 base = st()
 args = json.loads(sys.argv[1])
 t0 = time.perf_counter()
-prepare_store(args['src'], args['out'], args['precisions'], args['calibration'], args['windows'], progress=args['progress'])
+runner = None
+if args['ray']:  # a local Ray cluster of that many CPUs (workers); the driver (this process) does the calibration pass
+    import ray
+    from dynaexq.store.distributed import RayRunner
+    ray.init(num_cpus=args['ray'], include_dashboard=False, log_to_driver=False)
+    runner = RayRunner()
+prepare_store(args['src'], args['out'], args['precisions'], args['calibration'], args['windows'], progress=args['progress'],
+              runner=runner)
 wall = time.perf_counter() - t0
 print('BENCH_RESULT ' + json.dumps({'baseline': base, 'end': st(), 'wall_s': wall, 'import_s': t_import}), flush=True)
 """
 
 
-def run_child(src, out, precisions, calibration, windows, threads, progress, interval=0.1, extra_env=None):
+def run_child(src, out, precisions, calibration, windows, threads, progress, interval=0.1, extra_env=None, ray=0):
     env = {**os.environ, **(extra_env or {}), "BENCH_THREADS": str(threads)}
     payload = json.dumps({"src": str(src), "out": str(out), "precisions": precisions, "calibration": calibration,
-                          "windows": windows,
-                          "progress": progress})
+                          "windows": windows, "progress": progress, "ray": ray})
     proc = subprocess.Popen([sys.executable, "-c", CHILD, payload], stdout=subprocess.PIPE, stderr=None,
                             text=True, env=env)
     peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
@@ -160,6 +167,8 @@ def main(argv=None):
                     help="environment variable for the prepare subprocess (repeatable), e.g. "
                          "MALLOC_MMAP_THRESHOLD_=1048576 to test whether freed memory stays in glibc's heap")
     ap.add_argument("--quick", action="store_true", help="smoke test: 1 layer of 8 experts, bf16,int4,int2")
+    ap.add_argument("--ray", type=int, default=0, metavar="N", help="quantize on a local Ray cluster of N worker CPUs "
+                    "(prepare --ray); the RSS is the driver's (workers are other processes)")
     args = ap.parse_args(argv)
     if args.quick:
         args.layers, args.experts = 1, 8
@@ -172,6 +181,7 @@ def main(argv=None):
 
     print(f"bench/prepare.py  workdir {workdir}  layers {args.layers}  experts {args.experts}  "
           f"precisions {','.join(precisions)}  threads {args.threads}{'  (quick)' if args.quick else ''}"
+          f"{f'  ray workers {args.ray}' if args.ray else ''}"
           f"{'  child env ' + ' '.join(args.child_env) if args.child_env else ''}")
     t0 = time.perf_counter()
     src = synthetic_checkpoint(workdir, layers=args.layers, experts=args.experts, vocab=args.vocab,
@@ -192,7 +202,7 @@ def main(argv=None):
     t_epoch = time.time()
     child_env = dict(kv.split("=", 1) for kv in args.child_env)
     res = run_child(src, out, precisions, ["none"] if args.no_calibration else None, args.calibration_windows,
-                    args.threads, args.progress, extra_env=child_env)
+                    args.threads, args.progress, extra_env=child_env, ray=args.ray)
     jobs = job_times(out, t_epoch)
 
     e_layer = info["expert_bytes"] / args.layers
@@ -252,7 +262,7 @@ def main(argv=None):
     result = {
         "bench": "prepare", "quick": args.quick, "checkpoint": str(src), "store": str(out),
         "layers": args.layers, "experts": args.experts, "precisions": precisions, "calibration_windows": None if args.no_calibration else args.calibration_windows,
-        "threads": args.threads, "child_env": args.child_env, "checkpoint_bytes": info["total_bytes"], "expert_bytes": info["expert_bytes"],
+        "threads": args.threads, "ray_workers": args.ray, "child_env": args.child_env, "checkpoint_bytes": info["total_bytes"], "expert_bytes": info["expert_bytes"],
         "expert_params": expert_params, "wall_s": wall, "gb_per_s": info["expert_bytes"] / 1e9 / wall,
         "params_per_s": expert_params / wall, "store_bytes": store_bytes,
         "baseline_rss": base, "peak_rss": peak, "vmhwm": res["end"].get("VmHWM"), "sampled_peak": res["sampled_peak"],

@@ -29,9 +29,13 @@ def cmd_prepare(args) -> int:
     from dynaexq.engine.calibrate import prepare_store
     from dynaexq.quant.precision import Precision
 
+    runner = None
+    if args.ray is not None:
+        from dynaexq.store.distributed import RayRunner
+        runner = RayRunner(args.ray or None)
     t0 = time.perf_counter()
     out = prepare_store(args.checkpoint, args.out, Precision.parse_list(args.precisions), args.calibration,
-                        args.calibration_windows)
+                        args.calibration_windows, runner=runner)
     print(f"store ready at {out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return 0
 
@@ -329,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "calibration/*.txt, else dynaexq's own corpus; 'none': weight error only)")
     sp.add_argument("--calibration-windows", type=int, default=CALIBRATION_WINDOWS, help=f"windows of "
                     f"{WINDOW_TOKENS} tokens of calibration text, run in one forward pass (default: %(default)s)")
+    sp.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="quantize the experts as Ray tasks on the "
+                    "cluster at ADDRESS (no address: a local cluster of this machine's CPUs); the store is the same")
     sp.set_defaults(fn=cmd_prepare)
 
     sg = sub.add_parser("generate", help="generate text, streaming tokens to the terminal")

@@ -97,8 +97,9 @@ def calibration_text(src, given) -> list[Path]:
 
 
 def prepare_store(src, out, precisions=DEFAULT_PRECISIONS, calibration=None, windows: int = CALIBRATION_WINDOWS,
-                  window_tokens: int = WINDOW_TOKENS, progress: bool = True) -> Path:
-    """Checkpoint -> store, calibrated when the checkpoint has a tokenizer and calibration text is at hand."""
+                  window_tokens: int = WINDOW_TOKENS, progress: bool = True, runner=None) -> Path:
+    """Checkpoint -> store, calibrated when the checkpoint has a tokenizer and calibration text is at hand.
+    `runner`: where the experts' chunks are quantized (store/prepare.py `local`, or store/distributed.py)."""
     if windows < 1 or window_tokens < 2:
         raise UserError(f"--calibration-windows must be >= 1 and the window >= 2 tokens, got {windows}, "
                         f"{window_tokens}")
@@ -108,13 +109,13 @@ def prepare_store(src, out, precisions=DEFAULT_PRECISIONS, calibration=None, win
         why = "--calibration none" if not files else "the checkpoint has no tokenizer"
         print(f"dynaexq: prepare without calibration ({why}): experts are quantized against their weight error",
               file=sys.stderr)
-        return prepare(src, out, precisions, progress)
+        return prepare(src, out, precisions, progress, runner)
     ids = calibration_tokens(tokenizer, files, windows, window_tokens)
     desc = {"files": [{"name": f.name, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()} for f in files],
             "windows": len(ids), "window_tokens": window_tokens, "tokens": ids.numel(), "pool": POOL}
     if progress and not (Path(out) / "manifest.json").is_file():
         print(f"dynaexq: calibrating on {ids.numel()} tokens of {', '.join(f.name for f in files)}", file=sys.stderr)
-    job = PrepareJob(src, out, precisions, progress, calibration=desc)
+    job = PrepareJob(src, out, precisions, progress, calibration=desc, runner=runner)
     if job.done:
         return job.out
     model = build_model(Path(out), get_arch(job.ckpt.config), torch.float32, torch.device("cpu"))
@@ -148,10 +149,11 @@ def _dense_hooks(model, job: PrepareJob) -> list:
     items, last = job.dense.items, {}
 
     def moment(x):
-        key = (x.data_ptr(), tuple(x.shape))
-        if last.get("key") != key:
+        # the same tensor object (q, k and v share their input): held here, so its memory cannot be freed and
+        # reused by a later layer's input of the same shape (an address as the key matched such a stale moment)
+        if last.get("x") is not x:
             xf = x.reshape(-1, x.shape[-1]).float()
-            last.update(key=key, H=xf.T @ xf / max(len(xf), 1))  # float32 GEMM over the calibration tokens
+            last.update(x=x, H=xf.T @ xf / max(len(xf), 1))  # float32 GEMM over the calibration tokens
         return last["H"]
 
     hooks = []

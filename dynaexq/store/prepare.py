@@ -49,8 +49,10 @@ class PrepareJob:
     order, each once), then `finish()` writes the manifest. `calibration`: a dict describing the calibration
     (file digests, windows) -- part of the parameters, so a store is never reused for another calibration."""
 
-    def __init__(self, src, out, precisions=DEFAULT_PRECISIONS, progress: bool = True, calibration=None):
+    def __init__(self, src, out, precisions=DEFAULT_PRECISIONS, progress: bool = True, calibration=None,
+                 runner=None):
         self.src, self.out = Path(src), Path(out)
+        self.runner = runner or local  # runner(fn, iterator of argument tuples) -> fn's results, in order
         self.precisions = [Precision(p) for p in precisions]
         self.ckpt = Checkpoint(self.src)
         self.arch = get_arch(self.ckpt.config)
@@ -129,7 +131,9 @@ class PrepareJob:
 
     def write_layer(self, layer: int, experts: list[dict], hessians=None) -> None:
         """Quantize `experts` (read_layer's) at every precision still to do and write their shards.
-        hessians(e) -> {"gate_up": H [H, H], "down": H [I, I]} per-token second moments of the inputs, or None."""
+        hessians(e) -> {"gate_up": H [H, H], "down": H [I, I]} per-token second moments of the inputs, or None.
+        The chunks are quantized by `self.runner` (in this process, or as Ray tasks: store/distributed.py) and
+        written in chunk order as their results come back."""
         todo = self._todo(layer)
         if not todo:
             self.bar.update(self.n_exp)
@@ -139,12 +143,16 @@ class PrepareJob:
         meta = {"params_sha256": self.params_hash}
         k = experts[0]["gate_up"].shape[1]
         size = max(1, min(CHUNK, CHUNK_BYTES // (4 * k * k)))
+        chunks = [range(c0, min(c0 + size, self.n_exp)) for c0 in range(0, self.n_exp, size)]
+
+        def work():  # each chunk's inputs, made only when the runner asks for them (its second moments are large)
+            for chunk in chunks:
+                H = [hessians(e) for e in chunk] if hessians is not None else None
+                yield chunk_inputs(experts, chunk, H, todo)
+
         with contextlib.ExitStack() as stack:
             writers = {}
-            for c0 in range(0, self.n_exp, size):
-                chunk = range(c0, min(c0 + size, self.n_exp))
-                H = [hessians(e) for e in chunk] if hessians is not None else None
-                versions = self._quantize(experts, chunk, H, todo, stats)
+            for chunk, (versions, rows) in zip(chunks, self.runner(quantize_chunk, work())):
                 if not writers:  # the shapes of every expert's tensors are those of the first
                     for p in todo:
                         tmp = stack.enter_context(layout.atomic_path(self.out / layout.expert_shard(layer, p)))
@@ -153,6 +161,8 @@ class PrepareJob:
                         writers[p] = StreamingWriter(tmp, specs, meta)
                         stack.callback(writers[p].fh.close)  # closed before its temporary is renamed or deleted
                 for p in todo:
+                    for key in stats[p]:
+                        stats[p][key] += rows[p][key]
                     for tensors in versions[p]:
                         for t in tensors.values():
                             writers[p].write(t)
@@ -164,39 +174,6 @@ class PrepareJob:
             layout.atomic_write_json((self.out / layout.expert_shard(layer, p)).with_suffix(".json"),
                                      {**stat, "params_sha256": self.params_hash})
             self.stats.setdefault(str(layer), {})[p.value] = stat
-
-    def _quantize(self, experts, chunk, H, todo, stats) -> dict:
-        """-> {precision: [{name: tensor} per expert of the chunk]}, recording bytes, errors and digests."""
-        out = {p: [{} for _ in chunk] for p in todo}
-        rel = {p: [0.0] * len(chunk) for p in todo}
-        energy = [0.0] * len(chunk)  # tr(W_down H_h W_down^T): the expert's output energy per token (set below)
-        for m in layout.MATRICES:
-            W = torch.stack([experts[e][m] for e in chunk])  # [B, N, K] source dtype
-            Hm = None if H is None else torch.stack([h[m] for h in H]).float()
-            factored = None if Hm is None else factor(Hm)  # once for every precision of this matrix
-            # errors on every ERROR_ROWS-th output row: one GEMM per (expert, precision) at a quarter of the cost
-            rows = slice(None, None, ERROR_ROWS)
-            Ws = W[:, rows].float()
-            den = [float(((w @ h) * w).sum()) if Hm is not None else float(w.pow(2).sum())
-                   for w, h in zip(Ws, Hm if Hm is not None else Ws)]
-            if m == "down":
-                energy = [d * ERROR_ROWS for d in den]
-            for p in todo:
-                for i, qw in enumerate(quantize_many(W, p, m, Hm, factored)):
-                    out[p][i].update({f"{m}.{name}": t for name, t in qw.tensors().items()})
-                    if not (p.is_float and W.dtype == p.dtype):  # same dtype: exact copy, error 0
-                        d = Ws[i] - dequantize(qw, torch.float32)[rows]
-                        num = float(((d @ Hm[i]) * d).sum()) if Hm is not None else float(d.pow(2).sum())
-                        rel[p][i] += num / max(den[i], 1e-30) / len(layout.MATRICES)
-        for p in todo:
-            for i, e in enumerate(chunk):
-                out[p][i].update({b: experts[e][b] for b in layout.BIASES if b in experts[e]})
-                s = stats[p]
-                s["bytes"].append(sum(t.numel() * t.element_size() for t in out[p][i].values()))
-                s["error"].append(rel[p][i] ** 0.5)
-                s["energy"].append(energy[i])
-                s["digest"].append(layout.expert_digest(out[p][i].values()))
-        return out
 
     def finish(self) -> Path:
         """Write the manifest (the store is complete from now on)."""
@@ -235,10 +212,61 @@ class PrepareJob:
         return out
 
 
-def prepare(src, out, precisions=DEFAULT_PRECISIONS, progress: bool = True) -> Path:
+def local(fn, inputs):
+    """The in-process runner: each chunk quantized here, one after the other (a generator: one chunk in memory)."""
+    return (fn(*args) for args in inputs)
+
+
+def chunk_inputs(experts: list, chunk: range, H, todo: list) -> tuple:
+    """The arguments of `quantize_chunk` for the experts `chunk` of a layer (plain tensors: they may travel)."""
+    mats = {m: torch.stack([experts[e][m] for e in chunk]) for m in layout.MATRICES}  # [B, N, K] source dtype
+    hess = None if H is None else {m: torch.stack([h[m] for h in H]).float() for m in layout.MATRICES}
+    biases = [{b: experts[e][b] for b in layout.BIASES if b in experts[e]} for e in chunk]
+    return mats, hess, biases, todo
+
+
+def quantize_chunk(mats: dict, hess, biases: list, todo: list) -> tuple:
+    """Experts of one chunk at every precision of `todo` -> ({precision: [{name: tensor} per expert]}, {precision:
+    {"bytes", "error", "energy", "digest": one entry per expert}}). A pure function of its arguments (GPTQ is
+    deterministic), so it gives the same bytes wherever it runs."""
+    n = len(biases)
+    out = {p: [{} for _ in range(n)] for p in todo}
+    rel = {p: [0.0] * n for p in todo}
+    energy = [0.0] * n  # tr(W_down H_h W_down^T): the expert's output energy per token (set below)
+    for m in layout.MATRICES:
+        W = mats[m]
+        Hm = None if hess is None else hess[m]
+        factored = None if Hm is None else factor(Hm)  # once for every precision of this matrix
+        # errors on every ERROR_ROWS-th output row: one GEMM per (expert, precision) at a quarter of the cost
+        rows = slice(None, None, ERROR_ROWS)
+        Ws = W[:, rows].float()
+        den = [float(((w @ h) * w).sum()) if Hm is not None else float(w.pow(2).sum())
+               for w, h in zip(Ws, Hm if Hm is not None else Ws)]
+        if m == "down":
+            energy = [d * ERROR_ROWS for d in den]
+        for p in todo:
+            for i, qw in enumerate(quantize_many(W, p, m, Hm, factored)):
+                out[p][i].update({f"{m}.{name}": t for name, t in qw.tensors().items()})
+                if not (p.is_float and W.dtype == p.dtype):  # same dtype: exact copy, error 0
+                    d = Ws[i] - dequantize(qw, torch.float32)[rows]
+                    num = float(((d @ Hm[i]) * d).sum()) if Hm is not None else float(d.pow(2).sum())
+                    rel[p][i] += num / max(den[i], 1e-30) / len(layout.MATRICES)
+    stats = {p: {"bytes": [], "error": [], "energy": [], "digest": []} for p in todo}
+    for p in todo:
+        for i in range(n):
+            out[p][i].update(biases[i])
+            s = stats[p]
+            s["bytes"].append(sum(t.numel() * t.element_size() for t in out[p][i].values()))
+            s["error"].append(rel[p][i] ** 0.5)
+            s["energy"].append(energy[i])
+            s["digest"].append(layout.expert_digest(out[p][i].values()))
+    return out, stats
+
+
+def prepare(src, out, precisions=DEFAULT_PRECISIONS, progress: bool = True, runner=None) -> Path:
     """Weight-only prepare (H = I): every layer read once and written; see engine/calibrate.py for the calibrated
     one, which `dynaexq prepare` and `load` use when calibration text is at hand."""
-    job = PrepareJob(src, out, precisions, progress)
+    job = PrepareJob(src, out, precisions, progress, runner=runner)
     if job.done:
         return job.out
     for layer in job.index:
