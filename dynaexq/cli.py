@@ -387,8 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--calibration", nargs="+", action="extend", metavar="[NAME=]FILE", help="calibration texts for "
                     "the calibrated "
                     "policies (default: the model's calibration/*.txt, never its eval texts)")
-    se.add_argument("--calibration-windows", type=int, default=CALIBRATION_WINDOWS, help="windows of --window-tokens read from the "
-                    "calibration texts (default: %(default)s)")
+    se.add_argument("--calibration-windows", type=int, default=CALIBRATION_WINDOWS, help="windows of --window-tokens "
+                    "read from the calibration texts (default: %(default)s)")
     se.add_argument("--windows", type=int, default=EVAL_WINDOWS, help="windows per domain (default: %(default)s)")
     se.add_argument("--window-tokens", type=int, default=WINDOW_TOKENS, help="tokens per window (default: %(default)s)")
     se.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "model"],

@@ -49,7 +49,7 @@ class Engine:
     def __post_init__(self):
         """The banks' routing counters become rows of one [L, E] pair, so a step reads and resets them at once."""
         layers = sorted(self.banks)
-        E = len(self.banks[layers[0]].versions) if layers else 0
+        E = self.banks[layers[0]].num_experts if layers else 0
         dev = self.banks[layers[0]].token_counts.device if layers else "cpu"
         self._counts = torch.zeros(len(layers), E, dtype=torch.int64, device=dev)  # [L, E] routed tokens
         self._mass = torch.zeros(len(layers), E, dtype=torch.float32, device=dev)  # [L, E] routed probability mass
@@ -115,7 +115,8 @@ class Engine:
 
     def step_stats(self) -> dict:
         """{layer: (routed tokens, routed mass [E])} since the last step, every counter reset."""
-        stats = {layer: (self.banks[layer].routed_tokens, mass) for layer, (_, mass) in self.take_routing_stats().items()}
+        stats = {layer: (self.banks[layer].routed_tokens, mass)
+                 for layer, (_, mass) in self.take_routing_stats().items()}
         for bank in self.banks.values():
             bank.routed_tokens = 0
         return stats

@@ -4,10 +4,10 @@ The calibration forward (which captures each layer's per-expert input statistics
 each layer's experts are cut into chunks as in a local prepare, and each chunk's `quantize_chunk` (a pure
 function of the source weights and second moments: GPTQ is deterministic) runs as a Ray task on any node's CPU.
 The driver keeps at most `window` chunks in flight (bounded memory), takes their results back in chunk order and
-writes the shards itself, so the store's layout, manifest and digests are those of a local prepare, byte for byte. A task whose worker dies is retried by Ray (`max_retries`); a driver
-that dies leaves the finished layers' shards and sidecars, which the next run keeps (store/prepare.py). Every
-node imports dynaexq itself: install the same version there (a cluster started from the driver's environment,
-`ray start --head` in it, has it).
+writes the shards itself, so the store's layout, manifest and digests are those of a local prepare, byte for
+byte. A task whose worker dies is retried by Ray (`max_retries`); a driver that dies leaves the finished layers'
+shards and sidecars, which the next run keeps (store/prepare.py). Every node imports dynaexq itself: install the
+same version there (a cluster started from the driver's environment, `ray start --head` in it, has it).
 """
 from __future__ import annotations
 
