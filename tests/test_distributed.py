@@ -3,6 +3,7 @@ local prepare's digest for digest; a worker killed mid-task is retried and the s
 driver killed mid-run resumes from the layers it finished."""
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -31,9 +32,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """A 2-CPU Ray head on 127.0.0.1 (the `ray` CLI of this environment), its address; stopped at the end."""
-    before = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"  # the cluster and every driver here (this process, the CLI runs) use a
-    pytest.importorskip("ray", reason="the ray extra: pip install 'dynaexq[ray]'")  # token (read at import)
+    # the cluster and every driver here (this process, the CLI runs) use one token of this session (Ray reads
+    # these at import; a fresh machine has no ~/.ray/auth_token, and none is written there)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    before = {k: os.environ.get(k) for k in auth}
+    os.environ.update(auth)
+    pytest.importorskip("ray", reason="the ray extra: pip install 'dynaexq[ray]'")
     import ray
     port = _free_port()
     subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
@@ -43,7 +47,8 @@ def ray_cluster(tmp_path_factory):
     finally:
         ray.shutdown()
         subprocess.run([RAY, "stop", "--force"], capture_output=True)
-        os.environ.pop("RAY_AUTH_MODE") if before is None else os.environ.update(RAY_AUTH_MODE=before)
+        for k, v in before.items():
+            os.environ.pop(k) if v is None else os.environ.update({k: v})
 
 
 @pytest.fixture(scope="session")

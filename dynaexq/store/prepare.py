@@ -2,7 +2,8 @@
 
 Streams one MoE layer at a time: its experts are read from the source once (`Checkpoint.get` slices, source
 unmapped right after), quantized at every precision in chunks of up to CHUNK experts (quant.quantize_many:
-batched GPTQ), and each version written straight into its (layer, precision) shard (`shard_writer`), so peak memory is
+batched GPTQ; `quantize_chunk`, run by the job's runner: here, or as Ray tasks, store/distributed.py), and each
+version written straight into its (layer, precision) shard (`shard_writer`), so peak memory is
 about one layer of source experts plus one chunk's working copies, whatever the checkpoint size.
 With calibration (engine/calibrate.py drives a `PrepareJob` from inside one forward pass of the calibration
 text), each expert is quantized against the second moments of its own inputs, H = E[x x^T] over the tokens
