@@ -23,12 +23,10 @@ def cmd_export(args) -> int:
         mass = export.routing_mass(reader, args.hotness, args.trace)
         plan = export.llama_cpp_plan(reader, mass, parse_budget(args.size))
         types = export.tensor_types(reader, plan)
-        shapes = export.projection_shapes(reader)
-        nbytes = sum(reader.num_experts * r * c * export.ggml_type(p, c)[1] / 8
-                     for p in plan.values() for r, c in shapes.values())
         path = export.write_tensor_type_file(args.out, types)
         per_layer = ", ".join(f"{layer}: {types[f'blk.{layer}.ffn_gate_exps.weight']}" for layer in sorted(plan))
-        print(f"dynaexq: expert tensors at {format_size(int(nbytes))} ({per_layer}) -> {path}\n  llama-quantize "
+        print(f"dynaexq: expert tensors at {format_size(export.plan_bytes(reader, plan))} ({per_layer}) -> {path}\n"
+              "  llama-quantize "
               f"--tensor-type-file {path} MODEL-bf16.gguf OUT.gguf TYPE  (TYPE sets every other tensor)",
               file=sys.stderr)
         return 0

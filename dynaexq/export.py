@@ -87,9 +87,8 @@ def layer_options(reader, mass: dict, shapes: dict) -> dict:
     for layer in reader.layers:
         opts = []
         for p in (q for q in reader.precisions if q in GGML):
-            nbytes = sum(E * r * c * ggml_type(p, c)[1] / 8 for r, c in shapes.values())
             cost = sum(float(mass[layer][e]) * reader.output_error(layer, e, p) ** 2 for e in range(E))
-            opts.append((int(nbytes), cost, p))
+            opts.append((_layer_bytes(E, shapes, p), cost, p))
         out[layer] = opts
     return out
 
@@ -108,6 +107,17 @@ def llama_cpp_plan(reader, mass: dict, budget) -> dict:
         raise UserError(f"--size {format_size(budget)} is below the smallest plan: every MoE layer's experts at the "
                         f"cheapest type take {format_size(low)} ({low} bytes)")
     return allocate(options, budget)
+
+
+def _layer_bytes(E: int, shapes: dict, p: Precision) -> int:
+    """Bytes of one MoE layer's three expert tensors at the ggml types of precision p."""
+    return int(sum(E * r * c * ggml_type(p, c)[1] / 8 for r, c in shapes.values()))
+
+
+def plan_bytes(reader, plan: dict) -> int:
+    """Bytes of the expert tensors of a GGUF quantized by `plan` ({layer: Precision})."""
+    shapes = projection_shapes(reader)
+    return sum(_layer_bytes(reader.num_experts, shapes, p) for p in plan.values())
 
 
 def tensor_types(reader, plan: dict) -> dict:
