@@ -150,12 +150,15 @@ def test_export_refuses_bad_input_with_a_clear_error_and_writes_nothing(bundled_
 
 
 @pytest.mark.slow
-def test_llama_quantize_accepts_the_file_and_the_gguf_holds_its_types(bundled_store, tmp_path):
+def test_llama_quantize_accepts_the_file_and_the_gguf_holds_its_types(bundled_store, tmp_path, monkeypatch):
     """llama.cpp's own llama-quantize (bench/peer_llamacpp.py builds it, cached in ~/.cache/dynaexq/llamacpp) on the
     bundled model's bf16 GGUF with the exported file: every expert tensor has the file's type and the bytes the
     export printed."""
+    import importlib
+    monkeypatch.setenv("DYNAEXQ_CACHE", str(Path.home() / ".cache" / "dynaexq"))  # the build is kept across runs
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import peer_llamacpp as peer
+    peer = importlib.reload(peer)  # its paths are read from the environment at import
 
     peer.build()
     base = peer.bf16_gguf(BUNDLED, peer.CACHE / "work")
