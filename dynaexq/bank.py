@@ -16,8 +16,8 @@ In the offload regime (`cache` set) the routed experts are made resident first, 
 fewer than the layer routes to (`_offloaded`).
 
 It also records, per expert, routed token counts and routed probability mass (the sum of routing
-weights of the tokens that selected it) into device tensors without a host sync; the hotness
-tracker reads and resets them between steps. The bank never decides precisions: `publish` (called
+weights of the tokens that selected it) into device tensors without a host sync (rows of the engine's [L, E]
+buffers, which its step reads and resets). The bank never decides precisions: `publish` (called
 by the loader or the transition engine) is the only way a version changes, and a forward pass reads
 the version list once, so it always computes with complete versions.
 """
@@ -226,13 +226,6 @@ class ExpertBank(nn.Module):
         gate = gate.clamp(max=self.limit)
         up = up.clamp(min=-self.limit, max=self.limit)
         return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
-
-    def take_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Routed token counts and mass since the last call, then reset (called between steps)."""
-        counts, mass = self.token_counts.clone(), self.routed_mass.clone()
-        self.token_counts.zero_()
-        self.routed_mass.zero_()
-        return counts, mass
 
     def extra_repr(self) -> str:
         held = [v.precision.value for v in self.versions if v is not None]

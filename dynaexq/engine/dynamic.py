@@ -45,7 +45,6 @@ class Runtime:
     transitions: TransitionEngine
     controller: Controller
     hotness: Hotness
-    banks: dict
     blocked_s: float = 0.0  # time the inference thread spent running transitions (blocking mode only)
 
     def on_step(self, stats: dict) -> None:
@@ -174,7 +173,7 @@ def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = R
         transitions.move(layer, e, tiers[assign[layer][e]])
     transitions.reset_stats()  # the counters are about the run, not the install
     controller = Controller(planner, hotness, transitions, assign, costs, tiers, config, cold=not warm)
-    rt = Runtime(planner, plan, pools, table, transitions, controller, hotness, dict(engine.banks))
+    rt = Runtime(planner, plan, pools, table, transitions, controller, hotness)
     rt.check()
     for bank in engine.banks.values():
         bank.table = table

@@ -30,7 +30,6 @@ def banks_of(model) -> dict:
     for name, module in model.named_modules():
         if isinstance(module, ExpertBank):
             module.layer = _layer_of(name)
-            module.take_stats()  # from_pretrained allocates buffers without running __init__'s zeros
             banks[module.layer] = module
     return banks
 

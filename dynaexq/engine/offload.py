@@ -78,7 +78,6 @@ class OffloadRuntime:
     cache: ExpertCache
     controller: OffloadController
     hotness: Hotness
-    banks: dict
     hooks: list = field(default_factory=list)
     regime: str = "offload"
 
@@ -160,7 +159,7 @@ def start_offload(engine, planner, slot_bytes: dict, expert_budget: int, config,
 
     cache = ExpertCache(table, pools, io, build, policy, config.io_workers, config.retries)
     controller = OffloadController(policy, hotness, cache, config)
-    rt = OffloadRuntime(planner, policy, plan, pools, table, cache, controller, hotness, dict(engine.banks))
+    rt = OffloadRuntime(planner, policy, plan, pools, table, cache, controller, hotness)
     if warm:
         hotness.load(config.hotness_file)
         policy.update(hotness.snapshot())
