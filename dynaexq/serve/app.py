@@ -168,7 +168,7 @@ class _BodyLimit:
 
 
 def _text(text: str, param: str) -> str:
-    """Client text the tokenizer can take: valid Unicode (JSON lets a lone surrogate through as \\udXXX)."""
+    """Client text the tokenizer can take: valid Unicode (JSON lets a lone surrogate, \\ud800-\\udfff, through)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
