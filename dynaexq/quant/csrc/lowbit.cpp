@@ -18,6 +18,8 @@
 // Tiles: MT rows of x x NV panels in registers; OpenMP over units of 4 panels (64 output rows).
 #include "simd.h"
 
+#include <cmath>
+
 constexpr int HEADER = 6;  // bytes of a panel's range header
 constexpr int PF = 2;  // software prefetch distance, in groups (the hardware's alone is 10-25% slower)
 
@@ -80,7 +82,9 @@ struct Args {
   char* y;            // [M, N] in dtype ydt
   int ydt;
   int xdt;            // the dtype x came in (BF16: a.x holds exact bf16 values)
+  long epoch;         // which block of x a.x holds (a new value per converted block: tile caches key on it)
 };
+
 
 
 // The walk every tile shares: MT rows of x (from row m0) times NV panels (from panel p0), y[m0:m0+MT,
@@ -214,6 +218,117 @@ static void tile_bf16(const Args& a, int p0, int m0) {
 
 extern "C" int dynaexq_lowbit_bf16_dot() { return LOWBIT_BF16; }
 
+// The int8-activation tile (llama.cpp's Q8 scheme) for 4- and 2-bit codes on AVX2 builds: decoding a code into a
+// float per weight (and + convert + FMA: 4 ops per 8 weights) is what bounds the fp32 tile, at decode's few rows
+// ~half the read bandwidth per core. Here each block of XB inputs
+// of a row of x is quantized once per call to int8 (xq = round(x / dx), dx = max|x| / 127) and the codes stay
+// bytes: one vpmaddubsw multiplies 32 codes by 32 xq, one vpmaddwd sums them into int32 (~8 ops per 64 weights),
+// and a block's sum is dx * sum(q * xq). Not exact: x is rounded to 8 bits per block (the weight's zero-point
+// term uses the exact sum of x); bf16/fp16 x only (fp32 x keeps the fp32 tile), and
+// dynaexq_lowbit_set_int8_x(0) keeps every tile exact.
+#if ISA == 256
+static int int8_x = 1;
+#else
+static int int8_x = 0;  // AVX-512 builds: the fp32 tile (or the exact bf16 pair tile) at every row count
+#endif
+extern "C" int dynaexq_lowbit_set_int8_x(int on) {
+  const int was = int8_x;
+  if (ISA == 256) int8_x = on;
+  return was;
+}
+#if ISA == 256
+
+constexpr int XB = 32;  // inputs per int8 block of x (llama.cpp's Q8_0): groups of 32 and 64 take 1 and 2
+
+// Rows m0..m0+mt of a.x (fp32) quantized per block of XB inputs for BITS-bit codes, laid out as the tile's
+// broadcasts read them: per chunk of CK inputs, int4: [x0 x2 x4 x6][x1 x3 x5 x7] (a byte's low / high nibble),
+// int2: the four sets [x(t) x(4+t) x(8+t) x(12+t)], t = 0..3 (a byte's 2-bit field t), and each block's sum of
+// the int8 values. All a.M rows are quantized at once, per thread, for one block of x (a.epoch): every tile of
+// every unit of output rows of that block reuses them.
+template <int BITS>
+static void quantize_x(const Args& a, int m0, int mt, const int8_t** xq, const float** dx, const int** xqsum) {
+  struct Cache { long epoch = -1; const float* x = nullptr; int M = 0, K = 0, bits = 0;
+                 std::vector<int8_t> q; std::vector<float> d; std::vector<int> s; };
+  thread_local Cache c;
+  const int nb = a.K / XB;
+  if (!(c.epoch == a.epoch && c.x == a.x && c.M == a.M && c.K == a.K && c.bits == BITS)) {
+    c.epoch = a.epoch; c.x = a.x; c.M = a.M; c.K = a.K; c.bits = BITS;
+    c.q.resize((long)a.M * a.K);
+    c.d.resize((long)a.M * nb);
+    c.s.resize((long)a.M * nb);
+    constexpr int CK = BITS == 2 ? 16 : 8, SETS = BITS == 2 ? 4 : 2, PER = CK / SETS;
+    for (int m = 0; m < a.M; ++m) {
+      const float* xr = a.x + (long)m * a.K;
+      int8_t* qr = c.q.data() + (long)m * a.K;
+      for (int b = 0; b < nb; ++b) {
+        float amax = 0;
+        for (int k = b * XB; k < (b + 1) * XB; ++k) amax = std::max(amax, std::fabs(xr[k]));
+        const float d = amax / 127.f;
+        c.d[(long)m * nb + b] = d;
+        int sum = 0;
+        for (int k0 = b * XB; k0 < (b + 1) * XB; k0 += CK)
+          for (int t = 0; t < SETS; ++t)
+            for (int i = 0; i < PER; ++i) {
+              const int q = d == 0 ? 0 : (int)std::nearbyint(xr[k0 + i * SETS + t] / d);
+              qr[k0 + t * PER + i] = (int8_t)q;
+              sum += q;
+            }
+        c.s[(long)m * nb + b] = sum;
+      }
+    }
+  }
+  for (int m = 0; m < mt; ++m) {
+    const long r = m0 + m;
+    xq[m] = c.q.data() + r * a.K; dx[m] = c.d.data() + r * nb; xqsum[m] = c.s.data() + r * nb;
+  }
+}
+
+template <int BITS, int MT>
+static void tile_int8_x(const Args& a, int p0, int m0) {
+  constexpr int CK = BITS == 2 ? 16 : 8, CB = 2 * BITS * CK, SETS = BITS == 2 ? 4 : 2, BC = XB / CK;
+  const int nblock = a.G / XB;
+  constexpr int MID = 1 << (BITS - 1);  // the sums are of centred codes (code - MID): exact in int32, and the
+  // rounding of x then weighs |W|'s scale, not that of the codes' offset (walk adds MID * s * sum(x) back)
+  const int8_t* xq[MT];
+  const float* dx[MT];
+  const int* xqsum[MT];
+  quantize_x<BITS>(a, m0, MT, xq, dx, xqsum);
+  const __m256i mask = _mm256_set1_epi8(BITS == 4 ? 0x0F : 0x03), ones = _mm256_set1_epi16(1);
+  walk<MT, 1>(a, p0, m0, (float)MID, [&](int g, const uint8_t* const* rec, vf (&acc)[MT][1]) {
+    for (int m = 0; m < MT; ++m) acc[m][0] = vf_zero();
+    for (int b = 0; b < nblock; ++b) {
+      __m256i sum[MT][2];  // int32 per row: sum over the block of code * xq
+      for (int m = 0; m < MT; ++m) sum[m][0] = sum[m][1] = _mm256_setzero_si256();
+      for (int c = b * BC; c < (b + 1) * BC; ++c) {
+        const __m256i w[2] = {_mm256_loadu_si256((const __m256i*)(rec[0] + c * CB)),
+                              _mm256_loadu_si256((const __m256i*)(rec[0] + c * CB + 32))};  // rows 0-7, 8-15
+        __m256i u[2][SETS];  // set t: each byte's code t as a byte
+        for (int h = 0; h < 2; ++h)
+          for (int t = 0; t < SETS; ++t) u[h][t] = _mm256_and_si256(_mm256_srli_epi16(w[h], BITS * t), mask);
+        for (int m = 0; m < MT; ++m) {
+          const int8_t* xc = xq[m] + g * a.G + c * CK;
+          __m256i p[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};  // int16: <= SETS * 2 * 15 * 127
+          for (int t = 0; t < SETS; ++t) {
+            int32_t xs;
+            memcpy(&xs, xc + 4 * t, 4);
+            const __m256i xb = _mm256_set1_epi32(xs);
+            for (int h = 0; h < 2; ++h) p[h] = _mm256_add_epi16(p[h], _mm256_maddubs_epi16(u[h][t], xb));
+          }
+          for (int h = 0; h < 2; ++h) sum[m][h] = _mm256_add_epi32(sum[m][h], _mm256_madd_epi16(p[h], ones));
+        }
+      }
+      for (int m = 0; m < MT; ++m) {
+        const int blk = (g * a.G) / XB + b;
+        const __m256 d = _mm256_set1_ps(dx[m][blk]);
+        const __m256i off = _mm256_set1_epi32(MID * xqsum[m][blk]);
+        acc[m][0] = vf{_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sum[m][0], off)), d, acc[m][0].a),
+                       _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sum[m][1], off)), d, acc[m][0].b)};
+      }
+    }
+  });
+}
+#endif
+
 template <int BITS, int MT = 1>
 static void run_rows(const Args& a, int p0, int np, int m0, int mt) {  // mt rows, panels p0..p0+np
   if (mt != MT) {
@@ -231,6 +346,13 @@ static void run_rows(const Args& a, int p0, int np, int m0, int mt) {  // mt row
     if (a.xdt == BF16) {
       for (; p + NV <= p0 + np; p += NV) tile_bf16<BITS, MT, NV>(a, p, m0);
       for (; p < p0 + np; ++p) tile_bf16<BITS, MT, 1>(a, p, m0);
+      return;
+    }
+  }
+#elif ISA == 256
+  if constexpr (BITS != 3) {
+    if (int8_x && a.xdt != F32 && a.G % XB == 0) {  // fp32 x asks for fp32 arithmetic: it keeps the exact tile
+      for (; p < p0 + np; ++p) tile_int8_x<BITS, MT>(a, p, m0);
       return;
     }
   }
@@ -276,7 +398,7 @@ extern "C" int dynaexq_lowbit_mm(int bits, int G, int M, int N, int K, const voi
       for (int k = 0; k < G; ++k) t += xf[i * G + k];
       xs[i] = t;
     }
-    a.x = xf; a.xsum = xs; a.y = (char*)y + (long)r0 * N * es;
+    a.x = xf; a.xsum = xs; a.y = (char*)y + (long)r0 * N * es; a.epoch = ++x_epochs;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int u = 0; u < units; ++u) run_unit(a, bits, u, P);
   }
@@ -301,9 +423,9 @@ extern "C" int dynaexq_lowbit_grouped(int bits, int G, int N, int K, int E, cons
   base.rec_bytes = base.code_bytes + 32;
   base.panel_bytes = HEADER + ng * base.rec_bytes;
   grouped_rows(E, counts, blobs.data(), K, ng, G, x, dt, (P + 3) / 4, nthreads,
-               [&](int e, long r0, long m, int u, const float* xf, const float* xs) {
+               [&](int e, long r0, long m, int u, const float* xf, const float* xs, long epoch) {
     Args a = base;
-    a.M = (int)m; a.w = (const uint8_t*)blobs[e]; a.x = xf; a.xsum = xs; a.y = (char*)y + r0 * N * es;
+    a.M = (int)m; a.epoch = epoch; a.w = (const uint8_t*)blobs[e]; a.x = xf; a.xsum = xs; a.y = (char*)y + r0 * N * es;
     run_unit(a, bits, u, P);
   });
   return 0;

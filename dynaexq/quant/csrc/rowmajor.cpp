@@ -85,7 +85,7 @@ extern "C" int dynaexq_rowmajor_grouped(int wt, int N, int K, int E, const int64
   for (int e = 0; e < E; ++e) weights[e] = ptrs[3 * e];
   const int es = dt == F32 ? 4 : 2;
   grouped_rows(E, counts, weights.data(), K, 1, K, x, dt, (N + UNIT - 1) / UNIT, nthreads,
-               [&](int e, long r0, long m, int u, const float* xf, const float* xs) {
+               [&](int e, long r0, long m, int u, const float* xf, const float* xs, long) {
     const RArgs a{N, K, dt, (const char*)ptrs[3 * e], (const uint16_t*)ptrs[3 * e + 1],
                   (const uint16_t*)ptrs[3 * e + 2]};
     char* yr = (char*)y + r0 * N * es;

@@ -5,6 +5,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -133,6 +135,7 @@ static inline void vf_store_bf16(void* p, vf x) {
 #endif
 #if ISA
 enum { F32 = 0, BF16 = 1, F16 = 2 };  // dtype codes of x and y
+inline std::atomic<long> x_epochs{0};  // numbers each block of x a kernel converts (tiles' caches key on it)
 static inline uint16_t bf16_round(float f) {  // round to nearest even
   uint32_t u; memcpy(&u, &f, 4);
   return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
@@ -167,8 +170,9 @@ static void to_f32(const void* src, int dt, float* dst, long n) {
 // holds the rows grouped by expert (counts[e] rows for expert e, e ascending); experts with weights[e] == 0
 // are not of this tier and are skipped. Rows are cut into segments of <= SEG rows of one expert, segments
 // into batches of <= RB rows converted to fp32 at once (with `nsum` sums of `sumlen` inputs per row), and
-// `run(e, first row, rows, unit, x fp32, sums)` computes one unit of output columns of one segment; the
-// (segment, unit) items of a batch share one OpenMP loop.
+// `run(e, first row, rows, unit, x fp32, sums, epoch)` computes one unit of output columns of one segment (epoch:
+// this batch's number, a new one per batch: the buffer is reused); the (segment, unit) items of a batch share one
+// OpenMP loop.
 template <class Run>
 static void grouped_rows(int E, const int64_t* counts, const int64_t* weights, int K, int nsum, int sumlen,
                          const void* x, int dt, int units, int nthreads, Run run) {
@@ -198,11 +202,11 @@ static void grouped_rows(int E, const int64_t* counts, const int64_t* weights, i
         xs[j] = t;
       }
     }
-    const long items = (long)(s1 - s0) * units;
+    const long items = (long)(s1 - s0) * units, epoch = ++x_epochs;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic)
     for (long it = 0; it < items; ++it) {
       const Seg& s = segs[s0 + it / units];
-      run(s.e, s.r0, s.m, (int)(it % units), xf + s.off * K, xs + s.off * nsum);
+      run(s.e, s.r0, s.m, (int)(it % units), xf + s.off * K, xs + s.off * nsum, epoch);
     }
     s0 = s1;
   }
