@@ -115,7 +115,10 @@ def test_phase_oracle_is_the_oracle_map_of_each_phases_own_routing(bundled_store
             with torch.inference_mode():
                 logp = torch.log_softmax(ev.engine.model(input_ids=w).logits[0, :-1].double(), -1)
             ref = torch.from_numpy(np.array(ev.ref_logp[name][0][i])).double()
-            assert row["kl"] == pytest.approx((ref.exp() * (ref - logp)).sum(-1).mean().item(), rel=1e-3)
+            # the harness streams the window in steps of 16 tokens through the KV cache, this forward takes it
+            # whole: the same logits up to bf16 rounding order (0.18 % of this small KL on an AVX2 build, whose
+            # kernels' tiles differ from AVX-512's)
+            assert row["kl"] == pytest.approx((ref.exp() * (ref - logp)).sum(-1).mean().item(), rel=5e-3)
             assert row["expert_bytes"] <= budget
         assert got["policy"].startswith("phase-oracle") and got["expert_bytes"] <= budget
     finally:
