@@ -181,7 +181,7 @@ def main(argv=None) -> None:
             rows.append({"type": qtype + variant, "file_bytes": file_bytes, "read_budget": reads,
                          "dynaexq_weight_bytes": engine.weight_bytes(), "dynaexq_policy": engine.policy,
                          "dense": {p.value: n for p, n in _count(engine.dense_plan).items()},
-                         "dynaexq": ours, "llamacpp": theirs, "step_bytes": {"dynaexq": step_bytes(engine),
+                         "dynaexq": ours, "llamacpp": {**theirs, "decode": dict(theirs["decode"])}, "step_bytes": {"dynaexq": step_bytes(engine),
                                                                              "llamacpp": theirs_read}})
             engine.close()
             del engine

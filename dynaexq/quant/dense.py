@@ -3,7 +3,7 @@
 `DenseLinear(kernel, bias)` takes the place of a transformers `nn.Linear` (attention projections, shared experts,
 dense MLP layers, the output head) with the store's version of its weight (store/dense.py) at the planned
 precision, prepared by quant.kernels: int8 and floats on the native row-major kernel (floats below
-FLOAT_GEMM_ROWS rows; from there aten's GEMM), 2/3/4-bit on the fused low-bit kernel, each as one "tier" of one
+`gemm_rows()` rows; from there aten's GEMM), 2/3/4-bit on the fused low-bit kernel, each as one "tier" of one
 expert through the grouped driver (fp32 sums, one rounding into the activation dtype); other backends call the
 kernel itself. `DenseEmbedding(kernel, dtype)` takes the place of the input embedding and decodes only the rows a
 step reads from the same resident form, so a tied embedding and head share one copy of the bytes.
@@ -26,8 +26,16 @@ from dynaexq.quant.quantize import dequantize
 DENSE = ("model", "int8", "bf16")  # --dense: the manual override of every attention/MLP linear (head kept)
 # float weights from this many rows on run aten's GEMM (oneDNN; AVX512-BF16 where the CPU has it), below it the
 # native kernel; measured for a [4096, 2048] bf16 matrix on 2 Zen 4 cores: 0.61 vs 1.17 ms at 1 row, 0.63 vs
-# 0.96 at 4, 1.59 vs 1.10 at 8, 87 vs 22.6 at 512 (a prefill chunk)
+# 0.96 at 4, 1.59 vs 1.10 at 8, 87 vs 22.6 at 512 (a prefill chunk). Without AVX512-BF16 the GEMM is kernels.
+# FloatLinear's fp32 one on converted blocks, which the native kernel beats up to ~128 rows (AVX2 EPYC, 2
+# threads, [2048, 4096] bf16: 8.8 vs 19.9 ms at 32 rows, 35.7 vs 29.8 at 128, 157 vs 68 at 512)
 FLOAT_GEMM_ROWS = 8
+FLOAT_GEMM_ROWS_NO_BF16 = 128
+
+
+def gemm_rows() -> int:
+    """Rows from which a float weight runs a GEMM instead of the native row-major kernel, on this CPU."""
+    return FLOAT_GEMM_ROWS if kernels.native_half_gemm() else FLOAT_GEMM_ROWS_NO_BF16
 
 
 def _register(module: nn.Module, kernel) -> None:
@@ -56,7 +64,7 @@ class DenseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        gemm = isinstance(self.kernel, kernels.FloatLinear) and x2.shape[0] >= FLOAT_GEMM_ROWS
+        gemm = isinstance(self.kernel, kernels.FloatLinear) and x2.shape[0] >= gemm_rows()
         if self._tier is not None and x.device.type == "cpu" and grouped_cpu.supports(x.dtype) and not gemm:
             x2 = x2.contiguous()
             y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype)
@@ -128,7 +136,7 @@ class NativeWeight(nn.Parameter):
     """The float weight of a module that calls F.linear on it itself (transformers' MoE routers: `F.linear(hidden,
     self.weight[, self.bias])`, measured 225 us per call for a cold [128, 2048] bf16 router at one row, 4 % of a
     30B-shaped decode step): that call runs the native row-major kernel over this very tensor below
-    FLOAT_GEMM_ROWS rows on the CPU; every other use is the plain tensor's."""
+    `gemm_rows()` rows on the CPU (from there kernels.FloatLinear's GEMM); every other use is the plain tensor's."""
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -136,11 +144,14 @@ class NativeWeight(nn.Parameter):
         if func is torch.nn.functional.linear and len(args) >= 2 and isinstance(args[1], NativeWeight):
             x, w, bias = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias")
             if x.device.type == "cpu" and x.dtype == w.dtype and x.shape[-1] == w.shape[1] and \
-                    x.numel() < FLOAT_GEMM_ROWS * w.shape[1] and (bias is None or bias.dtype == w.dtype):
+                    (bias is None or bias.dtype == w.dtype):
                 x2 = x.reshape(-1, w.shape[1]).contiguous()
                 with torch._C.DisableTorchFunctionSubclass():
-                    y = torch.empty(x2.shape[0], w.shape[0], dtype=x.dtype)
-                    grouped_cpu.run(w.tier[0], torch.tensor([x2.shape[0]]), w.tier[1], x2, y)
+                    if x2.shape[0] < gemm_rows():
+                        y = torch.empty(x2.shape[0], w.shape[0], dtype=x.dtype)
+                        grouped_cpu.run(w.tier[0], torch.tensor([x2.shape[0]]), w.tier[1], x2, y)
+                    else:  # the GEMM this CPU runs fastest (kernels.FloatLinear)
+                        y = kernels.FloatLinear(w.as_subclass(torch.Tensor))(x2)
                     y = y if bias is None else y + bias
                     return y.view(*x.shape[:-1], w.shape[0])
         with torch._C.DisableTorchFunctionSubclass():
@@ -163,7 +174,7 @@ def _router_weight(module: nn.Module) -> NativeWeight | None:
 
 def native_floats(model) -> dict:
     """Every nn.Linear left with a float weight on the CPU runs that very tensor on the native row-major kernel
-    below FLOAT_GEMM_ROWS rows (a DenseLinear keeping it as `weight`) -> {module name: the module it replaced};
+    below `gemm_rows()` rows (a DenseLinear keeping it as `weight`) -> {module name: the module it replaced};
     a router's weight becomes a NativeWeight in place. Where no native kernel takes the shape, the module stays
     as it is."""
     swapped = {}

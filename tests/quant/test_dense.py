@@ -129,7 +129,7 @@ def test_float_linears_run_their_own_tensor_natively_at_few_rows(bundled_store):
 
 def test_routers_run_their_own_weight_natively_and_route_as_transformers_does(bundled_store):
     from dynaexq.quant import grouped_cpu
-    from dynaexq.quant.dense import NativeWeight
+    from dynaexq.quant.dense import NativeWeight, gemm_rows
 
     eng = dynaexq.load(bundled_store, "uniform:int4", progress=False)
     routers = {n: m for n, m in eng.model.named_modules() if type(m).__name__.endswith("Router")}
@@ -137,12 +137,12 @@ def test_routers_run_their_own_weight_natively_and_route_as_transformers_does(bu
     g = torch.Generator().manual_seed(1)
     for name, m in routers.items():
         plain = torch.nn.Parameter(m.weight.detach().clone(), requires_grad=False)  # transformers' own path
-        for rows in (1, 3, 16):  # native below 8 rows, aten's GEMM from there
+        for rows in (1, 3, 16, 200):  # native below gemm_rows() (8, or 128 without AVX512-BF16), a GEMM from there
             x = torch.randn(rows, m.weight.shape[1], generator=g).to(torch.bfloat16)
             before = grouped_cpu.calls
             with torch.no_grad():
                 logits, scores, idx = m(x)
-            assert (grouped_cpu.calls == before + 1) == (rows < 8), (name, rows)
+            assert (grouped_cpu.calls == before + 1) == (rows < gemm_rows()), (name, rows)
             want = x.double() @ m.weight.double().T  # float64 of the same bf16 operands
             assert type(logits) is torch.Tensor and logits.dtype == torch.bfloat16
             assert ((logits.double() - want).abs() <= want.abs() * 2.0 ** -8 + 1e-6).all(), (name, rows)
@@ -155,3 +155,19 @@ def test_routers_run_their_own_weight_natively_and_route_as_transformers_does(bu
             same = (logits == ref_logits).all(dim=-1)  # rows whose logits round alike route alike
             assert same.any(), (name, rows)
             assert torch.equal(idx[same], ref_idx[same]) and torch.equal(scores[same], ref_scores[same])
+
+
+def test_float_gemm_without_native_bf16_converts_blocks_to_fp32(monkeypatch):
+    """Where aten has no native bf16 GEMM (no AVX512-BF16), a bf16 weight multiplies as fp32 copies of FP32_BLOCK
+    rows at a time: float64 of the same bf16 operands, up to the bf16 output rounding, for any leading shape."""
+    from dynaexq.quant import kernels
+    monkeypatch.setattr(kernels, "native_half_gemm", lambda: False)
+    monkeypatch.setattr(kernels, "FP32_BLOCK", 16)  # 40 rows: two whole blocks and a partial one
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 64, generator=g).to(torch.bfloat16)
+    for shape in ((3, 64), (2, 5, 64)):
+        x = torch.randn(*shape, generator=g).to(torch.bfloat16)
+        y = kernels.FloatLinear(w)(x)
+        want = x.double() @ w.double().T
+        assert y.dtype == torch.bfloat16 and y.shape == (*shape[:-1], 40)
+        assert ((y.double() - want).abs() <= want.abs() * 2.0 ** -8 + 1e-6).all()
