@@ -51,14 +51,16 @@ class FloatLinear:
     def nbytes(self):
         return _nbytes(self.w)
 
-    def __call__(self, x):
+    def __call__(self, x, bias=None):
+        """x [..., K] -> x @ w^T (+ bias, added before the one rounding, as F.linear does) [..., N] in x's dtype."""
         if self.w.dtype in (torch.bfloat16, torch.float16) and self.w.device.type == "cpu" and not native_half_gemm():
             xf = x.float()
             y = torch.empty(*x.shape[:-1], self.w.shape[0], dtype=torch.float32)
             for n0 in range(0, self.w.shape[0], FP32_BLOCK):  # fp32 GEMM on fp32 copies of FP32_BLOCK rows
-                y[..., n0:n0 + FP32_BLOCK] = F.linear(xf, self.w[n0:n0 + FP32_BLOCK].float())
+                b = None if bias is None else bias[n0:n0 + FP32_BLOCK].float()
+                y[..., n0:n0 + FP32_BLOCK] = F.linear(xf, self.w[n0:n0 + FP32_BLOCK].float(), b)
             return y.to(x.dtype)
-        return F.linear(x.to(self.w.dtype), self.w).to(x.dtype)
+        return F.linear(x.to(self.w.dtype), self.w, bias).to(x.dtype)
 
 
 @dataclass
