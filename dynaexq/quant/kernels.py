@@ -4,7 +4,8 @@
 an `nbytes` attribute (the bytes it keeps resident) and `tensor_data_names` (the fields holding them: `place()`
 lays exactly those into a slot). The kernel for a weight is looked up in one registry by (format kind, backend):
   reference  float64 dequantize-then-matmul: the independent slow path every fast path is held to.
-  cpu        float -> F.linear (bf16/fp16 on a CPU without AVX512-BF16: fp32 GEMM on converted blocks); int8 -> aten._weight_int8pack_mm (bf16 activations: fp32 is 10-60x slower);
+  cpu        float -> F.linear (bf16/fp16 without AVX512-BF16: fp32 GEMM on converted blocks);
+             int8 -> aten._weight_int8pack_mm (bf16 activations: fp32 is 10-60x slower);
              grouped 2/3/4-bit -> `lowbit_cpu` (the fused C++ kernel; codes stay at their bits).
   cuda       float -> F.linear; grouped -> aten._weight_int4pack_mm (tinygemm; <= 4-bit codes are int4 codes);
              int8 -> dequantize per call. UNVERIFIED: written without a GPU.

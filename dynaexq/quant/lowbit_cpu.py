@@ -13,8 +13,8 @@ max (once per call), 32 byte codes times 32 int8 inputs in one vpmaddubsw. Measu
 threads): 1.7-1.8x the fp32 tile's speed at 1 row, 1.15-1.5x at 64-512 rows; the price is x rounded to 8 bits
 per 32 inputs (the weights' offsets still multiply the exact x): on the bundled model the KL to bf16 is
 unchanged within noise (int4 0.00171 vs 0.00173 exact, int2 0.00809 vs 0.00813, 200 decode steps).
-DYNAEXQ_EXACT_KERNELS=1 (or `int8_activations(False)`) keeps every tile exact; fp32 x always is. It is JIT-compiled with -march=native
-on first use through torch.utils.cpp_extension (needs `ninja` and a C++ compiler) into $TORCH_EXTENSIONS_DIR or
+DYNAEXQ_EXACT_KERNELS=1 (or `int8_activations(False)`) keeps every tile exact; fp32 x always is.
+It is JIT-compiled with -march=native on first use through torch.utils.cpp_extension (needs `ninja` and a C++ compiler) into $TORCH_EXTENSIONS_DIR or
 ~/.cache/dynaexq/torch_extensions, then called through ctypes (the GIL is released during the call).
 
 Fallback (build failure, a CPU without AVX2/FMA/F16C, or DYNAEXQ_NO_CPU_EXT=1; one warning says so): codes of

@@ -15,10 +15,9 @@
 // i.e. W = s * q + b exactly. A word shifted right by `bits` per k leaves the next code in its low bits; one
 // vpermps on a table of code values (it reads only the low 4 index bits; AVX2: 3, so int4 masks and converts)
 // turns 16 codes into floats, and one FMA per row of x accumulates them: 3 vector ops per 16 weights at M = 1.
-// Tiles: MT rows of x x NV panels in registers; OpenMP over units of 4 panels (64 output rows).
+// Tiles: MT rows of x x NV panels in registers; OpenMP over units of 4 panels (64 output rows). AVX2 builds
+// multiply bf16/fp16 x with 4/2-bit codes in the int8-activation tile instead (tile_int8_x below).
 #include "simd.h"
-
-#include <cmath>
 
 constexpr int HEADER = 6;  // bytes of a panel's range header
 constexpr int PF = 2;  // software prefetch distance, in groups (the hardware's alone is 10-25% slower)
@@ -84,7 +83,6 @@ struct Args {
   int xdt;            // the dtype x came in (BF16: a.x holds exact bf16 values)
   long epoch;         // which block of x a.x holds (a new value per converted block: tile caches key on it)
 };
-
 
 
 // The walk every tile shares: MT rows of x (from row m0) times NV panels (from panel p0), y[m0:m0+MT,
@@ -218,13 +216,13 @@ static void tile_bf16(const Args& a, int p0, int m0) {
 
 extern "C" int dynaexq_lowbit_bf16_dot() { return LOWBIT_BF16; }
 
-// The int8-activation tile (llama.cpp's Q8 scheme) for 4- and 2-bit codes on AVX2 builds: decoding a code into a
-// float per weight (and + convert + FMA: 4 ops per 8 weights) is what bounds the fp32 tile, at decode's few rows
-// ~half the read bandwidth per core. Here each block of XB inputs
-// of a row of x is quantized once per call to int8 (xq = round(x / dx), dx = max|x| / 127) and the codes stay
-// bytes: one vpmaddubsw multiplies 32 codes by 32 xq, one vpmaddwd sums them into int32 (~8 ops per 64 weights),
-// and a block's sum is dx * sum(q * xq). Not exact: x is rounded to 8 bits per block (the weight's zero-point
-// term uses the exact sum of x); bf16/fp16 x only (fp32 x keeps the fp32 tile), and
+// The int8-activation tile (llama.cpp's Q8_0 scheme) for 4- and 2-bit codes on AVX2 builds: decoding a code into
+// a float per weight (and + convert + FMA: 4 ops per 8 weights) is what bounds the fp32 tile, at decode's few rows
+// ~half the read bandwidth per core. Here each block of XB inputs of a row of x is quantized once per call to
+// int8 (xq = round(x / dx), dx = max|x| / 127) and the codes stay bytes: one vpmaddubsw multiplies 32 codes by 32
+// xq, one vpmaddwd sums them into int32 (~8 ops per 64 weights), and a block's sum is dx * sum(q * xq). Not
+// exact: x is rounded to 8 bits per block (the weights' offsets multiply the exact sum of x); bf16/fp16 x only
+// (fp32 x keeps the fp32 tile), at every row count (a row's result does not depend on its batch), and
 // dynaexq_lowbit_set_int8_x(0) keeps every tile exact.
 #if ISA == 256
 static int int8_x = 1;
@@ -425,7 +423,8 @@ extern "C" int dynaexq_lowbit_grouped(int bits, int G, int N, int K, int E, cons
   grouped_rows(E, counts, blobs.data(), K, ng, G, x, dt, (P + 3) / 4, nthreads,
                [&](int e, long r0, long m, int u, const float* xf, const float* xs, long epoch) {
     Args a = base;
-    a.M = (int)m; a.epoch = epoch; a.w = (const uint8_t*)blobs[e]; a.x = xf; a.xsum = xs; a.y = (char*)y + r0 * N * es;
+    a.M = (int)m; a.epoch = epoch; a.w = (const uint8_t*)blobs[e];
+    a.x = xf; a.xsum = xs; a.y = (char*)y + r0 * N * es;
     run_unit(a, bits, u, P);
   });
   return 0;
