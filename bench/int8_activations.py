@@ -1,5 +1,6 @@
 """The int8-activation tile (AVX2 builds) against the exact fp32 tile: speed of one 4/2-bit matmul per row count,
-and what rounding x to int8 costs in quality on the bundled model.
+and what rounding x to int8 costs in quality on the bundled model; and the bf16 GEMMs a CPU without AVX512-BF16
+chooses between.
 
 Command:
 
@@ -7,6 +8,8 @@ Command:
 
 Speed: a [1536, 2048] gate_up-shaped weight at int4 and int2 (random, quantized by `quantize`), bf16 x of
 --rows rows, median of 20 calls each way (`lowbit_cpu.int8_activations(True / False)`), 2 threads.
+GEMM: a [2048, 4096] bf16 weight at 8-512 rows: aten's bf16 GEMM, kernels.FloatLinear (fp32 on converted
+blocks where aten has no native bf16 GEMM, else aten's), the native row-major kernel; median of 5.
 Quality: the bundled model at `uniform:int4`, `uniform:int2` (dense weights as loaded), --steps tokens of the
 README decoded one token per forward (the KV cache, teacher-forced: the decode path, 1 row per expert), the
 mean KL(bf16 model || quantized model) per token with each tile, and KL(exact tile || int8 tile).
@@ -36,6 +39,25 @@ def _median_s(f, n: int = 20) -> float:
         f()
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
+
+
+def gemm(rows) -> list[dict]:
+    """A [2048, 4096] bf16 weight times bf16 x: aten's bf16 GEMM, kernels.FloatLinear's fp32 blocks, the native
+    row-major kernel (quant.dense picks between the last two by gemm_rows())."""
+    import torch.nn.functional as F
+    from dynaexq.quant import grouped_cpu, kernels
+    w = (torch.randn(2048, 4096, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+    blocks = kernels.FloatLinear(w)
+    key, ptrs = grouped_cpu.spec(blocks)
+    ptrs = torch.tensor([ptrs])
+    out = []
+    for m in rows:
+        x = torch.randn(m, 4096, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+        y = torch.empty(m, 2048, dtype=torch.bfloat16)
+        out.append({"rows": m, "aten_bf16_ms": _median_s(lambda: F.linear(x, w), 5) * 1e3,
+                    "fp32_blocks_ms": _median_s(lambda: blocks(x), 5) * 1e3,
+                    "native_ms": _median_s(lambda: grouped_cpu.run(key, torch.tensor([m]), ptrs, x, y), 5) * 1e3})
+    return out
 
 
 def speed(rows) -> list[dict]:
@@ -104,16 +126,20 @@ def main(argv=None) -> None:
         print("this build is not AVX2's (or did not build): the int8-activation tile is not used here")
         return
     fast = speed([int(r) for r in args.rows.split(",")])
+    dense = gemm([8, 32, 128, 512])
     good = quality(args.steps)
     print(f"{'':6} {'rows':>5} {'exact us':>9} {'int8 us':>8} {'speed-up':>9}")
     for r in fast:
         print(f"{r['precision']:6} {r['rows']:>5} {r['exact_us']:>9.1f} {r['int8_us']:>8.1f} "
               f"{r['exact_us'] / r['int8_us']:>8.2f}x")
+    print(f"\nbf16 [2048, 4096] weight, ms: {'rows':>5} {'aten bf16':>10} {'fp32 blocks':>12} {'native':>8}")
+    for r in dense:
+        print(f"{'':29} {r['rows']:>5} {r['aten_bf16_ms']:>10.2f} {r['fp32_blocks_ms']:>12.2f} {r['native_ms']:>8.2f}")
     print(f"\nbundled model, {args.steps} decode steps: mean KL to the bf16 model")
     for r in good:
         print(f"  {r['policy']:14} exact tile {r['kl_exact']:.5f}  int8 tile {r['kl_int8']:.5f}  "
               f"exact vs int8 {r['kl_exact_vs_int8']:.5f}")
-    print(json.dumps({"speed": fast, "quality": good}))
+    print(json.dumps({"speed": fast, "gemm": dense, "quality": good}))
 
 
 if __name__ == "__main__":

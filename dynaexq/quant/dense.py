@@ -28,7 +28,8 @@ DENSE = ("model", "int8", "bf16")  # --dense: the manual override of every atten
 # native kernel; measured for a [4096, 2048] bf16 matrix on 2 Zen 4 cores: 0.61 vs 1.17 ms at 1 row, 0.63 vs
 # 0.96 at 4, 1.59 vs 1.10 at 8, 87 vs 22.6 at 512 (a prefill chunk). Without AVX512-BF16 the GEMM is kernels.
 # FloatLinear's fp32 one on converted blocks, which the native kernel beats up to ~128 rows (AVX2 EPYC, 2
-# threads, [2048, 4096] bf16: 8.8 vs 19.9 ms at 32 rows, 35.7 vs 29.8 at 128, 157 vs 68 at 512)
+# threads, [2048, 4096] bf16, bench/int8_activations.py: 8.3 vs 21.7 ms at 32 rows, 33.8 vs 30.6 at 128, 132 vs
+# 69 at 512)
 FLOAT_GEMM_ROWS = 8
 FLOAT_GEMM_ROWS_NO_BF16 = 128
 

@@ -35,8 +35,8 @@ def _nbytes(*tensors) -> int:
 @functools.cache
 def native_half_gemm() -> bool:
     """Whether aten multiplies bf16/fp16 matrices natively on this CPU (AVX512-BF16). Without it its GEMM is
-    slower than converting the weight to fp32 (measured on an AVX2 EPYC, 2 threads, [512, 4096] x [4096, 2048]:
-    405 ms bf16, 68 ms converting to fp32 and multiplying)."""
+    slower than converting the weight to fp32 (bench/int8_activations.py on an AVX2 EPYC, 2 threads, [512, 4096]
+    x [4096, 2048]: 395 ms bf16, 69 ms converting to fp32 and multiplying)."""
     return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)())
 
 

@@ -9,7 +9,7 @@ that one vdpbf16ps multiplies (exact: x is bf16, the codes small integers), half
 fp32 tile; tiles of more rows (prefill) stay on the fp32 tile, which is faster there. On AVX2 builds,
 bf16/fp16 x with 4/2-bit codes takes the int8-activation tile instead, at every row count (so a row's result
 does not depend on its batch): llama.cpp's Q8_0 scheme, each block of 32 inputs of x rounded to int8 against its
-max (once per call), 32 byte codes times 32 int8 inputs in one vpmaddubsw: 1.9-2.6x the fp32 tile's speed at 1
+max (once per call), 32 byte codes times 32 int8 inputs in one vpmaddubsw: 1.8-2.6x the fp32 tile's speed at 1
 row, 1.5-1.8x at 64-512 rows; the price is x rounded to 8 bits per 32 inputs (the weights' offsets still
 multiply the exact x), which moves the bundled model's KL within its noise (bench/int8_activations.py).
 DYNAEXQ_EXACT_KERNELS=1 (or `int8_activations(False)`) keeps every tile exact; fp32 x always is.
