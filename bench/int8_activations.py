@@ -83,7 +83,7 @@ def speed(rows) -> list[dict]:
 def decode_logits(engine, ids) -> torch.Tensor:
     from transformers import DynamicCache
     cache = DynamicCache(config=engine.model.config)
-    return torch.stack([engine.model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+    return torch.stack([engine.run(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
                         .logits[0, -1].float() for t in range(ids.shape[1])])
 
 

@@ -181,8 +181,8 @@ def main(argv=None) -> None:
             rows.append({"type": qtype + variant, "file_bytes": file_bytes, "read_budget": reads,
                          "dynaexq_weight_bytes": engine.weight_bytes(), "dynaexq_policy": engine.policy,
                          "dense": {p.value: n for p, n in _count(engine.dense_plan).items()},
-                         "dynaexq": ours, "llamacpp": {**theirs, "decode": dict(theirs["decode"])}, "step_bytes": {"dynaexq": step_bytes(engine),
-                                                                             "llamacpp": theirs_read}})
+                         "dynaexq": ours, "llamacpp": {**theirs, "decode": dict(theirs["decode"])},
+                         "step_bytes": {"dynaexq": step_bytes(engine), "llamacpp": theirs_read}})
             engine.close()
             del engine
     print(f"whole model, {args.layers} layers x 128 experts, vocab {args.vocab}; {args.threads} threads; read "

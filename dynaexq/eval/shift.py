@@ -239,8 +239,7 @@ def write_outputs(report: dict, outdir: Path) -> list:
 
 def evaluate_shift(model, data=None, policies=None, budgets=None, windows=EVAL_WINDOWS, window_tokens=WINDOW_TOKENS,
                    calibration=None, calibration_windows=CALIBRATION_WINDOWS, repeats: int | None = None,
-                   step_tokens: int = 32,
-                   config: RuntimeConfig = RuntimeConfig(), progress=True, store=None,
+                   step_tokens: int = 32, config: RuntimeConfig = RuntimeConfig(), progress=True, store=None,
                    dtype=torch.float32, verify=VERIFY, scenario: str = "shift", dense: str = "model",
                    device="cpu", record_routing=None) -> dict:
     """The whole `dynaexq eval --scenario ...` -> JSON report (every policy at every budget; default int3)."""

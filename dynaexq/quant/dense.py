@@ -137,7 +137,7 @@ class NativeWeight(nn.Parameter):
     """The float weight of a module that calls F.linear on it itself (transformers' MoE routers: `F.linear(hidden,
     self.weight[, self.bias])`, measured 225 us per call for a cold [128, 2048] bf16 router at one row, 4 % of a
     30B-shaped decode step): that call runs the native row-major kernel over this very tensor below
-    `gemm_rows()` rows on the CPU (from there aten's GEMM, or kernels.FloatLinear's fp32 blocks where aten has no
+    `gemm_rows()` rows on the CPU (from there kernels.FloatLinear: aten's GEMM, or fp32 blocks where aten has no
     native bf16 one); every other use is the plain tensor's."""
 
     @classmethod
@@ -153,10 +153,9 @@ class NativeWeight(nn.Parameter):
                         y = torch.empty(x2.shape[0], w.shape[0], dtype=x.dtype)
                         grouped_cpu.run(w.tier[0], torch.tensor([x2.shape[0]]), w.tier[1], x2, y)
                         y = y if bias is None else y + bias
-                        return y.view(*x.shape[:-1], w.shape[0])
-                    if not kernels.native_half_gemm():  # aten's bf16 GEMM is the slow one here: fp32 blocks
+                    else:  # the GEMM this CPU runs fastest, bias fused as F.linear fuses it
                         y = kernels.FloatLinear(w.as_subclass(torch.Tensor))(x2, bias)
-                        return y.view(*x.shape[:-1], w.shape[0])
+                    return y.view(*x.shape[:-1], w.shape[0])
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 

@@ -199,8 +199,9 @@ def test_avx2_int8_activation_tile(weights, avx2, bits):
                 def run(xx, on):
                     lowbit_cpu.int8_activations(on, lib)
                     y = torch.empty(xx.shape[0], n, dtype=xx.dtype)
-                    assert lib.dynaexq_lowbit_mm(bits, g, xx.shape[0], n, k, xx.data_ptr(), {torch.bfloat16: 1}.get(
-                        xx.dtype, 0), blob.data_ptr(), y.data_ptr(), 2) == 0
+                    code = lowbit_cpu._DTYPE_CODE[xx.dtype]
+                    assert lib.dynaexq_lowbit_mm(bits, g, xx.shape[0], n, k, xx.data_ptr(), code, blob.data_ptr(),
+                                                 y.data_ptr(), 2) == 0
                     return y
 
                 y = run(x, True)
