@@ -20,6 +20,15 @@ def packed_nbytes(numel: int, bits: int) -> int:
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """codes: integer tensor of any shape with values in [0, 2**bits) -> flat uint8 tensor."""
+    if bits in (8, 4, 2):  # whole codes per byte (low bits first): shift and or in uint8, as `unpack` reads them
+        per = 8 // bits
+        flat = codes.reshape(-1).to(torch.uint8)
+        pad = (-flat.numel()) % per
+        v = torch.cat([flat, flat.new_zeros(pad)]).view(-1, per) if pad else flat.view(-1, per)
+        out = v[:, 0].clone()
+        for i in range(1, per):
+            out |= v[:, i] << (i * bits)
+        return out
     per = _CODES_PER_WORD[bits]
     flat = codes.reshape(-1).to(torch.int32)
     pad = (-flat.numel()) % per

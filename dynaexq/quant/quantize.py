@@ -28,6 +28,7 @@ from dynaexq.quant.precision import Precision
 
 DAMP = 0.01  # GPTQ dampening: H + DAMP * mean(diag H) * I
 GRID = (1.0, 0.9, 0.8)  # shrink factors of the min/max range tried for each group's fit
+FIT_ROWS = 256  # rows per block of the range fit in _tile_ranges
 BLOCK = 32  # GPTQ lazy-update block (columns): small keeps the per-column in-block update cheap
 
 
@@ -107,9 +108,13 @@ def factor(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     diag = torch.diagonal(H, dim1=-2, dim2=-1)
     diag[diag <= 0] = 1  # inputs that never fire: any value serves
     diag += DAMP * diag.mean(-1, keepdim=True)
-    # one matrix at a time, the factorizations in float64: bounded memory, no loss of definiteness
-    Hinv = torch.stack([torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h.double())),
-                                              upper=True).float() for h in H])
+    # one matrix at a time, in float64 (bounded memory, no loss of definiteness). The upper factor U of H^-1
+    # (U^T U = H^-1) is the inverse of H's "reverse" Cholesky factor R (H = R R^T, R upper), and R is the lower
+    # factor of H with rows and columns reversed: one factorization and one triangular solve, where factoring
+    # H, inverting it and factoring the inverse took 1.5x the time (2048 x 2048 on 2 cores: 0.29 vs 0.43 s).
+    eye = torch.eye(H.shape[-1], dtype=torch.float64)
+    Hinv = torch.stack([torch.linalg.solve_triangular(torch.linalg.cholesky(h.double().flip(0, 1)), eye,
+                                                      upper=False).flip(0, 1).float() for h in H])
     return diag.clone(), Hinv
 
 
@@ -142,21 +147,34 @@ def _int8(w: torch.Tensor, precision: Precision) -> QuantizedWeight:
 
 def _fit(wg: torch.Tensor, a: torch.Tensor, qmax: int, iters: int = 4, grid=None):
     """Per group, s and b of w ~ s*q + b minimizing sum a*(w - s q - b)^2: best over GRID of alternating
-    least squares from a shrunk min/max range. wg [..., G], a [..., G] >= 0 -> (s, b) [..., 1]."""
+    least squares from a shrunk min/max range. wg [..., G], a >= 0 broadcastable to it -> (s, b) [..., 1].
+    The weighted moments come from sum(a q), sum(a q^2) and sum(q a w) (a w computed once), so an iteration
+    makes ~10 passes over the group's weights instead of ~17."""
     mn, mx = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-    mid, sa = (mn + mx) / 2, a.sum(-1, keepdim=True).clamp(min=1e-30)
+    mid = (mn + mx) / 2
+    aw = a * wg
+    sa = a.sum(-1, keepdim=True).clamp(min=1e-30)
+    mw = aw.sum(-1, keepdim=True) / sa
+
+    def codes(s, b):  # round((w - b) / s) clamped, as one fused multiply-add, a rounding and a clamp
+        inv = 1 / s
+        return torch.addcmul(-b * inv, wg, inv).round_().clamp_(0, qmax)
+
     best = None
     for shrink in grid or GRID:
         lo, hi = mid + (mn - mid) * shrink, mid + (mx - mid) * shrink
         s, b = ((hi - lo) / qmax).clamp(min=1e-12), lo
         for _ in range(iters):
-            q = torch.round((wg - b) / s).clamp_(0, qmax)
-            mq, mw = (a * q).sum(-1, keepdim=True) / sa, (a * wg).sum(-1, keepdim=True) / sa
-            var = (a * (q - mq) ** 2).sum(-1, keepdim=True)
-            cov = (a * (q - mq) * (wg - mw)).sum(-1, keepdim=True)
+            q = codes(s, b)
+            aq = a * q
+            saq = aq.sum(-1, keepdim=True)
+            mq = saq / sa
+            var = (aq * q).sum(-1, keepdim=True) - saq * mq  # sum a (q - mq)^2
+            cov = (q * aw).sum(-1, keepdim=True) - saq * mw  # sum a (q - mq) (w - mw)
             s = torch.where(var > 1e-20, cov / var.clamp(min=1e-20), s).clamp(min=1e-12)
             b = mw - s * mq
-        err = (a * (wg - s * torch.round((wg - b) / s).clamp(0, qmax) - b) ** 2).sum(-1, keepdim=True)
+        r = torch.addcmul(wg - b, codes(s, b), s, value=-1)  # w - s q - b
+        err = (a * r * r).sum(-1, keepdim=True)
         if best is None:
             best = [s, b, err]
         else:
@@ -168,7 +186,10 @@ def _fit(wg: torch.Tensor, a: torch.Tensor, qmax: int, iters: int = 4, grid=None
 def _tile_ranges(W: torch.Tensor, a: torch.Tensor, qmax: int, g: int) -> torch.Tensor:
     """fp16 (ds, db, bmin) per tile of 16 rows [B, T, 3], from a fit of the original weights."""
     b, n, k = W.shape
-    s, off = _fit(W.view(b, n, k // g, g), a.view(b, 1, k // g, g).expand(b, n, k // g, g), qmax, 1, (1.0,))
+    # in blocks of rows (each row's fit is its own): the fit's temporaries are a block's, not the whole stack's
+    fits = [_fit(W[:, r:r + FIT_ROWS].reshape(b, -1, k // g, g), a.view(b, 1, k // g, g), qmax, 1, (1.0,))
+            for r in range(0, n, FIT_ROWS)]
+    s, off = torch.cat([f[0] for f in fits], 1), torch.cat([f[1] for f in fits], 1)
     pad = -n % TILE
     s, off = s.view(b, n, -1), off.view(b, n, -1)
     if pad:
@@ -190,7 +211,7 @@ def _code(s, off, r):
 
 
 def _gptq(W: torch.Tensor, bits: int, g: int, factored: tuple | None):
-    """Batched GPTQ into the grouped format -> (codes [B, N, K] int32, scale codes, offset codes [B, N, ng] uint8,
+    """Batched GPTQ into the grouped format -> (codes [B, N, K] uint8, scale codes, offset codes [B, N, ng] uint8,
     ranges [B, T, 3] fp16). factored: `factor(H)`, or None for no calibration (plain weight error: with H = I the
     error feedback below vanishes)."""
     b, n, k = W.shape
@@ -198,34 +219,34 @@ def _gptq(W: torch.Tensor, bits: int, g: int, factored: tuple | None):
     diag, Hinv = (torch.ones(b, k), None) if factored is None else factored
     ranges = _tile_ranges(W, diag, qmax, g)
     r = ranges.float().repeat_interleave(TILE, 1)[:, :n]  # [B, N, 3]
-    W = W.clone()
-    codes = torch.empty(b, k, n, dtype=torch.int32)  # column-major while it is built: contiguous columns
+    WT = W.transpose(1, 2).contiguous()  # [B, K, N]: a column of W is a contiguous row, updated in place
+    codes = torch.empty(b, n, k, dtype=torch.uint8)  # each block's columns transposed in at its end
     sc_all = torch.empty(b, n, k // g, dtype=torch.uint8)
     oc_all = torch.empty_like(sc_all)
     block = max(g, BLOCK // g * g)
     for c0 in range(0, k, block):
         c1 = min(c0 + block, k)
-        W1 = W[:, :, c0:c1].transpose(1, 2).contiguous()  # [B, cols, N]: a column is contiguous
-        err = torch.zeros_like(W1)
+        W1 = WT[:, c0:c1]  # [B, cols, N], a view
+        err, qs = torch.empty_like(W1), torch.empty_like(W1)  # [B, cols, N] each: errors, codes
         for i in range(c1 - c0):
             j = c0 + i
             if j % g == 0:  # this group's (s, b), fitted on its current, error-compensated weights
                 grp = W1[:, i:i + g].transpose(1, 2).contiguous()  # [B, N, g]
-                s, off = _fit(grp, diag[:, None, j:j + g].expand(b, n, g), qmax)
+                s, off = _fit(grp, diag[:, None, j:j + g], qmax)
                 sc, oc, s, off = _code(s, off, r)
                 sc_all[:, :, j // g], oc_all[:, :, j // g] = sc[..., 0].to(torch.uint8), oc[..., 0].to(torch.uint8)
                 s, off = s[..., 0], off[..., 0]  # [B, N]
-            col = W1[:, i]
-            q = torch.round((col - off) / s).clamp_(0, qmax)
-            codes[:, j] = q.to(torch.int32)
+                inv_s = 1 / s
+            c = W1[:, i] - off  # [B, N]
+            q = torch.mul(c, inv_s, out=qs[:, i]).round_().clamp_(0, qmax)
             if Hinv is None:
                 continue
-            e = (col - (s * q + off)) / Hinv[:, j, j][:, None]  # [B, N]
-            W1[:, i:] -= Hinv[:, j, j:c1][:, :, None] * e[:, None, :]
+            e = torch.addcmul(c, q, s, value=-1).div_(Hinv[:, j, j, None])  # (w - (s q + b)) / U_jj
+            W1[:, i + 1:].addcmul_(Hinv[:, j, j + 1:c1, None], e[:, None, :], value=-1)  # in place, one pass
             err[:, i] = e
-        if Hinv is not None and c1 < k:
-            W[:, :, c1:] -= err.transpose(1, 2) @ Hinv[:, c0:c1, c1:]
-    codes = codes.transpose(1, 2).contiguous()
+        codes[:, :, c0:c1] = qs.transpose(1, 2)  # a small transpose (one big one at the end cost 10 % of the run)
+        if Hinv is not None and c1 < k:  # the lazy update of the later columns: one GEMM into them, in place
+            WT[:, c1:].baddbmm_(Hinv[:, c0:c1, c1:].transpose(1, 2), err, alpha=-1)
     return codes, sc_all, oc_all, ranges
 
 
