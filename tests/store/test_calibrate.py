@@ -65,9 +65,12 @@ def _capture(monkeypatch) -> dict:
     return seen
 
 
-def test_each_experts_moments_are_its_routed_inputs_pooled_with_the_layer(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("chunk_tokens", [4096, 32])  # all windows through a layer at once; one window a chunk
+def test_each_experts_moments_are_its_routed_inputs_pooled_with_the_layer(tiny, tmp_path, monkeypatch, chunk_tokens):
     ck, text = tiny
     seen = _capture(monkeypatch)
+    from dynaexq.engine import calibrate
+    monkeypatch.setattr(calibrate, "CHUNK_TOKENS", chunk_tokens)
     store = prepare_store(ck, tmp_path / "st", ["bf16", "int4", "int2"], [str(text)], windows=4, window_tokens=32,
                           progress=False)
     from dynaexq.engine.model import calibration_tokens, load_tokenizer
@@ -89,6 +92,40 @@ def test_each_experts_moments_are_its_routed_inputs_pooled_with_the_layer(tiny, 
         e4, e2 = stats["int4"]["error"], stats["int2"]["error"]
         assert all(0 < a < b and math.isfinite(b) for a, b in zip(e4, e2))
         assert all(v > 0 and math.isfinite(v) for v in stats["int4"]["energy"])
+
+
+@pytest.mark.parametrize("chunk_tokens", [4096, 32])
+def test_each_dense_matrix_is_quantized_against_its_inputs_moment_over_every_token(tiny, tmp_path, monkeypatch,
+                                                                                  chunk_tokens):
+    ck, text = tiny
+    from dynaexq.engine import calibrate
+    monkeypatch.setattr(calibrate, "CHUNK_TOKENS", chunk_tokens)
+    got, real = {}, prep.PrepareJob.add_dense
+
+    def capture(self, name, H=None, W=None):
+        got[name] = H
+        return real(self, name, H, W)
+
+    monkeypatch.setattr(prep.PrepareJob, "add_dense", capture)
+    prepare_store(ck, tmp_path / "st", ["int4"], [str(text)], windows=4, window_tokens=32, progress=False)
+    from dynaexq.engine.model import calibration_tokens, load_tokenizer
+    ids = calibration_tokens(load_tokenizer(ck), [text], 4, 32)
+    # the reference: transformers' own model, every linear's input over every token, in float64
+    model = T.AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32, experts_implementation="eager").eval()
+    want, hooks = {}, []
+    for name, mod in model.named_modules():
+        if name in got and isinstance(mod, torch.nn.Linear):
+            def hook(m, args, name=name):
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                want[name] = x.T @ x / len(x)
+            hooks.append(mod.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(input_ids=ids)
+    linear = [n for n in got if n in want]
+    assert any("q_proj" in n for n in linear) and any("o_proj" in n for n in linear) and "lm_head" in linear
+    for name in linear:
+        assert torch.allclose(got[name].double(), want[name], rtol=1e-4, atol=1e-6), name
+    assert got["model.embed_tokens"] is None  # read by rows: weight error
 
 
 def test_a_never_routed_expert_gets_the_layers_statistics(tiny, tmp_path, monkeypatch):
