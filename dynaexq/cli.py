@@ -13,6 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from dynaexq.cli_export import add_export_parser
+from dynaexq.cli_serve import add_serve_parser
 from dynaexq.cli_trace import add_trace_parser
 from dynaexq.config import CALIBRATION_WINDOWS, EVAL_WINDOWS, POLICY, VERIFY, WINDOW_TOKENS
 from dynaexq.errors import UserError
@@ -38,6 +39,14 @@ def cmd_prepare(args) -> int:
                         args.calibration_windows, runner=runner)
     print(f"store ready at {out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return 0
+
+
+def _load_kwargs(args) -> dict:
+    """dynaexq.load's keyword arguments from the flags generate and serve share."""
+    return dict(policy=args.policy, expert_budget=args.expert_budget, store=args.store, calibration=args.calibration,
+                runtime=_runtime_config(args), dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense,
+                threads=_threads(args), device=args.device, weight_budget=args.weight_budget,
+                read_budget=args.read_budget)
 
 
 def _runtime_config(args):
@@ -72,44 +81,11 @@ def add_config_flags(group, base) -> None:
             group.add_argument(flag, type=kind, default=None, help=f.metadata["help"] + shown)
 
 
-def cmd_serve(args) -> int:
-    import uvicorn
-
-    import dynaexq
-    from dynaexq.serve.app import create_app
-    from dynaexq.config import ServeConfig
-
-    config = _config(args, ServeConfig) or ServeConfig()
-    if args.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
-        print(f"dynaexq: warning: serving on {args.host} without --api-key: anyone who can reach this address can "
-              "use the server", file=sys.stderr)
-    engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
-                          store=args.store, calibration=args.calibration, runtime=_runtime_config(args),
-                          dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense, threads=_threads(args),
-                          device=args.device, weight_budget=args.weight_budget, read_budget=args.read_budget)
-    if args.record_routing:
-        engine.record_routing(args.record_routing)
-    try:
-        app = create_app(engine, config)
-    except BaseException:
-        engine.close()
-        raise
-    server = app.state.server
-    print(f"dynaexq: serving {server.model_name} ({engine.policy}, max batch {server.scheduler.max_batch}, context "
-          f"{server.context}) at http://{args.host}:{args.port}/v1 (dashboard /dashboard, metrics /metrics)",
-          file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)  # its shutdown closes the engine
-    return 0
-
-
 def cmd_generate(args) -> int:
     import dynaexq
     from dynaexq.sizes import format_size
 
-    engine = dynaexq.load(_model_path(args.model), policy=args.policy, expert_budget=args.expert_budget,
-                          store=args.store, calibration=args.calibration, runtime=_runtime_config(args),
-                          dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense, threads=_threads(args),
-                          device=args.device, weight_budget=args.weight_budget, read_budget=args.read_budget)
+    engine = dynaexq.load(_model_path(args.model), **_load_kwargs(args))
     if args.record_routing:
         engine.record_routing(args.record_routing)
     try:
@@ -436,33 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_flags(sl)
     sl.set_defaults(fn=cmd_lm_eval)
 
-    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, completions, models) with "
-                        "continuous batching, Prometheus metrics and a live expert dashboard")
-    sv.add_argument("--model", help="checkpoint or store directory (default: the bundled model)")
-    sv.add_argument("--store", help="use this store for --model (it must have been prepared from that checkpoint)")
-    _add_verify(sv)
-    _add_threads(sv)
-    _add_device(sv)
-    sv.add_argument("--policy", default=POLICY, help="precision policy, as for generate; the runtime "
-                    "policies (dynaexq, multilevel) learn from the served traffic (default: %(default)s)")
-    sv.add_argument("--expert-budget", help="bytes for expert weights, e.g. 20GiB, or a precision name (int3)")
-    _add_weight_budget(sv)
-    _add_record_routing(sv)
-    sv.add_argument("--calibration", nargs="+", action="extend", metavar="[NAME=]FILE",
-                    help="calibration texts for the hotness policies")
-    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
-    sv.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
-    sv.add_argument("--dtype", default="model", choices=["model", "float32", "bfloat16", "float16"],
-                    help="dtype of the non-expert weights and activations (default: %(default)s = the checkpoint's "
-                    "own); float32 batches ~4x faster on CPUs without native bf16 (no AVX512-BF16/AMX) at twice "
-                    "the non-expert bytes; expert kernels keep theirs")
-    _add_dense(sv)
-    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                    help="uvicorn's log level (default: %(default)s)")
-    from dynaexq.config import ServeConfig
-    add_config_flags(sv.add_argument_group("server"), ServeConfig())
-    add_runtime_flags(sv)
-    sv.set_defaults(fn=cmd_serve)
+    add_serve_parser(sub)
 
     add_trace_parser(sub)
     add_export_parser(sub)

@@ -3,10 +3,8 @@ local prepare's digest for digest; a worker killed mid-task is retried and the s
 driver killed mid-run resumes from the layers it finished."""
 import json
 import os
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,35 +18,6 @@ from dynaexq.engine.calibrate import prepare_store
 
 pytestmark = pytest.mark.slow
 WINDOWS = 8  # calibration windows: the same in every prepare compared here
-RAY = Path(sys.executable).parent / "ray"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """A 2-CPU Ray head on 127.0.0.1 (the `ray` CLI of this environment), its address; stopped at the end."""
-    # the cluster and every driver here (this process, the CLI runs) use one token of this session (Ray reads
-    # these at import; a fresh machine has no ~/.ray/auth_token, and none is written there)
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    before = {k: os.environ.get(k) for k in auth}
-    os.environ.update(auth)
-    pytest.importorskip("ray", reason="the ray extra: pip install 'dynaexq[ray]'")
-    import ray
-    port = _free_port()
-    subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
-                    "--include-dashboard", "false", "--disable-usage-stats"], check=True, capture_output=True)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        ray.shutdown()
-        subprocess.run([RAY, "stop", "--force"], capture_output=True)
-        for k, v in before.items():
-            os.environ.pop(k) if v is None else os.environ.update({k: v})
 
 
 @pytest.fixture(scope="session")

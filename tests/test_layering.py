@@ -5,9 +5,9 @@ from pathlib import Path
 import dynaexq
 
 # rank of each top-level part of the package; a module may import only ranks <= its own
-RANK = {"errors": 0, "sizes": 0, "threads": 0, "config": 0, "quant": 1, "arch": 2, "store": 3, "trace": 3, "runtime": 4,
-        "bank": 5, "engine": 6, "demo": 6, "eval": 7, "serve": 7, "export": 7, "cli": 8, "cli_trace": 8, "cli_export": 8,
-        "__init__": 8}
+RANK = {"errors": 0, "sizes": 0, "threads": 0, "config": 0, "cluster": 0, "quant": 1, "arch": 2, "store": 3, "trace": 3,
+        "runtime": 4, "bank": 5, "engine": 6, "demo": 6, "eval": 7, "serve": 7, "export": 7, "cli": 8, "cli_trace": 8,
+        "cli_export": 8, "cli_serve": 8, "__init__": 8}
 
 
 # inside a package, the same rule between its modules (a subpackage counts as one module): no import circles
@@ -21,7 +21,7 @@ INNER = {
     "store": {"layout": 0, "shard_writer": 0, "distributed": 0, "dense": 1, "checkpoint": 1, "direct": 1, "reader": 2,
               "prepare": 2, "inspect": 3, "__init__": 4},
     "eval": {"report": 0, "lm_eval_adapter": 0, "harness": 1, "shift": 2, "__init__": 3},
-    "serve": {"protocol": 0, "metrics": 0, "app": 1, "__init__": 2},
+    "serve": {"protocol": 0, "metrics": 0, "app": 1, "replicas": 2, "__init__": 3},
     "arch": {"adapter": 0, "__init__": 1},
 }
 

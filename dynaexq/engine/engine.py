@@ -45,6 +45,7 @@ class Engine:
     recorder: object | None = None  # trace.RoutingRecorder while `record_routing` records
     hotness: object | None = None  # runtime.hotness.Hotness fed by every step when no runtime runs (a dashboard's)
     errors: Counter = field(default_factory=Counter)  # controller steps that failed (no sequence failed with them)
+    routed_tokens: int = 0  # tokens the MoE layers routed in every step so far (a replica's weight in a hotness merge)
 
     def __post_init__(self):
         """The banks' routing counters become rows of one [L, E] pair, so a step reads and resets them at once."""
@@ -119,6 +120,7 @@ class Engine:
                  for layer, (_, mass) in self.take_routing_stats().items()}
         for bank in self.banks.values():
             bank.routed_tokens = 0
+        self.routed_tokens += max((t for t, _ in stats.values()), default=0)
         return stats
 
     def apply(self, plan: dict, progress: bool = False) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from collections import deque
 
-from dynaexq.errors import UserError
+from dynaexq.cluster import connect
 
 RETRIES = 3  # a chunk whose worker dies is run again this many times
 
@@ -23,21 +23,7 @@ class RayRunner:
     """runner(fn, inputs) -> fn(*args) for each argument tuple, in order, computed as Ray tasks."""
 
     def __init__(self, address: str | None = None, window: int | None = None):
-        try:
-            import ray
-        except ImportError:
-            raise UserError("--ray needs Ray: pip install 'dynaexq[ray]'") from None
-        self.ray = ray
-        if not ray.is_initialized():
-            try:  # no address: a local cluster of this machine's CPUs, started here and stopped with the driver
-                ray.init(address=address, include_dashboard=False, log_to_driver=False)
-            except ConnectionError as err:
-                raise UserError(f"--ray {address}: no Ray cluster answers there ({err}); start one with `ray start "
-                                "--head` or give no address for a local one") from None
-            except ray.exceptions.AuthenticationError:
-                raise UserError(f"--ray {address}: the cluster wants token authentication; set RAY_AUTH_MODE=token "
-                                "(the token is read from ~/.ray/auth_token or RAY_AUTH_TOKEN, as for any Ray "
-                                "driver)") from None
+        self.ray = ray = connect(address)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.window = window or cpus + 1  # every CPU busy, one chunk's inputs ready behind them
         print(f"dynaexq: prepare on the Ray cluster at {ray.get_runtime_context().gcs_address} ({cpus} CPUs)",
