@@ -122,7 +122,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     from dynaexq.quant import lowbit_cpu
     torch.set_num_threads(args.threads)
-    if lowbit_cpu.extension() is None or lowbit_cpu.extension().dynaexq_lowbit_isa() != 256:
+    if lowbit_cpu.extension() is None or lowbit_cpu.extension().isa() != 256:
         print("this build is not AVX2's (or did not build): the int8-activation tile is not used here")
         return
     fast = speed([int(r) for r in args.rows.split(",")])

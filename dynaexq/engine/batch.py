@@ -164,12 +164,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     lib = lowbit_cpu.extension()
     if logits.device.type != "cpu" or logits.dtype not in lowbit_cpu._DTYPE_CODE or lib is None or logits.dim() != 2:
         return logits.argmax(-1)
-    x = logits.contiguous()
-    out = torch.empty(x.shape[0], dtype=torch.int64)
-    if lib.dynaexq_argmax(x.shape[0], x.shape[1], x.data_ptr(), lowbit_cpu._DTYPE_CODE[x.dtype], out.data_ptr(),
-                          torch.get_num_threads()) != 0:
-        raise ValueError(f"dynaexq_argmax refused logits {list(x.shape)}")
-    return out
+    return lib.argmax(logits)
 
 
 def sample_tokens(seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:

@@ -21,15 +21,7 @@ ROUND_FIRST = {"LlamaRMSNorm": True, "MistralRMSNorm": True, "MixtralRMSNorm": T
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, round_first: bool) -> torch.Tensor:
     """x [..., H] and weight [H] of one float dtype, on the CPU -> [..., H] in that dtype."""
-    xc = x.contiguous()
-    out = torch.empty_like(xc)
-    h = x.shape[-1]
-    rc = lowbit_cpu.extension().dynaexq_rms_norm(xc.numel() // h, h, xc.data_ptr(), weight.data_ptr(),
-                                                 lowbit_cpu._DTYPE_CODE[x.dtype], eps, int(round_first),
-                                                 out.data_ptr(), torch.get_num_threads())
-    if rc != 0:
-        raise ValueError(f"dynaexq_rms_norm refused x {list(x.shape)} {x.dtype}")
-    return out
+    return lowbit_cpu.extension().rms_norm(x, weight, eps, round_first)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, eps: float, round_first: bool) -> torch.Tensor:

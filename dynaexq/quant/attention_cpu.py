@@ -23,19 +23,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
                      scale: float) -> torch.Tensor:
-    B, Hq, _, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
-    qc = q.reshape(B, Hq, D).contiguous()
-    out = torch.empty(B, Hq, Dv, dtype=q.dtype)
-    lens = lens.to(torch.int64).contiguous()
-    assert lens.shape == (B,) and int(lens.max()) <= k.shape[2], (lens, k.shape)
-    rc = lowbit_cpu.extension().dynaexq_decode_attention(
-        B, Hq, Hkv, D, Dv, qc.data_ptr(), _DT[q.dtype], k.data_ptr(), v.data_ptr(), _DT[k.dtype],
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), lens.data_ptr(),
-        float(scale), out.data_ptr(), torch.get_num_threads())
-    if rc != 0:
-        raise ValueError(f"dynaexq_decode_attention refused q {list(q.shape)}, k {list(k.shape)}")
-    return out[:, None]  # [B, 1, Hq, Dv]
+    return lowbit_cpu.extension().decode_attention(q, k, v, lens.to(torch.int64), scale)  # [B, 1, Hq, Dv]
 
 
 def reference(q, k, v, lens, scale) -> torch.Tensor:

@@ -109,7 +109,7 @@ def apply_plan(model, reader, plan: dict, backend: str = "cpu") -> dict:
     replaced} (`restore` puts them back)."""
     items = reader.dense_items()
     device = next(model.parameters()).device
-    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    head = model.get_output_embeddings()
     head_name = next((n for n, m in model.named_modules() if m is head), None)
     swapped = {}
     for name, p in sorted(plan.items()):

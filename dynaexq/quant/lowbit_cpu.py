@@ -4,7 +4,7 @@ Fast path: the fused C++ kernel of `csrc/lowbit.cpp` (AVX-512 or AVX2, OpenMP ov
 codes, 8-bit scale/offset codes and per-panel ranges of a private blob (`pack_blob`, layout in the .cpp
 header), turns each code into a float in registers and accumulates x @ W^T in fp32; x (bf16/fp16/fp32) is
 converted to fp32 once per call and the output is the only allocation. With a bf16 x and 4- or 2-bit codes on a
-CPU with AVX512-BF16 (`dynaexq_lowbit_bf16_dot()` says), tiles of 1-2 rows (decode) make two codes a bf16 pair
+CPU with AVX512-BF16 (`bf16_dot()` says), tiles of 1-2 rows (decode) make two codes a bf16 pair
 that one vdpbf16ps multiplies (exact: x is bf16, the codes small integers), half the vector ops per weight of the
 fp32 tile; tiles of more rows (prefill) stay on the fp32 tile, which is faster there. On AVX2 builds,
 bf16/fp16 x with 4/2-bit codes takes the int8-activation tile instead, at every row count (so a row's result
@@ -14,8 +14,10 @@ row, 1.5-1.8x at 64-512 rows; the price is x rounded to 8 bits per 32 inputs (th
 multiply the exact x), which moves the bundled model's KL within its noise (bench/int8_activations.py).
 DYNAEXQ_EXACT_KERNELS=1 (or `int8_activations(False)`) keeps every tile exact; fp32 x always is.
 It is JIT-compiled with -march=native on first use through torch.utils.cpp_extension (needs `ninja` and a C++
-compiler) into $TORCH_EXTENSIONS_DIR or ~/.cache/dynaexq/torch_extensions, then called through ctypes (the GIL
-is released during the call).
+compiler) into $TORCH_EXTENSIONS_DIR or ~/.cache/dynaexq/torch_extensions; csrc/ops.cpp registers the kernels as
+PyTorch operators (`torch.ops.dynaexq.*`: shape, dtype and device checks in C++, the GIL released during the
+call), and `_register_fakes` gives each its fake implementation (output shapes without computing), so they
+trace under torch.compile. `extension()` returns that namespace.
 
 Fallback (build failure, a CPU without AVX2/FMA/F16C, or DYNAEXQ_NO_CPU_EXT=1; one warning says so): codes of
 <= 4 bits are valid int4 codes, so the weight runs through aten's int4 kernel (`_weight_int4pack_mm_for_cpu`,
@@ -24,7 +26,6 @@ and slower.
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import sys
@@ -36,17 +37,18 @@ from pathlib import Path
 import torch
 
 _SRC = [Path(__file__).parent / "csrc" / f for f in ("lowbit.cpp", "rowmajor.cpp", "route.cpp", "attention.cpp",
-                                                     "norm.cpp", "argmax.cpp")]  # + simd.h
+                                                     "norm.cpp", "argmax.cpp", "ops.cpp")]  # + simd.h
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # as in csrc/simd.h
 
 _lock = threading.Lock()
 calls = 0  # fused one-expert calls made (bench/generate.py counts kernel calls per token with it)
-_lib: ctypes.CDLL | None = None
+_lib = None  # torch.ops.dynaexq once loaded
 _loaded = False
 
 
-def extension() -> ctypes.CDLL | None:
-    """The compiled kernel library (built on first call), or None after one warning."""
+def extension():
+    """The compiled kernels' operator namespace `torch.ops.dynaexq` (built on first call), or None after one
+    warning."""
     global _lib, _loaded
     if not _loaded:
         with _lock:
@@ -56,7 +58,7 @@ def extension() -> ctypes.CDLL | None:
     return _lib
 
 
-def _load() -> ctypes.CDLL | None:
+def _load():
     slow = "2/3/4-bit CPU matmuls use aten's int4 kernel (4 bits resident, slower)"
     if os.environ.get("DYNAEXQ_NO_CPU_EXT", "") not in ("", "0"):
         warnings.warn(f"DYNAEXQ_NO_CPU_EXT is set: {slow}", stacklevel=3)
@@ -66,7 +68,7 @@ def _load() -> ctypes.CDLL | None:
     except Exception as e:  # no compiler, no ninja, a compile error...
         warnings.warn(f"could not build the low-bit CPU kernel ({type(e).__name__}: {e}); {slow}", stacklevel=3)
         return None
-    if lib.dynaexq_lowbit_isa() == 0:
+    if lib.isa() == 0:
         warnings.warn(f"this CPU has neither AVX-512F nor AVX2+FMA+F16C: {slow}", stacklevel=3)
         return None
     return lib
@@ -76,53 +78,30 @@ def int8_activations(on: bool, lib=None) -> bool:
     """Whether bf16/fp16 x times 4/2-bit codes takes the int8-activation tile (AVX2 builds; see the module
     docstring) -> the previous setting. AVX-512 builds (and no native library) always compute exactly (False)."""
     lib = lib or extension()
-    return bool(lib.dynaexq_lowbit_set_int8_x(int(on))) if lib is not None else False
+    return bool(lib.set_int8_x(int(on))) if lib is not None else False
 
 
-def build(extra_cflags: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Compile csrc/ (lowbit.cpp, rowmajor.cpp, route.cpp, attention.cpp, norm.cpp, argmax.cpp) for this CPU (or reuse the cached build) and load it;
-    raises on failure.
-    extra_cflags (e.g. "-mno-avx512f" to test the AVX2 kernel) get their own build and library name."""
+def build(extra_cflags: tuple[str, ...] = ()):
+    """Compile csrc/ (the kernels and ops.cpp, their operators) for this CPU (or reuse the cached build), load it
+    and -> its operator namespace (`torch.ops.dynaexq`); raises on failure.
+    extra_cflags (e.g. "-mno-avx512f" to test the AVX2 kernel) get their own build, library and namespace."""
     from torch.utils import cpp_extension
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "dynaexq" / "torch_extensions"
-    name = "dynaexq_lowbit" + (f"_{_sha(' '.join(extra_cflags))}" if extra_cflags else "")
+    variant = _sha(" ".join(extra_cflags)) if extra_cflags else ""
+    name, ns = "dynaexq_lowbit" + (f"_{variant}" if variant else ""), "dynaexq" + (f"_{variant}" if variant else "")
     build_dir = Path(root) / f"{name}_{_sha(_cpu_tag())}"  # -march=native: one build per kind of CPU
     build_dir.mkdir(parents=True, exist_ok=True)
     if not (build_dir / f"{name}.so").is_file():  # the first load of a session would sit silently otherwise
-        print(f"dynaexq: compiling the low-bit CPU kernel for this CPU (once, ~20 s; cached in {build_dir})",
+        print(f"dynaexq: compiling the low-bit CPU kernel for this CPU (once, ~30 s; cached in {build_dir})",
               file=sys.stderr, flush=True)
-    path = cpp_extension.load(name, [str(f) for f in _SRC], build_directory=str(build_dir), is_python_module=False,
-                              extra_cflags=["-O3", "-march=native", "-fopenmp", *extra_cflags],
-                              extra_ldflags=["-fopenmp"])
-    lib = ctypes.CDLL(path)
-    p, i = ctypes.c_void_p, ctypes.c_int
-    lib.dynaexq_lowbit_mm.argtypes = [i, i, i, i, i, p, i, p, p, i]
-    lib.dynaexq_lowbit_mm.restype = i
-    lib.dynaexq_lowbit_pack.argtypes = [i, i, i, i, p, p, p, p, p]
-    lib.dynaexq_lowbit_pack.restype = i
-    lib.dynaexq_lowbit_grouped.argtypes = [i, i, i, i, i, p, p, p, i, p, i]
-    lib.dynaexq_lowbit_grouped.restype = i
-    lib.dynaexq_rowmajor_grouped.argtypes = [i, i, i, i, p, p, p, i, p, i]
-    lib.dynaexq_rowmajor_grouped.restype = i
-    lib.dynaexq_route.argtypes = [i, i, i, i, p, p, i, p, i, p, p, p, p, p, i]
-    lib.dynaexq_route.restype = i
-    lib.dynaexq_combine.argtypes = [i, i, i, p, p, p, p, i, i, p, i]
-    lib.dynaexq_combine.restype = i
-    q = ctypes.c_int64
-    lib.dynaexq_lowbit_rows.argtypes = [i, i, i, i, p, p, ctypes.c_long, p, i]
-    lib.dynaexq_lowbit_rows.restype = i
-    lib.dynaexq_decode_attention.argtypes = [i, i, i, i, i, p, i, p, p, i, q, q, q, q, q, q, p, ctypes.c_float, p, i]
-    lib.dynaexq_decode_attention.restype = i
-    lib.dynaexq_rms_norm.argtypes = [ctypes.c_long, i, p, p, i, ctypes.c_float, i, p, i]
-    lib.dynaexq_rms_norm.restype = i
-    lib.dynaexq_argmax.argtypes = [ctypes.c_long, ctypes.c_long, p, i, p, i]
-    lib.dynaexq_argmax.restype = i
-    lib.dynaexq_lowbit_bf16_dot.argtypes = []
-    lib.dynaexq_lowbit_bf16_dot.restype = i
-    lib.dynaexq_lowbit_set_int8_x.argtypes = [i]
-    lib.dynaexq_lowbit_set_int8_x.restype = i
+    if not hasattr(getattr(torch.ops, ns), "isa"):  # not loaded yet in this process: load() loads it
+        cpp_extension.load(name, [str(f) for f in _SRC], build_directory=str(build_dir), is_python_module=False,
+                           extra_cflags=["-O3", "-march=native", "-fopenmp", f"-DDYNAEXQ_NS={ns}", *extra_cflags],
+                           extra_ldflags=["-fopenmp"])
+    lib = getattr(torch.ops, ns)
+    _register_fakes(ns)
     if os.environ.get("DYNAEXQ_EXACT_KERNELS", "") not in ("", "0"):
-        lib.dynaexq_lowbit_set_int8_x(0)
+        lib.set_int8_x(0)
     return lib
 
 
@@ -167,14 +146,9 @@ def pack_blob_native(qw) -> torch.Tensor:
     """`pack_blob` of a grouped QuantizedWeight, computed by the C++ library from the store's packed bytes
     (no unpacking in torch, and without the GIL: a transition building it does not stall the forward's Python)."""
     n, k = qw.shape
-    ng = k // qw.group_size
-    out = torch.empty(n // 16 * (6 + ng * (2 * qw.group_size * qw.bits + 32)), dtype=torch.uint8)
     src = [t.contiguous() for t in (qw.data, qw.scale.to(torch.uint8), qw.zero.to(torch.uint8),
                                     qw.ranges.to(torch.float16).view(torch.uint8))]
-    rc = extension().dynaexq_lowbit_pack(qw.bits, n, k, qw.group_size, *(t.data_ptr() for t in src), out.data_ptr())
-    if rc != 0:
-        raise ValueError(f"dynaexq_lowbit_pack refused a {qw.bits}-bit [{n}, {k}] weight with groups of {qw.group_size}")
-    return out
+    return extension().lowbit_pack(*src, qw.bits, n, k, qw.group_size)
 
 
 @dataclass(eq=False)
@@ -209,15 +183,9 @@ class LowbitCpu:
     def rows(self, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """W[idx] [n, K] in `dtype` (fp32/bf16/fp16), decoded from the resident blob (an embedding's lookup)."""
         n, k = self.shape
-        idx = idx.reshape(-1).to(torch.int64).contiguous()
-        out = torch.empty(idx.numel(), k, dtype=dtype)
         if self.blob is None:  # the aten fallback: its int4-packed codes are not row-addressable here
             raise RuntimeError("row lookup needs the native low-bit kernel (apply_plan refuses such an embedding)")
-        rc = _lib.dynaexq_lowbit_rows(self.bits, n, k, self.group_size, self.blob.data_ptr(), idx.data_ptr(),
-                                      idx.numel(), out.data_ptr(), _DTYPE_CODE[dtype])
-        if rc != 0:
-            raise ValueError(f"dynaexq_lowbit_rows refused rows of a {self.bits}-bit [{n}, {k}] weight (rc {rc})")
-        return out
+        return _lib.lowbit_rows(self.blob, idx.reshape(-1).to(torch.int64), self.bits, self.group_size, n, k, dtype)
 
     @property
     def nbytes(self) -> int:
@@ -235,10 +203,29 @@ class LowbitCpu:
             return y.to(x.dtype)
         global calls
         calls += 1
-        xc = (x if x.dtype in _DTYPE_CODE else x.float()).contiguous()
-        m = xc.shape[0]
-        y = torch.empty(m, n, dtype=xc.dtype)
-        if m:
-            _lib.dynaexq_lowbit_mm(self.bits, self.group_size, m, n, k, xc.data_ptr(), _DTYPE_CODE[xc.dtype],
-                                   self.blob.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        y = _lib.lowbit_mm(x if x.dtype in _DTYPE_CODE else x.float(), self.blob, self.bits, self.group_size, n)
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _register_fakes(ns: str) -> None:
+    """The fake implementations of the namespace's operators (shapes and dtypes only): what torch.compile and
+    FakeTensor tracing run instead of the kernels."""
+    if ns in _faked:
+        return
+    _faked.add(ns)
+    fake = torch.library.register_fake
+    fake(f"{ns}::lowbit_pack")(lambda data, scale, zero, ranges, bits, n, k, g: data.new_empty(
+        n // 16 * (6 + k // g * (2 * g * bits + 32))))
+    fake(f"{ns}::lowbit_mm")(lambda x, blob, bits, g, n: x.new_empty(x.shape[0], n))
+    fake(f"{ns}::lowbit_grouped")(lambda x, counts, ptrs, y, bits, g: None)
+    fake(f"{ns}::rowmajor_grouped")(lambda x, counts, ptrs, y, wt: None)
+    fake(f"{ns}::lowbit_rows")(lambda blob, rows, bits, g, n, k, dtype: blob.new_empty(rows.numel(), k, dtype=dtype))
+    fake(f"{ns}::route")(lambda idx, w, hidden, e, token_counts, mass: (
+        idx.new_empty(e), idx.new_empty(idx.numel()), hidden.new_empty(idx.numel(), hidden.shape[1])))
+    fake(f"{ns}::combine")(lambda idx, order, ys, w: ys.new_empty(idx.shape[0], ys.shape[1]))
+    fake(f"{ns}::decode_attention")(lambda q, k, v, lens, scale: q.new_empty(q.shape[0], 1, q.shape[1], v.shape[3]))
+    fake(f"{ns}::rms_norm")(lambda x, w, eps, round_first: torch.empty_like(x, memory_format=torch.contiguous_format))
+    fake(f"{ns}::argmax")(lambda x: x.new_empty(x.shape[0], dtype=torch.int64))
+
+
+_faked: set[str] = set()

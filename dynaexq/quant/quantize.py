@@ -13,8 +13,8 @@ against H = E[x x^T], the second moment of the matrix's input over the calibrati
 (no calibration) H = I and it is round-to-nearest. Per group, (s, b) is the weighted least-squares fit (weights
 diag H) of the group's current (error-compensated) weights, best of a shrink grid, then coded in 8 bits against
 its tile's ranges (fixed first from the min/max ranges of the original weights, with a margin). Columns are
-processed in blocks of BLOCK with lazy updates; everything runs batched over the stack. int8 is round-to-nearest per row (its error is already
-tiny), floats are copies.
+processed in blocks of BLOCK with lazy updates; everything runs batched over the stack. int8 is round-to-nearest
+per row (its error is already tiny), floats are copies.
 """
 from __future__ import annotations
 

@@ -13,6 +13,8 @@ from collections import deque
 
 import numpy as np
 
+from dynaexq.config import RuntimeConfig
+
 
 def observe(controller, stats: dict, tokens_at_decision: int) -> bool:
     """One step's statistics into the controller's hotness and counters -> whether a decision is due (every

@@ -10,6 +10,6 @@ def avx2():
         built = lowbit_cpu.build(("-mno-avx512f",))
     except Exception as e:
         pytest.skip(f"no AVX2 build: {e}")
-    if built.dynaexq_lowbit_isa() != 256:
+    if built.isa() != 256:
         pytest.skip("this CPU has no AVX2+FMA+F16C")
     return built

@@ -6,7 +6,6 @@ import os
 import shutil
 
 import pytest
-import torch
 
 import dynaexq
 import dynaexq.store.prepare as prep
