@@ -5,15 +5,17 @@ top_k_weights [T, K]) -> [T, H]`: group the T*K routed (token, expert) pairs by 
 expert's tokens through the kernels of the version currently published for it, scale by the routing
 weight, and add into the output. Routers, shared experts and everything else stay transformers'.
 
-Two paths compute the experts (`path`): "grouped" (the default) makes one native call to route (counts, the
-pairs grouped by expert, their token rows, the statistics), per precision tier present in the layer one call
-per matrix for all of the tier's routed pairs (quant.grouped_cpu: the kernel walks the experts from a pointer
-table rebuilt only when a version changes), and one to combine, so the calls per layer are bounded by the tiers,
-not the experts, and no routing count reaches the host; "reference" is the per-expert loop (one kernel call per routed
-expert, split points synced to the host), kept as the path the grouped one is tested against. Experts whose
-kernel has no grouped form (CUDA, biases, the float32 dequantize fallback) run the per-expert loop in either.
-In the offload regime (`cache` set) the routed experts are made resident first, in waves when the cache holds
-fewer than the layer routes to (`_offloaded`).
+One forward, on one screen: route (the pairs grouped by expert, their token rows gathered, the statistics
+added), then per wave of experts (`_waves`) the experts' matrices, then combine (each token's weighted outputs
+summed in ascending expert order). A wave is every published expert in the resident regimes (no host sync) or,
+in the offload regime (`cache` set), the routed experts the cache has made resident (in several waves when it
+holds fewer than the layer routes to). Two paths compute a wave's experts (`path`): "grouped" (the default) makes
+one native call per precision tier and matrix for all of the tier's routed pairs (quant.grouped_cpu: the kernel
+walks the experts from a pointer table rebuilt only when a version changes) and routes and combines natively, so
+the calls per layer are bounded by the tiers, not the experts, and no routing count reaches the host;
+"reference" is the per-expert loop in torch (one kernel call per routed expert, split points synced to the
+host), kept as the path the grouped one is tested against. Experts whose kernel has no grouped form (CUDA,
+biases, the float32 dequantize fallback) run the per-expert loop in either.
 
 It also records, per expert, routed token counts and routed probability mass (the sum of routing
 weights of the tokens that selected it) into device tensors without a host sync (rows of the engine's [L, E]
@@ -59,40 +61,57 @@ class ExpertBank(nn.Module):
         return old
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H], top_k_index / top_k_weights [T, K] -> [T, H]: route, compute each wave's experts per tier,
+        combine."""
         if self.calibrator is not None:  # `prepare`'s calibration pass (engine/calibrate.py) computes this layer
             return self.calibrator(self, hidden, top_k_index, top_k_weights)
         if self.recorder is not None:
             self.recorder.add(self.layer, top_k_index, top_k_weights)
-        if self.cache is not None:
-            return self._offloaded(hidden, top_k_index, top_k_weights)
-        table = self.table
-        lease = table.acquire() if table is not None else None  # the versions read below stay unreclaimed
-        try:
-            versions = list(self.versions)  # one consistent snapshot for the whole pass
-            tiers, loop = self._tiers(versions, hidden) if self.path == "grouped" else ({}, ())
-            if tiers and grouped_cpu.supports(top_k_weights.dtype):
-                out = self._grouped(versions, tiers, loop, hidden, top_k_index, top_k_weights)
-            else:
-                out = self._combine(*self._experts(versions, hidden, top_k_index, top_k_weights), top_k_index)
-        finally:
-            if lease is not None:
-                table.release(lease)
-        self.last_read = versions
-        self.routed_tokens += hidden.shape[0]
-        return out
-
-    def _grouped(self, versions, tiers, loop, hidden, top_k_index, top_k_weights):
-        """The grouped path: one native call routes, one per tier and matrix computes, one combines."""
-        counts, order, x = grouped_cpu.route(top_k_index, top_k_weights, hidden, self.num_experts,
-                                             self.token_counts, self.routed_mass)  # x [T*K, H] grouped by expert
+        native = (self.path == "grouped" and hidden.device.type == "cpu" and grouped_cpu.available()
+                  and grouped_cpu.supports(top_k_weights.dtype) and grouped_cpu.supports(hidden.dtype))
+        route = grouped_cpu.route if native else self._route  # x [T*K, H]: the pairs' token rows grouped by expert
+        counts, order, x = route(top_k_index, top_k_weights, hidden, self.num_experts, self.token_counts,
+                                 self.routed_mass)
         ys = torch.empty_like(x)  # [T*K, H]
-        self._run_tiers(tiers, counts, x, ys)
-        if loop:
-            self._loop(versions, loop, counts, x, ys)
-        if grouped_cpu.combines(hidden.shape[-1], top_k_index.shape[-1]):
+        read, faults = [None] * self.num_experts, {}
+        for wave, failed in self._waves(counts):
+            faults.update(failed)
+            lease = self.table.acquire() if self.table is not None else None  # what is read stays unreclaimed
+            try:
+                versions = list(self.versions)  # one consistent snapshot for the wave
+                if wave is None:
+                    read = versions
+                else:  # the offload regime: only the wave's experts (the cache pins them)
+                    snapshot, versions = versions, [None] * self.num_experts
+                    for e in wave:
+                        assert snapshot[e] is not None, (self.layer, e)
+                        versions[e] = read[e] = snapshot[e]
+                tiers, loop = self._tiers(versions, hidden) if native else \
+                    ({}, [e for e, v in enumerate(versions) if v is not None])
+                if tiers:
+                    self._run_tiers(tiers, counts, x, ys)
+                if loop:
+                    self._loop(versions, loop, counts, x, ys)
+            finally:
+                if lease is not None:
+                    self.table.release(lease)
+        if faults:
+            self._fault(faults, counts, ys, top_k_index)
+        self.last_read = read
+        self.routed_tokens += hidden.shape[0]
+        if native and grouped_cpu.combines(hidden.shape[-1], top_k_index.shape[-1]):
             return grouped_cpu.combine(top_k_index, order, ys, top_k_weights)  # [T, H]
-        ys.mul_(top_k_weights.reshape(-1)[order, None])  # a shape the native combine does not take: torch's
+        ys.mul_(top_k_weights.reshape(-1)[order, None])  # the routing weights, one rounding for all pairs
         return self._combine(ys, order, top_k_index)
+
+    def _waves(self, counts) -> list:
+        """-> [(the experts to compute, None: every published one; {e: error} of routed ones that could not be
+        made resident)]. Resident regimes: one wave, no host sync. The offload regime: the cache makes the routed
+        experts resident, in waves when it holds fewer than the layer routes to (the forward waits for misses)."""
+        if self.cache is None:
+            return [(None, {})]
+        routed = torch.nonzero(counts).flatten().tolist()  # host sync: which experts must be resident
+        return self.cache.waves(self.layer, routed)
 
     def _run_tiers(self, tiers, counts, x, ys) -> None:
         """Every routed pair of the experts in `tiers`' pointer tables, one native call per tier and matrix:
@@ -103,45 +122,6 @@ class ExpertBank(nn.Module):
         a = self._activate(h).contiguous()  # [T*K, I] (rows of experts not in the tables: unused)
         for (_, dn_key), (_, dn_ptrs) in tiers.items():
             grouped_cpu.run(dn_key, counts, dn_ptrs, a, ys)
-
-    def _offloaded(self, hidden, top_k_index, top_k_weights):
-        """The offload regime: route once, then per wave of routed experts (all of them unless the cache holds
-        fewer) make them resident (the cache fetches misses; the forward waits only for those), take the lease,
-        compute the wave's experts from its snapshot, release; combine once. An expert that cannot be made
-        resident fails only the tokens routed to it (`_fault`); the others are computed as usual."""
-        grouped = self.path == "grouped" and grouped_cpu.supports(top_k_weights.dtype) and hidden.device.type == "cpu"
-        if grouped:
-            counts, order, x = grouped_cpu.route(top_k_index, top_k_weights, hidden, self.num_experts,
-                                                 self.token_counts, self.routed_mass)
-        else:
-            counts, order, x = self._route(hidden, top_k_index, top_k_weights)
-        ys = torch.empty_like(x)  # [T*K, H]
-        read, faults = [None] * self.num_experts, {}
-        routed = torch.nonzero(counts).flatten().tolist()  # host sync: which experts must be resident
-        for wave, failed in self.cache.waves(self.layer, routed):
-            faults.update(failed)
-            lease = self.table.acquire()
-            try:
-                versions = list(self.versions)
-                sub = [None] * self.num_experts
-                for e in wave:
-                    assert versions[e] is not None, (self.layer, e)  # pinned by the cache
-                    sub[e] = read[e] = versions[e]
-                tiers, loop = self._tiers(sub, hidden) if grouped else ({}, wave)
-                if tiers:
-                    self._run_tiers(tiers, counts, x, ys)
-                if loop:
-                    self._loop(sub, loop, counts, x, ys)
-            finally:
-                self.table.release(lease)
-        if faults:
-            self._fault(faults, counts, ys, top_k_index)
-        self.last_read = read
-        self.routed_tokens += hidden.shape[0]
-        if grouped and grouped_cpu.combines(hidden.shape[-1], top_k_index.shape[-1]):
-            return grouped_cpu.combine(top_k_index, order, ys, top_k_weights)
-        ys.mul_(top_k_weights.reshape(-1)[order, None])
-        return self._combine(ys, order, top_k_index)
 
     def _fault(self, faults: dict, counts, ys, top_k_index) -> None:
         """Experts {e: error} could not be computed: their rows of ys [T*K, H] become zeros and the tokens routed
@@ -168,23 +148,17 @@ class ExpertBank(nn.Module):
             out = out + ys[rows[:, j]]
         return out
 
-    def _route(self, hidden, top_k_index, top_k_weights):
-        """-> (counts [E], the grouping order [T*K], x [T*K, H]: each pair's token row, grouped by expert)."""
+    @staticmethod
+    def _route(top_k_index, top_k_weights, hidden, num_experts, token_counts, routed_mass):
+        """grouped_cpu.route in torch -> (counts [E], the grouping order [T*K], x [T*K, H]: each pair's token row,
+        grouped by expert); the statistics added in place."""
         k = top_k_index.shape[-1]
         flat_e = top_k_index.reshape(-1)  # [T*K]
-        counts = torch.bincount(flat_e, minlength=self.num_experts)  # [E]
-        self.token_counts += counts  # statistics stay on the device: no sync here
-        self.routed_mass.index_add_(0, flat_e, top_k_weights.detach().reshape(-1).float())  # statistics: no autograd
+        counts = torch.bincount(flat_e, minlength=num_experts)  # [E]
+        token_counts += counts  # statistics stay on the device: no sync here
+        routed_mass.index_add_(0, flat_e, top_k_weights.detach().reshape(-1).float())  # statistics: no autograd
         order = torch.argsort(flat_e, stable=True)  # pairs grouped by expert, tokens ascending
         return counts, order, hidden[order // k]  # one gather for all experts
-
-    def _experts(self, versions, hidden, top_k_index, top_k_weights):
-        """-> (ys [T*K, H]: each routed pair's weighted output, grouped by expert; the grouping order [T*K])."""
-        counts, order, x = self._route(hidden, top_k_index, top_k_weights)
-        ys = torch.empty_like(x)  # [T*K, H]
-        self._loop(versions, range(self.num_experts), counts, x, ys)
-        ys.mul_(top_k_weights.reshape(-1)[order, None])  # routing weights for all pairs at once (one rounding)
-        return ys, order
 
     def _loop(self, versions, experts, counts, x, ys):
         """The per-expert loop over `experts` (x, ys [T*K, H] grouped by expert): one kernel call per routed one."""

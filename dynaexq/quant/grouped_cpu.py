@@ -71,6 +71,11 @@ def supports(dtype: torch.dtype) -> bool:
     return dtype in _DT
 
 
+def available() -> bool:
+    """Whether the native library is there (route and combine need it; else the bank's torch ones run)."""
+    return lowbit_cpu.extension() is not None
+
+
 def run(key: tuple, counts: torch.Tensor, ptrs: torch.Tensor, x: torch.Tensor, y: torch.Tensor, lib=None) -> None:
     """y[rows of e] = x[rows of e] @ W_e^T for every expert e of the tier `key` (ptrs[e, 0] != 0).
     x [R, K] contiguous, rows grouped by expert (counts [E] int64 rows each, e ascending); y [R, N], x's dtype.
