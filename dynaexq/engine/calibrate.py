@@ -69,8 +69,8 @@ class _LayerCalibrator:
         return y.view_as(hidden).to(hidden.dtype)
 
     def _run(self, x, top_k_index, top_k_weights, only=None):
-        """Per routed expert (or only expert `only`): (e, its token rows [n], h_e [n, I], y_e [n, H], weights [n])
-        with the source expert in float32."""
+        """Per routed expert (or only expert `only`): (e, its token rows [n], h_e [n, I], y_e [n, H] (None for
+        `only`: the second moments need h alone), weights [n]) with the source expert in float32."""
         k = top_k_index.shape[-1]
         flat_e, flat_w = top_k_index.reshape(-1), top_k_weights.reshape(-1).float()
         order = torch.argsort(flat_e, stable=True)
@@ -82,7 +82,9 @@ class _LayerCalibrator:
             w, xe = self.experts[e], pick // k
             g = x[xe] @ w["gate_up"].float().T + (w["gate_up_bias"].float() if "gate_up_bias" in w else 0)
             h = self.bank._activate(g)
-            yield e, xe, h, h @ w["down"].float().T + (w["down_bias"].float() if "down_bias" in w else 0), flat_w[pick]
+            y = None if only is not None else \
+                h @ w["down"].float().T + (w["down_bias"].float() if "down_bias" in w else 0)
+            yield e, xe, h, y, flat_w[pick]
 
     @torch.inference_mode()
     def finish(self) -> None:

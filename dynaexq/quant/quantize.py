@@ -18,10 +18,12 @@ per row (its error is already tiny), floats are copies.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from dynaexq.quant import lowbit_cpu
 from dynaexq.quant.formats import TILE, spec
 from dynaexq.quant.packing import pack, unpack
 from dynaexq.quant.precision import Precision
@@ -108,13 +110,30 @@ def factor(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     diag = torch.diagonal(H, dim1=-2, dim2=-1)
     diag[diag <= 0] = 1  # inputs that never fire: any value serves
     diag += DAMP * diag.mean(-1, keepdim=True)
-    # one matrix at a time, in float64 (bounded memory, no loss of definiteness). The upper factor U of H^-1
-    # (U^T U = H^-1) is the inverse of H's "reverse" Cholesky factor R (H = R R^T, R upper), and R is the lower
-    # factor of H with rows and columns reversed: one factorization and one triangular solve, where factoring
-    # H, inverting it and factoring the inverse took 1.5x the time (2048 x 2048 on 2 cores: 0.29 vs 0.43 s).
-    eye = torch.eye(H.shape[-1], dtype=torch.float64)
-    Hinv = torch.stack([torch.linalg.solve_triangular(torch.linalg.cholesky(h.double().flip(0, 1)), eye,
-                                                      upper=False).flip(0, 1).float() for h in H])
+    # in float32 as GPTQ's reference code does (the damping keeps it well conditioned; float64 took 1.5x the
+    # time). Each matrix single-threaded, the matrices spread over the threads: LAPACK's results with more
+    # threads differ in the last bits, and a store must not depend on how many threads prepared it (a Ray
+    # worker's against a local run: the same bytes). The upper factor U of H^-1 (U^T U = H^-1) is the inverse
+    # of H's "reverse" Cholesky factor R (H = R R^T, R upper), and R is the lower factor of H with rows and
+    # columns reversed: one factorization and one triangular solve, where factoring H, inverting it and
+    # factoring the inverse took 1.5x the time.
+    # (The output is allocated here, not stacked from the threads' results: glibc keeps the threads' freed 16 MB
+    # blocks in their arenas, 0.4 GiB of a prepare's peak.)
+    eye, Hinv = torch.eye(H.shape[-1]), torch.empty_like(H)
+    inference = torch.is_inference_mode_enabled()  # thread-local: the pool's threads take the caller's
+
+    def one(i):
+        torch.set_num_threads(1)
+        with torch.inference_mode(inference):
+            L = torch.linalg.cholesky(H[i].flip(0, 1))
+            Hinv[i].copy_(torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1))
+
+    threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(min(threads, len(H))) as pool:
+            list(pool.map(one, range(len(H))))
+    finally:
+        torch.set_num_threads(threads)
     return diag.clone(), Hinv
 
 
@@ -146,10 +165,23 @@ def _int8(w: torch.Tensor, precision: Precision) -> QuantizedWeight:
 
 
 def _fit(wg: torch.Tensor, a: torch.Tensor, qmax: int, iters: int = 4, grid=None):
-    """Per group, s and b of w ~ s*q + b minimizing sum a*(w - s q - b)^2: best over GRID of alternating
-    least squares from a shrunk min/max range. wg [..., G], a >= 0 broadcastable to it -> (s, b) [..., 1].
-    The weighted moments come from sum(a q), sum(a q^2) and sum(q a w) (a w computed once), so an iteration
-    makes ~10 passes over the group's weights instead of ~17."""
+    """Per group, s and b of w ~ s*q + b minimizing sum a*(w - s q - b)^2 -> (s, b) [B, R, C, 1].
+    wg [B, R, C, G] fp32 (any strides), a [B, 1, C, G] (the same for every r). The native fused loop
+    (csrc/fit.cpp: a group stays in registers) when the library is there, else `_fit_torch`."""
+    ops = lowbit_cpu.extension()
+    if ops is None or wg.dtype != torch.float32 or wg.device.type != "cpu":
+        return _fit_torch(wg, a, qmax, iters, grid)
+    b, _, c, g = wg.shape
+    s, off = ops.fit(wg, a.float().expand(b, 1, c, g).reshape(b, c, g).contiguous(), qmax, iters,
+                     list(grid or GRID))
+    return s[..., None], off[..., None]
+
+
+def _fit_torch(wg: torch.Tensor, a: torch.Tensor, qmax: int, iters: int = 4, grid=None):
+    """`_fit` in torch, the reference: best over GRID of alternating least squares from a shrunk min/max range.
+    wg [..., G], a >= 0 broadcastable to it -> (s, b) [..., 1]. The weighted moments come from sum(a q),
+    sum(a q^2) and sum(q a w) (a w computed once), so an iteration makes ~10 passes over the group's weights
+    instead of ~17."""
     mn, mx = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
     mid = (mn + mx) / 2
     aw = a * wg
@@ -231,9 +263,9 @@ def _gptq(W: torch.Tensor, bits: int, g: int, factored: tuple | None):
         for i in range(c1 - c0):
             j = c0 + i
             if j % g == 0:  # this group's (s, b), fitted on its current, error-compensated weights
-                grp = W1[:, i:i + g].transpose(1, 2).contiguous()  # [B, N, g]
-                s, off = _fit(grp, diag[:, None, j:j + g], qmax)
-                sc, oc, s, off = _code(s, off, r)
+                grp = W1[:, i:i + g].transpose(1, 2)[:, :, None]  # [B, N, 1 group, g], a view
+                s, off = _fit(grp, diag[:, None, None, j:j + g], qmax)
+                sc, oc, s, off = _code(s[:, :, 0], off[:, :, 0], r)
                 sc_all[:, :, j // g], oc_all[:, :, j // g] = sc[..., 0].to(torch.uint8), oc[..., 0].to(torch.uint8)
                 s, off = s[..., 0], off[..., 0]  # [B, N]
                 inv_s = 1 / s

@@ -38,6 +38,8 @@ int dynaexq_decode_attention(int B, int Hq, int Hkv, int D, int Dv, const void* 
 int dynaexq_rms_norm(long R, int H, const void* x, const void* w, int dt, float eps, int round_first, void* out,
                      int nthreads);
 int dynaexq_argmax(long R, long V, const void* x, int dt, int64_t* out, int nthreads);
+int dynaexq_fit(long B, long R, long C, int G, const float* w, const int64_t* ws, const float* a, int qmax, int iters,
+                const float* grid, int ngrid, float* s_out, float* b_out, int nthreads);
 }
 
 namespace {
@@ -234,6 +236,23 @@ at::Tensor argmax(const at::Tensor& x) {
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> fit(const at::Tensor& w, const at::Tensor& a, int64_t qmax, int64_t iters,
+                                       at::ArrayRef<double> grid) {
+  check_cpu(w, "w", 4);
+  check_cpu(a, "a", 3);
+  check_type(w, at::kFloat, "w");
+  check_type(a, at::kFloat, "a");
+  const int64_t B = w.size(0), R = w.size(1), C = w.size(2), G = w.size(3);
+  TORCH_CHECK(a.is_contiguous() && a.size(0) == B && a.size(1) == C && a.size(2) == G,
+              "fit: w [B, R, C, G] (any strides) and a contiguous [B, C, G], got w ", w.sizes(), ", a ", a.sizes());
+  TORCH_CHECK(G > 0 && G <= 256 && !grid.empty() && qmax > 0, "fit: 0 < G <= 256, a grid, qmax > 0");
+  std::vector<float> g(grid.begin(), grid.end());
+  auto s = at::empty({B, R, C}, w.options()), b = at::empty({B, R, C}, w.options());
+  check_rc(dynaexq_fit(B, R, C, G, w.data_ptr<float>(), w.strides().data(), a.data_ptr<float>(), qmax, iters, g.data(),
+                       g.size(), s.data_ptr<float>(), b.data_ptr<float>(), at::get_num_threads()), "fit");
+  return {s, b};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(DYNAEXQ_NS, m) {
@@ -252,6 +271,7 @@ TORCH_LIBRARY(DYNAEXQ_NS, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lens, float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps, bool round_first) -> Tensor");
   m.def("argmax(Tensor logits) -> Tensor");
+  m.def("fit(Tensor w, Tensor a, int qmax, int iters, float[] grid) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(DYNAEXQ_NS, CPU, m) {
@@ -265,4 +285,5 @@ TORCH_LIBRARY_IMPL(DYNAEXQ_NS, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("rms_norm", &rms_norm);
   m.impl("argmax", &argmax);
+  m.impl("fit", &fit);
 }
