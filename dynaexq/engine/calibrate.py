@@ -195,6 +195,7 @@ def _calibrate(model, job: PrepareJob, ids: torch.Tensor) -> None:
             h.remove()
     args, kw = _run_to(model, ids, layers[0], None)  # the first layer's input, every window: [W, S, H]
     hidden = (args[0] if args else kw["hidden_states"]).clone()
+    del args, kw  # (the embedding's output: every window's hidden states once more)
     per = max(1, CHUNK_TOKENS // ids.shape[1])  # windows per chunk
     calibrator, moments = _LayerCalibrator(job), _DenseMoments(model, job)
     banks = banks_of(model).values()
