@@ -110,7 +110,7 @@ def factor(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     diag = torch.diagonal(H, dim1=-2, dim2=-1)
     diag[diag <= 0] = 1  # inputs that never fire: any value serves
     diag += DAMP * diag.mean(-1, keepdim=True)
-    # in float32 as GPTQ's reference code does (the damping keeps it well conditioned; float64 took 1.5x the
+    # in float32 as GPTQ's reference code does (the damping keeps it well conditioned; float64 took 1.4x the
     # time). Each matrix single-threaded, the matrices spread over the threads: LAPACK's results with more
     # threads differ in the last bits, and a store must not depend on how many threads prepared it (a Ray
     # worker's against a local run: the same bytes). The upper factor U of H^-1 (U^T U = H^-1) is the inverse
