@@ -288,6 +288,16 @@ def _threads(args) -> int | None:
     return args.threads
 
 
+def _add_model(parser) -> None:
+    """--model, --store, --verify, --threads, --device: what every command that loads a model takes."""
+    parser.add_argument("--model", help="checkpoint or store directory (default: the bundled model)")
+    parser.add_argument("--store", help="use this store for --model (it must have been prepared from that "
+                        "checkpoint)")
+    _add_verify(parser)
+    _add_threads(parser)
+    _add_device(parser)
+
+
 def _add_verify(parser) -> None:
     parser.add_argument("--verify", default=VERIFY, choices=["lazy", "full", "off"], help="store integrity at load: "
                         "lazy = shard sizes and sampled hashes now, each expert's digest on its first read; full = "
@@ -315,11 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sg = sub.add_parser("generate", help="generate text, streaming tokens to the terminal")
     sg.add_argument("prompt")
-    sg.add_argument("--model", help="checkpoint or store directory (default: the bundled model)")
-    sg.add_argument("--store", help="use this store for --model (it must have been prepared from that checkpoint)")
-    _add_verify(sg)
-    _add_threads(sg)
-    _add_device(sg)
+    _add_model(sg)
     sg.add_argument("--policy", default=POLICY, help="auto (fit this machine: the checkpoint's own precision when "
                     "everything fits the memory available, else the multilevel runtime within it; --budget / "
                     "--expert-budget replace the machine's figure) | uniform:<precision> | map:<file.json> | calibrated"
@@ -348,11 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "agreement with the reference (the checkpoint at its own dtype), plus the expert bytes "
                         "actually resident. Hotness policies (calibrated, calibrated-multilevel, oracle) are run at "
                         "every --expert-budget.")
-    se.add_argument("--model", help="checkpoint or store directory (default: the bundled model)")
-    se.add_argument("--store", help="use this store for --model (it must have been prepared from that checkpoint)")
-    _add_verify(se)
-    _add_threads(se)
-    _add_device(se)
+    _add_model(se)
     se.add_argument("--data", nargs="+", action="extend", metavar="NAME=FILE", help="UTF-8 text files to evaluate on "
                     "(default: the model's eval/*.txt)")
     se.add_argument("--policy", nargs="+", action="extend", metavar="SPEC", help="policies (default: uniform "
@@ -396,11 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     sl = sub.add_parser("lm-eval", help="run lm-eval tasks on the model at a policy (needs the `eval` extra)")
     sl.add_argument("tasks", nargs="+", help="lm-eval task names (its own, or from --include-path)")
     sl.add_argument("--include-path", nargs="+", action="extend", metavar="DIR", help="directories of task YAML files")
-    sl.add_argument("--model", help="checkpoint or store directory (default: the bundled model)")
-    sl.add_argument("--store", help="use this store for --model")
-    _add_verify(sl)
-    _add_threads(sl)
-    _add_device(sl)
+    _add_model(sl)
     sl.add_argument("--policy", default=POLICY, help="precision policy, as for generate (default: %(default)s)")
     sl.add_argument("--expert-budget", help="bytes for expert weights or a precision name")
     sl.add_argument("--calibration", nargs="+", action="extend", metavar="[NAME=]FILE",

@@ -50,16 +50,12 @@ def cmd_serve(args) -> int:
 
 
 def add_serve_parser(sub) -> None:
-    from dynaexq.cli import (_add_dense, _add_device, _add_record_routing, _add_threads, _add_verify,
-                             _add_weight_budget, add_config_flags, add_runtime_flags)
+    from dynaexq.cli import (_add_dense, _add_model, _add_record_routing, _add_weight_budget, add_config_flags,
+                             add_runtime_flags)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, completions, models) with "
                         "continuous batching, Prometheus metrics and a live expert dashboard")
-    sv.add_argument("--model", help="checkpoint or store directory (default: the bundled model)")
-    sv.add_argument("--store", help="use this store for --model (it must have been prepared from that checkpoint)")
-    _add_verify(sv)
-    _add_threads(sv)
-    _add_device(sv)
+    _add_model(sv)
     sv.add_argument("--policy", default=POLICY, help="precision policy, as for generate; the runtime "
                     "policies (dynaexq, multilevel) learn from the served traffic (default: %(default)s)")
     sv.add_argument("--expert-budget", help="bytes for expert weights, e.g. 20GiB, or a precision name (int3)")

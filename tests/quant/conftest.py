@@ -4,6 +4,15 @@ from dynaexq.quant import lowbit_cpu
 
 
 @pytest.fixture(scope="session")
+def ext():
+    """The native library's operators (torch.ops.dynaexq) of this CPU's build."""
+    lib = lowbit_cpu.extension()
+    if lib is None:
+        pytest.skip("the C++ low-bit kernel did not build here (a warning said why)")
+    return lib
+
+
+@pytest.fixture(scope="session")
 def avx2():
     """The AVX2 build of the C++ kernels' sources (what a CPU without AVX-512 gets)."""
     try:

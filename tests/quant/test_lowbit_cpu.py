@@ -36,14 +36,6 @@ def _rel(y, ref):
 
 
 @pytest.fixture(scope="module")
-def ext():
-    lib = lowbit_cpu.extension()
-    if lib is None:
-        pytest.skip("the C++ low-bit kernel did not build here (a warning said why)")
-    return lib
-
-
-@pytest.fixture(scope="module")
 def weights():
     """(bits, dist, shape) -> QuantizedWeight, quantized once."""
     out = {}

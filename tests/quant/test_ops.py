@@ -4,18 +4,10 @@ tensors get an error naming the problem."""
 import pytest
 import torch
 
-from dynaexq.quant import attention_cpu, grouped_cpu, kernels, lowbit_cpu
+from dynaexq.quant import attention_cpu, grouped_cpu, kernels
 from dynaexq.quant.packing import pack
 from dynaexq.quant.precision import Precision
 from dynaexq.quant.quantize import QuantizedWeight, _gptq
-
-
-@pytest.fixture(scope="module")
-def ops():
-    lib = lowbit_cpu.extension()
-    if lib is None:
-        pytest.skip("the native CPU library did not build here")
-    return lib
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +21,13 @@ def blob():
 WF = torch.randn(64, 128)  # a float32 weight for the row-major kernel (alive as long as the module)
 
 
-def _cases(ops, qw, blob):
+def _cases(ext, qw, blob):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 128, generator=g).to(torch.bfloat16)
     idx = torch.tensor([[0, 2], [1, 2], [0, 3]])
     w = torch.rand(3, 2, generator=g)
     hidden = torch.randn(3, 128, generator=g)
-    counts, order, xs = ops.route(idx, w, hidden, 4, torch.zeros(4, dtype=torch.int64), torch.zeros(4))
+    counts, order, xs = ext.route(idx, w, hidden, 4, torch.zeros(4, dtype=torch.int64), torch.zeros(4))
     ptrs = torch.tensor([[blob.data_ptr(), 0, 0]] * 4)
     ys = torch.randn(6, 128, generator=g)
     q, k, v = torch.randn(2, 4, 1, 32), torch.randn(2, 2, 8, 32), torch.randn(2, 2, 8, 32)
@@ -54,15 +46,15 @@ def _cases(ops, qw, blob):
 
 @pytest.mark.parametrize("name", ["lowbit_mm", "lowbit_grouped", "lowbit_rows", "rowmajor_grouped", "route",
                                   "combine", "decode_attention", "rms_norm", "argmax"])
-def test_each_operator_passes_torch_library_opcheck(ops, blob, name):
+def test_each_operator_passes_torch_library_opcheck(ext, blob, name):
     """Schema (what it mutates), fake implementation (shapes, dtypes, strides) and registration agree with the
     kernel's real outputs: PyTorch's own check for custom operators."""
-    args = _cases(ops, *blob)[name]
-    torch.library.opcheck(getattr(ops, name).default, args,
+    args = _cases(ext, *blob)[name]
+    torch.library.opcheck(getattr(ext, name).default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
-def test_operators_trace_into_one_compiled_graph_with_eager_results(ops, blob):
+def test_operators_trace_into_one_compiled_graph_with_eager_results(ext, blob):
     """A decode-shaped chain of the operators (norm, low-bit projection, attention, argmax) under torch.compile
     with fullgraph=True: no graph break, and the same values as the eager calls."""
     qw, b = blob
@@ -73,24 +65,24 @@ def test_operators_trace_into_one_compiled_graph_with_eager_results(ops, blob):
     lens = torch.tensor([11])
 
     def step(x):
-        h = ops.rms_norm(x, nw, 1e-6, True)  # [1, 128]
-        q = ops.lowbit_mm(h, b, 4, qw.group_size, 64).view(1, 4, 1, 16)  # [B, Hq, 1, D]
-        a = ops.decode_attention(q, k, v, lens, 0.25)  # [1, 1, 4, 16]
-        return a, ops.argmax(a.reshape(1, 64))
+        h = ext.rms_norm(x, nw, 1e-6, True)  # [1, 128]
+        q = ext.lowbit_mm(h, b, 4, qw.group_size, 64).view(1, 4, 1, 16)  # [B, Hq, 1, D]
+        a = ext.decode_attention(q, k, v, lens, 0.25)  # [1, 1, 4, 16]
+        return a, ext.argmax(a.reshape(1, 64))
 
     eager = step(x)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
     assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
-    assert torch.equal(kernel(ops.rms_norm(x, nw, 1e-6, True)), ops.lowbit_mm(ops.rms_norm(x, nw, 1e-6, True), b, 4,
+    assert torch.equal(kernel(ext.rms_norm(x, nw, 1e-6, True)), ext.lowbit_mm(ext.rms_norm(x, nw, 1e-6, True), b, 4,
                                                                                  qw.group_size, 64))
 
 
-def test_bad_tensors_are_refused_with_the_problem_named(ops, blob):
+def test_bad_tensors_are_refused_with_the_problem_named(ext, blob):
     qw, b = blob
     with pytest.raises(RuntimeError, match="must be float32, bfloat16 or float16"):
-        ops.lowbit_mm(torch.zeros(1, 128, dtype=torch.int32), b, 4, qw.group_size, 64)
+        ext.lowbit_mm(torch.zeros(1, 128, dtype=torch.int32), b, 4, qw.group_size, 64)
     with pytest.raises(RuntimeError, match="does not hold a 4-bit"):
-        ops.lowbit_mm(torch.zeros(1, 128), b[:-1], 4, qw.group_size, 64)
+        ext.lowbit_mm(torch.zeros(1, 128), b[:-1], 4, qw.group_size, 64)
     with pytest.raises(RuntimeError, match="one query position"):
         attention_cpu.decode_attention(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8),
                                        torch.tensor([4]), 1.0)
