@@ -86,7 +86,7 @@ class ExpertBank(nn.Module):
                     for e in wave:
                         assert snapshot[e] is not None, (self.layer, e)
                         versions[e] = read[e] = snapshot[e]
-                tiers, loop = self._tiers(versions, hidden) if native else \
+                tiers, loop = self._tiers(versions) if native else \
                     ({}, [e for e, v in enumerate(versions) if v is not None])
                 if tiers:
                     self._run_tiers(tiers, counts, x, ys)
@@ -169,27 +169,26 @@ class ExpertBank(nn.Module):
                 v = versions[e]
                 ys[start:end] = v.down(self._activate(v.gate_up(x[start:end])))  # [n, H]
 
-    def _tiers(self, versions, hidden) -> tuple[dict, list]:
+    def _tiers(self, versions) -> tuple[dict, list]:
         """-> ({(gate_up key, down key): (gate_up pointers [E, 3], down pointers [E, 3])}, the experts with no
-        grouped form), cached until a version changes (the cache holds the versions: their ids stay theirs)."""
+        grouped form), cached until a version changes (the cache holds the versions: their ids stay theirs).
+        Only for the native path (CPU, a dtype the kernels take: forward checks)."""
         built, cached = self._tiers_of
-        if len(built) == len(versions) + 1 and built[0] == (hidden.dtype, hidden.device) and \
-                all(a is b for a, b in zip(built[1:], versions)):
+        if len(built) == len(versions) and all(a is b for a, b in zip(built, versions)):
             return cached
         tiers, loop = {}, []
-        ok = grouped_cpu.supports(hidden.dtype) and hidden.device.type == "cpu"
         none = [(0, 0, 0)] * len(versions)
         for e, v in enumerate(versions):
             if v is None:  # not computed in this call (the offload regime's other waves / not resident)
                 continue
-            gu, dn = (grouped_cpu.spec(v.gate_up), grouped_cpu.spec(v.down)) if ok else (None, None)
+            gu, dn = grouped_cpu.spec(v.gate_up), grouped_cpu.spec(v.down)
             if gu is None or dn is None:
                 loop.append(e)
                 continue
             ptrs = tiers.setdefault((gu[0], dn[0]), (list(none), list(none)))
             ptrs[0][e], ptrs[1][e] = gu[1], dn[1]
         tiers = {key: tuple(torch.tensor(p, dtype=torch.int64) for p in ptrs) for key, ptrs in tiers.items()}
-        self._tiers_of = ((hidden.dtype, hidden.device), *versions), (tiers, loop)
+        self._tiers_of = tuple(versions), (tiers, loop)
         return tiers, loop
 
     def _activate(self, h: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,7 @@ def _race(engine, rt, overlaps: int, stop_at_first_tear: bool = False, max_forwa
 
     real_tiers, table = bank._tiers, rt.table
 
-    def held(versions, hidden):  # inside the forward: lease held, snapshot taken, nothing computed yet
+    def held(versions):  # inside the forward: lease held, snapshot taken, nothing computed yet
         start = table.published
         deadline = time.monotonic() + 5
         while table.published == start and time.monotonic() < deadline:
@@ -89,7 +89,7 @@ def _race(engine, rt, overlaps: int, stop_at_first_tear: bool = False, max_forwa
         deadline = time.monotonic() + 0.002
         while table.published == start + 1 and time.monotonic() < deadline:
             time.sleep(0.0002)
-        return real_tiers(versions, hidden)
+        return real_tiers(versions)
 
     bank._tiers = held
     thread = threading.Thread(target=churn)
