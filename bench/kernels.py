@@ -4,6 +4,8 @@ Command (full run, ~3 min on 2 cores; `--quick` is a ~30 s smoke test):
 
     .venv/bin/python bench/kernels.py            # defaults below
     .venv/bin/python bench/kernels.py --quick
+    .venv/bin/python bench/kernels.py --dense --skip-errors --precisions bf16,int8 --ms 1,2 \\
+        --shapes q=4096x2048,o=2048x4096,kv=512x2048    # the dense matrices as the decoder runs them
 
 What it measures
   1. Relative output error sqrt(tr(dW H dW^T) / tr(W H W^T)) of `dynaexq.quant.quantize.quantize` for each
@@ -50,6 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CpuLoad, wait_for_quiet  # noqa: E402
 from dynaexq.quant import kernels  # noqa: E402
+from dynaexq.quant.dense import DenseLinear  # noqa: E402
 from dynaexq.quant.precision import Precision  # noqa: E402
 from dynaexq.quant.formats import spec  # noqa: E402
 from dynaexq.quant.packing import packed_nbytes  # noqa: E402
@@ -155,13 +158,16 @@ def random_qweight(p: Precision, matrix: str, shape, g) -> QuantizedWeight:
     return QuantizedWeight(p, (n, k), f.bits, gs, data, codes[0], codes[1], ranges)
 
 
-def build_kernels(p, matrix, shape, count, seed):
+def build_kernels(p, matrix, shape, count, seed, dense=False):
+    """dense: every precision behind DenseLinear (the module a dense matrix of the model becomes: float weights
+    run the native row-major kernel there, not aten's linear)."""
     g = torch.Generator().manual_seed(seed)
     ks = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(count):
-            ks.append(kernels.prepare(random_qweight(p, matrix, shape, g), backend="cpu"))
+            k = kernels.prepare(random_qweight(p, matrix, shape, g), backend="cpu")
+            ks.append(DenseLinear(k, None, shape[1], shape[0], p.value) if dense else k)
     return ks, [str(w.message) for w in caught]
 
 
@@ -172,23 +178,24 @@ def one_pass(ks, x) -> float:
     return (time.perf_counter() - t0) / len(ks) * 1e6  # us per matmul
 
 
-def time_shape(name, shape, precisions, ms, count, repeats, seed):
+def time_shape(name, shape, precisions, ms, count, repeats, seed, dense=False):
     n, k = shape
     built, info = {}, {}
     t0 = time.perf_counter()
     for i, p in enumerate(precisions):
         try:
             ks, warns = build_kernels(p, name if name in ("gate_up", "down") else "gate_up", shape, count,
-                                      seed + 1000 * i)
+                                      seed + 1000 * i, dense)
         except Exception as e:  # e.g. the int2/int3 kernel module mid-rewrite: report, keep going
             info[p.value] = {"error": f"{type(e).__name__}: {e}"}
             print(f"  [{name}] {p.value}: kernels.prepare failed: {type(e).__name__}: {e}", file=sys.stderr)
             continue
         built[p] = ks
-        info[p.value] = {"kernel": kernel_name(ks[0]), "nbytes": ks[0].nbytes,
-                         "bytes_per_weight": ks[0].nbytes / (n * k), "warnings": sorted(set(warns))}
+        k0 = ks[0].kernel if dense else ks[0]
+        info[p.value] = {"kernel": kernel_name(k0) + (" in DenseLinear" if dense else ""), "nbytes": k0.nbytes,
+                         "bytes_per_weight": k0.nbytes / (n * k), "warnings": sorted(set(warns))}
     setup_s = time.perf_counter() - t0
-    resident = sum(sum(kk.nbytes for kk in ks) for ks in built.values())
+    resident = sum(info[p.value]["nbytes"] * len(ks) for p, ks in built.items())
     print(f"  [{name} {n}x{k}] built {count} matrices x {len(built)} precisions in {setup_s:.0f}s, "
           f"{resident / 2**30:.2f} GiB resident", file=sys.stderr)
     xs = {m: torch.randn(m, k, generator=torch.Generator().manual_seed(seed + m)).to(torch.bfloat16) for m in ms}
@@ -226,6 +233,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
     ap.add_argument("--error-shape", default="1536x2048", help="matrix shape of the error table")
     ap.add_argument("--methods", default="rtn,gptq")
+    ap.add_argument("--dense", action="store_true", help="time each precision as the model's dense matrices run it "
+                    "(DenseLinear: bf16/fp16/fp32 on the native row-major kernel instead of aten's linear)")
     ap.add_argument("--skip-errors", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -264,7 +273,7 @@ def main(argv=None):
     if not args.skip_timing:
         for i, (name, shape) in enumerate(shapes.items()):
             timing[name], infos[name], setup[name] = time_shape(name, shape, precisions, ms, args.matrices,
-                                                                args.repeats, args.seed + 7 * i)
+                                                                args.repeats, args.seed + 7 * i, args.dense)
         print_timing(timing, infos, shapes, ms, args)
 
     targets = evaluate_targets(timing, shapes, ms) if timing else {}
