@@ -9,14 +9,13 @@
      the hidden states of every window are kept between layers, and each layer runs on chunks of CHUNK_TOKENS
      tokens. Each non-expert matrix is quantized at every precision once its layer's chunks have passed, against
      the second moment of its input (store/dense.py; the head's: the final norm's output, no logits are
-     computed). An MoE layer's bank hands each chunk to `_LayerCalibrator`, which reads the layer's experts from
-     the source (once), computes the chunk's output with them, and keeps its inputs; after the layer's last chunk
+     computed). An MoE layer's bank hands each chunk to `_LayerCalibrator`, which reads the routed experts from
+     the source, computes the chunk's output with them, and keeps its inputs; after the layer's last chunk
      come the per-token second moments of each expert's two inputs, H_x = E[x x^T] over the tokens routed to it
      (gate_up's input) and H_h = E[h h^T] (down's input, h = act(gate_up x)), each pooled with the layer's mean
      as POOL pseudo-tokens (so an expert that sees few or no tokens gets the layer's statistics: never zero,
-     never NaN); the job quantizes and writes the layer (GPTQ against them) and the source experts are dropped.
-     Memory: the hidden states and one MoE layer's expert inputs of every token, one layer of source experts,
-     one chunk's activations (a forward of every window at once held 5.5 GiB for 32 k tokens of the 30B shape).
+     never NaN); the job quantizes and writes the layer (GPTQ against them).
+     Memory: the hidden states and one MoE layer's expert inputs of every token, one chunk's activations (a forward of every window at once held 5.5 GiB for 32 k tokens of the 30B shape).
 A checkpoint without a tokenizer (or `calibration=["none"]`) is prepared without calibration (weight error),
 and it says so.
 """
@@ -45,9 +44,9 @@ class _Done(Exception):
 
 class _LayerCalibrator:
     """The MoE layers' part of the pass. Called by a layer's bank with one chunk of windows at a time: computes the
-    chunk's output with the layer's source experts (read once, at its first chunk) and keeps the chunk's inputs
-    and routing; `finish()` after the layer's last chunk quantizes and writes the layer against every token's
-    statistics, then drops the source experts."""
+    chunk's output with the layer's source experts (store.prepare.LayerExperts: each read when a chunk routes to
+    it) and keeps the chunk's inputs and routing; `finish()` after the layer's last chunk quantizes and writes the
+    layer against every token's statistics."""
 
     def __init__(self, job: PrepareJob):
         self.job, self.layer = job, None
@@ -97,7 +96,7 @@ class _LayerCalibrator:
             self.xs = None  # (not held twice)
             idx, wts = (torch.cat(t) for t in zip(*self.routes))
             mean_x = x.T @ x / max(len(x), 1)  # every token reaches k experts alike
-            mean_h = self.h_sum / self.pairs if self.pairs else torch.eye(experts[0]["down"].shape[1])
+            mean_h = self.h_sum / self.pairs if self.pairs else torch.eye(experts[0]["down"].shape[1])  # (a read)
 
             def hessians(e):
                 _, xe, h, _, _ = next(self._run(x, idx, wts, only=e))
