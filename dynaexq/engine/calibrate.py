@@ -5,7 +5,8 @@
      own corpus, dynaexq/bundled/dxq-moe-mini/calibration) is cut into `windows` windows of `window_tokens`;
   2. store.prepare.PrepareJob copies the non-expert weights, and the transformers model is built on them with an
      ExpertBank per MoE layer and no expert resident;
-  3. one pass over all windows in float32, decoder layer by decoder layer (GPTQ's sequential scheme, `_calibrate`):
+  3. one pass over all windows in float32, decoder layer by decoder layer (GPTQ's sequential scheme, `_calibrate`;
+     the model is built in the source's 16-bit dtype and each layer upcast only while it runs, `_in_float32`):
      the hidden states of every window are kept between layers, and each layer runs on chunks of CHUNK_TOKENS
      tokens. Each non-expert matrix is quantized at every precision once its layer's chunks have passed, against
      the second moment of its input (store/dense.py; the head's: the final norm's output, no logits are
@@ -15,12 +16,15 @@
      (gate_up's input) and H_h = E[h h^T] (down's input, h = act(gate_up x)), each pooled with the layer's mean
      as POOL pseudo-tokens (so an expert that sees few or no tokens gets the layer's statistics: never zero,
      never NaN); the job quantizes and writes the layer (GPTQ against them).
-     Memory: the hidden states and one MoE layer's expert inputs of every token, one chunk's activations (a forward of every window at once held 5.5 GiB for 32 k tokens of the 30B shape).
+     Memory: the hidden states and one MoE layer's expert inputs of every token, one chunk's activations, one
+     layer's weights in float32 (a forward of every window at once held 5.5 GiB for 32 k tokens of the 30B
+     shape).
 A checkpoint without a tokenizer (or `calibration=["none"]`) is prepared without calibration (weight error),
 and it says so.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 from pathlib import Path
@@ -138,7 +142,10 @@ def prepare_store(src, out, precisions=DEFAULT_PRECISIONS, calibration=None, win
     job = PrepareJob(src, out, precisions, progress, calibration=desc, runner=runner)
     if job.done:
         return job.out
-    model = build_model(Path(out), get_arch(job.ckpt.config), torch.float32, torch.device("cpu"))
+    # the model in the source's 16-bit dtype (or float32): the pass computes in float32, one decoder layer at a
+    # time upcast (`_in_float32`), so the non-expert weights are not all held in float32
+    dtype = job.ckpt.dtype() if job.ckpt.dtype() in (torch.bfloat16, torch.float16) else torch.float32
+    model = build_model(Path(out), get_arch(job.ckpt.config), dtype, torch.device("cpu"))
     with torch.inference_mode():
         _calibrate(model, job, ids)
     left = job.dense.todo()
@@ -148,6 +155,21 @@ def prepare_store(src, out, precisions=DEFAULT_PRECISIONS, calibration=None, win
         for name in left:
             job.add_dense(name)
     return job.finish()
+
+
+@contextlib.contextmanager
+def _in_float32(module):
+    """Within: `module`'s floating parameters and buffers are float32 copies (exact: upcasts); at exit the
+    originals are back. A float32 model computes the same values, holding every layer in float32 at once."""
+    saved = [(t, t.data) for t in (*module.parameters(), *module.buffers())
+             if t.is_floating_point() and t.dtype != torch.float32]
+    for t, data in saved:
+        t.data = data.float()
+    try:
+        yield
+    finally:
+        for t, data in saved:
+            t.data = data
 
 
 def _run_to(model, ids, module, calibrator):
@@ -160,15 +182,25 @@ def _run_to(model, ids, module, calibrator):
 
     for bank in banks_of(model).values():
         bank.calibrator = calibrator
-    hook = module.register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        model(input_ids=ids, use_cache=False)
-    except _Done:
-        pass
-    finally:
-        hook.remove()
-        for bank in banks_of(model).values():
-            bank.calibrator = None
+    layers = model.get_decoder().layers
+    with contextlib.ExitStack() as stack:  # each layer in float32 while it runs, the rest as built
+
+        def enter(m, args):
+            stack.enter_context(_in_float32(m))
+
+        hooks = [module.register_forward_pre_hook(stop, with_kwargs=True),
+                 model.get_input_embeddings().register_forward_hook(lambda m, args, out: out.float()),
+                 *(layer.register_forward_pre_hook(enter) for layer in layers),
+                 *(layer.register_forward_hook(lambda m, args, out: stack.close()) for layer in layers)]
+        try:
+            model(input_ids=ids, use_cache=False)
+        except _Done:
+            pass
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for bank in banks_of(model).values():
+                bank.calibrator = None
     return got["args"], got["kwargs"]
 
 
@@ -202,13 +234,15 @@ def _calibrate(model, job: PrepareJob, ids: torch.Tensor) -> None:
         bank.calibrator = calibrator
     try:
         for i, layer in enumerate(layers):
-            for c0 in range(0, len(hidden), per):
-                out = layer(hidden[c0:c0 + per], **kwargs[i])
-                hidden[c0:c0 + per] = out[0] if isinstance(out, tuple) else out
+            with _in_float32(layer):
+                for c0 in range(0, len(hidden), per):
+                    out = layer(hidden[c0:c0 + per], **kwargs[i])
+                    hidden[c0:c0 + per] = out[0] if isinstance(out, tuple) else out
             calibrator.finish()
             moments.flush()
-        for c0 in range(0, len(hidden), per):  # the output head's input: the final norm of the last layer's output
-            moments.add(moments.head_items, final_norm(hidden[c0:c0 + per]))
+        with _in_float32(final_norm):
+            for c0 in range(0, len(hidden), per):  # the output head's input: the final norm of the last layer's output
+                moments.add(moments.head_items, final_norm(hidden[c0:c0 + per]))
         moments.flush()
     finally:
         moments.close()

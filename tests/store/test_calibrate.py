@@ -22,10 +22,13 @@ def _char_tokenizer():
     return t
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+@pytest.fixture(scope="module", params=["float32"])
+def tiny(tmp_path_factory, request):
+    """A calibratable checkpoint in `request.param`'s dtype (tests ask for bfloat16 with indirect parametrization:
+    the pass then builds the model in bf16 and upcasts one layer at a time; the references stay transformers'
+    float32 model)."""
     root = tmp_path_factory.mktemp("cal")
-    ck = make_checkpoint("qwen3_moe", root / "ck")
+    ck = make_checkpoint("qwen3_moe", root / "ck", dtype=getattr(torch, request.param))
     T.PreTrainedTokenizerFast(tokenizer_object=_char_tokenizer(), eos_token="<eos>").save_pretrained(ck)
     text = root / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog; " * 200)
@@ -65,7 +68,8 @@ def _capture(monkeypatch) -> dict:
     return seen
 
 
-@pytest.mark.parametrize("chunk_tokens", [4096, 32])  # all windows through a layer at once; one window a chunk
+@pytest.mark.parametrize("tiny,chunk_tokens", [("float32", 4096), ("float32", 32), ("bfloat16", 32)],
+                         indirect=["tiny"])  # all windows through a layer at once; one window a chunk
 def test_each_experts_moments_are_its_routed_inputs_pooled_with_the_layer(tiny, tmp_path, monkeypatch, chunk_tokens):
     ck, text = tiny
     seen = _capture(monkeypatch)
@@ -94,7 +98,8 @@ def test_each_experts_moments_are_its_routed_inputs_pooled_with_the_layer(tiny, 
         assert all(v > 0 and math.isfinite(v) for v in stats["int4"]["energy"])
 
 
-@pytest.mark.parametrize("chunk_tokens", [4096, 32])
+@pytest.mark.parametrize("tiny,chunk_tokens", [("float32", 4096), ("float32", 32), ("bfloat16", 32)],
+                         indirect=["tiny"])
 def test_each_dense_matrix_is_quantized_against_its_inputs_moment_over_every_token(tiny, tmp_path, monkeypatch,
                                                                                   chunk_tokens):
     ck, text = tiny
