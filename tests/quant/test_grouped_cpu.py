@@ -71,6 +71,23 @@ def test_one_call_computes_every_member_of_the_tier(lib, precision, dtype, case)
             start += c
 
 
+@pytest.mark.parametrize("precision", [Precision.INT4, Precision.INT3, Precision.INT2], ids=lambda p: p.value)
+def test_long_units_cover_every_panel(lib, precision):
+    """A decode call on wide experts (1024 rows: a unit spans many 16-row panels) and on one narrow expert among
+    them: every row of every member equals float64."""
+    counts = [1, 2, 0, 1, 1, 3, 1, 1]
+    qws, ks = _tier(precision, 1024, 256, len(counts), seed=5)
+    spec0 = grouped_cpu.spec(ks[0])
+    members = {0, 1, 3, 4, 5, 6, 7}
+    ptrs = torch.zeros(len(counts), 3, dtype=torch.int64)
+    for e in members:
+        ptrs[e] = torch.tensor(grouped_cpu.spec(ks[e])[1])
+    x = torch.randn(sum(counts), 256, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    y = torch.full((sum(counts), 1024), SENTINEL, dtype=torch.bfloat16)
+    grouped_cpu.run(spec0[0], torch.tensor(counts), ptrs, x, y)
+    _check(qws, counts, members, x, y, torch.bfloat16)
+
+
 def test_the_avx2_build_computes_the_same_tiers(avx2):
     counts = COUNTS["prefill"]
     for precision in (Precision.INT4, Precision.INT3, Precision.INT8, Precision.BF16):
