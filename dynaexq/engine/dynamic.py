@@ -46,6 +46,7 @@ class Runtime:
     controller: Controller
     hotness: Hotness
     blocked_s: float = 0.0  # time the inference thread spent running transitions (blocking mode only)
+    regime: str = "resident"  # every expert resident (engine/offload.py's OffloadRuntime: "offload")
 
     def on_step(self, stats: dict) -> None:
         """One engine step is over: its routing statistics ({layer: (routed tokens, routed mass [E])}, Engine.
@@ -59,7 +60,8 @@ class Runtime:
     def stats(self) -> dict:
         c, t = self.controller, self.transitions
         published = {layer: [v.precision.value for v in lst] for layer, lst in self.table.versions.items()}
-        return {"policy": str(self.planner), "steps": c.steps, "tokens": c.tokens, "decisions": c.decisions,
+        return {"policy": str(self.planner), "regime": self.regime, "steps": c.steps, "tokens": c.tokens,
+                "decisions": c.decisions,
                 "hotness": {layer: s.tolist() for layer, s in self.hotness.snapshot().items()},
                 "published": published,
                 "target": {layer: [c.tiers[i].value for i in a.tolist()] for layer, a in c.assign.items()},
@@ -74,6 +76,16 @@ class Runtime:
     def check(self, quiescent: bool = True) -> None:
         self.pools.check()
         self.table.check(self.pools, quiescent)
+
+    def close(self, engine) -> None:
+        """Drain and stop (stop_runtime); the engine's experts are unpublished."""
+        engine.runtime = None
+        try:
+            self.controller.close()
+        finally:
+            for bank in engine.banks.values():
+                bank.table = None
+                bank.versions[:] = [None] * len(bank.versions)
 
 
 def nonexpert_bytes(model) -> int:
@@ -182,15 +194,7 @@ def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = R
     return rt
 
 
-def stop_runtime(engine, rt: Runtime) -> None:
-    """Drain and stop the runtime; the engine's experts are unpublished (publish a map with `engine.apply`)."""
-    if getattr(rt, "regime", None) == "offload":
-        from dynaexq.engine.offload import stop_offload
-        return stop_offload(engine, rt)
-    engine.runtime = None
-    try:
-        rt.controller.close()
-    finally:
-        for bank in engine.banks.values():
-            bank.table = None
-            bank.versions[:] = [None] * len(bank.versions)
+def stop_runtime(engine, rt) -> None:
+    """Drain and stop the runtime (either regime); the engine's experts are unpublished (publish a map with
+    `engine.apply`)."""
+    rt.close(engine)

@@ -108,6 +108,18 @@ class OffloadRuntime:
         self.table.check(self.pools, quiescent, absent=True)
         self.cache.check()
 
+    def close(self, engine) -> None:
+        """Stop the cache's readers and the look-ahead (stop_runtime); the engine's experts are unpublished."""
+        engine.runtime = None
+        try:
+            self.controller.close()
+        finally:
+            for h in self.hooks:
+                h.remove()
+            for bank in engine.banks.values():
+                bank.table = bank.cache = None
+                bank.versions[:] = [None] * len(bank.versions)
+
 
 def start_offload(engine, planner, slot_bytes: dict, expert_budget: int, config, total, reserves,
                   progress: bool = True) -> OffloadRuntime:
@@ -177,18 +189,6 @@ def start_offload(engine, planner, slot_bytes: dict, expert_budget: int, config,
     rt.check(quiescent=False)
     engine.runtime = rt
     return rt
-
-
-def stop_offload(engine, rt: OffloadRuntime) -> None:
-    engine.runtime = None
-    try:
-        rt.controller.close()
-    finally:
-        for h in rt.hooks:
-            h.remove()
-        for bank in engine.banks.values():
-            bank.table = bank.cache = None
-            bank.versions[:] = [None] * len(bank.versions)
 
 
 def _router_of(block):

@@ -438,10 +438,10 @@ def test_no_cliff_at_the_floor_just_below_all_int2_is_the_all_int2_model_minus_o
     with torch.no_grad():
         want = ref.model(input_ids=ids).logits
     ref.close()
-    for frac, regime in ((0.999, "offload"), (1.001, None)):
+    for frac, regime in ((0.999, "offload"), (1.001, "resident")):
         eng = dynaexq.load(bundled_store, policy, int(frac * n_all * m), progress=False)
         try:
-            assert getattr(eng.runtime, "regime", None) == regime
+            assert eng.runtime.regime == regime
             if regime == "offload":
                 assert eng.runtime.policy.counts == {Precision.INT2: int(frac * n_all * m) // m}
                 assert eng.runtime.policy.counts[Precision.INT2] >= 0.99 * n_all
