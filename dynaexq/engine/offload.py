@@ -94,10 +94,15 @@ class OffloadRuntime:
                 "published": published,
                 "target": {layer: [self.policy.want(layer, e).value for e in range(len(lst))]
                            for layer, lst in self.table.versions.items()},
-                "transitions": {"pairs": 0, "promotions": r.get("upgrades_done", 0), "demotions": 0,
+                # the resident regime's counters, as the cache's moves are: a fetch lays a version into a slot
+                # (a move; an upgrade is a promotion), an eviction makes an expert not resident (a demotion) and
+                # pays for a fetch (a pair); nothing is deferred here
+                "transitions": {"pairs": r.get("evictions", 0), "promotions": r.get("upgrades_done", 0),
+                                "demotions": r.get("evictions", 0),
+                                "moves": sum(r.get(f"{k}_done", 0) for k in ("misses", "prefetches", "upgrades")),
                                 "deferrals": 0, "failures": r.get("failures", 0),
-                                "bytes_moved": r.get("bytes_fetched", 0), "in_flight": r["in_flight"], "pending": 0,
-                                "errors": r["errors"]},
+                                "bytes_moved": r.get("bytes_fetched", 0), "in_flight": r["in_flight"],
+                                "pending": r["queued"], "errors": r["errors"]},
                 "offload": r, "forward_wait_s": r.get("stall_s", 0.0) + self.table.lease_wait_s,
                 "lease_s": self.table.lease_wait_s, "blocked_s": 0.0, "pools": self.pools.occupancy(),
                 "bytes": {"experts": self.pools.expert_bytes(), "staging": 0, "peak_used": self.pools.tracker.peak,

@@ -375,8 +375,9 @@ class ExpertCache:
         done = [v for v in rec.values() if v is not None]
         with self._cv:
             by_precision = Counter(p.value for p, _ in self.where.values())
+            queued = len(self._queue)
         return {**s, "hit_rate": hits / max(1, hits + misses), "resident": sum(by_precision.values()),
-                "resident_by_precision": dict(by_precision), "in_flight": len(self.inflight),
+                "resident_by_precision": dict(by_precision), "in_flight": len(self.inflight), "queued": queued,
                 "recall": rec, "mean_recall": sum(done) / len(done) if done else None,
                 "io": dict(self.io.stats, mode=self.io.mode), "errors": list(self.errors)[-20:]}
 

@@ -79,8 +79,13 @@ def test_outputs_under_offload_equal_float64_of_the_versions_each_forward_read(s
     calls = _record(eng)
     reader = StoreReader(store)
     _steps(eng, 30, seed=0)
-    rep = eng.runtime.cache.report()
+    eng.runtime.cache.drain()
+    rep, moves = eng.runtime.cache.report(), eng.runtime.stats()["transitions"]
     assert rep["misses"] > 0 and rep["evictions"] > 0 and rep["hits"] > 0, rep
+    # the runtime's transition counters are the cache's moves: every completed fetch, every eviction
+    done = sum(rep.get(f"{k}_done", 0) for k in ("misses", "prefetches", "upgrades"))
+    assert moves["moves"] == done >= rep["misses"] and moves["demotions"] == moves["pairs"] == rep["evictions"]
+    assert moves["bytes_moved"] == rep["bytes_fetched"] > 0 and moves["pending"] == 0
     assert len(calls) > 40
     for bank, hidden, idx, w, out, read in calls:
         routed = set(idx.flatten().tolist())
