@@ -100,7 +100,7 @@ class _LayerCalibrator:
             self.xs = None  # (not held twice)
             idx, wts = (torch.cat(t) for t in zip(*self.routes))
             mean_x = x.T @ x / max(len(x), 1)  # every token reaches k experts alike
-            mean_h = self.h_sum / self.pairs if self.pairs else torch.eye(experts[0]["down"].shape[1])  # (a read)
+            mean_h = self.h_sum / self.pairs if self.pairs else torch.eye(experts[0]["down"].shape[1])  # (reads expert 0)
 
             def hessians(e):
                 _, xe, h, _, _ = next(self._run(x, idx, wts, only=e))
