@@ -38,6 +38,7 @@ from dynaexq.sizes import format_size, parse_size
 from dynaexq.store import layout
 from dynaexq.store.checkpoint import Checkpoint
 from dynaexq.store.reader import StoreReader
+from dynaexq.threads import check_wait_policy
 
 def cache_root() -> Path:
     return Path(os.environ.get("DYNAEXQ_CACHE", Path.home() / ".cache" / "dynaexq"))
@@ -88,6 +89,7 @@ def load(path, policy=POLICY, expert_budget=None, *, store=None, device="cpu",
     `threads`: the cores a decode step computes on (default: torch's count on the calling thread)."""
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise UserError(f"threads must be a positive integer, got {threads!r}")
+    check_wait_policy()
     engine = _load(path, policy, expert_budget, store, device, backend, dtype, verify, progress, calibration,
                    calibration_windows, window_tokens, runtime, dense, weight_budget, read_budget)
     engine.threads = threads or torch.get_num_threads()

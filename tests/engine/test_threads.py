@@ -54,3 +54,14 @@ def test_a_decode_step_on_the_scheduler_thread_uses_the_configured_threads(bundl
 def test_threads_is_validated(bundled_store):
     with pytest.raises(dynaexq.UserError, match="threads"):
         dynaexq.load(bundled_store, policy="uniform:int8", threads=0, progress=False)
+
+
+def test_a_passive_openmp_wait_policy_is_named_once(monkeypatch, capsys):
+    from dynaexq import threads
+    monkeypatch.setattr(threads, "_warned", [])
+    assert not threads.check_wait_policy({"OMP_WAIT_POLICY": "active"})
+    assert not threads.check_wait_policy({})
+    assert capsys.readouterr().err == ""
+    assert threads.check_wait_policy({"OMP_WAIT_POLICY": "PASSIVE"})
+    assert "OMP_WAIT_POLICY=passive" in capsys.readouterr().err
+    assert not threads.check_wait_policy({"OMP_WAIT_POLICY": "passive"})  # once per process
