@@ -207,6 +207,11 @@ def _run_to(model, ids, module, calibrator):
 def _calibrate(model, job: PrepareJob, ids: torch.Tensor) -> None:
     """The pass, layer by layer over chunks of CHUNK_TOKENS tokens (GPTQ's sequential scheme): the hidden states of
     every window are kept between layers, a layer's activations only for one chunk at a time."""
+    with _in_float32(model.get_decoder().norm):  # the final norm in float32 throughout (small; a LayerNorm
+        _layers_pass(model, job, ids)  # refuses a float32 input with 16-bit weights)
+
+
+def _layers_pass(model, job: PrepareJob, ids: torch.Tensor) -> None:
     dec = model.get_decoder()
     layers, final_norm, head = dec.layers, dec.norm, model.get_output_embeddings()
     # every layer's keyword arguments (masks, rotary embeddings: the same for every window, all of one length,
@@ -240,9 +245,8 @@ def _calibrate(model, job: PrepareJob, ids: torch.Tensor) -> None:
                     hidden[c0:c0 + per] = out[0] if isinstance(out, tuple) else out
             calibrator.finish()
             moments.flush()
-        with _in_float32(final_norm):
-            for c0 in range(0, len(hidden), per):  # the output head's input: the final norm of the last layer's output
-                moments.add(moments.head_items, final_norm(hidden[c0:c0 + per]))
+        for c0 in range(0, len(hidden), per):  # the output head's input: the final norm of the last layer's output
+            moments.add(moments.head_items, final_norm(hidden[c0:c0 + per]))
         moments.flush()
     finally:
         moments.close()

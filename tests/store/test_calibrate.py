@@ -157,3 +157,36 @@ def test_without_a_tokenizer_or_with_none_prepare_says_it_does_not_calibrate(tmp
     assert json.loads((st / layout.MANIFEST).read_text())["calibration"] is None
     prepare_store(ck, tmp_path / "st2", ["int4"], ["none"], progress=False)
     assert "--calibration none" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["phimoe", "gpt_oss"])  # LayerNorms; attention sinks and sliding windows
+def test_a_16_bit_checkpoint_calibrates_as_its_float32_copy(arch, tmp_path, monkeypatch):
+    """The pass builds a bf16 checkpoint's model in bf16 and upcasts one layer at a time: every second moment it
+    quantizes against must be the one the float32 copy of the same weights gives (that model runs in float32
+    throughout), bit for bit."""
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog; " * 200)
+    ck16 = make_checkpoint(arch, tmp_path / "ck16", dtype=torch.bfloat16)
+    ck32 = tmp_path / "ck32"
+    T.AutoModelForCausalLM.from_pretrained(ck16, dtype=torch.float32).save_pretrained(ck32)
+    experts = _capture(monkeypatch)
+    dense, real = {}, prep.PrepareJob.add_dense
+    monkeypatch.setattr(prep.PrepareJob, "add_dense", lambda self, name, H=None, W=None: (
+        dense.__setitem__(name, H), real(self, name, H, W))[1])
+    runs = []
+    for ck in (ck16, ck32):
+        T.PreTrainedTokenizerFast(tokenizer_object=_char_tokenizer(), eos_token="<eos>").save_pretrained(ck)
+        prepare_store(ck, tmp_path / f"st-{ck.name}", ["int4"], [str(text)], windows=4, window_tokens=32,
+                      progress=False)
+        runs.append(({layer: dict(hs) for layer, hs in experts.items()}, dict(dense)))
+        experts.clear()
+        dense.clear()
+    (e16, d16), (e32, d32) = runs
+    assert e32 and e16.keys() == e32.keys()
+    for layer, hs in e32.items():
+        for e, h in hs.items():
+            for m in ("gate_up", "down"):
+                assert torch.equal(e16[layer][e][m], h[m]), (layer, e, m)
+    assert any(H is not None for H in d32.values()) and d16.keys() == d32.keys()
+    for name, H in d32.items():
+        assert (H is None and d16[name] is None) or torch.equal(d16[name], H), name
