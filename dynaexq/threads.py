@@ -6,6 +6,7 @@ background worker that limits itself that way puts the server's decode thread (s
 calls `omp_set_num_threads` of the OpenMP runtime torch itself loaded (a per-thread setting in OpenMP). Where that
 runtime cannot be found (no libgomp/libiomp mapped, not Linux) it does nothing and says so once: the worker's
 parallel torch ops then use torch's default team, which is correct, only busier.
+`check_wait_policy()` (at load) names an OpenMP setting that makes every native call wake its threads.
 """
 from __future__ import annotations
 

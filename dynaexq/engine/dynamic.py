@@ -83,9 +83,7 @@ class Runtime:
         try:
             self.controller.close()
         finally:
-            for bank in engine.banks.values():
-                bank.table = None
-                bank.versions[:] = [None] * len(bank.versions)
+            engine.unpublish()
 
 
 def nonexpert_bytes(model) -> int:
@@ -169,8 +167,7 @@ def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = R
     if progress:
         print(f"dynaexq: {planner}\n{plan.describe()}", file=sys.stderr)
 
-    for bank in engine.banks.values():  # no forward runs now: free the engine's own versions before the arenas
-        bank.versions[:] = [None] * len(bank.versions)
+    engine.unpublish()  # no forward runs now: free the engine's own versions before the arenas
     pools = Pools(counts, slot_bytes, staging, device)
     table = ExpertTable({layer: bank.versions for layer, bank in engine.banks.items()}, device)
 

@@ -138,6 +138,13 @@ class Engine:
         self.plan = dict(plan)
         return len(changed)
 
+    def unpublish(self) -> None:
+        """Every bank without versions, table or cache (no forward runs meanwhile): a runtime's start, before its
+        arenas, and its stop."""
+        for bank in self.banks.values():
+            bank.table = bank.cache = None
+            bank.versions[:] = [None] * len(bank.versions)
+
     def make_version(self, layer: int, e: int, p):
         """Expert e of `layer` at precision p, read from the store, kernel-ready on the model's device."""
         return make_version(self.reader.read_expert(layer, e, p), self.backend, self.dtype, self.model.device)

@@ -40,6 +40,7 @@ from dynaexq.store.checkpoint import Checkpoint
 from dynaexq.store.reader import StoreReader
 from dynaexq.threads import check_wait_policy
 
+
 def cache_root() -> Path:
     return Path(os.environ.get("DYNAEXQ_CACHE", Path.home() / ".cache" / "dynaexq"))
 

@@ -121,9 +121,7 @@ class OffloadRuntime:
         finally:
             for h in self.hooks:
                 h.remove()
-            for bank in engine.banks.values():
-                bank.table = bank.cache = None
-                bank.versions[:] = [None] * len(bank.versions)
+            engine.unpublish()
 
 
 def start_offload(engine, planner, slot_bytes: dict, expert_budget: int, config, total, reserves,
@@ -165,8 +163,7 @@ def start_offload(engine, planner, slot_bytes: dict, expert_budget: int, config,
               f"{reader.path} on a miss\n  warm start: "
               + ("the hotness file" if warm else "none (the cache fills on demand)"), file=sys.stderr)
 
-    for bank in engine.banks.values():
-        bank.versions[:] = [None] * len(bank.versions)
+    engine.unpublish()
     pools = Pools(counts, slots, (0, 0), device)
     table = ExpertTable({layer: bank.versions for layer, bank in engine.banks.items()}, device)
     io = DirectReader(reader, config.offload_io)
