@@ -52,8 +52,14 @@ ROOT = Path(__file__).resolve().parent
 VERSION = "0.3.36"
 CACHE = Path(os.environ.get("DYNAEXQ_CACHE", Path.home() / ".cache" / "dynaexq")) / "llamacpp"
 SRC = CACHE / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
-BUILD = CACHE / f"build-{VERSION}"
+# llama.cpp 0.3.36's AMX path segfaults in prompt processing on a Xeon with AMX (ggml_backend_amx_mul_mat, seen
+# with llama-bench -p 512 and llama-batched-bench); there it is built with every other feature of the CPU instead.
+CPU_FLAGS = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()) \
+    if Path("/proc/cpuinfo").is_file() else set()
+NO_AMX = "amx_int8" in CPU_FLAGS
+BUILD = CACHE / (f"build-{VERSION}-noamx" if NO_AMX else f"build-{VERSION}")
 BIN = BUILD / "bin"
+LOGITS = BUILD / "llama_logits"
 TYPES = "Q4_K_M,Q4_0,IQ4_XS,Q3_K_M,Q3_K_S,IQ3_S,Q2_K,IQ2_XS"
 EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 TARGETS = ("llama-quantize", "llama-imatrix", "llama-bench", "llama-batched-bench")
@@ -64,7 +70,7 @@ def sh(cmd, **kw):
 
 
 def build() -> None:
-    if all((BIN / t).is_file() for t in TARGETS) and (CACHE / "llama_logits").is_file():
+    if all((BIN / t).is_file() for t in TARGETS) and LOGITS.is_file():
         return
     CACHE.mkdir(parents=True, exist_ok=True)
     sdist = CACHE / f"llama_cpp_python-{VERSION}.tar.gz"
@@ -74,12 +80,24 @@ def build() -> None:
     if not SRC.is_dir():
         with tarfile.open(sdist) as t:
             t.extractall(CACHE)
-    print("building llama.cpp (once, ~12 min on 2 cores)", file=sys.stderr)
+    print("building llama.cpp (once, ~12 min on 2 cores)" + (" without its AMX path, which crashes on this CPU"
+          if NO_AMX else ""), file=sys.stderr)
     sh(["cmake", "-S", SRC, "-B", BUILD, "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF",
-        "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DGGML_NATIVE=ON"])
+        "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TESTS=OFF", *arch_options()])
     sh(["cmake", "--build", BUILD, "-j", str(os.cpu_count()), "--target", *TARGETS, "llama"])
-    sh(["g++", "-O2", "-o", CACHE / "llama_logits", ROOT / "peer" / "llama_logits.cpp", f"-I{SRC / 'include'}",
+    sh(["g++", "-O2", "-o", LOGITS, ROOT / "peer" / "llama_logits.cpp", f"-I{SRC / 'include'}",
         f"-I{SRC / 'ggml' / 'include'}", f"-L{BIN}", "-lllama", f"-Wl,-rpath,{BIN}"])
+
+
+def arch_options() -> list[str]:
+    """-march=native, or on an AMX CPU each ggml x86 option this CPU's flags allow, AMX off."""
+    if not NO_AMX:
+        return ["-DGGML_NATIVE=ON"]
+    want = {"SSE42": {"sse4_2"}, "F16C": {"f16c"}, "FMA": {"fma"}, "BMI2": {"bmi2"}, "AVX": {"avx"},
+            "AVX2": {"avx2"}, "AVX_VNNI": {"avx_vnni"}, "AVX512": {"avx512f", "avx512cd", "avx512vl", "avx512dq",
+            "avx512bw"}, "AVX512_VBMI": {"avx512vbmi"}, "AVX512_VNNI": {"avx512_vnni"},
+            "AVX512_BF16": {"avx512_bf16"}}
+    return ["-DGGML_NATIVE=OFF", *(f"-DGGML_{k}={'ON' if f <= CPU_FLAGS else 'OFF'}" for k, f in want.items())]
 
 
 CONVERT = """import runpy, sys
@@ -179,7 +197,7 @@ def kl_llama(gguf_path: Path, ev, work: Path, threads: int) -> dict:
         n, length = w.shape
         tok, logp = work / f"{name}.tokens", work / f"{name}.logp"
         w.to(torch.int32).numpy().tofile(tok)
-        sh([CACHE / "llama_logits", gguf_path, tok, n, length, threads, logp])
+        sh([LOGITS, gguf_path, tok, n, length, threads, logp])
         q = np.memmap(logp, dtype=np.float32, mode="r").reshape(n, length - 1, -1)
         kl = agree = 0.0
         count = 0
