@@ -18,7 +18,10 @@ Modes
 What it does
   1. llama.cpp: `pip download` of the llama-cpp-python sdist (the llama.cpp it vendors), cmake build of
      llama-quantize, llama-imatrix, llama-bench and libllama, and bench/peer/llama_logits.cpp against it (an
-     ~80-line program that writes llama.cpp's log-probabilities for given token windows).
+     ~80-line program that writes llama.cpp's log-probabilities for given token windows). -march=native, except
+     on a CPU with AMX (Sapphire Rapids and later), where 0.3.36's AMX matmul segfaults in prompt processing:
+     there every other ggml x86 option the CPU's flags allow (AVX-512, VNNI, BF16...) and AMX off, in its own
+     build directory (build-0.3.36-noamx).
   2. The bundled checkpoint -> GGUF bf16 with llama.cpp's convert_hf_to_gguf.py (its pre-tokenizer check does
      not know our byte-level BPE, whose regex is GPT-2's: told "gpt-2"); an importance matrix with llama-imatrix
      on the model's calibration texts (never its eval texts).
