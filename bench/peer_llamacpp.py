@@ -57,8 +57,8 @@ CACHE = Path(os.environ.get("DYNAEXQ_CACHE", Path.home() / ".cache" / "dynaexq")
 SRC = CACHE / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
 # llama.cpp 0.3.36's AMX path segfaults in prompt processing on a Xeon with AMX (ggml_backend_amx_mul_mat, seen
 # with llama-bench -p 512 and llama-batched-bench); there it is built with every other feature of the CPU instead.
-CPU_FLAGS = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()) \
-    if Path("/proc/cpuinfo").is_file() else set()
+CPU_FLAGS = set(next((line.partition(":")[2].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])) if Path("/proc/cpuinfo").is_file() else set()
 NO_AMX = "amx_int8" in CPU_FLAGS
 BUILD = CACHE / (f"build-{VERSION}-noamx" if NO_AMX else f"build-{VERSION}")
 BIN = BUILD / "bin"
