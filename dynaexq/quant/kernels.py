@@ -122,6 +122,16 @@ class Int8Cpu:
         y = torch.ops.aten._weight_int8pack_mm(xb, self.q, self.scale).float()
         return (y + xb.float().sum(-1, keepdim=True) * self.corr.float()).to(x.dtype)
 
+    def gemm(self, x):
+        """x [M, K] -> [M, N] in x's dtype by aten's fp32 GEMM on fp32 copies of FP32_BLOCK rows of the codes: the
+        native tile's arithmetic (exact products, fp32 sums, scale and correction in fp32, one rounding) at GEMM
+        speed, for prefill's many rows (DenseLinear: from INT8_GEMM_ROWS rows)."""
+        xf = x.float()
+        y = torch.empty(x.shape[0], self.q.shape[0])
+        for n0 in range(0, self.q.shape[0], FP32_BLOCK):
+            y[:, n0:n0 + FP32_BLOCK] = F.linear(xf, self.q[n0:n0 + FP32_BLOCK].float())
+        return (y * self.scale.float() + xf.sum(-1, keepdim=True) * self.corr.float()).to(x.dtype)
+
 
 def _float(qw, device):
     return FloatLinear(qw.data.to(device))

@@ -10,10 +10,10 @@ from torch import nn
 
 import dynaexq
 from dynaexq.cli import main
-from dynaexq.quant import kernels
-from dynaexq.quant.dense import DenseEmbedding, DenseLinear
+from dynaexq.quant import grouped_cpu, kernels
+from dynaexq.quant.dense import INT8_GEMM_ROWS, DenseEmbedding, DenseLinear
 from dynaexq.quant.precision import Precision
-from dynaexq.quant.quantize import dequantize
+from dynaexq.quant.quantize import dequantize, quantize
 from dynaexq.store.reader import StoreReader
 from test_load_equivalence import _dequantized_reference, _ids
 
@@ -65,6 +65,23 @@ def test_dense_linear_and_embedding_equal_float64_of_the_stored_version(checkpoi
             ids = torch.tensor([[3, 0, 127], [64, 64, 17]])
             rows = DenseEmbedding(kernel, n, k, torch.float32, p.value)(ids)
             torch.testing.assert_close(rows.double(), w[ids], rtol=1e-6, atol=1e-6)
+
+
+def test_int8_at_prefill_rows_takes_the_gemm_and_stays_within_one_rounding_of_float64(ext):
+    """From INT8_GEMM_ROWS rows an int8 DenseLinear runs Int8Cpu.gemm (no native call), below them the native tile;
+    both within one bf16 rounding of float64 (exact products, fp32 sums), here with inputs spanning 2^-20..1."""
+    g = torch.Generator().manual_seed(3)
+    kernel = kernels.prepare(quantize(torch.randn(96, 256, generator=g) * 0.05, Precision.INT8), "cpu")
+    w = kernel.q.double() * kernel.scale.double()[:, None] + kernel.corr.double()[:, None]
+    module = DenseLinear(kernel, None, 256, 96, "int8")
+    for rows, native in ((INT8_GEMM_ROWS + 3, False), (5, True)):
+        x = (torch.randn(rows, 256, generator=g) * torch.logspace(-6, 0, 256)[torch.randperm(256, generator=g)])
+        x = x.bfloat16()
+        calls = grouped_cpu.calls
+        y = module(x).double()
+        assert (grouped_cpu.calls > calls) == native
+        ref = x.double() @ w.T
+        assert ((y - ref).abs() <= ref.abs() * 2.0 ** -8 + 1e-12).all(), (rows, float((y - ref).abs().max()))
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
