@@ -3,10 +3,10 @@
 `DenseLinear(kernel, bias)` takes the place of a transformers `nn.Linear` (attention projections, shared experts,
 dense MLP layers, the output head) with the store's version of its weight (store/dense.py) at the planned
 precision, prepared by quant.kernels: int8 and floats on the native row-major kernel (floats below
-`gemm_rows()` rows, int8 below INT8_GEMM_ROWS; from there aten's GEMM), 2/3/4-bit on the fused low-bit kernel, each as one "tier" of one
-expert through the grouped driver (fp32 sums, one rounding into the activation dtype); other backends call the
-kernel itself. `DenseEmbedding(kernel, dtype)` takes the place of the input embedding and decodes only the rows a
-step reads from the same resident form, so a tied embedding and head share one copy of the bytes.
+`gemm_rows()` rows, int8 below INT8_GEMM_ROWS; from there aten's GEMM), 2/3/4-bit on the fused low-bit kernel,
+each as one "tier" of one expert through the grouped driver (fp32 sums, one rounding into the activation
+dtype); other backends call the kernel itself. `DenseEmbedding(kernel, dtype)` takes the place of the input
+embedding and decodes only the rows a step reads from the same resident form, so a tied embedding and head share one copy of the bytes.
 `apply_plan(model, reader, plan)` swaps the modules of a plan {module name: Precision} (one planned at the model's
 own dtype keeps its module); `native_floats(model)` then puts every float linear left on the native kernel over
 its own tensor (transformers' bf16 matmul is the slower one on a CPU at decode's few rows), routers included:
