@@ -6,7 +6,8 @@ precision, prepared by quant.kernels: int8 and floats on the native row-major ke
 `gemm_rows()` rows, int8 below INT8_GEMM_ROWS; from there aten's GEMM), 2/3/4-bit on the fused low-bit kernel,
 each as one "tier" of one expert through the grouped driver (fp32 sums, one rounding into the activation
 dtype); other backends call the kernel itself. `DenseEmbedding(kernel, dtype)` takes the place of the input
-embedding and decodes only the rows a step reads from the same resident form, so a tied embedding and head share one copy of the bytes.
+embedding and decodes only the rows a step reads from the same resident form, so a tied embedding and head
+share one copy of the bytes.
 `apply_plan(model, reader, plan)` swaps the modules of a plan {module name: Precision} (one planned at the model's
 own dtype keeps its module); `native_floats(model)` then puts every float linear left on the native kernel over
 its own tensor (transformers' bf16 matmul is the slower one on a CPU at decode's few rows), routers included:
