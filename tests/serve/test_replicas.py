@@ -86,6 +86,13 @@ def replicas(ray_cluster, bundled_store):
         serve.shutdown()
 
 
+def _shutdown_serve(address: str) -> None:
+    import ray
+    from ray import serve
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    serve.shutdown()
+
+
 def _ask(client, model, prompt):
     raw = client.completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
     return raw.headers[HEADER], raw.parse()
@@ -193,6 +200,9 @@ def test_the_serve_command_runs_replicas_until_interrupted_and_saves_the_merged_
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+        if proc.returncode != 0:  # the app the CLI deployed would keep the cluster's CPUs from later tests
+            _shutdown_serve(ray_cluster)
     reader = StoreReader(bundled_store)
     h = Hotness(reader.layers, reader.num_experts)
     h.load(hot)  # the merged hotness, in --hotness-file's format, for this model
