@@ -26,10 +26,10 @@ import asyncio
 import dataclasses
 import json
 import shutil
+import signal
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -280,13 +280,17 @@ def run(address: str | None, model, load_kwargs: dict, config: ServeConfig, repl
         raise UserError(f"the replicas did not start: {str(err).splitlines()[0]}") from None
     print(f"dynaexq: serving {replicas} replica(s) on the Ray cluster at {ray.get_runtime_context().gcs_address}, at "
           f"http://{host}:{port}/v1 (metrics of every replica /metrics; each response names its replica in "
-          f"{HEADER}); Ctrl-C stops", file=sys.stderr)
+          f"{HEADER}); Ctrl-C or SIGTERM stops", file=sys.stderr)
+    # our own handlers: a process started with SIGINT ignored (a background job of a non-interactive shell) has
+    # no KeyboardInterrupt, and a process manager stops with SIGTERM
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+        while not stop.wait(1.0):
+            pass
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if hotness_file:
             merged = serve.get_deployment_handle("HotnessMerge", APP).merged.remote().result()
             if merged is not None:
