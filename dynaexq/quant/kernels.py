@@ -55,13 +55,18 @@ class FloatLinear:
     def __call__(self, x, bias=None):
         """x [..., K] -> x @ w^T (+ bias, added before the one rounding, as F.linear does) [..., N] in x's dtype."""
         if self.w.dtype in (torch.bfloat16, torch.float16) and self.w.device.type == "cpu" and not native_half_gemm():
-            xf = x.float()
-            y = torch.empty(*x.shape[:-1], self.w.shape[0], dtype=torch.float32)
-            for n0 in range(0, self.w.shape[0], FP32_BLOCK):  # fp32 GEMM on fp32 copies of FP32_BLOCK rows
-                b = None if bias is None else bias[n0:n0 + FP32_BLOCK].float()
-                y[..., n0:n0 + FP32_BLOCK] = F.linear(xf, self.w[n0:n0 + FP32_BLOCK].float(), b)
-            return y.to(x.dtype)
+            return fp32_blocks(x.float(), self.w, bias).to(x.dtype)
         return F.linear(x.to(self.w.dtype), self.w, bias).to(x.dtype)
+
+
+def fp32_blocks(xf: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
+    """xf [..., K] fp32 @ w^T (+ bias) in fp32 by aten's fp32 GEMM on fp32 copies of FP32_BLOCK rows of w (any
+    dtype) at a time: a vocabulary-wide matrix is never held twice."""
+    y = torch.empty(*xf.shape[:-1], w.shape[0], dtype=torch.float32)
+    for n0 in range(0, w.shape[0], FP32_BLOCK):
+        b = None if bias is None else bias[n0:n0 + FP32_BLOCK].float()
+        y[..., n0:n0 + FP32_BLOCK] = F.linear(xf, w[n0:n0 + FP32_BLOCK].float(), b)
+    return y
 
 
 @dataclass
@@ -127,10 +132,7 @@ class Int8Cpu:
         native tile's arithmetic (exact products, fp32 sums, scale and correction in fp32, one rounding) at GEMM
         speed, for prefill's many rows (DenseLinear: from INT8_GEMM_ROWS rows)."""
         xf = x.float()
-        y = torch.empty(x.shape[0], self.q.shape[0])
-        for n0 in range(0, self.q.shape[0], FP32_BLOCK):
-            y[:, n0:n0 + FP32_BLOCK] = F.linear(xf, self.q[n0:n0 + FP32_BLOCK].float())
-        return (y * self.scale.float() + xf.sum(-1, keepdim=True) * self.corr.float()).to(x.dtype)
+        return (fp32_blocks(xf, self.q) * self.scale.float() + xf.sum(-1, keepdim=True) * self.corr.float()).to(x.dtype)
 
 
 def _float(qw, device):
