@@ -11,10 +11,10 @@ summed in ascending expert order). A wave is every published expert in the resid
 in the offload regime (`cache` set), the routed experts the cache has made resident (in several waves when it
 holds fewer than the layer routes to). Two paths compute a wave's experts (`path`): "grouped" (the default) makes
 one native call per precision tier and matrix for all of the tier's routed pairs (quant.grouped_cpu: the kernel
-walks the experts from a pointer table rebuilt only when a version changes) and routes and combines natively, so
-the calls per layer are bounded by the tiers, not the experts, and no routing count reaches the host;
-"reference" is the per-expert loop in torch (one kernel call per routed expert, split points synced to the
-host), kept as the path the grouped one is tested against. Experts whose kernel has no grouped form (CUDA,
+walks the experts from a pointer table rebuilt only when a version changes) and routes, activates (SwiGLU) and
+combines natively, so the calls per layer are bounded by the tiers, not the experts, and no routing count reaches
+the host; "reference" is the per-expert loop in torch (one kernel call per routed expert, split points synced to
+the host), kept as the path the grouped one is tested against. Experts whose kernel has no grouped form (CUDA,
 biases, the float32 dequantize fallback) run the per-expert loop in either.
 
 It also records, per expert, routed token counts and routed probability mass (the sum of routing
@@ -41,6 +41,7 @@ class ExpertBank(nn.Module):
         self.layer = -1  # set by the loader
         self.glu = glu
         self.act_fn = ACT2FN[config.hidden_act] if glu == "swiglu" else None
+        self.silu = glu == "swiglu" and config.hidden_act == "silu"  # the grouped path's native swiglu takes it
         self.alpha = getattr(config, "swiglu_alpha", None)
         self.limit = getattr(config, "swiglu_limit", None)
         self.versions: list[ExpertVersion | None] = [None] * num_experts  # published by Engine.apply or the table
@@ -119,7 +120,9 @@ class ExpertBank(nn.Module):
         h = torch.empty(x.shape[0], next(iter(tiers))[0][1], dtype=x.dtype)  # [T*K, 2I]
         for (gu_key, _), (gu_ptrs, _) in tiers.items():
             grouped_cpu.run(gu_key, counts, gu_ptrs, x, h)
-        a = self._activate(h).contiguous()  # [T*K, I] (rows of experts not in the tables: unused)
+        # [T*K, I] (rows of experts not in the tables: unused); one native call for SwiGLU (the per-expert loop
+        # keeps transformers' ops: it is the path tested against transformers' own roundings)
+        a = grouped_cpu.swiglu(h) if self.silu else self._activate(h).contiguous()
         for (_, dn_key), (_, dn_ptrs) in tiers.items():
             grouped_cpu.run(dn_key, counts, dn_ptrs, a, ys)
 

@@ -106,6 +106,18 @@ class SlotCache(Cache):
         while self.capacity < length:
             self.capacity *= GROW
 
+    def decode_buffers(self, layer: int, key_states: torch.Tensor) -> tuple:
+        """A decode step of the selected rows written by the caller (engine/attention.py's native block) instead of
+        `update`: -> layer's key and value buffers [R, Hkv, C, D] (allocated and grown as `update` does), the
+        step's cache rows and positions [n], and the views of the selected rows up to this step's length.
+        key_states: [n, Hkv, D], the step's keys (their shape and dtype size the buffers)."""
+        lay = self.layers[layer]
+        if not lay.is_initialized:
+            lay.lazy_initialization(key_states[:, :, None], key_states[:, :, None])
+        lay._fit()
+        rows, end = slice(self.start, self.start + self.n), self.kv_length(1)
+        return lay.keys, lay.values, self.row_index, self.pos_index, lay.keys[rows, :, :end], lay.values[rows, :, :end]
+
     def kv_length(self, query_length: int) -> int:
         """Positions the selected rows span after this forward's `query_length` tokens are written."""
         return max(self.lens[self.start:self.start + self.n]) + query_length

@@ -3,8 +3,8 @@
 `build_model(store_dir, arch, dtype, device)`: the architecture's transformers class, with its `<Arch>Experts`
 class swapped for ExpertBank while `from_pretrained` runs on the store directory (so the fused bf16 expert
 tensors are never materialized and every non-expert weight, buffer and tie is transformers' own), then the
-native attention and RMSNorm installed. `banks_of(model)`: its banks by MoE layer. Used by `load` (engine/load.py)
-and by `prepare`'s calibration pass (engine/calibrate.py), which is why it is neither of them.
+native attention, RMSNorm and router top-k installed. `banks_of(model)`: its banks by MoE layer. Used by `load`
+(engine/load.py) and by `prepare`'s calibration pass (engine/calibrate.py), which is why it is neither of them.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from dynaexq.bank import ExpertBank
 from dynaexq.demo import BUNDLED
-from dynaexq.engine import attention, norm
+from dynaexq.engine import attention, norm, router
 from dynaexq.engine.engine import read_text, text_windows
 from dynaexq.errors import UserError
 
@@ -70,6 +70,7 @@ def build_model(store_dir: Path, arch, dtype, device):
             setattr(module, arch.experts_class, original)
     attention.install(model)  # decode steps over the SlotCache read keys and values in place
     norm.install(model)  # RMSNorms as one native call
+    router.install(model)  # softmax routers' top-k as one native call
     return model.eval()
 
 

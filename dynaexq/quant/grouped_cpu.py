@@ -10,6 +10,7 @@ on the host): the kernels walk the experts themselves, so no count reaches Pytho
 `route` and `combine` are the bank's dispatch and combine, one native operator each per layer (csrc/route.cpp): the
 pairs grouped by expert with their token rows gathered and the routing statistics added; then the weighted
 products summed per token in ascending expert order, rounding as transformers' per-expert `index_add_` does.
+`swiglu` is the activation between a tier's two calls (csrc/glu.cpp), one operator instead of three.
 
 A format plugs in by registering its kernel type in SPECS (how to read its key and pointers) and its key's kind
 in RUNS (which native operator computes the tier); csrc/lowbit.cpp and csrc/rowmajor.cpp hold the ones here.
@@ -97,6 +98,11 @@ def route(idx: torch.Tensor, w: torch.Tensor, hidden: torch.Tensor, num_experts:
 def combine(idx: torch.Tensor, order: torch.Tensor, ys: torch.Tensor, w: torch.Tensor, lib=None) -> torch.Tensor:
     """ys [T*K, H] grouped rows -> out [T, H]: per token, the sum over its pairs of w * y in ascending expert order."""
     return (lib or lowbit_cpu.extension()).combine(idx, order, ys, w)
+
+
+def swiglu(h: torch.Tensor, lib=None) -> torch.Tensor:
+    """h [R, 2I] (gate | up) -> silu(gate) * up [R, I], rounded as transformers' two eager ops round."""
+    return (lib or lowbit_cpu.extension()).swiglu(h)
 
 
 def combines(hidden_size: int, k: int) -> bool:

@@ -36,8 +36,9 @@ from pathlib import Path
 
 import torch
 
-_SRC = [Path(__file__).parent / "csrc" / f for f in ("lowbit.cpp", "rowmajor.cpp", "route.cpp", "attention.cpp",
-                                                     "norm.cpp", "argmax.cpp", "fit.cpp", "ops.cpp")]  # + simd.h
+_SRC = [Path(__file__).parent / "csrc" / f for f in (
+    "lowbit.cpp", "rowmajor.cpp", "route.cpp", "attention.cpp", "norm.cpp", "rope.cpp", "glu.cpp", "topk.cpp",
+    "argmax.cpp", "fit.cpp", "ops.cpp")]  # + simd.h
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # as in csrc/simd.h
 
 _lock = threading.Lock()
@@ -225,6 +226,10 @@ def _register_fakes(ns: str) -> None:
     fake(f"{ns}::combine")(lambda idx, order, ys, w: ys.new_empty(idx.shape[0], ys.shape[1]))
     fake(f"{ns}::decode_attention")(lambda q, k, v, lens, scale: q.new_empty(q.shape[0], 1, q.shape[1], v.shape[3]))
     fake(f"{ns}::rms_norm")(lambda x, w, eps, round_first: torch.empty_like(x, memory_format=torch.contiguous_format))
+    fake(f"{ns}::qk_rope_cache")(lambda q, k, v, qn, kn, eps, cos, sin, keys, values, rows, pos: torch.empty_like(q))
+    fake(f"{ns}::swiglu")(lambda h: h.new_empty(h.shape[0], h.shape[1] // 2))
+    fake(f"{ns}::softmax_topk")(lambda logits, k, renorm, dtype: (
+        logits.new_empty(logits.shape[0], k, dtype=dtype), logits.new_empty(logits.shape[0], k, dtype=torch.int64)))
     fake(f"{ns}::argmax")(lambda x: x.new_empty(x.shape[0], dtype=torch.int64))
     fake(f"{ns}::fit")(lambda w, a, qmax, iters, grid: (w.new_empty(w.shape[:3]), w.new_empty(w.shape[:3])))
 

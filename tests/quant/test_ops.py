@@ -41,11 +41,17 @@ def _cases(ext, qw, blob):
         "decode_attention": (q, k, v, torch.tensor([8, 5]), 0.125),
         "rms_norm": (x, torch.randn(128).to(torch.bfloat16), 1e-6, True),
         "argmax": (torch.randn(2, 1000),),
+        "qk_rope_cache": (q[:, :, 0], torch.randn(2, 2, 32), torch.randn(2, 2, 32), torch.randn(32), torch.randn(32),
+                          1e-6, torch.randn(2, 32), torch.randn(2, 32), torch.zeros(3, 2, 8, 32),
+                          torch.zeros(3, 2, 8, 32), torch.tensor([2, 0]), torch.tensor([7, 3])),
+        "swiglu": (torch.randn(5, 64, generator=g).to(torch.bfloat16),),
+        "softmax_topk": (torch.randn(3, 16, generator=g).to(torch.bfloat16), 4, True, torch.bfloat16),
     }
 
 
 @pytest.mark.parametrize("name", ["lowbit_mm", "lowbit_grouped", "lowbit_rows", "rowmajor_grouped", "route",
-                                  "combine", "decode_attention", "rms_norm", "argmax"])
+                                  "combine", "decode_attention", "rms_norm", "argmax", "qk_rope_cache", "swiglu",
+                                  "softmax_topk"])
 def test_each_operator_passes_torch_library_opcheck(ext, blob, name):
     """Schema (what it mutates), fake implementation (shapes, dtypes, strides) and registration agree with the
     kernel's real outputs: PyTorch's own check for custom operators."""

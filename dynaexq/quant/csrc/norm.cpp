@@ -6,14 +6,6 @@
 
 #include "simd.h"
 
-#if ISA
-static inline float round_to(int dt, float v) {
-  if (dt == BF16) return bf16_value(bf16_round(v));
-  if (dt == F16) return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT));
-  return v;
-}
-#endif
-
 extern "C" int dynaexq_rms_norm(long R, int H, const void* x, const void* w, int dt, float eps, int round_first,
                                 void* out, int nthreads) {
 #if ISA

@@ -37,6 +37,12 @@ int dynaexq_decode_attention(int B, int Hq, int Hkv, int D, int Dv, const void* 
                              int64_t vhs, int64_t vps, const int64_t* lens, float scale, void* out, int nthreads);
 int dynaexq_rms_norm(long R, int H, const void* x, const void* w, int dt, float eps, int round_first, void* out,
                      int nthreads);
+int dynaexq_qk_rope_cache(int B, int Hq, int Hkv, int D, int dt, const void* q, const void* k, const void* v,
+                          const void* qn, const void* kn, float eps, const void* cos, const void* sin, void* keys,
+                          void* values, long R, long C, const int64_t* rows, const int64_t* pos, void* qo);
+int dynaexq_swiglu(long R, int I, const void* h, int dt, void* a, int nthreads);
+int dynaexq_softmax_topk(long T, int E, int K, const void* logits, int dt, int renorm, float* p, float* w,
+                         int64_t* idx, uint8_t* tie, int nthreads);
 int dynaexq_argmax(long R, long V, const void* x, int dt, int64_t* out, int nthreads);
 int dynaexq_fit(long B, long R, long C, int G, const float* w, const int64_t* ws, const float* a, int qmax, int iters,
                 const float* grid, int ngrid, float* s_out, float* b_out, int nthreads);
@@ -227,6 +233,75 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, bool r
   return out;
 }
 
+at::Tensor qk_rope_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const std::optional<at::Tensor>& qn, const std::optional<at::Tensor>& kn, double eps,
+                         const at::Tensor& cos, const at::Tensor& sin, at::Tensor& keys, at::Tensor& values,
+                         const at::Tensor& rows, const at::Tensor& pos) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &cos, &sin, &keys, &values}) {
+    check_cpu(*t, "qk_rope_cache's tensors", -1);
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == q.scalar_type(),
+                "qk_rope_cache: q, k, v, cos, sin, keys and values must be contiguous and of one dtype");
+  }
+  check_cpu(q, "q", 3);
+  check_cpu(keys, "keys", 4);
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1);
+  TORCH_CHECK(k.dim() == 3 && k.size(0) == B && k.size(2) == D && v.sizes() == k.sizes() &&
+              cos.sizes() == at::IntArrayRef({B, D}) && sin.sizes() == cos.sizes() && keys.size(1) == Hkv &&
+              keys.size(3) == D && values.sizes() == keys.sizes(),
+              "qk_rope_cache: q [B, Hq, D], k and v [B, Hkv, D], cos and sin [B, D], keys and values [R, Hkv, C, D]; "
+              "got q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), ", cos ", cos.sizes(), ", keys ",
+              keys.sizes());
+  for (auto* t : {&rows, &pos}) {
+    check_type(*t, at::kLong, "rows and pos");
+    TORCH_CHECK(t->is_contiguous() && t->numel() == B, "rows and pos must be [B] contiguous");
+  }
+  for (auto* w : {&qn, &kn})
+    TORCH_CHECK(!w->has_value() || ((*w)->is_contiguous() && (*w)->numel() == D &&
+                                     (*w)->scalar_type() == q.scalar_type()),
+                "qk_rope_cache: a norm weight must be contiguous [D] of q's dtype");
+  auto out = at::empty_like(q);
+  check_rc(dynaexq_qk_rope_cache(B, Hq, Hkv, D, dtype_code(q, "q"), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                 qn.has_value() ? qn->data_ptr() : nullptr, kn.has_value() ? kn->data_ptr() : nullptr,
+                                 (float)eps, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
+                                 keys.size(0), keys.size(2), rows.data_ptr<int64_t>(), pos.data_ptr<int64_t>(),
+                                 out.data_ptr()),
+           "qk_rope_cache (D even, every row and position inside the cache)");
+  return out;
+}
+
+at::Tensor swiglu(const at::Tensor& h) {
+  check_cpu(h, "h", 2);
+  TORCH_CHECK(h.size(1) % 2 == 0, "swiglu: h [R, 2I] (gate | up), got ", h.sizes());
+  auto hc = h.contiguous();
+  auto out = at::empty({h.size(0), h.size(1) / 2}, h.options());
+  check_rc(dynaexq_swiglu(h.size(0), h.size(1) / 2, hc.data_ptr(), dtype_code(h, "h"), out.data_ptr(),
+                          at::get_num_threads()), "swiglu (I > 0)");
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_topk(const at::Tensor& logits, int64_t k, bool renorm,
+                                                at::ScalarType dtype) {
+  check_cpu(logits, "logits", 2);
+  const int64_t T = logits.size(0), E = logits.size(1);
+  TORCH_CHECK(k > 0 && k <= E, "softmax_topk: 0 < k <= E, got k ", k, " for logits ", logits.sizes());
+  auto lc = logits.contiguous();
+  auto f32 = logits.options().dtype(at::kFloat);
+  auto p = at::empty({T, E}, f32), w = at::empty({T, k}, f32);
+  auto idx = at::empty({T, k}, logits.options().dtype(at::kLong));
+  auto tie = at::empty({T}, logits.options().dtype(at::kByte));
+  check_rc(dynaexq_softmax_topk(T, E, k, lc.data_ptr(), dtype_code(logits, "logits"), renorm, p.data_ptr<float>(),
+                                w.data_ptr<float>(), idx.data_ptr<int64_t>(), tie.data_ptr<uint8_t>(),
+                                at::get_num_threads()), "softmax_topk");
+  for (int64_t t = 0; t < T; ++t) {
+    if (!tie.data_ptr<uint8_t>()[t]) continue;
+    auto [top, ix] = at::topk(p[t], k);  // a tie: aten's own top-k, so it goes where transformers' goes
+    if (renorm) top.div_(top.sum());
+    w[t].copy_(top);
+    idx[t].copy_(ix);
+  }
+  return {dtype == at::kFloat ? w : w.to(dtype), idx};
+}
+
 at::Tensor argmax(const at::Tensor& x) {
   check_cpu(x, "logits", 2);
   auto xc = x.contiguous();
@@ -270,6 +345,10 @@ TORCH_LIBRARY(DYNAEXQ_NS, m) {
   m.def("combine(Tensor idx, Tensor order, Tensor ys, Tensor w) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lens, float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps, bool round_first) -> Tensor");
+  m.def("qk_rope_cache(Tensor q, Tensor k, Tensor v, Tensor? q_norm, Tensor? k_norm, float eps, Tensor cos,"
+        " Tensor sin, Tensor(a!) keys, Tensor(b!) values, Tensor rows, Tensor pos) -> Tensor");
+  m.def("swiglu(Tensor h) -> Tensor");
+  m.def("softmax_topk(Tensor logits, int k, bool renorm, ScalarType dtype) -> (Tensor, Tensor)");
   m.def("argmax(Tensor logits) -> Tensor");
   m.def("fit(Tensor w, Tensor a, int qmax, int iters, float[] grid) -> (Tensor, Tensor)");
 }
@@ -284,6 +363,9 @@ TORCH_LIBRARY_IMPL(DYNAEXQ_NS, CPU, m) {
   m.impl("combine", &combine);
   m.impl("decode_attention", &decode_attention);
   m.impl("rms_norm", &rms_norm);
+  m.impl("qk_rope_cache", &qk_rope_cache);
+  m.impl("swiglu", &swiglu);
+  m.impl("softmax_topk", &softmax_topk);
   m.impl("argmax", &argmax);
   m.impl("fit", &fit);
 }

@@ -141,6 +141,11 @@ static inline uint16_t bf16_round(float f) {  // round to nearest even
   return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 static inline float bf16_value(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline float round_to(int dt, float v) {  // v rounded to dtype dt, kept as a float
+  if (dt == BF16) return bf16_value(bf16_round(v));
+  if (dt == F16) return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT));
+  return v;
+}
 static inline void store1(char* dst, int dt, float v) {  // one float -> dst in dtype dt
   if (dt == F32) memcpy(dst, &v, 4);
   else if (dt == F16) { uint16_t h = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); memcpy(dst, &h, 2); }
