@@ -2,7 +2,7 @@
 // dtype, shape and layout with TORCH_CHECK (a Python RuntimeError naming the problem), allocates its output
 // with ATen and runs the C kernel with at::get_num_threads() threads. Registered through the dispatcher, they
 // cost ~1 us a call from Python (ctypes plus Python-side checks cost ~8) and compose with torch.compile: their
-// fake (meta) implementations, which give output shapes without computing, live in quant/ops.py.
+// fake (meta) implementations, which give output shapes without computing, live in lowbit_cpu._register_fakes.
 // The namespace is DYNAEXQ_NS: a variant build (lowbit_cpu.build(extra_cflags)) registers its own, since two
 // libraries cannot register one namespace in a process.
 #include <ATen/ATen.h>
@@ -252,6 +252,7 @@ at::Tensor qk_rope_cache(const at::Tensor& q, const at::Tensor& k, const at::Ten
               "got q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), ", cos ", cos.sizes(), ", keys ",
               keys.sizes());
   for (auto* t : {&rows, &pos}) {
+    check_cpu(*t, "rows and pos", 1);
     check_type(*t, at::kLong, "rows and pos");
     TORCH_CHECK(t->is_contiguous() && t->numel() == B, "rows and pos must be [B] contiguous");
   }
