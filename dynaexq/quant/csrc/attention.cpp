@@ -14,6 +14,78 @@ static inline void load_row(const void* p, int dt, float* dst, int n) {
 #endif
 }
 
+#if ISA == 512
+// AVX-512, at most 16 query heads per kv head, D and Dv multiples of 16: the same sums in registers. Scores: per
+// key, its 16-wide chunks converted once and FMA'd into one accumulator per query head (q read from L1), then one
+// horizontal sum per head; softmax vectorized (exp below); sums: per 16-wide chunk of Dv, one accumulator per head
+// in registers over every key (the head's weight broadcast). ~2-4x the loop below at 512-4096 positions.
+static inline __m512 load16(const char* p, int dt) {
+  if (dt == F32) return _mm512_loadu_ps(p);
+  if (dt == F16) return vf_load_ph(p);
+  return vf_load_bf16(p);
+}
+
+// exp(x) for the softmax's x - max <= 0 (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, times 2^n by
+// vscalefps; within ~2 ulp of expf; below -87.3 it is 0, as expf's result is there to within its own rounding)
+static inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+static void head_group(int G, int D, int Dv, const float* qf, const char* kb, const char* vb, int kdt, int kes,
+                       int64_t kps, int64_t vps, long L, float scale, float* s, float* acc) {
+  __m512 a[16];
+  for (long j = 0; j < L; ++j) {  // scores
+    for (int g = 0; g < G; ++g) a[g] = _mm512_setzero_ps();
+    const char* kp = kb + j * kps * kes;
+    for (int c = 0; c < D; c += 16) {
+      const __m512 kv = load16(kp + (long)c * kes, kdt);
+      for (int g = 0; g < G; ++g) a[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + (size_t)g * D + c), kv, a[g]);
+    }
+    for (int g = 0; g < G; ++g) s[(size_t)g * L + j] = _mm512_reduce_add_ps(a[g]) * scale;
+  }
+  for (int g = 0; g < G; ++g) {  // softmax per head
+    float* sg = s + (size_t)g * L;
+    __m512 m = _mm512_set1_ps(-INFINITY), z = _mm512_setzero_ps();
+    for (long j = 0; j < L; j += 16) {
+      const __mmask16 k = L - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - j)) - 1);
+      m = _mm512_max_ps(m, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), k, sg + j));
+    }
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+    for (long j = 0; j < L; j += 16) {
+      const __mmask16 k = L - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - j)) - 1);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sg + j), mx));
+      _mm512_mask_storeu_ps(sg + j, k, e);
+      z = _mm512_add_ps(z, _mm512_maskz_mov_ps(k, e));
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(z));
+    for (long j = 0; j < L; j += 16) {
+      const __mmask16 k = L - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - j)) - 1);
+      _mm512_mask_storeu_ps(sg + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sg + j), inv));
+    }
+  }
+  for (int c = 0; c < Dv; c += 16) {  // sums, one 16-wide chunk of every head at a time
+    for (int g = 0; g < G; ++g) a[g] = _mm512_setzero_ps();
+    for (long j = 0; j < L; ++j) {
+      const __m512 vv = load16(vb + (j * vps + c) * kes, kdt);
+      for (int g = 0; g < G; ++g) a[g] = _mm512_fmadd_ps(_mm512_set1_ps(s[(size_t)g * L + j]), vv, a[g]);
+    }
+    for (int g = 0; g < G; ++g) _mm512_storeu_ps(acc + (size_t)g * Dv + c, a[g]);
+  }
+}
+#endif
+
 extern "C" int dynaexq_decode_attention(int B, int Hq, int Hkv, int D, int Dv, const void* q, int dt,
                                         const void* k, const void* v, int kdt, int64_t krs, int64_t khs, int64_t kps,
                                         int64_t vrs, int64_t vhs, int64_t vps, const int64_t* lens, float scale,
@@ -36,6 +108,16 @@ extern "C" int dynaexq_decode_attention(int B, int Hq, int Hkv, int D, int Dv, c
         load_row((const char*)q + ((long)(b * Hq + h * G + g) * D) * es, dt, qf + (size_t)g * D, D);
       const char* kb = (const char*)k + (b * krs + h * khs) * kes;
       const char* vb = (const char*)v + (b * vrs + h * vhs) * kes;
+#if ISA == 512
+      if (G <= 16 && D % 16 == 0 && Dv % 16 == 0) {
+        head_group(G, D, Dv, qf, kb, vb, kdt, kes, kps, vps, L, scale, s, acc);
+        for (int g = 0; g < G; ++g) {
+          char* o = (char*)out + ((long)(b * Hq + h * G + g) * Dv) * es;
+          for (int d = 0; d < Dv; ++d) store1(o + (long)d * es, dt, acc[(size_t)g * Dv + d]);
+        }
+        continue;
+      }
+#endif
       for (long j = 0; j < L; ++j) {  // scores: each key read once for the G heads
         load_row(kb + j * kps * kes, kdt, kf, D);
         for (int g = 0; g < G; ++g) {
