@@ -2,9 +2,10 @@
 eager ops (softmax in fp32, top-k, renormalization, cast), which in a decode step cost ~0.1 ms a layer: the weight
 stream has evicted their code and data from the caches by the time they run.
 
-`install(model)` swaps the forward of every router of a class in ROUTERS; below DECODE_ROWS rows (a decode step),
-on the CPU without autograd it computes what transformers' forward does (other calls run transformers' own: a
-prompt's and an eval window's routing stay bit for bit transformers'). The experts are aten's top-k of the
+`install(model)` swaps the forward of every router of a class in ROUTERS; below DECODE_ROWS rows (a decode step,
+a very short prompt), on the CPU without autograd it computes what transformers' forward does (other calls run
+transformers' own: a longer prompt's or an eval window's routing is bit for bit transformers'). The experts are
+aten's top-k of the
 probabilities, as transformers' (equal bf16 logits tie, and a tie goes where aten puts it); the softmax's exp may
 differ from aten's in the last bit (a weight one rounding step away). Per class: whether the top-k
 weights are renormalized (None: the module's `norm_topk_prob`) and whether they are cast to the logits' dtype
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from dynaexq.quant import lowbit_cpu
 
-DECODE_ROWS = 8  # from here transformers' forward: a prompt's or an eval window's routing is transformers' own
+DECODE_ROWS = 8  # from here transformers' own forward (prompts, eval windows)
 ROUTERS = {"Qwen3MoeTopKRouter": (None, True), "Qwen2MoeTopKRouter": (None, True), "OlmoeTopKRouter": (None, True),
            "MixtralTopKRouter": (True, False)}
 
