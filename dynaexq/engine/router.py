@@ -5,11 +5,10 @@ stream has evicted their code and data from the caches by the time they run.
 `install(model)` swaps the forward of every router of a class in ROUTERS; below DECODE_ROWS rows (a decode step,
 a very short prompt), on the CPU without autograd it computes what transformers' forward does (other calls run
 transformers' own: a longer prompt's or an eval window's routing is bit for bit transformers'). The experts are
-aten's top-k of the
-probabilities, as transformers' (equal bf16 logits tie, and a tie goes where aten puts it); the softmax's exp may
-differ from aten's in the last bit (a weight one rounding step away). Per class: whether the top-k
-weights are renormalized (None: the module's `norm_topk_prob`) and whether they are cast to the logits' dtype
-(Mixtral keeps fp32). The logits are the router's own F.linear (the native kernel at decode's few rows, quant/
+aten's top-k of the probabilities, as transformers' (equal bf16 logits tie, and a tie goes where aten puts it);
+the softmax's exp may differ from aten's in the last bit (a weight one rounding step away). Per class: whether
+the top-k weights are renormalized (None: the module's `norm_topk_prob`) and whether they are cast to the
+logits' dtype (Mixtral keeps fp32). The logits are the router's own F.linear (the native kernel at decode's few rows, quant/
 dense.py's NativeWeight). Other routers (sigmoid, grouped, top-k before softmax) are left alone.
 """
 from __future__ import annotations
