@@ -12,8 +12,8 @@ RANK = {"errors": 0, "sizes": 0, "threads": 0, "config": 0, "cluster": 0, "quant
 
 # inside a package, the same rule between its modules (a subpackage counts as one module): no import circles
 INNER = {
-    "engine": {"kv_cache": 0, "attention": 0, "norm": 0, "router": 0, "auto": 0, "batch": 1, "offload": 1, "dynamic": 2,
-               "engine": 3, "model": 4, "calibrate": 5, "scheduler": 5, "load": 6, "__init__": 7},
+    "engine": {"swap": 0, "kv_cache": 0, "attention": 0, "norm": 0, "router": 0, "auto": 0, "batch": 1, "offload": 1,
+               "dynamic": 2, "engine": 3, "model": 4, "calibrate": 5, "scheduler": 5, "load": 6, "__init__": 7},
     "runtime": {"version": 0, "hotness": 0, "budget": 0, "pool": 0, "table": 0, "controller": 1, "offload": 1,
                 "transitions": 1, "planners": 1, "replay": 2, "__init__": 3},
     "quant": {"precision": 0, "packing": 0, "lowbit_cpu": 0, "formats": 1, "attention_cpu": 1, "quantize": 2,

@@ -16,6 +16,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from dynaexq.engine.swap import swap_forward
 from dynaexq.quant import attention_cpu, lowbit_cpu
 
 NAME = "dynaexq"
@@ -66,8 +67,6 @@ def install(model) -> bool:
     AttentionInterface.register(NAME, attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     model.set_attn_implementation(NAME)
-    if lowbit_cpu.extension() is not None:
-        for m in model.modules():
-            if type(m).__name__ in BLOCK and "forward" not in vars(m):
-                m.forward = lambda *a, m=m, original=m.forward, **k: block(m, original, *a, **k)
+    if lowbit_cpu.extension() is not None:  # `block` looked up per call (tests wrap it)
+        swap_forward(model, BLOCK, lambda m, original, *a, **k: block(m, original, *a, **k))
     return True

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from dynaexq.engine.swap import swap_forward
 from dynaexq.quant import lowbit_cpu
 
 ROUND_FIRST = {"LlamaRMSNorm": True, "MistralRMSNorm": True, "MixtralRMSNorm": True, "Qwen2MoeRMSNorm": True,
@@ -43,12 +44,4 @@ def _forward(module, original, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def install(model) -> int:
     """Swap the forward of every known RMSNorm in `model` (once) -> how many; none without the native library."""
-    if lowbit_cpu.extension() is None:
-        return 0
-    n = 0
-    for m in model.modules():
-        if type(m).__name__ in ROUND_FIRST and "forward" not in vars(m):
-            original = m.forward
-            m.forward = lambda x, m=m, original=original: _forward(m, original, x)
-            n += 1
-    return n
+    return 0 if lowbit_cpu.extension() is None else swap_forward(model, ROUND_FIRST, _forward)

@@ -8,14 +8,15 @@ transformers' own: a longer prompt's or an eval window's routing is bit for bit 
 aten's top-k of the probabilities, as transformers' (equal bf16 logits tie, and a tie goes where aten puts it);
 the softmax's exp may differ from aten's in the last bit (a weight one rounding step away). Per class: whether
 the top-k weights are renormalized (None: the module's `norm_topk_prob`) and whether they are cast to the
-logits' dtype (Mixtral keeps fp32). The logits are the router's own F.linear (the native kernel at decode's few rows, quant/
-dense.py's NativeWeight). Other routers (sigmoid, grouped, top-k before softmax) are left alone.
+logits' dtype (Mixtral keeps fp32). The logits are the router's own F.linear (the native kernel at decode's few
+rows, quant/dense.py's NativeWeight). Other routers (sigmoid, grouped, top-k before softmax) are left alone.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from dynaexq.engine.swap import swap_forward
 from dynaexq.quant import lowbit_cpu
 
 DECODE_ROWS = 8  # from here transformers' own forward (prompts, eval windows)
@@ -38,11 +39,4 @@ def _forward(module, original, hidden_states: torch.Tensor):
 
 def install(model) -> int:
     """Swap the forward of every known router in `model` (once) -> how many; none without the native library."""
-    if lowbit_cpu.extension() is None:
-        return 0
-    n = 0
-    for m in model.modules():
-        if type(m).__name__ in ROUTERS and "forward" not in vars(m):
-            m.forward = lambda x, m=m, original=m.forward: _forward(m, original, x)
-            n += 1
-    return n
+    return 0 if lowbit_cpu.extension() is None else swap_forward(model, ROUTERS, _forward)
