@@ -30,9 +30,10 @@ from dynaexq.sizes import format_size
 from dynaexq.store.layout import atomic_write
 
 # dynaexq precision -> (ggml type, bits per weight, block size along a row)
-GGML = {Precision.BF16: ("bf16", 16.0, 1), Precision.INT8: ("q8_0", 8.5, 32), Precision.INT4: ("q4_K", 4.5, 256),
-        Precision.INT3: ("q3_K", 3.4375, 256), Precision.INT2: ("q2_K", 2.625, 256)}
-FALLBACK = {"q2_K": ("q4_0", 4.5, 32), "q3_K": ("q4_0", 4.5, 32), "q4_K": ("q5_0", 5.5, 32)}  # llama-quant.cpp
+GGML = {Precision.BF16: ("bf16", 16.0, 1), Precision.INT8: ("q8_0", 8.5, 32), Precision.INT6: ("q6_K", 6.5625, 256),
+        Precision.INT4: ("q4_K", 4.5, 256), Precision.INT3: ("q3_K", 3.4375, 256), Precision.INT2: ("q2_K", 2.625, 256)}
+FALLBACK = {"q2_K": ("q4_0", 4.5, 32), "q3_K": ("q4_0", 4.5, 32), "q4_K": ("q5_0", 5.5, 32),
+            "q6_K": ("q8_0", 8.5, 32)}  # llama-quant.cpp
 PROJECTIONS = ("gate", "up", "down")
 
 

@@ -23,7 +23,7 @@ warnings.filterwarnings("ignore", message=".*RoPE scaling factor.*")
 
 from models import make_checkpoint  # noqa: E402
 
-ALL_PRECISIONS = ("fp32", "bf16", "int8", "int4", "int3", "int2")
+ALL_PRECISIONS = ("fp32", "bf16", "int8", "int6", "int4", "int3", "int2")
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ windows, bench/quant_formats.py): per-group 8-bit scale codes beat fp16 scale + 
 and the `down` projection is the most sensitive matrix (2-bit down more than doubles int2's KL), so int2 keeps it
 at 3 bits.
     precision  gate_up            down               bits / weight (+ 48 bits per 16 rows)
+    int6       6-bit, groups 64   6-bit, groups 64   6.25
     int4       4-bit, groups 64   4-bit, groups 64   4.25
     int3       3-bit, groups 32   3-bit, groups 32   3.50
     int2       2-bit, groups 32   3-bit, groups 32   2.83 at the usual 2:1 gate_up:down size
@@ -74,6 +75,7 @@ FORMATS = {
     Precision.BF16: _same(MatrixFormat("float")),
     Precision.FP16: _same(MatrixFormat("float")),
     Precision.INT8: _same(MatrixFormat("int8", 8)),
+    Precision.INT6: _same(MatrixFormat("grouped", 6, 64)),
     Precision.INT4: _same(MatrixFormat("grouped", 4, 64)),
     Precision.INT3: _same(MatrixFormat("grouped", 3, 32)),
     Precision.INT2: Format(MatrixFormat("grouped", 2, 32), MatrixFormat("grouped", 3, 32)),

@@ -6,13 +6,14 @@ lays exactly those into a slot). The kernel for a weight is looked up in one reg
   reference  float64 dequantize-then-matmul: the independent slow path every fast path is held to.
   cpu        float -> F.linear (bf16/fp16 without AVX512-BF16: fp32 GEMM on converted blocks);
              int8 -> aten._weight_int8pack_mm (bf16 activations: fp32 is 10-60x slower);
-             grouped 2/3/4-bit -> `lowbit_cpu` (the fused C++ kernel; codes stay at their bits).
-  cuda       float -> F.linear; grouped -> aten._weight_int4pack_mm (tinygemm; <= 4-bit codes are int4 codes);
-             int8 -> dequantize per call. UNVERIFIED: written without a GPU.
+             grouped 2/3/4/6-bit -> `lowbit_cpu` (the fused C++ kernel; codes stay at their bits).
+  cuda       float -> F.linear; grouped <= 4-bit -> aten._weight_int4pack_mm (tinygemm; such codes are int4
+             codes); int8 and 6-bit -> dequantize per call. UNVERIFIED: written without a GPU.
 These are one expert's kernels (the bank's `reference` path calls them one expert at a time); the bank's default
 `grouped` path reads the same resident tensors through quant/grouped_cpu.py, one native call per tier.
-A weight whose shape the fast kernel cannot take (grouped CPU: N % 16 == 0 and G a multiple of 8/16/32 for
-4/2/3 bits; int8 CPU: K % 32 == 0) runs a per-call float32 dequantize, and `prepare` warns, naming the shape.
+A weight whose shape the fast kernel cannot take (grouped CPU: N % 16 == 0 and G a multiple of 8/16/32/16 for
+4/2/3/6 bits; int8 CPU: K % 32 == 0) runs a per-call float32 dequantize, and `prepare` warns, naming the shape;
+so does a 6-bit weight on the CPU without the C++ kernel (aten's int4 kernel, the fallback, holds 4 bits).
 """
 from __future__ import annotations
 
@@ -147,6 +148,11 @@ def _int8_cpu(qw, device):
 
 def _grouped_cpu(qw, device):
     from dynaexq.quant import lowbit_cpu
+    if qw.bits > 4 and lowbit_cpu.extension() is None:
+        warnings.warn(f"{qw.precision.value} weight of shape {list(qw.shape)}: without the C++ low-bit kernel (see "
+                      "its warning) aten's int4 kernel cannot hold 6-bit codes; using a per-call float32 "
+                      "dequantize (slower)", stacklevel=3)
+        return DequantFallback(qw)
     return lowbit_cpu.LowbitCpu.from_weight(qw)
 
 
@@ -161,7 +167,8 @@ def _fast_shape_ok(qw: QuantizedWeight, backend: str) -> bool:
         return backend != "cpu" or k % 32 == 0  # aten._weight_int8pack_mm reads past the row otherwise
     if backend == "cuda":
         return n % 16 == 0 and k % qw.group_size == 0 and qw.group_size in (32, 64, 128, 256)
-    return n % 16 == 0 and k % qw.group_size == 0 and qw.group_size % {2: 16, 3: 32, 4: 8}[qw.bits] == 0
+    from dynaexq.quant.lowbit_cpu import CHUNKS
+    return n % 16 == 0 and k % qw.group_size == 0 and qw.group_size % CHUNKS[qw.bits][0] == 0
 
 
 KERNELS = {  # (format kind, backend) -> prepare(qw, device)
@@ -181,7 +188,7 @@ def prepare(qw: QuantizedWeight, backend: str = "cpu", bias: torch.Tensor | None
     elif qw.kind != "float" and not _fast_shape_ok(qw, backend):
         warnings.warn(f"{qw.precision.value} weight of shape {list(qw.shape)} with group {qw.group_size}: no fast "
                       f"{backend} kernel takes it (int8: K % 32 == 0; grouped: N % 16 == 0, K % G == 0, G a multiple "
-                      "of 8/16/32 for 4/2/3 bits); using a per-call float32 dequantize (slower)", stacklevel=2)
+                      "of 8/16/32/16 for 4/2/3/6 bits); using a per-call float32 dequantize (slower)", stacklevel=2)
         kernel = DequantFallback(_to(qw, device))
     else:
         kernel = KERNELS[(qw.kind, backend)](qw, device)

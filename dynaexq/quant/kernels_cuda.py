@@ -5,6 +5,7 @@ reference and must be run on a CUDA machine before they are trusted.
   grouped    2/3/4-bit codes are int4 codes: aten._convert_weight_to_int4pack once, then
              aten._weight_int4pack_mm (tinygemm, bf16 activations) with the (s, b + 8 s) table; 4 bits resident
   int8       codes + scale/zero resident; dequantized to bf16 per call, then F.linear
+  6-bit      codes (a byte each) + the groups' (s, b) resident; dequantized to bf16 per call, then F.linear
 """
 from __future__ import annotations
 
@@ -68,9 +69,31 @@ class Int8Cuda:
         return F.linear(x.to(torch.bfloat16), w).to(x.dtype)
 
 
+@dataclass
+class GroupedCuda:
+    """Grouped codes wider than 4 bits: one byte a code, dequantized per call."""
+    q: torch.Tensor  # [N, K] uint8 codes
+    s: torch.Tensor  # [N, K/G, 1] bf16
+    b: torch.Tensor  # [N, K/G, 1] bf16
+    tensor_data_names = ("q", "s", "b")
+
+    @property
+    def nbytes(self):
+        return self.q.nbytes + self.s.nbytes + self.b.nbytes
+
+    def __call__(self, x):
+        n, k = self.q.shape
+        w = (self.q.view(n, self.s.shape[1], -1).to(torch.bfloat16) * self.s + self.b).view(n, k)
+        return F.linear(x.to(torch.bfloat16), w).to(x.dtype)
+
+
 def prepare(qw: QuantizedWeight, device):
     """-> the kernel for `qw` on `device` (a CUDA device, e.g. cuda:1: every tensor is placed there)."""
     if qw.kind == "int8":
         return Int8Cuda(qw.codes().to(torch.uint8).to(device), qw.scale.to(torch.bfloat16).to(device),
                         qw.zero.to(torch.bfloat16).to(device))
+    if qw.bits > 4:
+        s, b = qw.group_params()
+        return GroupedCuda(qw.codes().to(torch.uint8).to(device), s[..., None].to(torch.bfloat16).to(device),
+                           b[..., None].to(torch.bfloat16).to(device))
     return Int4Cuda(_int4pack(qw.codes().to(device)), qw.group_size, _table(qw, device))

@@ -1,4 +1,4 @@
-"""Grouped 2/3/4-bit matmuls on the CPU with the weights resident at their true bits per weight.
+"""Grouped 2/3/4/6-bit matmuls on the CPU with the weights resident at their true bits per weight.
 
 Fast path: the fused C++ kernel of `csrc/lowbit.cpp` (AVX-512 or AVX2, OpenMP over output rows) reads the
 codes, 8-bit scale/offset codes and per-panel ranges of a private blob (`pack_blob`, layout in the .cpp
@@ -22,7 +22,7 @@ trace under torch.compile. `extension()` returns that namespace.
 Fallback (build failure, a CPU without AVX2/FMA/F16C, or DYNAEXQ_NO_CPU_EXT=1; one warning says so): codes of
 <= 4 bits are valid int4 codes, so the weight runs through aten's int4 kernel (`_weight_int4pack_mm_for_cpu`,
 groups of 32..256) on the codes shifted to centre on its offset 8: 4 bits resident whatever the precision,
-and slower.
+and slower; 6-bit codes do not fit it, and quant/kernels.py dequantizes those per call instead.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+CHUNKS = {2: (16, 16), 3: (32, 10), 4: (8, 8), 6: (16, 5)}  # bits -> (k per chunk, codes per 32-bit word)
 _SRC = [Path(__file__).parent / "csrc" / f for f in (
     "lowbit.cpp", "rowmajor.cpp", "route.cpp", "attention.cpp", "norm.cpp", "rope.cpp", "glu.cpp", "topk.cpp",
     "argmax.cpp", "fit.cpp", "ops.cpp")]  # + simd.h
@@ -124,9 +125,9 @@ def pack_blob(codes: torch.Tensor, bits: int, group_size: int, scale: torch.Tens
     -> flat uint8 blob of lowbit.cpp. The reference layout: the kernels build it with `pack_blob_native`."""
     n, k = codes.shape
     p, ng = n // 16, k // group_size
-    ck, per = {2: (16, 16), 3: (32, 10), 4: (8, 8)}[bits]  # k per chunk, codes per 32-bit word
+    ck, per = CHUNKS[bits]
     c = codes.to(torch.int64).view(p, 16, ng, group_size // ck, ck).permute(4, 0, 2, 3, 1).contiguous()
-    # c: [k in chunk, P, ng, chunk, row]; words: [P, ng, chunk, word (int3: A, B, C), row]; code j of a chunk
+    # c: [k in chunk, P, ng, chunk, row]; words: [P, ng, chunk, word (int3/6: A, B, C), row]; code j of a chunk
     # goes to word j // per at bit bits * (j % per): the fields do not overlap, so a sum is their OR
     nw = ck // per
     shifts = (bits * torch.arange(per, dtype=torch.int64)).view(1, per, 1, 1, 1, 1)
@@ -136,6 +137,9 @@ def pack_blob(codes: torch.Tensor, bits: int, group_size: int, scale: torch.Tens
         words[:, :, :, 0] |= (c[30] & 3) << 30
         words[:, :, :, 1] |= ((c[30] >> 2) << 30) | ((c[31] >> 2) << 31)
         words[:, :, :, 2] |= (c[31] & 3) << 30
+    if bits == 6:  # k = 15: its bits 0-1 / 2-3 / 4-5 at the top of A / B / C
+        for w in range(3):
+            words[:, :, :, w] |= (((c[15] >> (2 * w)) & 3) << 30).to(torch.int32)
     code_bytes = words.view(torch.uint8).reshape(p, ng, -1)
     sz = [t.to(torch.uint8).view(p, 16, ng).transpose(1, 2) for t in (scale, zero)]  # [P, ng, 16 rows]
     records = torch.cat([code_bytes, *sz], 2).reshape(p, -1)
@@ -164,7 +168,7 @@ class LowbitCpu:
 
     @classmethod
     def from_weight(cls, qw, fused: bool | None = None) -> "LowbitCpu":
-        """A grouped QuantizedWeight (N % 16 == 0, K % G == 0, G a multiple of 8/16/32 for 4/2/3 bits)."""
+        """A grouped QuantizedWeight (N % 16 == 0, K % G == 0, G a multiple of the chunk, CHUNKS)."""
         n, k = qw.shape
         if fused is None:
             fused = extension() is not None

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-_CODES_PER_WORD = {8: 1, 4: 2, 3: 8, 2: 4}
-_BYTES_PER_WORD = {8: 1, 4: 1, 3: 3, 2: 1}
+_CODES_PER_WORD = {8: 1, 6: 4, 4: 2, 3: 8, 2: 4}
+_BYTES_PER_WORD = {8: 1, 6: 3, 4: 1, 3: 3, 2: 1}
 
 
 def packed_nbytes(numel: int, bits: int) -> int:

@@ -16,6 +16,7 @@ class Precision(str, Enum):
     BF16 = "bf16"
     FP16 = "fp16"
     INT8 = "int8"
+    INT6 = "int6"
     INT4 = "int4"
     INT3 = "int3"
     INT2 = "int2"
@@ -45,12 +46,12 @@ class Precision(str, Enum):
     def parse_list(cls, text: str) -> list["Precision"]:
         items = [cls.parse(t) for t in text.split(",") if t.strip()]
         if not items:
-            raise UserError(f"empty precision list {text!r}; give e.g. bf16,int8,int4,int3,int2")
+            raise UserError(f"empty precision list {text!r}; give e.g. bf16,int8,int6,int4,int3,int2")
         return list(dict.fromkeys(items))
 
 
-_BITS = {Precision.FP32: 32, Precision.BF16: 16, Precision.FP16: 16, Precision.INT8: 8,
+_BITS = {Precision.FP32: 32, Precision.BF16: 16, Precision.FP16: 16, Precision.INT8: 8, Precision.INT6: 6,
          Precision.INT4: 4, Precision.INT3: 3, Precision.INT2: 2}
 _FLOAT_DTYPE = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 
-DEFAULT_PRECISIONS = (Precision.BF16, Precision.INT8, Precision.INT4, Precision.INT3, Precision.INT2)
+DEFAULT_PRECISIONS = (Precision.BF16, Precision.INT8, Precision.INT6, Precision.INT4, Precision.INT3, Precision.INT2)

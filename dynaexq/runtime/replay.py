@@ -34,8 +34,8 @@ from dynaexq.runtime.hotness import Hotness
 from dynaexq.runtime.planners import parse_policy
 from dynaexq.runtime.planners.offload import LruPolicy, minimum_budget
 
-NOMINAL_ERROR = {Precision.BF16: 0.0, Precision.INT8: 0.004, Precision.INT4: 0.06, Precision.INT3: 0.13,
-                 Precision.INT2: 0.3}  # relative output error per precision when no store is given (typical GPTQ)
+NOMINAL_ERROR = {Precision.BF16: 0.0, Precision.INT8: 0.004, Precision.INT6: 0.015, Precision.INT4: 0.06,
+                 Precision.INT3: 0.13, Precision.INT2: 0.3}  # relative output error per precision when no store is given (typical GPTQ)
 
 
 def sizes_from_shapes(gate_up: tuple, down: tuple, precisions=tuple(NOMINAL_ERROR)) -> dict:

@@ -124,7 +124,7 @@ def test_int8_is_per_channel():
 
 
 def test_unknown_precision_is_a_user_error():
-    with pytest.raises(UserError, match="valid precisions are: fp32, bf16, fp16, int8, int4, int3, int2"):
+    with pytest.raises(UserError, match="valid precisions are: fp32, bf16, fp16, int8, int6, int4, int3, int2"):
         Precision.parse("int5")
 
 

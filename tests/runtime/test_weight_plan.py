@@ -25,7 +25,8 @@ def _dense_read(sized, plan):
 
 
 def _dense_options(sized):
-    return {("dense", n): [(weights.dense_bytes(sized, n, p, F32), sized.dense_error(n, p) ** 2, p) for p in LADDER]
+    ladder = [p for p in LADDER if p in sized.precisions]
+    return {("dense", n): [(weights.dense_bytes(sized, n, p, F32), sized.dense_error(n, p) ** 2, p) for p in ladder]
             for n in sized.dense_items()}
 
 

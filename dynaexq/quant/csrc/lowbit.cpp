@@ -1,4 +1,4 @@
-// Fused grouped low-bit matmul for the CPU: y[M, N] = x[M, K] @ W^T with W read as 2/3/4-bit codes and
+// Fused grouped low-bit matmul for the CPU: y[M, N] = x[M, K] @ W^T with W read as 2/3/4/6-bit codes and
 // dequantized in registers. Plain C ABI, called through ctypes by dynaexq/quant/lowbit_cpu.py, which builds
 // the weight blob (layout below) and compiles this file with -march=native; the ISA (AVX-512F, else
 // AVX2+FMA+F16C, else none: dynaexq_lowbit_isa() == 0) is chosen at compile time.
@@ -11,10 +11,13 @@
 //   int3: G/32 chunks of 3 x 16 lanes A, B, C; lane i bits 3j..3j+2 = code[row i, k = 32c + 10w + j]
 //         for j < 10 in word w = A, B, C; A bits 30-31 / C bits 30-31 = low two bits of k = 30 / 31,
 //         B bits 30 / 31 = their third bits                                                     (192 B)
+//   int6: G/16 chunks of 3 x 16 lanes A, B, C; lane i bits 6j..6j+5 = code[row i, k = 16c + 5w + j] for j < 5
+//         in word w = A, B, C; bits 30-31 of A / B / C = bits 0-1 / 2-3 / 4-5 of k = 15                 (192 B)
 // Math per group: y += s * sum_k q[k] x[k] + b * sum_k x[k], s = ds * scale code, b = bmin + db * offset code,
 // i.e. W = s * q + b exactly. A word shifted right by `bits` per k leaves the next code in its low bits; one
 // vpermps on a table of code values (it reads only the low 4 index bits; AVX2: 3, so int4 masks and converts)
-// turns 16 codes into floats, and one FMA per row of x accumulates them: 3 vector ops per 16 weights at M = 1.
+// turns 16 codes into floats (int6: a mask and a convert), and one FMA per row of x accumulates them: 3 vector
+// ops per 16 weights at M = 1.
 // Tiles: MT rows of x x NV panels in registers; OpenMP over units of 4 panels (64 output rows). AVX2 builds
 // multiply bf16/fp16 x with 4/2-bit codes in the int8-activation tile instead (tile_int8_x below).
 #include "simd.h"
@@ -25,21 +28,27 @@ constexpr int PF = 2;  // software prefetch distance, in groups (the hardware's 
 extern "C" int dynaexq_lowbit_isa() { return ISA; }
 
 // code i of the store's bit packing (quant/packing.py): int4 two per byte, int2 four per byte (low bits
-// first), int3 eight per 3-byte little-endian word
+// first), int3 eight and int6 four per 3-byte little-endian word
 static inline uint32_t store_code(const uint8_t* d, int bits, long i) {
   if (bits == 4) return (d[i >> 1] >> ((i & 1) * 4)) & 15;
   if (bits == 2) return (d[i >> 2] >> ((i & 3) * 2)) & 3;
-  const uint8_t* w = d + 3 * (i >> 3);
-  return ((w[0] | (w[1] << 8) | (w[2] << 16)) >> (3 * (i & 7))) & 7;
+  const int per = 24 / bits;
+  const uint8_t* w = d + 3 * (i / per);
+  return ((w[0] | (w[1] << 8) | (w[2] << 16)) >> (bits * (i % per))) & ((1u << bits) - 1);
 }
+
+// a chunk: k per chunk and codes per 32-bit word read by shifting (int3 / int6: three words, the last code(s)
+// split over their top bits); 0 for a width without a kernel
+static inline int chunk_k(int bits) { return bits == 2 ? 16 : bits == 3 ? 32 : bits == 4 ? 8 : bits == 6 ? 16 : 0; }
+static inline int chunk_per(int bits) { return bits == 3 ? 10 : bits == 6 ? 5 : chunk_k(bits); }
 
 // The kernel's blob (lowbit_cpu.pack_blob, its reference) straight from the store's bytes, without the GIL
 // (ctypes releases it): per 16-row panel a 6-byte fp16 range header, then per group the code words
 // [chunk][word][row] (uint32, code j of a chunk at bit bits*(j % per) of word j / per; int3's codes 30 and 31
-// split over the top bits of the three words) and the 16 rows' scale and offset codes.
+// and int6's code 15 split over the top bits of the three words) and the 16 rows' scale and offset codes.
 extern "C" int dynaexq_lowbit_pack(int bits, int N, int K, int G, const uint8_t* data, const uint8_t* scale,
                                    const uint8_t* zero, const uint8_t* ranges, uint8_t* out) {
-  const int ck = bits == 2 ? 16 : bits == 3 ? 32 : bits == 4 ? 8 : 0, per = bits == 3 ? 10 : ck;
+  const int ck = chunk_k(bits), per = chunk_per(bits);
   if (!ck || N % 16 || K % G || G % ck) return -1;
   const int P = N / 16, ng = K / G, nw = ck / per, chunks = G / ck;
   const long code_bytes = 2L * G * bits, rec_bytes = code_bytes + 32, panel_bytes = HEADER + ng * rec_bytes;
@@ -59,6 +68,7 @@ extern "C" int dynaexq_lowbit_pack(int bits, int N, int K, int G, const uint8_t*
               const uint32_t c30 = store_code(data, 3, base + 30), c31 = store_code(data, 3, base + 31);
               v |= w == 0 ? (c30 & 3) << 30 : w == 1 ? ((c30 >> 2) << 30) | ((c31 >> 2) << 31) : (c31 & 3) << 30;
             }
+            if (bits == 6) v |= ((store_code(data, 6, base + 15) >> (2 * w)) & 3) << 30;
             memcpy(rec + 4L * ((c * nw + w) * 16 + row), &v, 4);
           }
         }
@@ -130,8 +140,9 @@ static void walk(const Args& a, int p0, int m0, float shift, Group group) {
 // The fp32 tile: each code a float by one vpermps, one FMA per row of x.
 template <int BITS, int MT, int NV>
 static void tile(const Args& a, int p0, int m0) {
-  constexpr int CK = BITS == 2 ? 16 : BITS == 3 ? 32 : 8, CB = 2 * BITS * CK;  // k per chunk, bytes per chunk
-  constexpr int PER = BITS == 2 ? 16 : BITS == 3 ? 10 : 8;                       // codes per word read by shifting
+  constexpr int CK = BITS == 2 || BITS == 6 ? 16 : BITS == 3 ? 32 : 8, CB = 2 * BITS * CK;  // k, bytes per chunk
+  constexpr int PER = BITS == 3 ? 10 : BITS == 6 ? 5 : CK;  // codes per word read by shifting
+  constexpr int SPLIT = BITS == 3 || BITS == 6 ? 3 * PER : CK;  // codes from here on: split over the words' tops
   const int nchunk = a.G / CK;
   const vf lut = make_lut(BITS);
   const vi low2 = vi_set1(3);
@@ -139,20 +150,23 @@ static void tile(const Args& a, int p0, int m0) {
     for (int c = 0; c < nchunk; ++c) {
       const float* xk[MT];
       for (int m = 0; m < MT; ++m) xk[m] = a.x + (long)(m0 + m) * a.K + g * a.G + c * CK;
-      vi cur[NV], a30[NV], b30[NV];  // int3: A >> 30, B >> 30 (see the layout above)
+      vi cur[NV], a30[NV], b30[NV];  // int3 / int6: A >> 30, B >> 30 (see the layout above)
 #pragma GCC unroll 32
       for (int j = 0; j < CK; ++j) {
         vf w[NV];
         for (int v = 0; v < NV; ++v) {
-          if (BITS != 3 || j < 30) {
-            if (j % PER == 0) {  // next word (int3: A, B, C)
-              if (BITS == 3 && j == 10) a30[v] = cur[v];
-              if (BITS == 3 && j == 20) b30[v] = cur[v];
+          if (j < SPLIT) {
+            if (j % PER == 0) {  // next word (int3 / int6: A, B, C)
+              if (SPLIT < CK && j == PER) a30[v] = cur[v];
+              if (SPLIT < CK && j == 2 * PER) b30[v] = cur[v];
               cur[v] = vi_load(rec[v] + c * CB + 64 * (j / PER));
             }
             w[v] = decode<BITS>(lut, cur[v]);
             cur[v] = vi_srl(cur[v], BITS);
-          } else {  // k = 30: low bits A >> 30, third bit B[30]; k = 31: C >> 30 and B[31]
+          } else if (BITS == 6) {  // k = 15: bits 0-1 A >> 30, 2-3 B >> 30, 4-5 C >> 30
+            w[v] = decode<BITS>(lut, vi_select(low2, a30[v], vi_select(vi_sll(low2, 2), vi_sll(b30[v], 2),
+                                                                       vi_sll(cur[v], 4))));
+          } else {  // int3, k = 30: low bits A >> 30, third bit B[30]; k = 31: C >> 30 and B[31]
             w[v] = vf_perm(lut, j == 30 ? vi_select(low2, a30[v], vi_sll(b30[v], 2))
                                         : vi_select(low2, cur[v], vi_sll(b30[v], 1)));
           }
@@ -340,7 +354,7 @@ static void run_rows(const Args& a, int p0, int np, int m0, int mt) {  // mt row
   // vdpbf16ps (half an FMA's rate here per pair of products) loses to the fp32 tile (measured on 1536 x 2048:
   // int4 224 vs 199 us at 4 rows, 1735 vs 1386 at 32; int2 238 vs 193 at 4, 680 vs 603 at 16; at 1-2 rows
   // int4 66 vs 75, int2 55 vs 73)
-  if constexpr (BITS != 3 && MT <= 2) {
+  if constexpr ((BITS == 2 || BITS == 4) && MT <= 2) {
     if (a.xdt == BF16) {
       for (; p + NV <= p0 + np; p += NV) tile_bf16<BITS, MT, NV>(a, p, m0);
       for (; p < p0 + np; ++p) tile_bf16<BITS, MT, 1>(a, p, m0);
@@ -348,7 +362,7 @@ static void run_rows(const Args& a, int p0, int np, int m0, int mt) {  // mt row
     }
   }
 #elif ISA == 256
-  if constexpr (BITS != 3) {
+  if constexpr (BITS == 2 || BITS == 4) {
     if (int8_x && a.xdt != F32 && a.G % XB == 0) {  // fp32 x asks for fp32 arithmetic: it keeps the exact tile
       for (; p < p0 + np; ++p) tile_int8_x<BITS, MT>(a, p, m0);
       return;
@@ -366,14 +380,15 @@ static void run_unit(const Args& a, int bits, int u, int P, int up = 4) {
     const int mt = std::min(MT_MAX, a.M - m0);
     if (bits == 2) run_rows<2>(a, p0, np, m0, mt);
     else if (bits == 3) run_rows<3>(a, p0, np, m0, mt);
+    else if (bits == 6) run_rows<6>(a, p0, np, m0, mt);
     else run_rows<4>(a, p0, np, m0, mt);
   }
 }
 
 #endif
 
-// y[M, N] (dtype dt) = x[M, K] (dtype dt) @ W^T for the blob `w` of a [N, K] 2/3/4-bit weight with groups
-// of G (N % 16 == 0, K % G == 0, G a multiple of the chunk: 8 / 16 / 32 for 4 / 2 / 3 bits). Returns 0, or -1
+// y[M, N] (dtype dt) = x[M, K] (dtype dt) @ W^T for the blob `w` of a [N, K] 2/3/4/6-bit weight with groups
+// of G (N % 16 == 0, K % G == 0, G a multiple of the chunk: 8 / 16 / 32 / 16 for 4 / 2 / 3 / 6 bits). Returns 0, or -1
 // when built without a kernel.
 extern "C" int dynaexq_lowbit_mm(int bits, int G, int M, int N, int K, const void* x, int dt,
                                  const uint8_t* w, void* y, int nthreads) {
@@ -407,7 +422,7 @@ extern "C" int dynaexq_lowbit_mm(int bits, int G, int M, int N, int K, const voi
 #endif
 }
 
-// Every expert of one 2/3/4-bit tier in one call (the grouped driver of simd.h): x [R, K] holds the routed
+// Every expert of one 2/3/4/6-bit tier in one call (the grouped driver of simd.h): x [R, K] holds the routed
 // rows grouped by expert, counts[e] of them for expert e (e ascending, all E experts); ptrs [E, 3] holds expert
 // e's blob in ptrs[e, 0], or 0 when e is not of this tier (its rows of y are left alone). y [R, N], x's dtype.
 extern "C" int dynaexq_lowbit_grouped(int bits, int G, int N, int K, int E, const int64_t* counts,
@@ -447,7 +462,7 @@ extern "C" int dynaexq_lowbit_grouped(int bits, int G, int N, int K, int E, cons
 extern "C" int dynaexq_lowbit_rows(int bits, int N, int K, int G, const uint8_t* w, const int64_t* rows, long R,
                                    void* out, int dt) {
 #if ISA
-  const int ck = bits == 2 ? 16 : bits == 3 ? 32 : bits == 4 ? 8 : 0, per = bits == 3 ? 10 : ck;
+  const int ck = chunk_k(bits), per = chunk_per(bits);
   if (!ck || N % 16 || K % G || G % ck) return -1;
   const int ng = K / G, nw = ck / per, chunks = G / ck, es = dt == F32 ? 4 : 2;
   const long code_bytes = 2L * G * bits, rec_bytes = code_bytes + 32, panel_bytes = HEADER + ng * rec_bytes;
@@ -469,7 +484,8 @@ extern "C" int dynaexq_lowbit_rows(int bits, int N, int K, int G, const uint8_t*
         for (int wi = 0; wi < nw; ++wi) memcpy(&word[wi], rec + 4L * ((c * nw + wi) * 16 + lane), 4);
         for (int j = 0; j < ck; ++j) {
           uint32_t q;
-          if (bits != 3 || j < 30) q = (word[j / per] >> (bits * (j % per))) & mask;
+          if (j < per * nw) q = (word[j / per] >> (bits * (j % per))) & mask;
+          else if (bits == 6) q = (word[0] >> 30) | ((word[1] >> 30) << 2) | ((word[2] >> 30) << 4);
           else if (j == 30) q = (word[0] >> 30) | (((word[1] >> 30) & 1) << 2);
           else q = (word[2] >> 30) | ((word[1] >> 31) << 2);
           store1(o + ((long)g * G + (long)c * ck + j) * es, dt, s * (float)q + b);

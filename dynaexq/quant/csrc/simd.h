@@ -36,7 +36,10 @@ static inline vf make_lut(int bits) {  // index -> its low `bits` bits, as a flo
        : bits == 3 ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7)
                    : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 }
-template <int BITS> static inline vf decode(vf lut, vi cur) { return vf_perm(lut, cur); }
+template <int BITS> static inline vf decode(vf lut, vi cur) {  // the low BITS bits of each lane as a float
+  if constexpr (BITS <= 4) return vf_perm(lut, cur);  // vpermps reads the low 4 index bits
+  else return _mm512_cvtepi32_ps(_mm512_and_si512(cur, _mm512_set1_epi32((1 << BITS) - 1)));
+}
 static inline vf vf_load_u8(const void* p) {  // 16 bytes -> 16 floats
   return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
@@ -95,8 +98,8 @@ static inline vf make_lut(int bits) {
 template <int BITS> static inline vf decode(vf lut, vi cur) {
   if constexpr (BITS < 4) {
     return vf_perm(lut, cur);
-  } else {  // permutevar8x32 reads 3 index bits: mask the nibble and convert
-    const __m256i m = _mm256_set1_epi32(15);
+  } else {  // permutevar8x32 reads 3 index bits: mask the code and convert
+    const __m256i m = _mm256_set1_epi32((1 << BITS) - 1);
     return {_mm256_cvtepi32_ps(_mm256_and_si256(cur.a, m)), _mm256_cvtepi32_ps(_mm256_and_si256(cur.b, m))};
   }
 }

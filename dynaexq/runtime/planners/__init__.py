@@ -30,7 +30,7 @@ PLANNERS = {
     "lru-offload+prefetch": lambda arg: LruPolicy.from_arg(arg, prefetch=True),
 }
 VALID = ("auto (load, generate, serve: fit the machine), uniform:<precision> (e.g. uniform:int4), map:<file.json>, calibrated[:hi=int8,lo=int2], "
-         "calibrated-multilevel[:ladder=bf16/int8/int4/int3/int2,power=2], oracle[:hi=..,lo=..] (eval only); "
+         "calibrated-multilevel[:ladder=bf16/int8/int6/int4/int3/int2,power=2], oracle[:hi=..,lo=..] (eval only); "
          "runtime policies: dynaexq[:hi=int8,lo=int2,delta=0.01,alloc=proportional|depth,max_pairs=0,hi_share=0,"
          "prefetch=0], multilevel[:ladder=..,power=2,delta=0.01], frozen[:hi=int8,lo=int2]; offload baselines: "
          "lru-offload[:int4], lru-offload+prefetch[:int4]")

@@ -3,7 +3,7 @@
 calibrated[:hi=int8,lo=int2]   DynaExq's offline mixed precision ("MP-Offline"): rank experts per layer by routed
                                probability mass on a calibration text; the same top fraction of every layer is
                                kept at `hi`, the rest at `lo`; bytes left over go to the next-hottest experts.
-calibrated-multilevel[:ladder=bf16/int8/int4/int3/int2,power=2]
+calibrated-multilevel[:ladder=bf16/int8/int6/int4/int3/int2,power=2]
                                DynaMo-style: each expert's precision from a ladder, greedy by the largest
                                (hotness x reduction of error**power) per byte, on the lower convex hull of every
                                expert's (bytes, cost) options; `error` is the store's output error of the expert
@@ -27,7 +27,7 @@ from dynaexq.errors import UserError
 from dynaexq.quant.precision import Precision
 from dynaexq.sizes import format_size
 
-LADDER = (Precision.BF16, Precision.INT8, Precision.INT4, Precision.INT3, Precision.INT2)
+LADDER = (Precision.BF16, Precision.INT8, Precision.INT6, Precision.INT4, Precision.INT3, Precision.INT2)
 
 
 def _options(arg: str, allowed: set[str], policy: str) -> dict[str, str]:

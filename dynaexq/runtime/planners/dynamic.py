@@ -5,7 +5,7 @@ dynaexq[:hi=int8,lo=int2,delta=0.01,alloc=proportional,max_pairs=0]
     set H_l = the top-n_hi[l] experts of S. Cold start (no warm start): take the top-n directly. Afterwards pair
     the highest-scoring outsider with the lowest-scoring incumbent and swap only while S_out - S_in > delta;
     each swap is an indivisible (demote, promote) pair, highest gap first; max_pairs > 0 limits pairs per decision.
-multilevel[:ladder=bf16/int8/int4/int3/int2,power=2,delta=0.01,max_pairs=0]
+multilevel[:ladder=bf16/int8/int6/int4/int3/int2,power=2,delta=0.01,max_pairs=0]
     Beyond the paper: slots of every precision of a ladder, their counts per layer chosen at start by the greedy
     multilevel allocation (planners/calibrated.py) on the warm-start hotness within the budget. Online, experts
     trade slots: a swap of a (tier p) with b (tier q, lower) gains S_b*(c_b(q) - c_b(p)) - S_a*(c_a(q) - c_a(p)),
