@@ -170,8 +170,9 @@ def _sweep(args) -> int:
                             store=args.store, dtype=_dtype(args.dtype), verify=args.verify, dense=args.dense,
                             device=args.device, record_routing=args.record_routing)
     try:
-        budgets = ([harness.resolve_budget(b, ev.reader) for b in args.expert_budget] if args.expert_budget
-                   else report.sweep_budgets(ev.reader))
+        # resident bytes, as the planners count them (64-byte aligned tensors: more than the store's)
+        budgets = ([harness.resolve_budget(b, ev.sized) for b in args.expert_budget] if args.expert_budget
+                   else report.sweep_budgets(ev.sized))
         uniform = [f"uniform:{p.value}" for p in ev.reader.precisions if p.bits <= 8]
         runs = [(u, None) for u in uniform] + [(p, b) for p in policies for b in budgets]
         results = []

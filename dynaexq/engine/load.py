@@ -29,6 +29,7 @@ from dynaexq.engine.engine import Engine
 from dynaexq.engine.model import banks_of, build_model, calibration_files, calibration_tokens, load_tokenizer
 from dynaexq.errors import UserError
 from dynaexq.quant.dense import apply_plan, native_floats
+from dynaexq.quant.precision import DEFAULT_PRECISIONS
 from dynaexq.runtime.budget import SizedReader
 from dynaexq.runtime.hotness import Hotness
 from dynaexq.runtime.planners import parse_policy, resolve_budget
@@ -59,8 +60,10 @@ def resolve_store(path, store=None, progress: bool = True) -> Path:
                             f"the checkpoint {str(path)!r} (config or shard headers differ); prepare this checkpoint "
                             "into its own store")
         return Path(store)
-    # the store format is part of the key: a dynaexq that reads another format prepares its own store
-    digest = hashlib.sha256(json.dumps({**fingerprint, "format": layout.FORMAT_VERSION},
+    # the store format and the default precisions are part of the key: a dynaexq that reads another format or
+    # plans with another ladder prepares its own store
+    digest = hashlib.sha256(json.dumps({**fingerprint, "format": layout.FORMAT_VERSION,
+                                        "precisions": [p.value for p in DEFAULT_PRECISIONS]},
                                        sort_keys=True).encode()).hexdigest()[:16]
     target = cache_root() / "stores" / f"{path.resolve().name}-{digest}"
     if not layout.is_store(target):

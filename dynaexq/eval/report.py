@@ -30,7 +30,7 @@ def table(report: dict, markdown: bool = False) -> str:
 
 def sweep_budgets(reader, points_between: int = 1) -> list[int]:
     """Budgets from every-expert-at-the-cheapest to every-expert-at-int8: the bytes of each uniform precision
-    and `points_between` geometric steps between neighbours."""
+    (resident ones, given a SizedReader) and `points_between` geometric steps between neighbours."""
     sizes = sorted({sum(reader.expert_bytes(layer, e, p) for layer in reader.layers for e in range(reader.num_experts))
                     for p in reader.precisions if p.bits <= 8})
     out = []

@@ -3,7 +3,8 @@
 `DenseLinear(kernel, bias)` takes the place of a transformers `nn.Linear` (attention projections, shared experts,
 dense MLP layers, the output head) with the store's version of its weight (store/dense.py) at the planned
 precision, prepared by quant.kernels: int8 and floats on the native row-major kernel (floats below
-`gemm_rows()` rows, int8 below INT8_GEMM_ROWS; from there aten's GEMM), 2/3/4-bit on the fused low-bit kernel,
+`gemm_rows()` rows, int8 below INT8_GEMM_ROWS; from there aten's GEMM), 2/3/4/6-bit on the fused low-bit kernel
+(from LOWBIT_GEMM_ROWS bf16 rows, on a CPU with a native bf16 GEMM: that GEMM on the weight decoded into bf16),
 each as one "tier" of one expert through the grouped driver (fp32 sums, one rounding into the activation
 dtype); other backends call the kernel itself. `DenseEmbedding(kernel, dtype)` takes the place of the input
 embedding and decodes only the rows a step reads from the same resident form, so a tied embedding and head
@@ -21,6 +22,7 @@ from torch import nn
 
 from dynaexq.errors import UserError
 from dynaexq.quant import grouped_cpu, kernels
+from dynaexq.quant.lowbit_cpu import LowbitCpu
 from dynaexq.quant.precision import Precision
 from dynaexq.quant.quantize import dequantize
 
@@ -37,6 +39,11 @@ FLOAT_GEMM_ROWS_NO_BF16 = 128
 # [4096, 2048]), below it the native tile; measured on 2 Xeon cores (AVX512-BF16) at 8 / 64 / 128 / 512 rows:
 # 0.08 / 0.40 / 0.61 / 1.43x the native tile's speed for [4096, 2048], 0.08 / 0.47 / 0.85 / 1.88x for [2048, 4096]
 INT8_GEMM_ROWS = 256
+# 2/3/4/6-bit weights with bf16 x from this many rows on run LowbitCpu.gemm (W^T decoded into bf16 once per call,
+# then aten's bf16 GEMM) where the CPU has a native bf16 GEMM, below it the tile; measured on 2 Xeon cores (AMX)
+# for [4096, 2048] int6 / int4 at 32 / 64 / 128 / 512 rows: 1.94 / 3.80 / 7.43 / 30.9 ms (tile) against 2.67 /
+# 2.95 / 3.43 / 5.95 (GEMM), int4 alike, [512, 2048] crossing at the same rows
+LOWBIT_GEMM_ROWS = 64
 
 
 def gemm_rows() -> int:
@@ -74,6 +81,9 @@ class DenseLinear(nn.Module):
         gemm = isinstance(self.kernel, kernels.FloatLinear) and rows >= gemm_rows()
         if isinstance(self.kernel, kernels.Int8Cpu) and rows >= INT8_GEMM_ROWS:
             y = self.kernel.gemm(x2)
+        elif isinstance(self.kernel, LowbitCpu) and rows >= LOWBIT_GEMM_ROWS and self.kernel.blob is not None \
+                and x.dtype == torch.bfloat16 and kernels.native_half_gemm():
+            y = self.kernel.gemm(x2.contiguous())
         elif self._tier is not None and x.device.type == "cpu" and grouped_cpu.supports(x.dtype) and not gemm:
             x2 = x2.contiguous()
             y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype)

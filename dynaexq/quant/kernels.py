@@ -150,7 +150,7 @@ def _grouped_cpu(qw, device):
     from dynaexq.quant import lowbit_cpu
     if qw.bits > 4 and lowbit_cpu.extension() is None:
         warnings.warn(f"{qw.precision.value} weight of shape {list(qw.shape)}: without the C++ low-bit kernel (see "
-                      "its warning) aten's int4 kernel cannot hold 6-bit codes; using a per-call float32 "
+                      f"its warning) aten's int4 kernel cannot hold {qw.bits}-bit codes; using a per-call float32 "
                       "dequantize (slower)", stacklevel=3)
         return DequantFallback(qw)
     return lowbit_cpu.LowbitCpu.from_weight(qw)

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 CHUNKS = {2: (16, 16), 3: (32, 10), 4: (8, 8), 6: (16, 5)}  # bits -> (k per chunk, codes per 32-bit word)
+GEMM_BLOCK = 4096  # weight rows decoded into bf16 at a time by LowbitCpu.gemm
 _SRC = [Path(__file__).parent / "csrc" / f for f in (
     "lowbit.cpp", "rowmajor.cpp", "route.cpp", "attention.cpp", "norm.cpp", "rope.cpp", "glu.cpp", "topk.cpp",
     "argmax.cpp", "fit.cpp", "ops.cpp")]  # + simd.h
@@ -185,6 +186,21 @@ class LowbitCpu:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((codes + c).contiguous(), 1)
         return cls(qw.bits, (n, k), qw.group_size, None, packed, table)
 
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] bf16 -> [M, N] bf16 by aten's bf16 GEMM on W^T decoded into bf16 once per call (`lowbit_decode`):
+        for a prefill's many rows, where the tile's work is the products, not the bytes. Not the tile's arithmetic:
+        each weight s * q + b is rounded to bf16 first (2**-9 of it, far below the codes' own step; the products and
+        sums are then exact / fp32 as the tile's). quant/dense.py calls it from LOWBIT_GEMM_ROWS rows. In blocks of
+        GEMM_BLOCK weight rows: a vocabulary-wide head is never held decoded whole."""
+        n, k = self.shape
+        if n <= GEMM_BLOCK:
+            return torch.mm(x, _lib.lowbit_decode(self.blob, self.bits, self.group_size, n, k, 0, n))
+        y = torch.empty(x.shape[0], n, dtype=x.dtype)
+        for n0 in range(0, n, GEMM_BLOCK):
+            nn = min(GEMM_BLOCK, n - n0)
+            torch.mm(x, _lib.lowbit_decode(self.blob, self.bits, self.group_size, n, k, n0, nn), out=y[:, n0:n0 + nn])
+        return y
+
     def rows(self, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """W[idx] [n, K] in `dtype` (fp32/bf16/fp16), decoded from the resident blob (an embedding's lookup)."""
         n, k = self.shape
@@ -224,6 +240,7 @@ def _register_fakes(ns: str) -> None:
     fake(f"{ns}::lowbit_mm")(lambda x, blob, bits, g, n: x.new_empty(x.shape[0], n))
     fake(f"{ns}::lowbit_grouped")(lambda x, counts, ptrs, y, bits, g: None)
     fake(f"{ns}::rowmajor_grouped")(lambda x, counts, ptrs, y, wt: None)
+    fake(f"{ns}::lowbit_decode")(lambda blob, bits, g, n, k, n0, nn: blob.new_empty(k, nn, dtype=torch.bfloat16))
     fake(f"{ns}::lowbit_rows")(lambda blob, rows, bits, g, n, k, dtype: blob.new_empty(rows.numel(), k, dtype=dtype))
     fake(f"{ns}::route")(lambda idx, w, hidden, e, token_counts, mass: (
         idx.new_empty(e), idx.new_empty(idx.numel()), hidden.new_empty(idx.numel(), hidden.shape[1])))

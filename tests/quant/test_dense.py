@@ -11,13 +11,13 @@ from torch import nn
 import dynaexq
 from dynaexq.cli import main
 from dynaexq.quant import grouped_cpu, kernels
-from dynaexq.quant.dense import INT8_GEMM_ROWS, DenseEmbedding, DenseLinear
+from dynaexq.quant.dense import INT8_GEMM_ROWS, LOWBIT_GEMM_ROWS, DenseEmbedding, DenseLinear
 from dynaexq.quant.precision import Precision
 from dynaexq.quant.quantize import dequantize, quantize
 from dynaexq.store.reader import StoreReader
 from test_load_equivalence import _dequantized_reference, _ids
 
-LOW = [Precision.INT8, Precision.INT4, Precision.INT3, Precision.INT2]
+LOW = [Precision.INT8, Precision.INT6, Precision.INT4, Precision.INT3, Precision.INT2]
 
 
 def test_the_store_holds_every_non_expert_matrix_at_every_precision(checkpoints):
@@ -82,6 +82,28 @@ def test_int8_at_prefill_rows_takes_the_gemm_and_stays_within_one_rounding_of_fl
         assert (grouped_cpu.calls > calls) == native
         ref = x.double() @ w.T
         assert ((y - ref).abs() <= ref.abs() * 2.0 ** -8 + 1e-12).all(), (rows, float((y - ref).abs().max()))
+
+
+@pytest.mark.parametrize("p", [Precision.INT6, Precision.INT4], ids=str)
+def test_lowbit_at_prefill_rows_takes_the_bf16_gemm_where_the_cpu_has_one(ext, p, monkeypatch):
+    """From LOWBIT_GEMM_ROWS bf16 rows a low-bit DenseLinear runs LowbitCpu.gemm (no native tile call), below them
+    the tile; both within the bf16 roundings of float64 of the stored weight; without a native bf16 GEMM (or with
+    float32 x) the tile at every row count."""
+    g = torch.Generator().manual_seed(4)
+    qw = quantize(torch.randn(96, 256, generator=g) * 0.05, p)
+    module = DenseLinear(kernels.prepare(qw, "cpu"), None, 256, 96, p.value)
+    w = dequantize(qw, torch.float64)
+    for half_gemm, dtype, rows, native in ((True, torch.bfloat16, LOWBIT_GEMM_ROWS, False),
+                                           (True, torch.bfloat16, LOWBIT_GEMM_ROWS - 1, True),
+                                           (True, torch.float32, LOWBIT_GEMM_ROWS + 5, True),
+                                           (False, torch.bfloat16, LOWBIT_GEMM_ROWS + 5, True)):
+        monkeypatch.setattr(kernels, "native_half_gemm", lambda: half_gemm)
+        x = torch.randn(rows, 256, generator=g).to(dtype)
+        calls = grouped_cpu.calls
+        y = module(x).double()
+        assert (grouped_cpu.calls > calls) == native, (half_gemm, dtype, rows)
+        ref = x.double() @ w.T
+        assert float((y - ref).norm() / ref.norm()) < 2 ** -7, (half_gemm, dtype, rows)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss"])

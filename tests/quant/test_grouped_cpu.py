@@ -7,8 +7,8 @@ from dynaexq.quant import grouped_cpu, kernels, lowbit_cpu
 from dynaexq.quant.precision import Precision
 from dynaexq.quant.quantize import dequantize, quantize
 
-FORMATS = [Precision.INT4, Precision.INT3, Precision.INT2, Precision.INT8, Precision.BF16, Precision.FP16,
-           Precision.FP32]
+FORMATS = [Precision.INT6, Precision.INT4, Precision.INT3, Precision.INT2, Precision.INT8, Precision.BF16,
+           Precision.FP16, Precision.FP32]
 # rows per expert: empty experts, one row, a decode batch, and one expert over a 256-row segment and the whole
 # call over a 1024-row batch (the driver's cuts)
 COUNTS = {"decode": [1, 0, 3, 1, 0, 8, 2, 1], "prefill": [300, 0, 17, 900, 5, 0, 64, 1]}
@@ -63,7 +63,7 @@ def test_one_call_computes_every_member_of_the_tier(lib, precision, dtype, case)
     grouped_cpu.run(specs[0][0], torch.tensor(counts), ptrs, x, y)
     assert grouped_cpu.calls == calls + 1
     _check(qws, counts, members, x, y, dtype)
-    if precision in (Precision.INT4, Precision.INT3, Precision.INT2):  # the same tiles as the one-expert kernel
+    if precision in (Precision.INT6, Precision.INT4, Precision.INT3, Precision.INT2):  # the one-expert kernel's tiles
         start = 0
         for e, c in enumerate(counts):
             if e in members and c:
@@ -71,7 +71,8 @@ def test_one_call_computes_every_member_of_the_tier(lib, precision, dtype, case)
             start += c
 
 
-@pytest.mark.parametrize("precision", [Precision.INT4, Precision.INT3, Precision.INT2], ids=lambda p: p.value)
+@pytest.mark.parametrize("precision", [Precision.INT6, Precision.INT4, Precision.INT3, Precision.INT2],
+                         ids=lambda p: p.value)
 def test_long_units_cover_every_panel(lib, precision):
     """A decode call on wide experts (1024 rows: a unit spans many 16-row panels) and on one narrow expert among
     them: every row of every member equals float64."""
@@ -90,7 +91,7 @@ def test_long_units_cover_every_panel(lib, precision):
 
 def test_the_avx2_build_computes_the_same_tiers(avx2):
     counts = COUNTS["prefill"]
-    for precision in (Precision.INT4, Precision.INT3, Precision.INT8, Precision.BF16):
+    for precision in (Precision.INT6, Precision.INT4, Precision.INT3, Precision.INT8, Precision.BF16):
         qws, ks = _tier(precision, 64, 128, len(counts), seed=3)
         specs = [grouped_cpu.spec(kk) for kk in ks]
         ptrs = torch.tensor([s[1] for s in specs], dtype=torch.int64)

@@ -1,4 +1,4 @@
-"""Grouped 2/3/4-bit CPU matmuls (`dynaexq.quant.lowbit_cpu`) held to the float64 dequantize-then-matmul
+"""Grouped 2/3/4/6-bit CPU matmuls (`dynaexq.quant.lowbit_cpu`) held to the float64 dequantize-then-matmul
 reference: the fused C++ kernel (AVX-512 here, and its AVX2 variant), aten's int4 fallback, resident bytes,
 and calls from several threads at once."""
 import threading
@@ -20,7 +20,7 @@ TOL = 0.03
 # to an independent rounding of x within 2**-8
 TOL_INT8_X = 0.12
 SHAPES = [(16, 64, 64), (48, 128, 32), (96, 512, 64), (256, 768, 128)]  # N, K, G
-BITS = (2, 3, 4)
+BITS = (2, 3, 4, 6)
 MS = (1, 3, 8, 17)
 
 
@@ -68,7 +68,7 @@ def test_fused_matches_reference(ext, weights, bits, dist, shape):
         for dtype in (torch.bfloat16, torch.float32):
             y = fast(x.to(dtype))
             assert y.dtype == dtype and y.shape == (m, shape[0])
-            tol = TOL_INT8_X if dtype == torch.bfloat16 and bits != 3 else TOL
+            tol = TOL_INT8_X if dtype == torch.bfloat16 and bits in (2, 4) else TOL
             assert _rel(y, want) <= tol, (m, dtype, _rel(y, want))
         assert _rel(fast(x), want) < 1e-5  # fp32 in, fp32 accumulate: only summation order differs
 
@@ -94,6 +94,25 @@ def test_the_bf16_pair_path_equals_float64_up_to_the_output_rounding(ext, weight
                 assert _rel(y, fast(x.float()).to(torch.bfloat16)) < 2 ** -8
 
 
+def test_the_prefill_gemm_equals_float64_of_the_weights_rounded_to_bf16(ext, weights, monkeypatch):
+    """LowbitCpu.gemm (W^T decoded into bf16 by the kernel, then aten's bf16 GEMM) against float64 of the stored
+    weights rounded to bf16 here (torch's rounding, not the kernel's): within the bf16 output rounding; in blocks
+    of weight rows (a small block here) the same values; a block that is not rows of the weight is refused."""
+    monkeypatch.setattr(lowbit_cpu, "GEMM_BLOCK", 32)
+    for (bits, dist, shape), qw in weights.items():
+        n, k, g = shape
+        fast = kernels.prepare(qw, "cpu")
+        w = dequantize(qw, torch.float64).to(torch.bfloat16).double()
+        x = (torch.randn(70, k, generator=torch.Generator().manual_seed(bits)) * 3).to(torch.bfloat16)
+        want = x.double() @ w.T
+        y = fast.gemm(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (70, n)
+        err = (y.double() - want).abs() / want.abs().clamp_min(1e-3 * float(want.abs().max()))
+        assert float(err.max()) < 2 ** -7, (bits, dist, shape, float(err.max()))
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        ext.lowbit_decode(fast.blob, qw.bits, qw.group_size, n, k, 8, 16)
+
+
 def test_fallback_gives_same_results(ext, weights, monkeypatch):
     cases = []  # (qw, x, fused output), computed before the extension is switched off
     g = torch.Generator().manual_seed(0)  # inputs independent of what ran before (the global RNG's state)
@@ -110,8 +129,13 @@ def test_fallback_gives_same_results(ext, weights, monkeypatch):
     with pytest.warns(UserWarning, match="DYNAEXQ_NO_CPU_EXT"):
         assert lowbit_cpu.extension() is None
     for qw, nbytes, x, y_fast in cases:
-        slow = kernels.prepare(qw, "cpu")
-        assert slow.blob is None and slow.packed is not None  # aten int4: 4 bits resident whatever the bits
+        if qw.bits > 4:  # aten's int4 kernel cannot hold the codes: a per-call dequantize, and a warning says so
+            with pytest.warns(UserWarning, match="cannot hold 6-bit codes"):
+                slow = kernels.prepare(qw, "cpu")
+            assert isinstance(slow, kernels.DequantFallback) and slow.nbytes == qw.nbytes
+        else:
+            slow = kernels.prepare(qw, "cpu")
+            assert slow.blob is None and slow.packed is not None  # aten int4: 4 bits resident whatever the bits
         y_slow, want = slow(x), kernels.prepare(qw, "reference")(x.double())
         assert _rel(y_slow, want) <= TOL and _rel(y_slow, y_fast) <= TOL, (qw.precision, qw.shape, x.shape)
 
@@ -141,7 +165,7 @@ def test_avx2_kernel_matches_reference(weights, avx2):
         for m in MS:
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
             y = lib.lowbit_mm(x, blob, bits, g, n)
-            tol = TOL_INT8_X if bits != 3 else TOL  # bf16 x: the int8-activation tile
+            tol = TOL_INT8_X if bits in (2, 4) else TOL  # bf16 x: the int8-activation tile
             assert _rel(y, kernels.prepare(qw, "reference")(x.double())) <= tol, (bits, dist, shape, m)
 
 

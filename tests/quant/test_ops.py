@@ -35,6 +35,7 @@ def _cases(ext, qw, blob):
         "lowbit_mm": (x, blob, 4, qw.group_size, 64),
         "lowbit_grouped": (xs, counts, ptrs, torch.zeros(6, 64), 4, qw.group_size),
         "lowbit_rows": (blob, torch.tensor([5, 0, 63]), 4, qw.group_size, 64, 128, torch.bfloat16),
+        "lowbit_decode": (blob, 4, qw.group_size, 64, 128, 16, 32),
         "rowmajor_grouped": (xs, counts, torch.tensor([[WF.data_ptr(), 0, 0]] * 4), torch.zeros(6, 64), 0),
         "route": (idx, w, hidden, 4, torch.zeros(4, dtype=torch.int64), torch.zeros(4)),
         "combine": (idx, order, ys, w),
@@ -49,9 +50,9 @@ def _cases(ext, qw, blob):
     }
 
 
-@pytest.mark.parametrize("name", ["lowbit_mm", "lowbit_grouped", "lowbit_rows", "rowmajor_grouped", "route",
-                                  "combine", "decode_attention", "rms_norm", "argmax", "qk_rope_cache", "swiglu",
-                                  "softmax_topk"])
+@pytest.mark.parametrize("name", ["lowbit_mm", "lowbit_grouped", "lowbit_rows", "lowbit_decode", "rowmajor_grouped",
+                                  "route", "combine", "decode_attention", "rms_norm", "argmax", "qk_rope_cache",
+                                  "swiglu", "softmax_topk"])
 def test_each_operator_passes_torch_library_opcheck(ext, blob, name):
     """Schema (what it mutates), fake implementation (shapes, dtypes, strides) and registration agree with the
     kernel's real outputs: PyTorch's own check for custom operators."""

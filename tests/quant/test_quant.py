@@ -11,7 +11,7 @@ from dynaexq.quant.formats import FORMATS
 from dynaexq.quant.quantize import dequantize, expected_nbytes, quantize, quantize_many, relative_error
 from dynaexq.errors import UserError
 
-INT = [Precision.INT8, Precision.INT4, Precision.INT3, Precision.INT2]
+INT = [Precision.INT8, Precision.INT6, Precision.INT4, Precision.INT3, Precision.INT2]
 
 
 @settings(max_examples=60, deadline=None)

@@ -137,47 +137,81 @@ static void walk(const Args& a, int p0, int m0, float shift, Group group) {
       store16(a.y + ((long)(m0 + m) * a.N + 16 * (p0 + v)) * es, a.ydt, ybuf[m] + 16 * v);
 }
 
-// The fp32 tile: each code a float by one vpermps, one FMA per row of x.
-template <int BITS, int MT, int NV>
-static void tile(const Args& a, int p0, int m0) {
+// The codes of chunk c of the NV panels' records as floats: f(j, w) for k = j of the chunk, w[v] the 16 rows'
+// codes of panel v (one vpermps each; int6: a mask and a convert; int3 / int6 assemble their split last codes).
+template <int BITS, int NV, class F>
+static inline void for_codes(const uint8_t* const* rec, int c, const vf& lut, F f) {
   constexpr int CK = BITS == 2 || BITS == 6 ? 16 : BITS == 3 ? 32 : 8, CB = 2 * BITS * CK;  // k, bytes per chunk
   constexpr int PER = BITS == 3 ? 10 : BITS == 6 ? 5 : CK;  // codes per word read by shifting
   constexpr int SPLIT = BITS == 3 || BITS == 6 ? 3 * PER : CK;  // codes from here on: split over the words' tops
+  const vi low2 = vi_set1(3);
+  vi cur[NV], a30[NV], b30[NV];  // int3 / int6: A >> 30, B >> 30 (see the layout above)
+#pragma GCC unroll 32
+  for (int j = 0; j < CK; ++j) {
+    vf w[NV];
+    for (int v = 0; v < NV; ++v) {
+      if (j < SPLIT) {
+        if (j % PER == 0) {  // next word (int3 / int6: A, B, C)
+          if (SPLIT < CK && j == PER) a30[v] = cur[v];
+          if (SPLIT < CK && j == 2 * PER) b30[v] = cur[v];
+          cur[v] = vi_load(rec[v] + c * CB + 64 * (j / PER));
+        }
+        w[v] = decode<BITS>(lut, cur[v]);
+        cur[v] = vi_srl(cur[v], BITS);
+      } else if (BITS == 6) {  // k = 15: bits 0-1 A >> 30, 2-3 B >> 30, 4-5 C >> 30
+        w[v] = decode<BITS>(lut, vi_select(low2, a30[v], vi_select(vi_sll(low2, 2), vi_sll(b30[v], 2),
+                                                                   vi_sll(cur[v], 4))));
+      } else {  // int3, k = 30: low bits A >> 30, third bit B[30]; k = 31: C >> 30 and B[31]
+        w[v] = vf_perm(lut, j == 30 ? vi_select(low2, a30[v], vi_sll(b30[v], 2))
+                                    : vi_select(low2, cur[v], vi_sll(b30[v], 1)));
+      }
+    }
+    f(j, w);
+  }
+}
+
+template <int BITS> constexpr int chunk_of() { return BITS == 2 || BITS == 6 ? 16 : BITS == 3 ? 32 : 8; }
+
+// The fp32 tile: each code a float (for_codes), one FMA per row of x.
+template <int BITS, int MT, int NV>
+static void tile(const Args& a, int p0, int m0) {
+  constexpr int CK = chunk_of<BITS>();
   const int nchunk = a.G / CK;
   const vf lut = make_lut(BITS);
-  const vi low2 = vi_set1(3);
   walk<MT, NV>(a, p0, m0, 0.f, [&](int g, const uint8_t* const* rec, vf (&acc)[MT][NV]) {
     for (int c = 0; c < nchunk; ++c) {
       const float* xk[MT];
       for (int m = 0; m < MT; ++m) xk[m] = a.x + (long)(m0 + m) * a.K + g * a.G + c * CK;
-      vi cur[NV], a30[NV], b30[NV];  // int3 / int6: A >> 30, B >> 30 (see the layout above)
-#pragma GCC unroll 32
-      for (int j = 0; j < CK; ++j) {
-        vf w[NV];
-        for (int v = 0; v < NV; ++v) {
-          if (j < SPLIT) {
-            if (j % PER == 0) {  // next word (int3 / int6: A, B, C)
-              if (SPLIT < CK && j == PER) a30[v] = cur[v];
-              if (SPLIT < CK && j == 2 * PER) b30[v] = cur[v];
-              cur[v] = vi_load(rec[v] + c * CB + 64 * (j / PER));
-            }
-            w[v] = decode<BITS>(lut, cur[v]);
-            cur[v] = vi_srl(cur[v], BITS);
-          } else if (BITS == 6) {  // k = 15: bits 0-1 A >> 30, 2-3 B >> 30, 4-5 C >> 30
-            w[v] = decode<BITS>(lut, vi_select(low2, a30[v], vi_select(vi_sll(low2, 2), vi_sll(b30[v], 2),
-                                                                       vi_sll(cur[v], 4))));
-          } else {  // int3, k = 30: low bits A >> 30, third bit B[30]; k = 31: C >> 30 and B[31]
-            w[v] = vf_perm(lut, j == 30 ? vi_select(low2, a30[v], vi_sll(b30[v], 2))
-                                        : vi_select(low2, cur[v], vi_sll(b30[v], 1)));
-          }
-        }
+      for_codes<BITS, NV>(rec, c, lut, [&](int j, const vf* w) {
         for (int m = 0; m < MT; ++m) {
           const vf xb = vf_set1(xk[m][j]);
           for (int v = 0; v < NV; ++v) acc[m][v] = vf_fma(xb, w[v], acc[m][v]);
         }
-      }
+      });
     }
   });
+}
+
+// Panel p's 16 rows of W, transposed, in bf16: out[k * ldo + i] = s * q + b of row 16 p + i rounded to bf16
+// (out: the panel's first column of W^T). A prefill's many rows multiply W^T with aten's bf16 GEMM.
+template <int BITS>
+static void decode_panel(const Args& a, int p, uint16_t* out, long ldo) {
+  constexpr int CK = chunk_of<BITS>();
+  const int ng = a.K / a.G, nchunk = a.G / CK;
+  const vf lut = make_lut(BITS);
+  const uint8_t* panel = a.w + p * a.panel_bytes;
+  uint16_t h[3];
+  memcpy(h, panel, 6);
+  const vf ds = vf_set1(_cvtsh_ss(h[0])), db = vf_set1(_cvtsh_ss(h[1])), lo = vf_set1(_cvtsh_ss(h[2]));
+  for (int g = 0; g < ng; ++g) {
+    const uint8_t* rec[1] = {panel + HEADER + g * a.rec_bytes};
+    const vf s = vf_mul(ds, vf_load_u8(rec[0] + a.code_bytes));
+    const vf b = vf_fma(db, vf_load_u8(rec[0] + a.code_bytes + 16), lo);
+    for (int c = 0; c < nchunk; ++c)
+      for_codes<BITS, 1>(rec, c, lut, [&](int j, const vf* w) {
+        vf_store_bf16(out + ((long)g * a.G + c * CK + j) * ldo, vf_round_bf16(vf_fma(s, w[0], b)));
+      });
+  }
 }
 
 #if defined(__AVX512BF16__)
@@ -386,6 +420,32 @@ static void run_unit(const Args& a, int bits, int u, int P, int up = 4) {
 }
 
 #endif
+
+// Rows n0..n0+nn-1 of the blob `w` of a [N, K] 2/3/4/6-bit weight with groups of G, transposed into bf16:
+// out [K, nn] (n0, nn multiples of 16), OpenMP over panels. Returns 0, -1 when built without a kernel, -2 for
+// rows outside the weight.
+extern "C" int dynaexq_lowbit_decode(int bits, int G, int N, int K, const uint8_t* w, long n0, long nn,
+                                     uint16_t* out, int nthreads) {
+#if ISA
+  if (n0 % 16 || nn % 16 || n0 < 0 || n0 + nn > N) return -2;
+  Args a;
+  a.N = N; a.K = K; a.G = G; a.w = w;
+  a.code_bytes = 2L * G * bits;
+  a.rec_bytes = a.code_bytes + 32;
+  a.panel_bytes = HEADER + (K / G) * a.rec_bytes;
+  const int p0 = (int)(n0 / 16), P = (int)(nn / 16);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int p = 0; p < P; ++p) {
+    if (bits == 2) decode_panel<2>(a, p0 + p, out + 16L * p, nn);
+    else if (bits == 3) decode_panel<3>(a, p0 + p, out + 16L * p, nn);
+    else if (bits == 6) decode_panel<6>(a, p0 + p, out + 16L * p, nn);
+    else decode_panel<4>(a, p0 + p, out + 16L * p, nn);
+  }
+  return 0;
+#else
+  return -1;
+#endif
+}
 
 // y[M, N] (dtype dt) = x[M, K] (dtype dt) @ W^T for the blob `w` of a [N, K] 2/3/4/6-bit weight with groups
 // of G (N % 16 == 0, K % G == 0, G a multiple of the chunk: 8 / 16 / 32 / 16 for 4 / 2 / 3 / 6 bits). Returns 0, or -1

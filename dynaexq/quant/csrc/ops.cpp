@@ -25,6 +25,8 @@ int dynaexq_lowbit_grouped(int bits, int G, int N, int K, int E, const int64_t* 
                            const void* x, int dt, void* y, int nthreads);
 int dynaexq_lowbit_rows(int bits, int N, int K, int G, const uint8_t* w, const int64_t* rows, long R, void* out,
                         int dt);
+int dynaexq_lowbit_decode(int bits, int G, int N, int K, const uint8_t* w, long n0, long nn, uint16_t* out,
+                          int nthreads);
 int dynaexq_rowmajor_grouped(int wt, int N, int K, int E, const int64_t* counts, const int64_t* ptrs,
                              const void* x, int dt, void* y, int nthreads);
 int dynaexq_route(int T, int K, int E, int H, const int64_t* idx, const void* w, int wdt, const void* hidden,
@@ -151,6 +153,17 @@ at::Tensor lowbit_rows(const at::Tensor& blob, const at::Tensor& rows, int64_t b
   auto out = at::empty({rows.numel(), K}, blob.options().dtype(dtype));
   check_rc(dynaexq_lowbit_rows(bits, N, K, G, blob.data_ptr<uint8_t>(), rc.data_ptr<int64_t>(), rows.numel(),
                                out.data_ptr(), dtype_code(out, "dtype")), "lowbit_rows");
+  return out;
+}
+
+// rows n0..n0+nn-1 of W, transposed into bf16 [K, nn], decoded from the blob (a prefill's GEMM operand)
+at::Tensor lowbit_decode(const at::Tensor& blob, int64_t bits, int64_t G, int64_t N, int64_t K, int64_t n0,
+                         int64_t nn) {
+  check_blob(blob, bits, G, N, K);
+  auto out = at::empty({K, nn}, blob.options().dtype(at::kBFloat16));
+  check_rc(dynaexq_lowbit_decode(bits, G, N, K, blob.data_ptr<uint8_t>(), n0, nn, (uint16_t*)out.data_ptr(),
+                                 at::get_num_threads()),
+           "lowbit_decode (rows n0..n0+nn-1 of the weight, multiples of 16)");
   return out;
 }
 
@@ -340,6 +353,7 @@ TORCH_LIBRARY(DYNAEXQ_NS, m) {
   m.def("lowbit_mm(Tensor x, Tensor blob, int bits, int group, int n) -> Tensor");
   m.def("lowbit_grouped(Tensor x, Tensor counts, Tensor ptrs, Tensor(a!) y, int bits, int group) -> ()");
   m.def("lowbit_rows(Tensor blob, Tensor rows, int bits, int group, int n, int k, ScalarType dtype) -> Tensor");
+  m.def("lowbit_decode(Tensor blob, int bits, int group, int n, int k, int n0, int nn) -> Tensor");
   m.def("rowmajor_grouped(Tensor x, Tensor counts, Tensor ptrs, Tensor(a!) y, int wt) -> ()");
   m.def("route(Tensor idx, Tensor w, Tensor hidden, int num_experts, Tensor(a!) token_counts, Tensor(b!) mass)"
         " -> (Tensor, Tensor, Tensor)");
@@ -359,6 +373,7 @@ TORCH_LIBRARY_IMPL(DYNAEXQ_NS, CPU, m) {
   m.impl("lowbit_mm", &lowbit_mm);
   m.impl("lowbit_grouped", &lowbit_grouped);
   m.impl("lowbit_rows", &lowbit_rows);
+  m.impl("lowbit_decode", &lowbit_decode);
   m.impl("rowmajor_grouped", &rowmajor_grouped);
   m.impl("route", &route);
   m.impl("combine", &combine);
