@@ -21,7 +21,7 @@ row), the fixed weights, and per MoE layer its top-k experts (an expert's read s
 layer's); each option's cost gains mu x the bytes it adds to a token's reads and mu is bisected until the plan
 fits (the budget the dense matrices then leave goes to the experts). Without it the plan is the error-optimal one,
 which on a large model reads more per token than a file of the same size quantized by llama.cpp's recipes (at
-Q4_K_M's bytes on the 30B-shaped checkpoint: bf16 attention and head, 520 against 376 MiB), and on a small one
+Q4_K_M's bytes on the 30B-shaped checkpoint: bf16 attention + an int8 head, 520 against 376 MiB), and on a small one
 with a large vocabulary is the better for it (capped at a Q4_K_M file's reads, the bundled model's KL at that
 file's bytes went from 0.00062 to 0.00092: README, bench/peer_llamacpp.py).
 It returns the dense plan and the expert budget left (the policy then plans its experts, or the runtime switches
