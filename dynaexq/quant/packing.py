@@ -1,7 +1,8 @@
 """Bit packing of integer codes into bytes: the storage format of the expert store.
 
-int8: one code per byte; int4: two per byte (low nibble first); int3: eight codes in three bytes
-(a 24-bit little-endian word, code i at bits 3i..3i+2); int2: four per byte (lowest bits first).
+int8: one code per byte; int6: four codes in three bytes (a 24-bit little-endian word, code i at bits
+6i..6i+5); int4: two per byte (low nibble first); int3: eight codes in three bytes (a 24-bit little-endian
+word, code i at bits 3i..3i+2); int2: four per byte (lowest bits first).
 Codes are packed in row-major order of the [N, K] weight; the code count is padded up to a
 whole word with zeros (at most 7 codes), so `packed_nbytes` is the exact stored size.
 """

@@ -39,8 +39,8 @@ static inline uint32_t store_code(const uint8_t* d, int bits, long i) {
 
 // a chunk: k per chunk and codes per 32-bit word read by shifting (int3 / int6: three words, the last code(s)
 // split over their top bits); 0 for a width without a kernel
-static inline int chunk_k(int bits) { return bits == 2 ? 16 : bits == 3 ? 32 : bits == 4 ? 8 : bits == 6 ? 16 : 0; }
-static inline int chunk_per(int bits) { return bits == 3 ? 10 : bits == 6 ? 5 : chunk_k(bits); }
+constexpr int chunk_k(int bits) { return bits == 2 ? 16 : bits == 3 ? 32 : bits == 4 ? 8 : bits == 6 ? 16 : 0; }
+constexpr int chunk_per(int bits) { return bits == 3 ? 10 : bits == 6 ? 5 : chunk_k(bits); }
 
 // The kernel's blob (lowbit_cpu.pack_blob, its reference) straight from the store's bytes, without the GIL
 // (ctypes releases it): per 16-row panel a 6-byte fp16 range header, then per group the code words
@@ -141,8 +141,7 @@ static void walk(const Args& a, int p0, int m0, float shift, Group group) {
 // codes of panel v (one vpermps each; int6: a mask and a convert; int3 / int6 assemble their split last codes).
 template <int BITS, int NV, class F>
 static inline void for_codes(const uint8_t* const* rec, int c, const vf& lut, F f) {
-  constexpr int CK = BITS == 2 || BITS == 6 ? 16 : BITS == 3 ? 32 : 8, CB = 2 * BITS * CK;  // k, bytes per chunk
-  constexpr int PER = BITS == 3 ? 10 : BITS == 6 ? 5 : CK;  // codes per word read by shifting
+  constexpr int CK = chunk_k(BITS), CB = 2 * BITS * CK, PER = chunk_per(BITS);  // k, bytes per chunk; codes a word
   constexpr int SPLIT = BITS == 3 || BITS == 6 ? 3 * PER : CK;  // codes from here on: split over the words' tops
   const vi low2 = vi_set1(3);
   vi cur[NV], a30[NV], b30[NV];  // int3 / int6: A >> 30, B >> 30 (see the layout above)
@@ -170,12 +169,10 @@ static inline void for_codes(const uint8_t* const* rec, int c, const vf& lut, F 
   }
 }
 
-template <int BITS> constexpr int chunk_of() { return BITS == 2 || BITS == 6 ? 16 : BITS == 3 ? 32 : 8; }
-
 // The fp32 tile: each code a float (for_codes), one FMA per row of x.
 template <int BITS, int MT, int NV>
 static void tile(const Args& a, int p0, int m0) {
-  constexpr int CK = chunk_of<BITS>();
+  constexpr int CK = chunk_k(BITS);
   const int nchunk = a.G / CK;
   const vf lut = make_lut(BITS);
   walk<MT, NV>(a, p0, m0, 0.f, [&](int g, const uint8_t* const* rec, vf (&acc)[MT][NV]) {
@@ -196,7 +193,7 @@ static void tile(const Args& a, int p0, int m0) {
 // (out: the panel's first column of W^T). A prefill's many rows multiply W^T with aten's bf16 GEMM.
 template <int BITS>
 static void decode_panel(const Args& a, int p, uint16_t* out, long ldo) {
-  constexpr int CK = chunk_of<BITS>();
+  constexpr int CK = chunk_k(BITS);
   const int ng = a.K / a.G, nchunk = a.G / CK;
   const vf lut = make_lut(BITS);
   const uint8_t* panel = a.w + p * a.panel_bytes;
@@ -448,8 +445,8 @@ extern "C" int dynaexq_lowbit_decode(int bits, int G, int N, int K, const uint8_
 }
 
 // y[M, N] (dtype dt) = x[M, K] (dtype dt) @ W^T for the blob `w` of a [N, K] 2/3/4/6-bit weight with groups
-// of G (N % 16 == 0, K % G == 0, G a multiple of the chunk: 8 / 16 / 32 / 16 for 4 / 2 / 3 / 6 bits). Returns 0, or -1
-// when built without a kernel.
+// of G (N % 16 == 0, K % G == 0, G a multiple of the chunk: 8 / 16 / 32 / 16 for 4 / 2 / 3 / 6 bits). Returns
+// 0, or -1 when built without a kernel.
 extern "C" int dynaexq_lowbit_mm(int bits, int G, int M, int N, int K, const void* x, int dt,
                                  const uint8_t* w, void* y, int nthreads) {
 #if ISA
