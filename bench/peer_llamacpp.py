@@ -126,13 +126,6 @@ def gguf_experts(path: Path) -> tuple[int, dict]:
     return nbytes, {k: sorted(v) for k, v in types.items()}
 
 
-def gguf_bytes(path: Path) -> int:
-    """Bytes of every tensor of a GGUF (what the file's weights weigh)."""
-    sys.path.insert(0, str(SRC / "gguf-py"))
-    import gguf
-    return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
-
-
 def quantize(base: Path, qtype: str, imatrix: Path | None, out: Path, whole: bool = False) -> None:
     cmd = [BIN / "llama-quantize"]
     if not whole:  # only the experts: everything else stays bf16, as with dynaexq's --expert-budget
@@ -224,6 +217,7 @@ def main() -> None:
                     "the experts quantized")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT.parent))
+    from dynaexq import gguf_file
     from dynaexq.demo import BUNDLED
     from dynaexq.engine.calibrate import prepare_store
     from dynaexq.eval.harness import Evaluation, parse_data
@@ -260,7 +254,7 @@ def main() -> None:
                           f"{err.stderr.strip().splitlines()[-1] if err.stderr.strip() else err}", file=sys.stderr)
                     continue
             nbytes, types = gguf_experts(out)
-            total = gguf_bytes(out)
+            total = gguf_file.file_bytes(out)
             dom = kl_llama(out, ev, work, args.threads)
             kl = sum(d["kl"] for d in dom.values()) / len(dom)
             row = {"type": qtype, "imatrix": with_imatrix, "expert_bytes": nbytes, "weight_bytes": total,
@@ -274,10 +268,9 @@ def main() -> None:
             continue
         policies = ("calibrated-multilevel", "multilevel", "calibrated-multilevel=reads") if whole else \
             ("calibrated-multilevel",)
-        k = ev.engine.model.config.num_experts_per_tok
         for policy in policies:
             spec, _, reads = policy.partition("=")
-            read_budget = gguf_step_bytes(out_of[id(best)], k, ev.reader.num_experts) if reads else None
+            read_budget = gguf_file.step_bytes(out_of[id(best)]) if reads else None
             ours = ev.run(spec, weight_budget=best["weight_bytes"], read_budget=read_budget) if whole else \
                 ev.run(spec, best["expert_bytes"])
             best[f"dynaexq_{policy}"] = {"read_budget": read_budget, "expert_bytes": ours["expert_bytes"], "weight_bytes": ours["weight_bytes"],
@@ -317,21 +310,6 @@ def main() -> None:
                       "dynaexq_uniform": {p: {"expert_bytes": u["expert_bytes"], "kl": u["mean_kl"]}
                                           for p, u in uniform.items()}, "expert_params": params, "speed": speed,
                       "total_s": time.perf_counter() - t_all}))
-
-
-def gguf_step_bytes(path: Path, k: int, experts: int) -> int:
-    """The same for a GGUF: every tensor but token_embd (unless it is also the output), k / E of the experts'."""
-    sys.path.insert(0, str(SRC / "gguf-py"))
-    import gguf
-    tensors = gguf.GGUFReader(str(path)).tensors
-    names = {t.name for t in tensors}
-    total = 0
-    for t in tensors:
-        if t.name == "token_embd.weight" and "output.weight" in names:
-            continue
-        share = k / experts if "_exps" in t.name else 1
-        total += int(t.n_bytes * share)
-    return total
 
 
 def decode_speed(work: Path, model: Path, store: Path, threads: int) -> dict:

@@ -141,6 +141,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import dynaexq
+    from dynaexq import gguf_file
     from dynaexq.store.prepare import prepare
     from dynaexq.sizes import format_size
 
@@ -157,9 +158,9 @@ def main(argv=None) -> None:
     bw = bandwidth()
     for qtype in [t.strip() for t in args.types.split(",") if t.strip()]:
         path = whole_gguf(ckpt, qtype, llama.CACHE / "work")
-        file_bytes = llama.gguf_bytes(path)
+        file_bytes = gguf_file.file_bytes(path)
         expert_p = EXPERT_PRECISION[qtype.split("_")[0]]
-        theirs_read = llama.gguf_step_bytes(path, 8, 128)
+        theirs_read = gguf_file.step_bytes(path)
         for variant, reads in (("", None), (" = reads", theirs_read)):
             engine = dynaexq.load(store, f"uniform:{expert_p}", weight_budget=file_bytes, read_budget=reads,
                                   threads=args.threads, progress=False)

@@ -253,15 +253,16 @@ def cmd_inspect(args) -> int:
 
 
 def _add_weight_budget(parser, many: bool = False) -> None:
-    kw = dict(nargs="+", action="extend", metavar="SIZE") if many else {}
-    parser.add_argument("--weight-budget", **kw, help="bytes for every weight tensor (what a GGUF file's tensors "
-                        "weigh), e.g. 17GiB: the non-expert matrices (attention, shared experts, head, embedding) "
-                        "and the experts are planned in one budget; instead of --expert-budget and --dense")
-    parser.add_argument("--read-budget", metavar="SIZE", help="with --weight-budget (or --budget): the bytes one decode "
-                        "token may read of every weight (batch-1 decode speed is bound by them), e.g. what that GGUF "
-                        "reads per token; the plan then trades precision where every token reads (attention, head) "
-                        "for precision where only the routed tokens do (experts). Default: no cap (the error-optimal "
-                        "plan)")
+    kw = dict(nargs="+", action="extend", metavar="SIZE|FILE.gguf") if many else {"metavar": "SIZE|FILE.gguf"}
+    parser.add_argument("--weight-budget", **kw, help="bytes for every weight tensor, e.g. 17GiB, or a llama.cpp "
+                        "FILE.gguf (the bytes of its tensors): the non-expert matrices (attention, shared experts, "
+                        "head, embedding) and the experts are planned in one budget; instead of --expert-budget and "
+                        "--dense")
+    parser.add_argument("--read-budget", metavar="SIZE|FILE.gguf", help="with --weight-budget (or --budget): the "
+                        "bytes one decode token may read of every weight (batch-1 decode speed is bound by them), or "
+                        "a FILE.gguf (what a token reads of that file); the plan then trades precision where every "
+                        "token reads (attention, head) for precision where only the routed tokens do (experts). "
+                        "Default: no cap (the error-optimal plan)")
 
 
 def _add_record_routing(parser) -> None:

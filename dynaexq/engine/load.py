@@ -25,6 +25,7 @@ from dynaexq.config import CALIBRATION_WINDOWS, POLICY, VERIFY, WINDOW_TOKENS, R
 from dynaexq.engine import auto
 from dynaexq.engine.calibrate import prepare_store
 from dynaexq.engine.dynamic import start_runtime
+from dynaexq import gguf_file
 from dynaexq.engine.engine import Engine
 from dynaexq.engine.model import banks_of, build_model, calibration_files, calibration_tokens, load_tokenizer
 from dynaexq.errors import UserError
@@ -128,8 +129,8 @@ def _load(path, policy, expert_budget, store, device, backend, dtype, verify, pr
     dtype_ = dtype or getattr(torch, reader.manifest["source_dtype"])  # the non-expert weights' and activations'
     sized = resident_sizes(reader, backend, dtype_, device)
     budget = resolve_budget(expert_budget, sized)  # a precision name: the bytes every expert takes resident here
-    wb = None if weight_budget is None else parse_size(weight_budget)
-    rb = None if read_budget is None else parse_size(read_budget)
+    wb = None if weight_budget is None else gguf_file.weight_budget(weight_budget)  # a size or a GGUF file
+    rb = None if read_budget is None else gguf_file.read_budget(read_budget)
     if rb is not None and wb is None and (runtime is None or runtime.budget is None):
         raise UserError("--read-budget caps the plan of every weight: give it with --weight-budget (or --budget)")
     if wb is not None and (budget is not None or dense != "model"):

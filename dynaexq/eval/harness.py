@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from transformers import DynamicCache
 
+from dynaexq import gguf_file
 from dynaexq.config import CALIBRATION_WINDOWS, EVAL_WINDOWS, VERIFY, WINDOW_TOKENS, RuntimeConfig
 from dynaexq.engine.dynamic import start_runtime, stop_runtime
 from dynaexq.engine.engine import read_text, text_windows
@@ -38,7 +39,6 @@ from dynaexq.errors import UserError
 from dynaexq.quant.dense import apply_plan, restore
 from dynaexq.runtime.planners import parse_budget, parse_policy, resolve_budget
 from dynaexq.runtime.planners.weights import manual_plan, plan_dense
-from dynaexq.sizes import parse_size
 from dynaexq.store.reader import StoreReader
 
 DEFAULT_POLICIES = ("uniform:int8", "uniform:int4", "uniform:int3", "uniform:int2")
@@ -203,8 +203,8 @@ class Evaluation:
         """One policy at an expert budget, or at a weight budget (every weight: the non-expert matrices are planned
         with the experts, runtime/planners/weights.py, and put back to the reference's after the run)."""
         planner = parse_policy(policy)
-        wb = None if weight_budget is None else parse_size(weight_budget)
-        rb = None if read_budget is None else parse_size(read_budget)
+        wb = None if weight_budget is None else gguf_file.weight_budget(weight_budget)  # a size or a GGUF file
+        rb = None if read_budget is None else gguf_file.read_budget(read_budget)
         if rb is not None and wb is None:
             raise UserError("--read-budget caps the plan of every weight: give it with --weight-budget")
         budget_bytes = resolve_budget(budget, self.sized)
@@ -319,7 +319,7 @@ def check_plans(model, planners, budgets, store=None, weight_budgets=()) -> Path
     reader = StoreReader(store_dir)
     flat = {layer: torch.ones(reader.num_experts, dtype=torch.float64) for layer in reader.layers}
     for wb in weight_budgets:
-        parse_size(wb)
+        gguf_file.weight_budget(wb)
     if weight_budgets and not reader.dense_items():
         raise UserError(f"store {str(store_dir)!r} holds no quantized non-expert matrices; prepare the checkpoint "
                         "again to evaluate at --weight-budget")
