@@ -6,8 +6,8 @@ import dynaexq
 
 # rank of each top-level part of the package; a module may import only ranks <= its own
 RANK = {"errors": 0, "sizes": 0, "gguf_file": 0, "threads": 0, "config": 0, "cluster": 0, "quant": 1, "arch": 2,
-        "store": 3, "trace": 3, "runtime": 4, "bank": 5, "engine": 6, "demo": 6, "eval": 7, "serve": 7, "export": 7, "cli": 8, "cli_trace": 8,
-        "cli_export": 8, "cli_serve": 8, "__init__": 8}
+        "store": 3, "trace": 3, "runtime": 4, "bank": 5, "engine": 6, "demo": 6, "eval": 7, "serve": 7, "export": 7,
+        "cli": 8, "cli_trace": 8, "cli_export": 8, "cli_serve": 8, "__init__": 8}
 
 
 # inside a package, the same rule between its modules (a subpackage counts as one module): no import circles
