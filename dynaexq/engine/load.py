@@ -88,9 +88,11 @@ def load(path, policy=POLICY, expert_budget=None, *, store=None, device="cpu",
     same calibration as warm start; call `engine.close()` to stop it (and save its hotness file).
     `verify`: "lazy" (shard stamps now, each expert's digest on its first read), "full" (hash every shard now) or
     "off" (store/reader.py). `dense`: "model" (the non-expert weights in `dtype`), "int8" or "bf16" (quant/dense.py).
-    `weight_budget`: bytes (or a size string) for every weight tensor: the non-expert matrices' precisions are
-    planned with the experts' in one budget (runtime/planners/weights.py), instead of `expert_budget`;
-    `read_budget`: with it, bytes (or a size string) one decode token may read of every weight (its batch-1 speed).
+    `weight_budget`: bytes (or a size string, or a llama.cpp .gguf file: its tensors' bytes) for every weight
+    tensor: the non-expert matrices' precisions are planned with the experts' in one budget
+    (runtime/planners/weights.py), instead of `expert_budget`; `read_budget`: with it, bytes (or a size string, or
+    a .gguf file: what a decode token reads of it, gguf_file.py) one decode token may read of every weight (its
+    batch-1 speed).
     `threads`: the cores a decode step computes on (default: torch's count on the calling thread)."""
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise UserError(f"threads must be a positive integer, got {threads!r}")
