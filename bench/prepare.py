@@ -1,7 +1,7 @@
 """Throughput and peak memory of `dynaexq.store.prepare.prepare` on a >= 2 GB checkpoint.
 
 Command (full run: builds a 2.5 GB bf16 checkpoint once (~45 s), then prepares it: ~4 min on 2 quiet cores
-with the default five precisions at commit 663b198 (7.5 min before its streaming prepare); a busy second
+with five precisions at commit 663b198 (7.5 min before its streaming prepare); a busy second
 process on the machine can make it 2-4x slower; `--quick` is a ~30 s smoke test):
 
     .venv/bin/python bench/prepare.py                       # --workdir /tmp/dynaexq-bench
@@ -154,7 +154,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--workdir", default="/tmp/dynaexq-bench", help="checkpoint cache and store directory")
-    ap.add_argument("--precisions", default="bf16,int8,int4,int3,int2")
+    ap.add_argument("--precisions", default="bf16,int8,int6,int4,int3,int2")
     ap.add_argument("--layers", type=int, default=2, help="MoE layers (each: 128 experts, 1.21 GB in bf16)")
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=8192, help=">= 8192: the bundled tokenizer is added, so prepare "
