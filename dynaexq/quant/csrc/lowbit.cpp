@@ -220,7 +220,7 @@ static void decode_panel(const Args& a, int p, uint16_t* out, long ldo) {
 // PER/2) and x is laid out as the same pairs (xp).
 template <int BITS, int MT, int NV>
 static void tile_bf16(const Args& a, int p0, int m0) {
-  constexpr int CK = BITS == 2 ? 16 : 8, CB = 2 * BITS * CK, HALF = CK / 2;
+  constexpr int CK = chunk_k(BITS), CB = 2 * BITS * CK, HALF = CK / 2;
   const int nchunk = a.G / CK;
   thread_local std::vector<uint32_t> xpbuf;
   xpbuf.resize((long)MT * a.K / 2);
@@ -299,7 +299,7 @@ static void quantize_x(const Args& a, int m0, int mt, const int8_t** xq, const f
     c.q.resize((long)a.M * a.K);
     c.d.resize((long)a.M * nb);
     c.s.resize((long)a.M * nb);
-    constexpr int CK = BITS == 2 ? 16 : 8, SETS = BITS == 2 ? 4 : 2, PER = CK / SETS;
+    constexpr int CK = chunk_k(BITS), SETS = BITS == 2 ? 4 : 2, PER = CK / SETS;
     for (int m = 0; m < a.M; ++m) {
       const float* xr = a.x + (long)m * a.K;
       int8_t* qr = c.q.data() + (long)m * a.K;
@@ -328,7 +328,7 @@ static void quantize_x(const Args& a, int m0, int mt, const int8_t** xq, const f
 
 template <int BITS, int MT>
 static void tile_int8_x(const Args& a, int p0, int m0) {
-  constexpr int CK = BITS == 2 ? 16 : 8, CB = 2 * BITS * CK, SETS = BITS == 2 ? 4 : 2, BC = XB / CK;
+  constexpr int CK = chunk_k(BITS), CB = 2 * BITS * CK, SETS = BITS == 2 ? 4 : 2, BC = XB / CK;
   const int nblock = a.G / XB;
   constexpr int MID = 1 << (BITS - 1);  // the sums are of centred codes (code - MID): exact in int32, and the
   // rounding of x then weighs |W|'s scale, not that of the codes' offset (walk adds MID * s * sum(x) back)
