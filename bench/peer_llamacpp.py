@@ -11,7 +11,8 @@ Modes
            tensor; dynaexq at exactly those bytes with `--weight-budget` (its non-expert matrices and experts in one
            plan, runtime/planners/weights.py): calibrated-multilevel and the multilevel runtime (streamed, the
            controller live); and calibrated-multilevel with `--read-budget` = what a decode token reads of that
-           GGUF too ("= reads": the same bytes held and the same bytes read per token as llama.cpp).
+           GGUF too ("= reads": the same bytes held and the same bytes read per token as llama.cpp; what
+           `--weight-budget FILE.gguf` plans by default; the other two are the uncapped, "size only" plans).
   experts  only the expert tensors quantized (attention, embeddings and router bf16 / f32, as dynaexq's
            `--expert-budget`); dynaexq's calibrated-multilevel at the GGUF's expert bytes.
 

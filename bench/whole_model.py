@@ -18,9 +18,10 @@ What it measures
   tensor, attention and head included); its weight bytes = the GGUF's tensor bytes.
   dynaexq: `uniform:<p>` experts (int4 for the Q4 types, int3 for Q3, int2 for Q2) with `--weight-budget` = that
   GGUF's bytes: the non-expert matrices get what the experts leave (runtime/planners/weights.py); its resident
-  weight bytes are reported beside the file's. Two plans: the default (error-optimal within the bytes) and
-  "= reads", with `--read-budget` = what a decode token reads of that GGUF (below), so both systems hold the
-  same bytes and read the same bytes per token: the speed ratio is then the runtimes' alone.
+  weight bytes are reported beside the file's. Two plans: "size only" (error-optimal within the bytes:
+  a size as `--weight-budget`) and "= reads", with `--read-budget` = what a decode token reads of that GGUF
+  (below; what `--weight-budget FILE.gguf` plans by default), so both systems hold the same bytes and read the
+  same bytes per token: the speed ratio is then the runtimes' alone.
   Decode: B sequences (--batches) each holding a context of C tokens (--contexts; prefilled, not timed), then
   --new-tokens greedy decode steps timed: dynaexq through its BatchDecoder (what `generate` and `serve` run: the
   SlotCache, the decode attention, sampling every step), llama.cpp through llama-bench `-d C -n N` (B = 1) and

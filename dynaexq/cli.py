@@ -262,7 +262,8 @@ def _add_weight_budget(parser, many: bool = False) -> None:
                         "bytes one decode token may read of every weight (batch-1 decode speed is bound by them), or "
                         "a FILE.gguf (what a token reads of that file); the plan then trades precision where every "
                         "token reads (attention, head) for precision where only the routed tokens do (experts). "
-                        "Default: no cap (the error-optimal plan)")
+                        "Default: a FILE.gguf --weight-budget's own reads (as large and as fast as that file), else no "
+                        "cap (the error-optimal plan); 'none': no cap")
 
 
 def _add_record_routing(parser) -> None:

@@ -1,5 +1,7 @@
 """A llama.cpp GGUF file as a budget: `--weight-budget FILE.gguf` is the bytes of its tensors, `--read-budget
-FILE.gguf` what one decode token reads of them, so "that file's size and batch-1 speed" is one argument each.
+FILE.gguf` what one decode token reads of them. A GGUF weight budget brings its file's reads as the read budget
+unless `--read-budget` says otherwise (a size, another file, or `none`): naming a file asks for a replacement of
+it, as large and as fast to decode (`budgets`).
 
 Read with the `gguf` package (llama.cpp's own reader), from the header only. What a token reads: every tensor but
 the input embedding when the file has a separate output head (a token reads one row of it), and of each expert
@@ -62,6 +64,17 @@ def weight_budget(value) -> int:
     return file_bytes(value) if _is_gguf(value) else parse_size(value)
 
 
-def read_budget(value) -> int:
-    """--read-budget: a size, or a GGUF file (what a decode token reads of it)."""
+def read_budget(value) -> int | None:
+    """--read-budget: a size, a GGUF file (what a decode token reads of it), or "none" (no cap)."""
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return None
     return step_bytes(value) if _is_gguf(value) else parse_size(value)
+
+
+def budgets(weight, read) -> tuple[int | None, int | None]:
+    """(--weight-budget, --read-budget) -> their bytes; a GGUF weight budget with no --read-budget caps the reads
+    at its file's."""
+    wb = None if weight is None else weight_budget(weight)
+    if read is None:
+        return wb, (step_bytes(weight) if _is_gguf(weight) else None)
+    return wb, read_budget(read)

@@ -57,8 +57,9 @@ def test_files_it_cannot_use_are_refused_naming_the_problem(tmp_path):
 
 
 def test_a_gguf_as_budgets_plans_as_its_byte_counts(checkpoints, tmp_path):
-    """dynaexq.load with both budgets given as a GGUF file publishes the plan of the same byte counts given as
-    numbers (computed here from the arrays written)."""
+    """dynaexq.load with a GGUF file as its weight budget publishes the plan of the same byte counts given as
+    numbers (computed here from the arrays written): the file's bytes held and, unless --read-budget says
+    otherwise, its reads as the cap; with --read-budget none, the uncapped plan at the file's bytes."""
     _, store = checkpoints("qwen3_moe")
     sized = resident_sizes(StoreReader(store), "cpu", torch.float32, torch.device("cpu"))
     fixed = weights.fixed_bytes(sized, torch.float32)
@@ -74,13 +75,19 @@ def test_a_gguf_as_budgets_plans_as_its_byte_counts(checkpoints, tmp_path):
     x = 4 * (budget - cap) // 3
     f = _write(tmp_path / "like.gguf", {"blk.0.attn_q.weight": np.ones(budget - x, np.int8),
                                         "blk.0.ffn_up_exps.weight": np.ones(x, np.int8)})
-    by_file = dynaexq.load(store, "uniform:int4", weight_budget=f, read_budget=f, dtype=torch.float32,
-                           progress=False)
-    by_bytes = dynaexq.load(store, "uniform:int4", weight_budget=budget, read_budget=cap, dtype=torch.float32,
+    assert gguf_file.budgets(f, None) == (budget, cap) == gguf_file.budgets(f, f)  # a file's reads by default
+    assert gguf_file.budgets(f, "none") == (budget, None) and gguf_file.budgets(budget, None) == (budget, None)
+
+    def load(wb, rb):
+        return dynaexq.load(store, "uniform:int4", weight_budget=wb, read_budget=rb, dtype=torch.float32,
                             progress=False)
+    by_file, by_bytes, uncapped = load(f, None), load(budget, cap), load(f, "none")
     try:
         assert by_file.dense_plan == by_bytes.dense_plan and by_file.weight_bytes() == by_bytes.weight_bytes()
         assert len(set(by_file.dense_plan.values())) > 1  # the cap bites: not every matrix at one precision
+        assert uncapped.dense_plan == weights.plan_dense(sized, budget, torch.float32, expert_plan={
+            (layer, e): Precision.INT4 for layer in sized.layers for e in range(sized.num_experts)})[0]
+        assert uncapped.dense_plan != by_file.dense_plan
     finally:
-        by_file.close()
-        by_bytes.close()
+        for engine in (by_file, by_bytes, uncapped):
+            engine.close()

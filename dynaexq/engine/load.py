@@ -92,7 +92,8 @@ def load(path, policy=POLICY, expert_budget=None, *, store=None, device="cpu",
     tensor: the non-expert matrices' precisions are planned with the experts' in one budget
     (runtime/planners/weights.py), instead of `expert_budget`; `read_budget`: with it, bytes (or a size string, or
     a .gguf file: what a decode token reads of it, gguf_file.py) one decode token may read of every weight (its
-    batch-1 speed).
+    batch-1 speed); a .gguf weight budget caps the reads at its file's unless `read_budget` is given ("none": no
+    cap).
     `threads`: the cores a decode step computes on (default: torch's count on the calling thread)."""
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise UserError(f"threads must be a positive integer, got {threads!r}")
@@ -131,8 +132,7 @@ def _load(path, policy, expert_budget, store, device, backend, dtype, verify, pr
     dtype_ = dtype or getattr(torch, reader.manifest["source_dtype"])  # the non-expert weights' and activations'
     sized = resident_sizes(reader, backend, dtype_, device)
     budget = resolve_budget(expert_budget, sized)  # a precision name: the bytes every expert takes resident here
-    wb = None if weight_budget is None else gguf_file.weight_budget(weight_budget)  # a size or a GGUF file
-    rb = None if read_budget is None else gguf_file.read_budget(read_budget)
+    wb, rb = gguf_file.budgets(weight_budget, read_budget)  # sizes or GGUF files (a file's reads by default)
     if rb is not None and wb is None and (runtime is None or runtime.budget is None):
         raise UserError("--read-budget caps the plan of every weight: give it with --weight-budget (or --budget)")
     if wb is not None and (budget is not None or dense != "model"):

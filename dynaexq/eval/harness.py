@@ -203,8 +203,7 @@ class Evaluation:
         """One policy at an expert budget, or at a weight budget (every weight: the non-expert matrices are planned
         with the experts, runtime/planners/weights.py, and put back to the reference's after the run)."""
         planner = parse_policy(policy)
-        wb = None if weight_budget is None else gguf_file.weight_budget(weight_budget)  # a size or a GGUF file
-        rb = None if read_budget is None else gguf_file.read_budget(read_budget)
+        wb, rb = gguf_file.budgets(weight_budget, read_budget)  # sizes or GGUF files (a file's reads by default)
         if rb is not None and wb is None:
             raise UserError("--read-budget caps the plan of every weight: give it with --weight-budget")
         budget_bytes = resolve_budget(budget, self.sized)
