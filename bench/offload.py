@@ -79,11 +79,11 @@ def decode(engine, prompt, warm: int, tokens: int, repeats: int):
     run(warm)
     rates, windows = [], []
     for _ in range(repeats):
-        before = engine.runtime.cache.report()
+        before = engine.runtime.residency.report()
         t0 = time.perf_counter()
         run(tokens)
         dt = time.perf_counter() - t0
-        after = engine.runtime.cache.report()
+        after = engine.runtime.residency.report()
         rates.append(prompt.shape[0] * tokens / dt)
         windows.append((before, after, dt))
     return rates, windows
@@ -199,7 +199,7 @@ def main(argv=None):
                         continue
                     try:
                         rates, windows = decode(engine, prompt, args.warm, args.tokens, args.repeats)
-                        rep = rt.cache.report()
+                        rep = rt.stats()["offload"]
                     finally:
                         stop_runtime(engine, rt)
                     ws = window_stats(windows, B, args.tokens)
@@ -208,7 +208,7 @@ def main(argv=None):
                          "floor_tok_s": bw / ws["bytes_per_token"] if ws["bytes_per_token"] else None,
                          "recall": rep["mean_recall"], "recall_per_layer": rep["recall"],
                          "resident": rep["resident"], "cache": {p: n for p, n in
-                                                                ((p.value, n) for p, n in rt.policy.counts.items())}}
+                                                                ((p.value, n) for p, n in rt.planner.counts.items())}}
                     row[pol] = r
                     m["runs"].append(r)
                     base = row.get(BASELINE)

@@ -7,9 +7,9 @@ weight, and add into the output. Routers, shared experts and everything else sta
 
 One forward, on one screen: route (the pairs grouped by expert, their token rows gathered, the statistics
 added), then per wave of experts (`_waves`) the experts' matrices, then combine (each token's weighted outputs
-summed in ascending expert order). A wave is every published expert in the resident regimes (no host sync) or,
-in the offload regime (`cache` set), the routed experts the cache has made resident (in several waves when it
-holds fewer than the layer routes to). Two paths compute a wave's experts (`path`): "grouped" (the default) makes
+summed in ascending expert order). A wave is every published expert when every expert is resident (no host
+sync) or, below the floor (`residency` holds fewer than every expert), the routed experts the residency has made
+resident (in several waves when it holds fewer than the layer routes to). Two paths compute a wave's experts (`path`): "grouped" (the default) makes
 one native call per precision tier and matrix for all of the tier's routed pairs (quant.grouped_cpu: the kernel
 walks the experts from a pointer table rebuilt only when a version changes) and routes, activates (SwiGLU) and
 combines natively, so the calls per layer are bounded by the tiers, not the experts, and no routing count reaches
@@ -46,7 +46,7 @@ class ExpertBank(nn.Module):
         self.limit = getattr(config, "swiglu_limit", None)
         self.versions: list[ExpertVersion | None] = [None] * num_experts  # published by Engine.apply or the table
         self.table = None  # the runtime's ExpertTable while the dynamic runtime runs: reads take a lease
-        self.cache = None  # the offload regime's ExpertCache (runtime/offload.py): some experts are not resident
+        self.residency = None  # the runtime's Residency (runtime/residency.py): fetches what is not resident
         self.calibrator = None  # set only while `prepare` calibrates: it computes the layer from source experts
         self.recorder = None  # trace.RoutingRecorder while the engine records routing
         self.routed_tokens = 0  # tokens routed since the controller last looked (a host int: no sync)
@@ -82,7 +82,7 @@ class ExpertBank(nn.Module):
                 versions = list(self.versions)  # one consistent snapshot for the wave
                 if wave is None:
                     read = versions
-                else:  # the offload regime: only the wave's experts (the cache pins them)
+                else:  # below the floor: only the wave's experts (the residency pins them)
                     snapshot, versions = versions, [None] * self.num_experts
                     for e in wave:
                         assert snapshot[e] is not None, (self.layer, e)
@@ -107,12 +107,12 @@ class ExpertBank(nn.Module):
 
     def _waves(self, counts) -> list:
         """-> [(the experts to compute, None: every published one; {e: error} of routed ones that could not be
-        made resident)]. Resident regimes: one wave, no host sync. The offload regime: the cache makes the routed
+        made resident)]. Every expert resident: one wave, no host sync. Below the floor: the residency makes the routed
         experts resident, in waves when it holds fewer than the layer routes to (the forward waits for misses)."""
-        if self.cache is None:
+        if self.residency is None or self.residency.complete:
             return [(None, {})]
         routed = torch.nonzero(counts).flatten().tolist()  # host sync: which experts must be resident
-        return self.cache.waves(self.layer, routed)
+        return self.residency.waves(self.layer, routed)
 
     def _run_tiers(self, tiers, counts, x, ys) -> None:
         """Every routed pair of the experts in `tiers`' pointer tables, one native call per tier and matrix:
@@ -128,15 +128,15 @@ class ExpertBank(nn.Module):
 
     def _fault(self, faults: dict, counts, ys, top_k_index) -> None:
         """Experts {e: error} could not be computed: their rows of ys [T*K, H] become zeros and the tokens routed
-        to them [T] are reported to the cache's collector (the decoder fails their sequences, nothing else);
+        to them [T] are reported to the residency's collector (the decoder fails their sequences, nothing else);
         with no collector (a plain `model(...)` call) the forward raises."""
-        if self.cache.collect is None:
+        if self.residency.collect is None:
             raise next(iter(faults.values()))
         ends = torch.cumsum(counts, 0).tolist()
         for e in faults:
             ys[(ends[e - 1] if e else 0):ends[e]] = 0
         for e, err in faults.items():
-            self.cache.collect.append(((top_k_index == e).any(-1).cpu(), str(err)))
+            self.residency.collect.append(((top_k_index == e).any(-1).cpu(), str(err)))
 
     def _combine(self, ys, order, top_k_index):
         k = top_k_index.shape[-1]
@@ -182,7 +182,7 @@ class ExpertBank(nn.Module):
         tiers, loop = {}, []
         none = [(0, 0, 0)] * len(versions)
         for e, v in enumerate(versions):
-            if v is None:  # not computed in this call (the offload regime's other waves / not resident)
+            if v is None:  # not computed in this call (another wave's, or not resident)
                 continue
             gu, dn = grouped_cpu.spec(v.gate_up), grouped_cpu.spec(v.down)
             if gu is None or dn is None:

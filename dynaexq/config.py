@@ -31,9 +31,9 @@ class RuntimeConfig:
     kv_reserve: str = option("0", "KV-cache bytes to keep free out of --budget")
     activation_reserve: str = option("16MiB", "activation bytes to keep free out of --budget")
     safety_margin: float = option(0.02, "fraction of --budget kept free")
-    staging_slots: int = option(4, "K: transitions in flight, each with one staging slot of the largest version")
-    transition_workers: int = option(0, "threads running transitions (0: K on CUDA, 1 on the CPU, where they share the "
-                                     "forward pass's cores)")
+    staging_slots: int = option(4, "K: staging slots of the largest version: swaps of full arenas in flight at once")
+    transition_workers: int = option(0, "threads fetching versions while every expert is resident (0: K on CUDA, 1 "
+                                     "on the CPU, where they share the forward pass's cores)")
     half_life_tokens: float | None = option(None, "hotness EMA by evidence: S <- a*S + (1-a)*c after every step with "
                                             "a = 0.5**(tokens in the step / this), so a 32-token prefill chunk weighs "
                                             f"32 decode tokens (default {HALF_LIFE_TOKENS:g} unless --alpha is given)")
@@ -44,10 +44,11 @@ class RuntimeConfig:
     hotness_file: str | None = option(None, "load the hotness from this file at start (if it exists) and save it there "
                                     "on close")
     blocking: bool = option(False, "run transitions inline at each decision (ablation: the forward pass waits)")
-    retries: int = option(2, "retries of a transition whose store read fails before it is given up")
+    retries: int = option(2, "retries of a fetch whose store read fails before it is given up")
     offload_io: str = option("direct", "offload regime: how misses read the store: direct (O_DIRECT), buffered (drop "
                              "the page cache after each read) or cached (keep it: not an offload figure)")
-    io_workers: int = option(2, "offload regime: reader threads fetching experts from the store")
+    io_workers: int = option(2, "below the floor (not every expert resident): reader threads fetching experts from "
+                             "the store")
 
     def __post_init__(self):  # resolve the defaults: tokens unless steps were asked for (0 = that clock is off)
         steps, alpha = self.update_every is not None, self.alpha is not None

@@ -12,10 +12,10 @@ RANK = {"errors": 0, "sizes": 0, "gguf_file": 0, "threads": 0, "config": 0, "clu
 
 # inside a package, the same rule between its modules (a subpackage counts as one module): no import circles
 INNER = {
-    "engine": {"swap": 0, "kv_cache": 0, "attention": 0, "norm": 0, "router": 0, "auto": 0, "batch": 1, "offload": 1,
+    "engine": {"swap": 0, "kv_cache": 0, "attention": 0, "norm": 0, "router": 0, "auto": 0, "batch": 1, "lookahead": 1,
                "dynamic": 2, "engine": 3, "model": 4, "calibrate": 5, "scheduler": 5, "load": 6, "__init__": 7},
-    "runtime": {"version": 0, "hotness": 0, "budget": 0, "pool": 0, "table": 0, "controller": 1, "offload": 1,
-                "transitions": 1, "planners": 1, "replay": 2, "__init__": 3},
+    "runtime": {"version": 0, "hotness": 0, "budget": 0, "pool": 0, "table": 0, "residency": 1, "controller": 1,
+                "planners": 1, "replay": 2, "__init__": 3},
     "quant": {"precision": 0, "packing": 0, "lowbit_cpu": 0, "formats": 1, "attention_cpu": 1, "quantize": 2,
               "kernels_cuda": 3, "kernels": 4, "grouped_cpu": 5, "dense": 6, "__init__": 7},
     "store": {"layout": 0, "shard_writer": 0, "distributed": 0, "dense": 1, "checkpoint": 1, "direct": 1, "reader": 2,
@@ -82,6 +82,6 @@ def test_an_upward_import_is_caught(tmp_path):
 
 def test_an_import_up_inside_a_package_is_caught(tmp_path):
     (tmp_path / "dynaexq" / "engine").mkdir(parents=True)
-    (tmp_path / "dynaexq" / "engine" / "offload.py").write_text("def f():\n    from dynaexq.engine import dynamic\n")
-    (tmp_path / "dynaexq" / "engine" / "dynamic.py").write_text("from dynaexq.engine.offload import f\n")
-    assert violations(tmp_path / "dynaexq") == ["dynaexq.engine.offload imports dynaexq.engine.dynamic (inside engine)"]
+    (tmp_path / "dynaexq" / "engine" / "lookahead.py").write_text("def f():\n    from dynaexq.engine import dynamic\n")
+    (tmp_path / "dynaexq" / "engine" / "dynamic.py").write_text("from dynaexq.engine.lookahead import f\n")
+    assert violations(tmp_path / "dynaexq") == ["dynaexq.engine.lookahead imports dynaexq.engine.dynamic (inside engine)"]

@@ -136,7 +136,7 @@ def test_dynaexq_replays_in_both_regimes():
                  quick, score_from=50)
     # hot experts get the int4 slots: more than their share of the slots carries of the routed mass
     share = mid["slots"]["int4"] / (E * L)
-    assert mid["mass_served"]["int4"] > share > 0 and mid["counts"]["pairs"] > 0  # the hot set moved halfway
+    assert mid["mass_served"]["int4"] > share > 0 and mid["counts"]["fetches"] > 0  # the hot set moved halfway
     off = replay(t, "dynaexq:hi=int4,lo=int2", E * L * SIZES[Precision.INT2] // 2, SIZES)
     assert off["regime"] == "offload" and 0 < off["hit_rate"] < 1
 

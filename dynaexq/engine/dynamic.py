@@ -1,14 +1,17 @@
-"""Start the dynamic runtime on a loaded engine: budget (Eq. 4), pools, table, transitions, controller.
+"""Start the dynamic runtime on a loaded engine: budget (Eq. 4), pools, table, residency, controller.
 
 `start_runtime(engine, planner, expert_budget, config, calibrate)`:
   1. measure: the slot size of every (layer, precision) the planner uses (a real version laid out), the
-     non-expert bytes of the model; with `config.budget`, M_exp = budget - M_fixed (runtime/budget.py); a budget
-     that cannot hold every expert at the lowest tier starts the offload regime (engine/offload.py) for the
-     planners that have one, and is refused, naming the minimum, for the others;
+     non-expert bytes of the model; with `config.budget`, M_exp = budget - M_fixed (runtime/budget.py);
   2. warm start: the hotness file (if it exists), else `calibrate(floor_map)` -> routed mass per token measured
      with every expert at the lowest tier (DynaExq), else a cold start;
-  3. unpublish the engine's own versions (no forward runs during start), allocate the arenas, install the
-     initial map into them, then attach the table to the banks.
+  3. size the arenas: the slot planner's counts when every expert fits at its lowest tier; below that floor,
+     the planner's cache policy (planners/offload.py: dynaexq and multilevel have one, lru-offload is one) sizes
+     a cache of versions and the rest of the experts are not resident (refused, naming the minimum, below top-k
+     slots a layer, or for planners without one);
+  4. unpublish the engine's own versions (no forward runs during start), allocate the arenas, start the one
+     residency mechanism (runtime/residency.py), apply the initial target (every expert's tier; below the floor
+     the hotness file's hottest experts, or nothing: the cache fills on demand), then attach it to the banks.
 The controller runs from the engine's step (`Engine.step` / `Engine.run`), never from a forward hook: the step
 hands the routing statistics since the last step to `Runtime.on_step`; a forward the engine does not run (a
 user's own `engine.model(...)` call) only adds to the next step's statistics.
@@ -18,7 +21,8 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,26 +31,34 @@ from tqdm.auto import tqdm
 from dynaexq.config import RuntimeConfig
 from dynaexq.errors import UserError
 from dynaexq.runtime.budget import BudgetPlan, split_budget
+from dynaexq.engine.lookahead import install_lookahead
 from dynaexq.runtime.controller import Controller, initial_assign
 from dynaexq.runtime.hotness import Hotness
+from dynaexq.runtime.planners.offload import minimum_budget
 from dynaexq.runtime.pool import Pools
+from dynaexq.runtime.residency import CopyStream, Residency
 from dynaexq.runtime.table import ExpertTable
-from dynaexq.runtime.transitions import CopyStream, TransitionEngine
-from dynaexq.runtime.version import slot_layout
+from dynaexq.runtime.version import make_version, slot_layout
+from dynaexq.store.direct import DirectReader
 from dynaexq.sizes import format_size, parse_size
 
 
 @dataclass
 class Runtime:
-    planner: object
+    planner: object  # the slot planner (dynaexq, multilevel, frozen) or, below the floor, the cache policy
     plan: BudgetPlan
     pools: Pools
     table: ExpertTable
-    transitions: TransitionEngine
+    residency: Residency
     controller: Controller
     hotness: Hotness
-    blocked_s: float = 0.0  # time the inference thread spent running transitions (blocking mode only)
-    regime: str = "resident"  # every expert resident (engine/offload.py's OffloadRuntime: "offload")
+    hooks: list = field(default_factory=list)  # look-ahead hooks (engine/lookahead.py)
+    blocked_s: float = 0.0  # time the inference thread spent on transitions (blocking mode only)
+
+    @property
+    def regime(self) -> str:
+        """"resident" (every expert has a version) or "offload" (the arenas hold fewer than every expert)."""
+        return "resident" if self.residency.complete else "offload"
 
     def on_step(self, stats: dict) -> None:
         """One engine step is over: its routing statistics ({layer: (routed tokens, routed mass [E])}, Engine.
@@ -58,32 +70,48 @@ class Runtime:
             self.blocked_s += time.perf_counter() - t0
 
     def stats(self) -> dict:
-        c, t = self.controller, self.transitions
-        published = {layer: [v.precision.value for v in lst] for layer, lst in self.table.versions.items()}
+        c, r = self.controller, self.residency.report()
+        published = {layer: [v.precision.value if v is not None else "none" for v in lst]
+                     for layer, lst in self.table.versions.items()}
+        target = c.target_map()
+        moves = ("promotions", "demotions", "relocations", "evictions", "deferrals", "failures", "retries",
+                 "bytes_moved", "busy_s")
+        held = Counter(p for lst in published.values() for p in lst if p != "none")
         return {"policy": str(self.planner), "regime": self.regime, "steps": c.steps, "tokens": c.tokens,
                 "decisions": c.decisions,
                 "hotness": {layer: s.tolist() for layer, s in self.hotness.snapshot().items()},
                 "published": published,
-                "target": {layer: [c.tiers[i].value for i in a.tolist()] for layer, a in c.assign.items()},
-                "transitions": {**{k: v for k, v in t.stats.items() if k != "errors"}, "in_flight": t.in_flight(),
-                                "pending": t.pending(), "errors": list(t.stats["errors"])[-20:]},
-                "forward_wait_s": self.table.lease_wait_s + self.blocked_s,
+                "target": {layer: [_name(target.get((layer, e))) for e in range(len(lst))]
+                           for layer, lst in self.table.versions.items()},
+                "transitions": {"pairs": c.pairs, **{k: r.get(k, 0) for k in moves}, "in_flight": r["in_flight"],
+                                "pending": r["queued"] + r["deferred"], "errors": r["errors"]},
+                "offload": None if self.residency.complete else {
+                    **r, "resident": sum(held.values()), "resident_by_precision": dict(held)},
+                "forward_wait_s": r.get("stall_s", 0.0) + self.table.lease_wait_s + self.blocked_s,
                 "lease_s": self.table.lease_wait_s, "blocked_s": self.blocked_s,
                 "pools": self.pools.occupancy(),
-                "bytes": {"experts": self.pools.expert_bytes(), "staging": self.pools.nbytes() - self.pools.expert_bytes(),
+                "bytes": {"experts": self.pools.expert_bytes(),
+                          "staging": self.pools.nbytes() - self.pools.expert_bytes(),
                           "peak_used": self.pools.tracker.peak, "cap": self.pools.tracker.total_cap}}
 
     def check(self, quiescent: bool = True) -> None:
         self.pools.check()
-        self.table.check(self.pools, quiescent)
+        self.table.check(self.pools, quiescent, absent=not self.residency.complete)
+        self.residency.check()
 
     def close(self, engine) -> None:
-        """Drain and stop (stop_runtime); the engine's experts are unpublished."""
+        """Stop the fetches and the look-ahead, save the hotness file; the engine's experts are unpublished."""
         engine.runtime = None
         try:
             self.controller.close()
         finally:
+            for h in self.hooks:
+                h.remove()
             engine.unpublish()
+
+
+def _name(p) -> str:
+    return "none" if p is None else p.value
 
 
 def nonexpert_bytes(model) -> int:
@@ -146,49 +174,111 @@ def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = R
                   progress: bool = True) -> Runtime:
     """-> the started Runtime, also set as `engine.runtime` (until `stop_runtime` / `engine.close()`)."""
     reader, device = engine.reader, engine.model.device
-    tiers = planner.tiers(reader)
     slot_bytes, staging, expert_budget, total, reserves = measure(engine, planner, expert_budget, config)
-    if getattr(planner, "offload_only", False) or below_floor(reader, planner, slot_bytes, expert_budget):
-        from dynaexq.engine.offload import start_offload
-        if total is not None:  # no staging slots in the offload regime: their reserve goes to the cache
-            expert_budget += reserves.pop("staging")
-        return start_offload(engine, planner, slot_bytes, expert_budget, config, total, reserves, progress)
+    offload = getattr(planner, "offload_only", False) or below_floor(reader, planner, slot_bytes, expert_budget)
     hotness = Hotness(reader.layers, reader.num_experts, config.alpha, device, config.half_life_tokens)
-    warm = True
-    if config.hotness_file and Path(config.hotness_file).is_file():
+    warm = bool(config.hotness_file and Path(config.hotness_file).is_file())
+    if warm:
         hotness.load(config.hotness_file)
-    elif calibrate is not None:
+    elif calibrate is not None and not offload:  # all-low calibration: exactly what does not fit below the floor
         hotness.set(calibrate(planner.floor(reader)))
-    else:
-        warm = False
+        warm = True
     S0 = hotness.snapshot() if warm else None
-    counts = planner.counts(reader, slot_bytes, expert_budget, S0)
+    if offload:
+        if total is not None:  # no staging slots below the floor: their reserve goes to the arenas
+            expert_budget += reserves.pop("staging")
+        staging = (0, 0)
+        policy, counts = _size_offload(engine, planner, slot_bytes, expert_budget, total, reserves)
+    else:
+        policy, counts = planner, planner.counts(reader, slot_bytes, expert_budget, S0)
     plan = BudgetPlan(counts, slot_bytes, staging, expert_budget, total, reserves)
     if progress:
-        print(f"dynaexq: {planner}\n{plan.describe()}", file=sys.stderr)
+        print(f"dynaexq: {policy}\n{plan.describe()}" + (_describe_offload(reader, policy, slot_bytes, warm)
+                                                        if offload else ""), file=sys.stderr)
 
     engine.unpublish()  # no forward runs now: free the engine's own versions before the arenas
     pools = Pools(counts, slot_bytes, staging, device)
     table = ExpertTable({layer: bank.versions for layer, bank in engine.banks.items()}, device)
+    if offload:
+        if device.type != "cpu":
+            raise UserError("a budget below every expert at the lowest precision runs on the CPU only so far; give "
+                            "a larger budget on CUDA")
+        io = DirectReader(reader, config.offload_io)
 
-    workers = config.transition_workers or (staging[0] if device.type == "cuda" else 1)
-    transitions = TransitionEngine(table, pools, engine.make_version, workers, config.blocking, config.retries,
-                                   CopyStream(device) if device.type == "cuda" else None)
-    costs = planner.costs(reader)
-    flat = {layer: torch.zeros(reader.num_experts, dtype=torch.float64) for layer in reader.layers}
-    assign = initial_assign(planner, S0 or flat, counts, tiers, costs)
-    todo = [(layer, e) for layer in reader.layers for e in range(reader.num_experts)]
-    for layer, e in tqdm(todo, desc="install experts", unit="expert", disable=not progress):
-        transitions.move(layer, e, tiers[assign[layer][e]])
-    transitions.reset_stats()  # the counters are about the run, not the install
-    controller = Controller(planner, hotness, transitions, assign, costs, tiers, config, cold=not warm)
-    rt = Runtime(planner, plan, pools, table, transitions, controller, hotness)
-    rt.check()
+        def read(layer, e, p):
+            return make_version(io.read(layer, e, p), engine.backend, engine.dtype, device)
+        residency = Residency(table, pools, read, policy, config.io_workers, config.retries, io=io)
+        controller = Controller(policy, hotness, residency, config)
+        if warm:  # the hotness file's hottest experts, as many as the arenas hold
+            policy.update(S0)
+            ranked = sorted(policy.score, key=lambda k: -policy.score[k]) if hasattr(policy, "score") else []
+            residency.apply({k: policy.want(*k) for k in ranked[:sum(policy.counts.values())]})
+    else:
+        workers = config.transition_workers or (staging[0] if device.type == "cuda" else 1)
+        residency = Residency(table, pools, engine.make_version, None, workers, config.retries,
+                              CopyStream(device) if device.type == "cuda" else None)
+        tiers, costs = planner.tiers(reader), planner.costs(reader)
+        flat = {layer: torch.zeros(reader.num_experts, dtype=torch.float64) for layer in reader.layers}
+        assign = initial_assign(planner, S0 or flat, counts, tiers, costs)
+        controller = Controller(planner, hotness, residency, config, assign, costs, tiers, cold=not warm)
+        residency.apply(controller.target_map())
+    _install(residency, "warm the cache" if offload else "install experts", progress)
+    residency.reset_stats()  # the counters are about the run, not the install
+    rt = Runtime(planner if not offload else policy, plan, pools, table, residency, controller, hotness)
+    if getattr(policy, "prefetch", False):
+        rt.hooks = install_lookahead(engine, residency)
     for bank in engine.banks.values():
-        bank.table = table
+        bank.table, bank.residency = table, residency
     engine.step_stats()  # the install's forwards (none) and the calibration's are not the run's
+    rt.check()
     engine.runtime = rt
     return rt
+
+
+def _install(residency, desc: str, progress: bool) -> None:
+    """Wait for the fetches submitted at start, with a progress bar over them."""
+    n = residency.pending()
+    with tqdm(total=n, desc=desc, unit="expert", disable=not progress or not n) as bar:
+        while (left := residency.pending()):
+            bar.update(n - left - bar.n)
+            time.sleep(0.05)
+        bar.update(n - bar.n)
+    residency.drain()
+    if residency.stats.get("failures"):
+        raise UserError(f"the runtime could not read its experts from the store: {list(residency.errors)[-1]}")
+
+
+def _size_offload(engine, planner, slot_bytes: dict, expert_budget: int, total, reserves) -> tuple:
+    """Below the floor: the planner's cache policy (planners/offload.py) sized within the budget -> (policy,
+    {(layer, precision): slots}); a budget below the minimum (top-k slots of the lowest precision per MoE layer)
+    is refused, naming it."""
+    reader = engine.reader
+    policy = planner.offload_policy(reader) if hasattr(planner, "offload_policy") else planner
+    tiers = policy.tiers(reader)
+    top_k = int(getattr(engine.model.config, "num_experts_per_tok", 1))
+    sizes = {p: slot_bytes[(reader.layers[0], p)] for p in tiers}
+    low = minimum_budget(reader.layers, top_k, sizes[tiers[-1]])
+    if expert_budget < low:
+        what = (f"the expert budget {format_size(expert_budget)} ({expert_budget} bytes)" if total is None else
+                f"--budget {format_size(total)} leaves the experts {format_size(expert_budget)} after the fixed part, "
+                f"which")
+        least = low + sum(reserves.values())
+        minimum = "" if total is None else f"; the minimum --budget is {format_size(least)} ({least} bytes)"
+        raise UserError(f"policy {policy}: {what} is below the offload minimum {format_size(low)} ({low} bytes) = "
+                        f"{top_k} slots (top-k) of {format_size(sizes[tiers[-1]])} of {tiers[-1].value} per MoE layer "
+                        f"x {len(reader.layers)} layers{minimum}")
+    policy.size(reader.layers, reader.num_experts, top_k, sizes, expert_budget)
+    # a precision's arena serves every layer: its slots are counted under the first layer
+    return policy, {(reader.layers[0], p): n for p, n in policy.counts.items() if n > 0}
+
+
+def _describe_offload(reader, policy, slot_bytes: dict, warm: bool) -> str:
+    n_all, resident = len(reader.layers) * reader.num_experts, sum(policy.counts.values())
+    low = policy.tiers(reader)[-1]
+    return (f"\n  regime: offload (less than every expert at {low.value}: "
+            f"{format_size(n_all * slot_bytes[(reader.layers[0], low)])}); at most {resident} of {n_all} experts "
+            f"resident ({100 * min(resident, n_all) / n_all:.0f} %), the rest read from {reader.path} on a miss"
+            f"\n  warm start: " + ("the hotness file" if warm else "none (the cache fills on demand)"))
 
 
 def stop_runtime(engine, rt) -> None:

@@ -139,10 +139,10 @@ class Engine:
         return len(changed)
 
     def unpublish(self) -> None:
-        """Every bank without versions, table or cache (no forward runs meanwhile): a runtime's start, before its
+        """Every bank without versions, table or residency (no forward runs meanwhile): a runtime's start, before its
         arenas, and its stop."""
         for bank in self.banks.values():
-            bank.table = bank.cache = None
+            bank.table = bank.residency = None
             bank.versions[:] = [None] * len(bank.versions)
 
     def make_version(self, layer: int, e: int, p):
@@ -159,19 +159,19 @@ class Engine:
 
     @contextmanager
     def faults(self):
-        """Forwards run inside it fail per token, not per call: an expert the offload cache cannot make resident
+        """Forwards run inside it fail per token, not per call: an expert the residency cannot make resident
         (an unreadable store range, no answer in time) zeroes only its own products, and the list this yields
         receives (tokens routed to it: bool [T], message) for each; outside it such a forward raises. The
         decoder fails the sequences of those tokens and goes on with the others."""
-        cache = getattr(self.runtime, "cache", None)
-        if cache is None:
+        residency = getattr(self.runtime, "residency", None)
+        if residency is None:
             yield []
             return
-        cache.collect = got = []
+        residency.collect = got = []
         try:
             yield got
         finally:
-            cache.collect = None
+            residency.collect = None
 
     def open_batch(self, max_batch: int = ServeConfig.max_batch, prefill_chunk: int = ServeConfig.prefill_chunk):
         """A continuous batch (engine/batch.py BatchDecoder) for `step` to run; sequences join it with `add`."""

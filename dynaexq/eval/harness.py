@@ -287,7 +287,7 @@ class Evaluation:
                     "runtime": {"step_tokens": step_tokens, "decisions": s["decisions"],
                                 "transitions": {k: s["transitions"][k] for k in ("pairs", "bytes_moved", "failures")},
                                 "offload": {k: s["offload"].get(k, 0) for k in ("hits", "misses", "hit_rate")}
-                                if "offload" in s else None},
+                                if s["offload"] is not None else None},
                     "seconds": {"publish": round(t1 - t0, 3), "eval": round(time.perf_counter() - t1, 3)}}
         finally:
             stop_runtime(self.engine, rt)

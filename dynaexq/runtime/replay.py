@@ -5,13 +5,13 @@ cadence (`controller.observe`: a decision every `update_every_tokens` routed tok
 (DynamicPlanner.decide above the budget of every expert at the lowest precision; below it the offload
 policies of planners/offload.py: HotPolicy for dynaexq/multilevel, LruPolicy for lru-offload, and the two
 baselines here, LFU and a static profile). What is simulated is only the mechanism that moves bytes: a
-transition or fetch completes at once (resident regime: a decision's pairs are published before the next token;
-offload regime: a miss is read before the layer runs, a wanted higher copy after the token, as ExpertCache's
-background fetches), so the figures are the policies' own, not the machine's.
+fetch completes at once (above the floor: a decision's target is published before the next token; below it: a
+miss is read before the layer runs, a wanted higher copy after the token, as the residency's background
+fetches), so the figures are the policies' own, not the machine's.
 
 Per replay: hit rate (routed (token, layer, expert) slots served by a resident version), bytes read from the store
-per token (misses, upgrades and, in the resident regime, the versions each pair reads), the routed weight mass
-served at each precision, and fetches (or pair halves) per token. Token rows before `score_from` warm the
+per token (misses, upgrades and, above the floor, the version each changed expert reads), the routed weight mass
+served at each precision, and fetches per token. Token rows before `score_from` warm the
 policy up and are not scored (a profile learned on the first half is scored on the second).
 
 Sizes: one expert's resident bytes per precision, from a store (`sizes_from_store`) or from the model's expert
@@ -153,8 +153,8 @@ def _policy(spec: str):
 
 
 class _Cache:
-    """ExpertCache's decisions (runtime/offload.py) without bytes or threads: slots per precision shared by all
-    layers, the routed experts of the running layer pinned, the policy's want/victim."""
+    """The residency's decisions below the floor (runtime/residency.py) without bytes or threads: slots per
+    precision shared by all layers, the routed experts of the running layer pinned, the policy's want/victim."""
 
     def __init__(self, policy, sizes: dict):
         self.policy, self.sizes = policy, sizes
@@ -290,21 +290,20 @@ def _replay_offload(trace, planner, reader, budget, sizes, hotness, clock, score
                    {p.value: n for p, n in policy.counts.items()})
 
 
-class _Transitions:
-    """The transition engine's interface to the controller, completing each pair at once (a pair reads its lo and
-    hi versions); `score` [bool] says whether the current token is scored."""
+class _Residency:
+    """The residency's interface to the controller, each target applied at once (every fetch reads the version it
+    brings); `score` [bool] says whether the current token is scored."""
 
     def __init__(self, sizes: dict, score: list):
         self.sizes, self.score = sizes, score
-        self.read, self.pairs = 0, 0
+        self.published, self.read, self.fetches = {}, 0, 0
 
-    def submit(self, pairs) -> None:
-        for pr in pairs:
-            self.pairs += self.score[0]
-            self.read += (self.sizes[pr.lo] + self.sizes[pr.hi]) * self.score[0]
-
-    def take_failed(self):
-        return []
+    def apply(self, target: dict) -> None:
+        for key, p in target.items():
+            if self.published.get(key) != p:
+                self.published[key] = p
+                self.fetches += self.score[0]
+                self.read += self.sizes[p] * self.score[0]
 
 
 def _replay_resident(trace, planner, reader, budget, sizes, hotness, clock, score_from) -> dict:
@@ -316,8 +315,9 @@ def _replay_resident(trace, planner, reader, budget, sizes, hotness, clock, scor
     flat = {layer: torch.zeros(trace.num_experts, dtype=torch.float64) for layer in trace.layers}
     assign = initial_assign(planner, flat, counts, tiers, costs)
     score = [False]
-    moves = _Transitions(sizes, score)
-    ctl = Controller(planner, hotness, moves, assign, costs, tiers, clock.config, cold=True)
+    moves = _Residency(sizes, score)
+    ctl = Controller(planner, hotness, moves, clock.config, assign, costs, tiers, cold=True)
+    moves.apply(ctl.target_map())  # the install: not scored
     served, count = Counter(), Counter()
     for t in range(len(trace)):
         score[0] = t >= score_from
@@ -327,7 +327,7 @@ def _replay_resident(trace, planner, reader, budget, sizes, hotness, clock, scor
                 served[tiers[assign[layer][e]]] += w * score[0]
                 count["hits"] += score[0]
         ctl.on_step(_step_stats(trace, t))
-    count["pairs"] = moves.pairs
+    count["fetches"] = moves.fetches
     return _report(trace, str(planner), "resident", count, served, moves.read, score_from,
                    {p.value: sum(n for (_, q), n in counts.items() if q == p) for p in tiers})
 
@@ -339,5 +339,5 @@ def _report(trace, policy, regime, count, served, read, score_from, slots) -> di
     return {"policy": policy, "regime": regime, "tokens": tokens, "slots": slots,
             "hit_rate": count["hits"] / max(1, routed), "read_bytes_per_token": read / tokens,
             "mass_served": {p.value: v / mass for p, v in sorted(served.items(), key=lambda kv: -kv[0].bits)},
-            "fetches_per_token": (count["fetches"] + 2 * count["pairs"]) / tokens,
+            "fetches_per_token": count["fetches"] / tokens,
             "counts": dict(count)}

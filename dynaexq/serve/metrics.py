@@ -46,7 +46,7 @@ def experts_report(engine, hotness, model: str, started: float) -> dict:
         "resident_by_precision": off["resident_by_precision"], "hits": off.get("hits", 0),
         "misses": off.get("misses", 0), "hit_rate": off["hit_rate"], "prefetches": off.get("prefetches_done", 0),
         "prefetch_hits": off.get("prefetch_hits", 0), "evictions": off.get("evictions", 0),
-        "upgrades": off.get("upgrades_done", 0), "stall_s": off.get("stall_s", 0.0), "read_bytes": off["io"]["bytes"],
+        "upgrades": off.get("promotions", 0), "stall_s": off.get("stall_s", 0.0), "read_bytes": off["io"]["bytes"],
         "read_s": off["io"]["seconds"], "io_mode": off["io"]["mode"], "mean_recall": off["mean_recall"]}
     return {"model": model, "policy": engine.policy if rt is None else stats["policy"], "dynamic": rt is not None,
             "offload": offload,

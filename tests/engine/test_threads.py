@@ -38,7 +38,7 @@ def test_a_decode_step_on_the_scheduler_thread_uses_the_configured_threads(bundl
                 hook.remove()
             assert seen and all(name == "dynaexq-scheduler" for name, _ in seen), seen
             assert {n for _, n in seen} == {2}, seen
-            workers = [t for t in threading.enumerate() if t.name.startswith(("dynaexq-transition", "dynaexq-reader"))]
+            workers = [t for t in threading.enumerate() if t.name.startswith("dynaexq-fetch")]
             assert workers  # and they run on one thread each: checked from inside one
             later = []
             t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))

@@ -79,20 +79,19 @@ def test_outputs_under_offload_equal_float64_of_the_versions_each_forward_read(s
     calls = _record(eng)
     reader = StoreReader(store)
     _steps(eng, 30, seed=0)
-    eng.runtime.cache.drain()
-    rep, moves = eng.runtime.cache.report(), eng.runtime.stats()["transitions"]
+    eng.runtime.residency.drain()
+    rep, moves = eng.runtime.residency.report(), eng.runtime.stats()["transitions"]
     assert rep["misses"] > 0 and rep["evictions"] > 0 and rep["hits"] > 0, rep
-    # the runtime's transition counters are the cache's moves: every completed fetch, every eviction
-    done = sum(rep.get(f"{k}_done", 0) for k in ("misses", "prefetches", "upgrades"))
-    assert moves["moves"] == done >= rep["misses"] and moves["demotions"] == moves["pairs"] == rep["evictions"]
-    assert moves["bytes_moved"] == rep["bytes_fetched"] > 0 and moves["pending"] == 0
+    # one set of counters in both regimes: the residency's fetches and evictions
+    assert moves["evictions"] == rep["evictions"] and moves["promotions"] == rep.get("promotions", 0)
+    assert moves["bytes_moved"] == rep["bytes_moved"] > 0 and moves["pending"] == 0 and moves["pairs"] == 0
     assert len(calls) > 40
     for bank, hidden, idx, w, out, read in calls:
         routed = set(idx.flatten().tolist())
         assert {e for e, v in enumerate(read) if v is not None} == routed  # read exactly what was routed
         exact = _float64(reader, bank.layer, read, hidden, idx, w)
         assert float((out.double() - exact).norm() / exact.norm()) < 1e-4
-    eng.runtime.cache.drain()
+    eng.runtime.residency.drain()
     eng.runtime.check(quiescent=False)
     eng.close()
 
@@ -100,7 +99,7 @@ def test_outputs_under_offload_equal_float64_of_the_versions_each_forward_read(s
 def test_budget_never_exceeded_and_invariants_hold_under_churn(checkpoints):
     _, store = checkpoints("qwen3_moe")
     eng = _offload(store, "dynaexq:hi=int4,lo=int2,hi_share=0.4,prefetch=1", 7, update_every_tokens=2)
-    assert eng.runtime.policy.counts[Precision.INT4] > 0
+    assert eng.runtime.planner.counts[Precision.INT4] > 0
     rt = eng.runtime
     cap = rt.pools.tracker.total_cap
     assert rt.pools.expert_bytes() <= rt.plan.expert_budget
@@ -120,10 +119,10 @@ def test_budget_never_exceeded_and_invariants_hold_under_churn(checkpoints):
         stop.set()
         w.join()
     assert max(seen) <= cap and rt.pools.tracker.peak <= cap
-    rt.cache.drain()
+    rt.residency.drain()
     rt.check(quiescent=False)
-    r = rt.cache.report()
-    assert r["resident"] <= sum(rt.policy.counts.values())
+    r = rt.stats()["offload"]
+    assert r["resident"] <= sum(rt.planner.counts.values())
     assert r["resident_by_precision"].get("int4", 0) > 0  # the hottest were fetched at hi (misses or upgrades)
     eng.close()
 
@@ -131,17 +130,17 @@ def test_budget_never_exceeded_and_invariants_hold_under_churn(checkpoints):
 def test_an_upgrade_replaces_the_low_copy_and_a_failed_one_leaves_it_serving(checkpoints):
     _, store = checkpoints("qwen3_moe")
     eng = _offload(store, "dynaexq:hi=int4,lo=int2,hi_share=0.4,prefetch=0", 6, retries=1)
-    cache, pol = eng.runtime.cache, eng.runtime.policy
+    cache, pol = eng.runtime.residency, eng.runtime.planner
     _steps(eng, 4, seed=2)
     cache.drain()
     low = [k for k, p in cache.resident().items() if p == Precision.INT2]
     good, bad = low[:2]
     pol.score.update({good: 1e9, bad: 1e12})  # hot enough to displace any int4 resident (guesses need 2x)
-    cache.request(good, Precision.INT4)
+    cache.apply({good: Precision.INT4})
     cache.drain()
     v = eng.banks[good[0]].versions[good[1]]
     assert cache.resident()[good] == Precision.INT4 and v.precision == Precision.INT4 and v.slot[0] == Precision.INT4
-    assert cache.report()["upgrades_done"] == 1
+    assert cache.report()["promotions"] == 1
     eng.runtime.check(quiescent=False)  # the int2 slot it left was reclaimed once unread
     real = cache.io.read
 
@@ -151,7 +150,7 @@ def test_an_upgrade_replaces_the_low_copy_and_a_failed_one_leaves_it_serving(che
         return real(layer, e, precision)
     cache.io.read = flaky
     before = eng.banks[bad[0]].versions[bad[1]]
-    cache.request(bad, Precision.INT4)
+    cache.apply({bad: Precision.INT4})
     cache.drain()
     assert eng.banks[bad[0]].versions[bad[1]] is before  # the previous version keeps serving
     assert cache.resident()[bad] == Precision.INT2
@@ -163,7 +162,7 @@ def test_an_upgrade_replaces_the_low_copy_and_a_failed_one_leaves_it_serving(che
 def test_a_miss_that_cannot_be_read_raises_a_clear_error_and_nothing_is_published(checkpoints):
     _, store = checkpoints("qwen3_moe")
     eng = _offload(store, "lru-offload:int4", 4 * 1.6, retries=1)
-    cache = eng.runtime.cache
+    cache = eng.runtime.residency
 
     def broken(layer, e, precision):
         raise OSError("disk gone")
@@ -193,7 +192,7 @@ def test_the_resident_regime_is_kept_when_every_expert_fits_at_the_lowest_precis
     from rt import start
     eng = dynaexq.load(store, "uniform:int2", progress=False)
     rt = start(eng, "dynaexq", int(16 * _slot(store, "int2")))
-    assert not hasattr(rt, "cache") and rt.pools.expert_bytes() == 16 * _slot(store, "int2")
+    assert rt.regime == "resident" and rt.residency.complete and rt.pools.expert_bytes() == 16 * _slot(store, "int2")
     eng.close()
 
 
@@ -248,7 +247,7 @@ def test_lookahead_recall_is_what_the_predictions_and_the_routing_give_and_beats
     computed here from every prediction and every routing, and the look-ahead (layer l+1's norm and router on
     layer l's post-attention hidden state) finds the experts far better than chance (K / E)."""
     eng = dynaexq.load(bundled_store, "dynaexq:prefetch=1", "2MiB", progress=False)
-    cache, k, E = eng.runtime.cache, 4, eng.reader.num_experts
+    cache, k, E = eng.runtime.residency, 4, eng.reader.num_experts
     predicted, hits = {}, {layer: [0, 0] for layer in eng.banks}
     real = cache.prefetch
 
@@ -286,7 +285,7 @@ def test_the_grouped_path_under_offload_equals_float64_on_the_bundled_model(bund
     calls = _record(eng)
     before = grouped_cpu.calls
     eng.generate("The old lighthouse keeper", 12, 1.0, 1.0, 0, 0)
-    assert grouped_cpu.calls > before and eng.runtime.cache.report()["misses"] > 0
+    assert grouped_cpu.calls > before and eng.runtime.residency.report()["misses"] > 0
     reader = StoreReader(bundled_store)
     for bank, hidden, idx, w, out, read in calls[::7]:
         exact = _float64(reader, bank.layer, read, hidden, idx, w)
@@ -303,7 +302,7 @@ def _forward(eng, tokens=6, seed=9):
 def test_waits_have_deadlines_and_close_ends_them(checkpoints):
     _, store = checkpoints("qwen3_moe")
     eng = _offload(store, "lru-offload:int4", 4 * 1.6, retries=0)
-    cache = eng.runtime.cache
+    cache = eng.runtime.residency
     gate, real = threading.Event(), cache.io.read
     cache.io.read = lambda *key: gate.wait(30) and real(*key)  # a read that hangs until released
     cache.FETCH_TIMEOUT_S = 0.3
@@ -323,17 +322,17 @@ def test_waits_have_deadlines_and_close_ends_them(checkpoints):
     t.start()
     time.sleep(0.3)  # the forward waits on its miss
     t0 = time.monotonic()
-    closer = threading.Thread(target=eng.runtime.cache.close, kwargs={"timeout": 2})
+    closer = threading.Thread(target=eng.runtime.residency.close, kwargs={"timeout": 2})
     closer.start()
     t.join(10)
     assert not t.is_alive() and time.monotonic() - t0 < 5, "close did not end the forward's wait"
-    assert "offload cache closed" in str(out["err"]), out
+    assert "runtime closed" in str(out["err"]), out
     gate.set()
     closer.join(10)
-    cache.request((0, 1), Precision.INT4)  # after close: nothing is submitted, nothing waits
+    cache.apply({(0, 1): Precision.INT4})  # after close: nothing is submitted, nothing waits
     cache.prefetch(0, [1, 2])
     assert not cache.inflight and not cache._queue
-    with pytest.raises(RuntimeError, match="is not resident and the offload cache is closed"):
+    with pytest.raises(RuntimeError, match="is not resident and the runtime is closed"):
         _forward(eng, seed=11)
     eng.close()
 
@@ -341,7 +340,7 @@ def test_waits_have_deadlines_and_close_ends_them(checkpoints):
 def test_every_failure_says_what_happened(checkpoints):
     _, store = checkpoints("qwen3_moe")
     eng = _offload(store, "lru-offload:int4", 4 * 1.6, retries=2)
-    cache, real = eng.runtime.cache, eng.runtime.cache.io.read
+    cache, real = eng.runtime.residency, eng.runtime.residency.io.read
 
     def corrupt(*key):
         raise UserError("expert 3 of layer 0 at int4 in 'x.safetensors' does not match its digest")
@@ -355,7 +354,7 @@ def test_every_failure_says_what_happened(checkpoints):
     assert all(not pool._free for pool in cache.pools.pools.values())  # the cache is full
     with cache._cv:  # and every slot pinned: a miss finds no room
         cache.pins.update(list(cache.where))
-    with pytest.raises(RuntimeError, match=r"found no int4 slot of the offload cache free in 0.2 s"):
+    with pytest.raises(RuntimeError, match=r"found no int4 slot free in 0.2 s"):
         _forward(eng, seed=12)
     with cache._cv:
         cache.pins.clear()
@@ -364,10 +363,10 @@ def test_every_failure_says_what_happened(checkpoints):
 
 
 def test_no_slot_leaks_when_placing_fails_or_a_replaced_copy_stays_read(checkpoints, monkeypatch):
-    from dynaexq.runtime import offload
+    from dynaexq.runtime import residency as offload
     _, store = checkpoints("qwen3_moe")
     eng = _offload(store, "dynaexq:hi=int4,lo=int2,hi_share=0.4,prefetch=0", 6, retries=0)
-    cache, pol, table = eng.runtime.cache, eng.runtime.policy, eng.runtime.table
+    cache, pol, table = eng.runtime.residency, eng.runtime.planner, eng.runtime.table
     real_place, calls = offload.place, {"n": 0}
 
     def place_once_broken(*args, **kw):
@@ -386,11 +385,10 @@ def test_no_slot_leaks_when_placing_fails_or_a_replaced_copy_stays_read(checkpoi
     cache.UNREAD_TIMEOUT_S = 0.2
     failures = cache.report()["failures"]  # the injected one
     lease = table.acquire()  # a reader that holds the low copy past the timeout
-    cache.request(low, Precision.INT4)
+    cache.apply({low: Precision.INT4})
     cache.drain()
-    time.sleep(0.3)
     rep = cache.report()
-    assert cache.resident()[low] == Precision.INT4 and rep["upgrades_done"] == 1 and rep["failures"] == failures
+    assert cache.resident()[low] == Precision.INT4 and rep["promotions"] == 1 and rep["failures"] == failures
     assert len(cache.retired) == 1 and any("reclaimed later" in e for e in rep["errors"])
     table.release(lease)
     cache._reclaim_retired()
@@ -448,8 +446,8 @@ def test_no_cliff_at_the_floor_just_below_all_int2_is_the_all_int2_model_minus_o
         try:
             assert eng.runtime.regime == regime
             if regime == "offload":
-                assert eng.runtime.policy.counts == {Precision.INT2: int(frac * n_all * m) // m}
-                assert eng.runtime.policy.counts[Precision.INT2] >= 0.99 * n_all
+                assert eng.runtime.planner.counts == {Precision.INT2: int(frac * n_all * m) // m}
+                assert eng.runtime.planner.counts[Precision.INT2] >= 0.99 * n_all
             else:
                 assert set(eng.precision_counts()) == {"int2"}
             with torch.no_grad():

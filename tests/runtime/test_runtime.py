@@ -1,4 +1,4 @@
-"""The dynamic runtime on a tiny Qwen3-MoE (2 MoE layers x 8 experts): pools, table, transitions, controller."""
+"""The dynamic runtime on a tiny Qwen3-MoE (2 MoE layers x 8 experts): pools, table, residency, controller."""
 import threading
 import time
 
@@ -30,12 +30,12 @@ def test_invariants_hold_and_the_budget_is_never_exceeded_after_random_churn(eng
         for _ in range(steps):
             rt.controller.on_step(random_stats(engine, g))
             rt.check(quiescent=False)
-        rt.transitions.drain()
+        rt.residency.drain()
         rt.check()
         assert rt.pools.tracker.peak <= rt.pools.nbytes() <= rt.plan.expert_budget + rt.plan.staging[0] * rt.plan.staging[1]
         assert rt.plan.expert_bytes() <= rt.plan.expert_budget
         assert published(engine) == rt.controller.target_map()
-        assert not rt.transitions.stats["errors"]
+        assert not rt.residency.errors
     finally:
         engine.close()
 
@@ -75,7 +75,7 @@ def _race(engine, rt, overlaps: int, stop_at_first_tear: bool = False, max_forwa
     def churn():
         gc = torch.Generator().manual_seed(1)
         while not stop.is_set():
-            if rt.transitions.pending() == 0:
+            if rt.residency.pending() == 0:
                 rt.controller.on_step(random_stats(engine, gc))
             time.sleep(0.002)
 
@@ -122,11 +122,11 @@ def test_no_torn_reads_while_transitions_race_the_forward(engine):
     rt = start(engine, "dynaexq:hi=int8,lo=int2,delta=0", update_every=1)
     try:
         tears, overlapped = _race(engine, rt, overlaps=500)
-        rt.transitions.drain()
+        rt.residency.drain()
         rt.check()
         assert tears == 0
         assert overlapped >= 500, overlapped  # the race did happen
-        assert rt.transitions.stats["pairs"] >= 100
+        assert rt.residency.stats["promotions"] >= 100
     finally:
         engine.close()
 
@@ -148,13 +148,13 @@ def test_the_published_maps_do_not_depend_on_how_fast_transitions_run(engine):
     (A controller deciding on what is published instead of its target would diverge in the slow run.)"""
     def run(blocking=False, slow=0.0):
         rt = start(engine, "dynaexq:hi=int8,lo=int2", update_every=3, blocking=blocking)
-        make, lagging = rt.transitions.make, []
+        read, lagging = rt.residency.read, []
         if slow:
-            rt.transitions.make = lambda *a: time.sleep(slow) or make(*a)
+            rt.residency.read = lambda *a: time.sleep(slow) or read(*a)
         decide = rt.controller.decide
 
         def watched():
-            lagging.append(rt.transitions.pending() + rt.transitions.in_flight() > 0)
+            lagging.append(rt.residency.pending() > 0)
             return decide()
         rt.controller.decide = watched
         try:
@@ -163,10 +163,10 @@ def test_the_published_maps_do_not_depend_on_how_fast_transitions_run(engine):
             for i in range(60):
                 rt.controller.on_step(random_stats(engine, g))
                 if i % 15 == 14:
-                    rt.transitions.drain()
+                    rt.residency.drain()
                     maps.append(published(engine))
             assert maps[-1] == rt.controller.target_map()
-            return maps, rt.transitions.stats["pairs"], sum(lagging)
+            return maps, rt.controller.pairs, sum(lagging)
         finally:
             engine.close()
 
@@ -185,9 +185,9 @@ def test_async_runtime_computes_exactly_what_a_static_map_computes(engine, check
             for _ in range(10):
                 engine.model(input_ids=ids)
                 rt.controller.on_step(random_stats(engine, g))
-            rt.transitions.drain()
+            rt.residency.drain()
             got = engine.model(input_ids=ids).logits
-        assert rt.transitions.stats["pairs"] > 0
+        assert rt.residency.stats["promotions"] > 0
         static = load(checkpoints("qwen3_moe")[1], "uniform:int2", progress=False)
         static.apply(published(engine))
         with torch.inference_mode():
@@ -258,7 +258,7 @@ def test_failed_reads_keep_the_previous_versions_serving_and_are_retried_then_re
     warm = {layer: torch.arange(8, dtype=torch.float32) / 28 for layer in engine.banks}  # experts 6, 7 hot
     rt = start(engine, "dynaexq:hi=int8,lo=int2,delta=0", warm=warm, update_every=1000)
     try:
-        real, calls = rt.transitions.make, {"n": 0}
+        real, calls = rt.residency.read, {"n": 0}
 
         def flaky(layer, e, p):  # the first read fails, the retry succeeds
             calls["n"] += 1
@@ -266,28 +266,35 @@ def test_failed_reads_keep_the_previous_versions_serving_and_are_retried_then_re
                 raise OSError("injected I/O error")
             return real(layer, e, p)
 
-        rt.transitions.make = flaky
+        rt.residency.read = flaky
         rt.hotness.set({layer: torch.tensor([0.5, 0, 0, 0, 0, 0, 0, 0.5]) for layer in engine.banks})
-        pairs = rt.controller.decide()
-        assert len(pairs) == 2  # expert 0 replaces expert 6 in both layers
-        rt.transitions.drain()
-        assert rt.transitions.stats["failures"] == 1 and rt.transitions.stats["retries"] == 1
-        assert published(engine) == rt.controller.target_map() and not rt.transitions.stats["errors"]
+        rt.controller.decide()
+        assert rt.controller.pairs == 2  # expert 0 replaces expert 6 in both layers
+        rt.residency.drain()
+        assert rt.residency.stats["failures"] == 0 and rt.residency.stats["retries"] == 1
+        assert published(engine) == rt.controller.target_map() and rt.residency.stats["promotions"] == 2
+        rt.check()
 
         def broken(layer, e, p):  # expert 1 can never be read
             if e == 1:
                 raise OSError("injected I/O error on expert 1")
             return real(layer, e, p)
 
-        rt.transitions.make = broken
+        rt.residency.read = broken
         before = published(engine)
         rt.hotness.set({layer: torch.tensor([0.4, 0.6, 0, 0, 0, 0, 0, 0]) for layer in engine.banks})
-        assert len(rt.controller.decide()) == 2  # expert 1 replaces expert 7 in both layers
-        rt.transitions.drain()
-        assert published(engine) == before  # the previous versions kept serving
-        assert rt.transitions.stats["failures"] == 1 + 2 * (1 + rt.controller.config.retries)  # 1 from above
-        assert len(rt.transitions.stats["errors"]) == 2 and "expert 1" in rt.transitions.stats["errors"][0]
-        assert rt.controller.target_map() == before  # and the target went back: a later decision may retry
+        rt.controller.decide()
+        assert rt.controller.pairs == 4  # expert 1 replaces expert 7 in both layers
+        rt.residency.drain()
+        assert published(engine) == before  # the previous versions kept serving (7 went back out of staging)
+        assert rt.residency.stats["failures"] == 2 and rt.residency.stats["retries"] == 1 + 2 * 2  # 2 retries each
+        errors = [m for m in rt.residency.errors if "retrying" not in m]
+        assert len(errors) == 2 and all("expert 1 of layer" in m and "after 3 attempts" in m for m in errors)
+        rt.check()
+        rt.residency.read = real  # the store recovers: the next decision's target is applied again
+        rt.controller.decide()
+        rt.residency.drain()
+        assert published(engine) == rt.controller.target_map() != before
         rt.check()
     finally:
         engine.close()
@@ -387,7 +394,7 @@ def test_multilevel_trades_slots_across_layers_totals_per_precision_fixed(engine
         peaked[:2] = 8.0  # layer L0: two experts take all of 16 tokens' mass (the others idle); layer L1 stays flat
         for _ in range(20):
             rt.controller.on_step({L0: (16, peaked), L1: (16, torch.full((E,), 2.0))})
-        rt.transitions.drain()
+        rt.residency.drain()
         after = per_layer()
         assert after != before  # a layer's count of some precision moved ...
         for p in rt.controller.tiers:  # ... while each precision's total did not
@@ -395,7 +402,7 @@ def test_multilevel_trades_slots_across_layers_totals_per_precision_fixed(engine
         best = next(p for p in rt.controller.tiers if before[(L0, p)] + before[(L1, p)])  # the highest one held
         assert engine.banks[L0].versions[0].precision == engine.banks[L0].versions[1].precision == best
         assert after[(L0, best)] == 2 and after[(L1, best)] > before[(L1, best)]  # L0's idle experts' slots went to L1
-        assert published(engine) == rt.controller.target_map() and rt.transitions.stats["failures"] == 0
+        assert published(engine) == rt.controller.target_map() and rt.residency.stats["failures"] == 0
         assert rt.pools.tracker.peak <= rt.pools.nbytes() and engine.expert_bytes() <= resolve_budget("int3", engine.reader)
         rt.check()
     finally:

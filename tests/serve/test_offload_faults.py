@@ -33,7 +33,7 @@ def test_an_unreadable_expert_fails_only_the_streams_routed_to_it(bundled_store)
     # 12 int4 slots per layer (below every expert at int2): a decode step of 3 rows (<= 12 experts a layer) is one wave
     engine = dynaexq.load(bundled_store, policy="lru-offload:int4", expert_budget=6 * 12 * slot,
                           dtype=torch.float32, progress=False)
-    cache = engine.runtime.cache
+    cache = engine.runtime.residency
     assert engine.runtime.regime == "offload"
     armed, expected, real = threading.Event(), {}, cache.io.read
     decoder_rows = []

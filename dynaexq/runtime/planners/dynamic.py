@@ -39,8 +39,9 @@ from dynaexq.runtime.planners.calibrated import LADDER, MultilevelPlanner, _opti
 
 @dataclass(frozen=True)
 class Pair:
-    """One indivisible transition: expert `demote` of `layer` goes from `hi` to `lo`, then expert `promote` of
-    `promote_in` (default: the same layer) from `lo` to `hi`, into the slot the first one left."""
+    """One swap a decision makes: expert `demote` of `layer` goes from `hi` to `lo` and expert `promote` of
+    `promote_in` (default: the same layer) from `lo` to `hi`, into the slot the first one leaves (the controller
+    hands the resulting target map to the residency, runtime/residency.py, which moves the bytes)."""
     layer: int
     demote: int
     promote: int

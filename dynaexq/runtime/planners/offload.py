@@ -1,6 +1,6 @@
 """Offload policies: which experts stay resident when the budget cannot hold every expert at the lowest precision.
 
-The expert budget then holds a *cache* of versions (runtime/offload.py moves the bytes); a policy only says how
+The expert budget then holds a *cache* of versions (runtime/residency.py moves the bytes); a policy only says how
 many slots each precision gets, which precision a miss fetches, and which resident version makes room.
 
 lru-offload[:int4]            mixtral-offloading: one precision, the same number of slots in every layer; a miss
@@ -33,7 +33,7 @@ from dynaexq.runtime.budget import depth_weights
 
 
 def minimum_budget(layers, top_k: int, slot_lo: int) -> int:
-    """top-k slots of the lowest precision per MoE layer (checked by engine/offload.py before `size`)."""
+    """top-k slots of the lowest precision per MoE layer (checked by engine/dynamic.py before `size`)."""
     return len(layers) * top_k * slot_lo
 
 
