@@ -110,7 +110,8 @@ def cmd_generate(args) -> int:
                       f"({off['io']['mode']}), stalled {off.get('stall_s', 0.0):.2f} s, {t['failures']} failed "
                       "reads]", file=sys.stderr)
             else:
-                print(f"[runtime: {engine.runtime.controller.decisions} decisions, {t['pairs']} pairs switched, "
+                print(f"[runtime: {engine.runtime.controller.decisions} decisions, {t['pairs']} swaps decided, "
+                      f"{t['promotions']} promotions, "
                       f"{format_size(t['bytes_moved'])} moved, {t['failures']} failed reads]", file=sys.stderr)
     finally:
         engine.close()

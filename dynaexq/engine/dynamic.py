@@ -25,14 +25,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from dynaexq.config import RuntimeConfig
+from dynaexq.engine.lookahead import install_lookahead
 from dynaexq.errors import UserError
 from dynaexq.runtime.budget import BudgetPlan, split_budget
-from dynaexq.engine.lookahead import install_lookahead
-from dynaexq.runtime.controller import Controller, initial_assign
+from dynaexq.runtime.controller import Controller
 from dynaexq.runtime.hotness import Hotness
 from dynaexq.runtime.planners.offload import minimum_budget
 from dynaexq.runtime.pool import Pools
@@ -93,6 +92,11 @@ class Runtime:
                 "bytes": {"experts": self.pools.expert_bytes(),
                           "staging": self.pools.nbytes() - self.pools.expert_bytes(),
                           "peak_used": self.pools.tracker.peak, "cap": self.pools.tracker.total_cap}}
+
+    def drain(self) -> None:
+        """Wait until the decisions due so far are taken and their fetches done (tests, benches)."""
+        self.controller.drain()
+        self.residency.drain()
 
     def check(self, quiescent: bool = True) -> None:
         self.pools.check()
@@ -188,13 +192,14 @@ def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = R
         if total is not None:  # no staging slots below the floor: their reserve goes to the arenas
             expert_budget += reserves.pop("staging")
         staging = (0, 0)
-        policy, counts = _size_offload(engine, planner, slot_bytes, expert_budget, total, reserves)
+        live, counts = _size_offload(engine, planner, slot_bytes, expert_budget, total, reserves)
     else:
-        policy, counts = planner, planner.counts(reader, slot_bytes, expert_budget, S0)
+        live = planner.start(reader, slot_bytes, expert_budget, S0)  # a SlotPlan
+        counts = live.counts
     plan = BudgetPlan(counts, slot_bytes, staging, expert_budget, total, reserves)
     if progress:
-        print(f"dynaexq: {policy}\n{plan.describe()}" + (_describe_offload(reader, policy, slot_bytes, warm)
-                                                        if offload else ""), file=sys.stderr)
+        print(f"dynaexq: {live if offload else planner}\n{plan.describe()}"
+              + (_describe_offload(reader, live, slot_bytes, warm) if offload else ""), file=sys.stderr)
 
     engine.unpublish()  # no forward runs now: free the engine's own versions before the arenas
     pools = Pools(counts, slot_bytes, staging, device)
@@ -207,25 +212,21 @@ def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = R
 
         def read(layer, e, p):
             return make_version(io.read(layer, e, p), engine.backend, engine.dtype, device)
-        residency = Residency(table, pools, read, policy, config.io_workers, config.retries, io=io)
-        controller = Controller(policy, hotness, residency, config)
+        residency = Residency(table, pools, read, live, config.io_workers, config.retries, io=io)
         if warm:  # the hotness file's hottest experts, as many as the arenas hold
-            policy.update(S0)
-            ranked = sorted(policy.score, key=lambda k: -policy.score[k]) if hasattr(policy, "score") else []
-            residency.apply({k: policy.want(*k) for k in ranked[:sum(policy.counts.values())]})
+            live.update(S0)
+            ranked = sorted(live.score, key=lambda k: -live.score[k]) if hasattr(live, "score") else []
+            residency.apply({k: live.want(*k) for k in ranked[:sum(live.counts.values())]})
     else:
         workers = config.transition_workers or (staging[0] if device.type == "cuda" else 1)
         residency = Residency(table, pools, engine.make_version, None, workers, config.retries,
                               CopyStream(device) if device.type == "cuda" else None)
-        tiers, costs = planner.tiers(reader), planner.costs(reader)
-        flat = {layer: torch.zeros(reader.num_experts, dtype=torch.float64) for layer in reader.layers}
-        assign = initial_assign(planner, S0 or flat, counts, tiers, costs)
-        controller = Controller(planner, hotness, residency, config, assign, costs, tiers, cold=not warm)
-        residency.apply(controller.target_map())
+        residency.apply(live.map())
+    controller = Controller(live, hotness, residency, config)
     _install(residency, "warm the cache" if offload else "install experts", progress)
     residency.reset_stats()  # the counters are about the run, not the install
-    rt = Runtime(planner if not offload else policy, plan, pools, table, residency, controller, hotness)
-    if getattr(policy, "prefetch", False):
+    rt = Runtime(live if offload else planner, plan, pools, table, residency, controller, hotness)
+    if getattr(live, "prefetch", False):
         rt.hooks = install_lookahead(engine, residency)
     for bank in engine.banks.values():
         bank.table, bank.residency = table, residency

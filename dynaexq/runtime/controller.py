@@ -1,20 +1,21 @@
 """The controller: hotness in, precision decisions out, between forward steps.
 
 After every step the engine hands over the banks' routing statistics: the hotness EMA is updated (on the
-device, no sync), and every `update_every_tokens` routed tokens (or `update_every` steps) the planner compares
-S with the *target* assignment (what the map will be once every fetch is done, so decisions do not depend on
-how fast transitions run: the same statistics stream gives the same sequence of maps) and the residency moves
-the published map toward the new target (runtime/residency.py). A fetch that failed is tried again at the next
-decision: the target is applied to what is published. Policy runs here, never inside a forward pass.
+device, no sync), and every `update_every_tokens` routed tokens (or `update_every` steps) a copy of it goes to
+the controller's thread, where the planner compares it with the *target* assignment (what the map will be once
+every fetch is done, so decisions do not depend on how fast fetches run: the same statistics stream gives the
+same sequence of maps) and the residency moves the published map toward the new target (runtime/residency.py).
+A fetch that failed is tried again at the next decision: the target is applied to what is published. Policy
+runs here, never inside a forward pass and never on the inference thread.
 Its settings are `dynaexq.config.RuntimeConfig`.
 """
 from __future__ import annotations
 
-from collections import deque
-
-import numpy as np
+import queue
+import threading
 
 from dynaexq.config import RuntimeConfig
+from dynaexq.threads import limit_this_thread
 
 
 def observe(controller, stats: dict, tokens_at_decision: int) -> bool:
@@ -29,71 +30,76 @@ def observe(controller, stats: dict, tokens_at_decision: int) -> bool:
     return controller.steps % c.update_every == 0
 
 
-HISTORY = 64  # target maps kept for inspection (one per decision; older ones are dropped)
-
-
 class Controller:
-    """Hotness in, a target map out, between steps. Two kinds of planner feed it: a slot planner (dynaexq,
-    multilevel, frozen: `assign` given, its target is every expert's tier) and, below the floor, a cache policy
-    (planners/offload.py: `assign` None; its target is the wanted higher copy of each resident expert, misses
-    being the forward's). Either way the residency applies the target (`Residency.apply`)."""
+    """Hotness in, a target map out. `plan` is the planner's live state: a slot plan (dynaexq, multilevel,
+    frozen: planners/dynamic.py SlotPlan) or, below the floor, the cache policy (planners/offload.py); its
+    `target(S, resident)` is the map the residency is to move to. The inference thread only updates the hotness
+    and, when a decision is due, takes a copy of it; the decision (the planner's work) and `Residency.apply` run
+    on the controller's own thread, in the order the copies were taken (so the sequence of maps depends on the
+    statistics alone). `blocking` runs them inline and waits for the fetches (the ablation)."""
 
-    def __init__(self, planner, hotness, residency, config: RuntimeConfig, assign: dict | None = None,
-                 costs: dict | None = None, tiers: list | None = None, cold: bool = False):
-        self.planner, self.hotness, self.residency, self.config = planner, hotness, residency, config
-        self.assign, self.costs, self.tiers = assign, costs, tiers
-        self.cold = cold  # no warm start: the first decision takes the top-n directly
-        self.steps = self.tokens = self.decisions = self.pairs = 0
+    def __init__(self, plan, hotness, residency, config: RuntimeConfig):
+        self.plan, self.hotness, self.residency, self.config = plan, hotness, residency, config
+        self.steps = self.tokens = self.decisions = 0
         self._tokens_at_decision = 0
-        self.history: deque = deque(maxlen=HISTORY)  # the target map after the latest decisions (tier indices)
+        self._lock = threading.Lock()  # the plan: decisions write it, target_map (stats, other threads) reads it
+        self._due: queue.Queue = queue.Queue()  # hotness copies of decisions not yet taken (None: stop)
+        self._thread = None if config.blocking else threading.Thread(target=self._run, name="dynaexq-controller",
+                                                                     daemon=True)
+        if self._thread is not None:
+            self._thread.start()
 
     def on_step(self, stats: dict) -> None:
-        """stats: {layer: (routed tokens, routed mass [E])} of one forward pass."""
+        """stats: {layer: (routed tokens, routed mass [E])} of one step (the inference thread)."""
         if observe(self, stats, self._tokens_at_decision):
-            self.decide()
+            self._tokens_at_decision = self.tokens
+            if self._thread is None:
+                self.decide()
+                self.residency.drain()
+            else:
+                self._due.put(self.hotness.snapshot())
 
-    def decide(self) -> dict:
-        """Re-plan from the hotness -> the target handed to the residency."""
-        self._tokens_at_decision = self.tokens
-        self.decisions += 1
-        S = self.hotness.snapshot()
-        if self.assign is None:
-            self.planner.update(S)
-            target = {k: w for k, p in self.residency.resident().items() if (w := self.planner.want(*k)).bits > p.bits}
-        else:
-            self.pairs += len(self.planner.decide(S, self.assign, self.costs, self.tiers, cold=self.cold))
-            self.cold = False
-            self.history.append(tuple(tuple(a.tolist()) for _, a in sorted(self.assign.items())))
-            target = self.target_map()
+    def decide(self, S: dict | None = None) -> dict:
+        """Decide now, from the hotness S (default: as it is now) -> the target handed to the residency."""
+        S = self.hotness.snapshot() if S is None else S
+        with self._lock:
+            target = self.plan.target(S, self.residency.resident())
+            self.decisions += 1
         self.residency.apply(target)
-        if self.config.blocking:  # the ablation: the forward pass waits for the transitions
-            self.residency.drain()
         return target
 
+    def _run(self) -> None:
+        limit_this_thread(1)  # the planner's work must not take the forward pass's cores
+        while (S := self._due.get()) is not None:
+            try:
+                self.decide(S)
+            except Exception as err:  # a decision that fails changes nothing; the next one starts over
+                self.residency.errors.append(f"FATAL decision: {type(err).__name__}: {err}")
+            finally:
+                self._due.task_done()
+
+    def drain(self) -> None:
+        """Wait until the decisions due so far are taken (their fetches may still run: Residency.drain)."""
+        if self._thread is not None:
+            self._due.join()
+
+    @property
+    def pairs(self) -> int:
+        return getattr(self.plan, "pairs", 0)
+
     def target_map(self) -> dict:
-        """{(layer, e): precision} the controller wants (below the floor: the policy's wanted precision of each
-        resident expert, None for the others)."""
-        if self.assign is None:
-            resident = self.residency.resident()
-            return {(layer, e): (self.planner.want(layer, e) if (layer, e) in resident else None)
-                    for layer in self.hotness.S for e in range(self.hotness.num_experts)}
-        return {(layer, e): self.tiers[t] for layer, a in self.assign.items() for e, t in enumerate(a.tolist())}
+        """{(layer, e): precision} the controller wants (below the floor: of the resident experts)."""
+        with self._lock:
+            return self.plan.map(self.residency.resident())
 
     def close(self) -> None:
-        """Stop the residency's fetches (queued ones are dropped, the one in flight ends) and save the hotness
-        file, whatever happens while stopping."""
+        """Stop deciding, then the residency's fetches (queued ones are dropped, the one in flight ends), and save
+        the hotness file, whatever happens while stopping."""
         try:
+            if self._thread is not None:
+                self._due.put(None)
+                self._thread.join(30)
             self.residency.close()
         finally:
             if self.config.hotness_file:
                 self.hotness.save(self.config.hotness_file)
-
-
-def initial_assign(planner, S: dict, counts: dict, tiers: list, costs: dict) -> dict:
-    """The target at start: tiers filled in expert order, then rearranged with no hysteresis (the top-n directly)."""
-    assign = {}
-    for layer in S:
-        slots = [i for i, p in enumerate(tiers) for _ in range(counts.get((layer, p), 0))]
-        assign[layer] = np.array(slots, dtype=np.int64)
-    planner.decide(S, assign, costs, tiers, cold=True)
-    return assign

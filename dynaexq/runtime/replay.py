@@ -19,6 +19,7 @@ shapes and the registered formats (`sizes_from_shapes`).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -305,31 +306,33 @@ class _Residency:
                 self.fetches += self.score[0]
                 self.read += self.sizes[p] * self.score[0]
 
+    def resident(self) -> dict:
+        return self.published
+
+    def drain(self) -> None:  # every fetch completes at once
+        pass
+
 
 def _replay_resident(trace, planner, reader, budget, sizes, hotness, clock, score_from) -> dict:
-    from dynaexq.runtime.controller import Controller, initial_assign
+    from dynaexq.runtime.controller import Controller
     tiers = planner.tiers(reader)
-    slot = {(layer, p): sizes[p] for layer in trace.layers for p in tiers}
-    counts = planner.counts(reader, slot, budget, None)
-    costs = planner.costs(reader)
-    flat = {layer: torch.zeros(trace.num_experts, dtype=torch.float64) for layer in trace.layers}
-    assign = initial_assign(planner, flat, counts, tiers, costs)
+    plan = planner.start(reader, {(layer, p): sizes[p] for layer in trace.layers for p in tiers}, budget)
     score = [False]
     moves = _Residency(sizes, score)
-    ctl = Controller(planner, hotness, moves, clock.config, assign, costs, tiers, cold=True)
-    moves.apply(ctl.target_map())  # the install: not scored
+    ctl = Controller(plan, hotness, moves, dataclasses.replace(clock.config, blocking=True))  # decisions inline
+    moves.apply(plan.map())  # the install: not scored
     served, count = Counter(), Counter()
     for t in range(len(trace)):
         score[0] = t >= score_from
         for i, layer in enumerate(trace.layers):
             ok = trace.experts[t, i] >= 0
             for e, w in zip(trace.experts[t, i][ok].tolist(), trace.weights[t, i][ok].tolist()):
-                served[tiers[assign[layer][e]]] += w * score[0]
+                served[tiers[plan.assign[layer][e]]] += w * score[0]
                 count["hits"] += score[0]
         ctl.on_step(_step_stats(trace, t))
     count["fetches"] = moves.fetches
     return _report(trace, str(planner), "resident", count, served, moves.read, score_from,
-                   {p.value: sum(n for (_, q), n in counts.items() if q == p) for p in tiers})
+                   {p.value: sum(n for (_, q), n in plan.counts.items() if q == p) for p in tiers})
 
 
 def _report(trace, policy, regime, count, served, read, score_from, slots) -> dict:

@@ -69,7 +69,7 @@ def test_a_failed_read_leaves_the_map_serving_without_leaks_or_hangs(engine, tmp
         decide(rt, {L0: hot(e0=0.5, e7=0.4)})  # 0 replaces 6 in layer L0 -- its int8 read will fail
         decide(rt, {L1: hot(e0=0.5, e7=0.4)})  # independent: layer L1
         gate.set()
-        rt.residency.drain(timeout=20)
+        rt.drain()
         stats, errors = rt.residency.stats, list(rt.residency.errors)
         assert stats["failures"] == 1 and stats["unstuck"] == 1 and len(errors) == 1, (stats, errors)
         assert "expert 0 of layer" in errors[0] and not any(e.startswith("FATAL") for e in errors)
@@ -79,7 +79,7 @@ def test_a_failed_read_leaves_the_map_serving_without_leaks_or_hangs(engine, tmp
         assert now[(L0, 0)] == P.INT2 and now[(L1, 0)] == P.INT8  # (arenas serve every layer: 6 may be either)
         rt.residency.read = real
         decide(rt, {})
-        rt.residency.drain(timeout=20)
+        rt.drain()
         assert published(engine) == rt.controller.target_map() and published(engine)[(L0, 0)] == P.INT8
         rt.check()
         closed = close_within(engine, 10)
@@ -101,7 +101,7 @@ def test_fetches_superseded_by_a_later_decision_end_at_its_target(engine):
         decide(rt, {L0: hot(e0=0.5, e7=0.4)})
         decide(rt, {L0: hot(e1=0.6, e7=0.5)})
         gate.set()
-        rt.residency.drain(timeout=20)
+        rt.drain()
         stats = rt.residency.stats
         assert stats["retries"] == 1 and stats["failures"] == 0, stats
         rt.check()
@@ -130,8 +130,8 @@ def test_controller_history_is_bounded(engine):
         g = torch.Generator().manual_seed(0)
         for _ in range(300):
             rt.controller.on_step({layer: (4, torch.rand(8, generator=g)) for layer in engine.banks})
-        rt.residency.drain()
-        assert rt.controller.decisions == 300 and len(rt.controller.history) <= 64
+        rt.drain()
+        assert rt.controller.decisions == 300 and len(rt.controller.plan.history) <= 64
     finally:
         engine.close()
 
@@ -207,7 +207,7 @@ def test_cuda_transitions_build_and_copy_on_the_copy_stream_and_publish_after_it
     monkeypatch.setattr(rt.table, "publish", lambda *a: log.append("publish") or publish(*a))
     try:
         decide(rt, {L0: hot(e0=0.5, e7=0.4)})
-        rt.residency.drain(timeout=20)
+        rt.drain()
         assert rt.residency.stats["promotions"] == 1 and rt.residency.stats["relocations"] == 1
         # 6 down into staging, 0 up into 6's slot, 6 from staging into 0's: two reads, three copies
         assert [x for x in log if isinstance(x, tuple)] == [("read", True), ("place", True)] * 2 + [("place", True)]

@@ -119,7 +119,7 @@ def test_budget_never_exceeded_and_invariants_hold_under_churn(checkpoints):
         stop.set()
         w.join()
     assert max(seen) <= cap and rt.pools.tracker.peak <= cap
-    rt.residency.drain()
+    rt.drain()
     rt.check(quiescent=False)
     r = rt.stats()["offload"]
     assert r["resident"] <= sum(rt.planner.counts.values())

@@ -30,7 +30,7 @@ def test_invariants_hold_and_the_budget_is_never_exceeded_after_random_churn(eng
         for _ in range(steps):
             rt.controller.on_step(random_stats(engine, g))
             rt.check(quiescent=False)
-        rt.residency.drain()
+        rt.drain()
         rt.check()
         assert rt.pools.tracker.peak <= rt.pools.nbytes() <= rt.plan.expert_budget + rt.plan.staging[0] * rt.plan.staging[1]
         assert rt.plan.expert_bytes() <= rt.plan.expert_budget
@@ -122,7 +122,7 @@ def test_no_torn_reads_while_transitions_race_the_forward(engine):
     rt = start(engine, "dynaexq:hi=int8,lo=int2,delta=0", update_every=1)
     try:
         tears, overlapped = _race(engine, rt, overlaps=500)
-        rt.residency.drain()
+        rt.drain()
         rt.check()
         assert tears == 0
         assert overlapped >= 500, overlapped  # the race did happen
@@ -153,9 +153,9 @@ def test_the_published_maps_do_not_depend_on_how_fast_transitions_run(engine):
             rt.residency.read = lambda *a: time.sleep(slow) or read(*a)
         decide = rt.controller.decide
 
-        def watched():
+        def watched(*a):
             lagging.append(rt.residency.pending() > 0)
-            return decide()
+            return decide(*a)
         rt.controller.decide = watched
         try:
             g = torch.Generator().manual_seed(5)
@@ -163,7 +163,7 @@ def test_the_published_maps_do_not_depend_on_how_fast_transitions_run(engine):
             for i in range(60):
                 rt.controller.on_step(random_stats(engine, g))
                 if i % 15 == 14:
-                    rt.residency.drain()
+                    rt.drain()
                     maps.append(published(engine))
             assert maps[-1] == rt.controller.target_map()
             return maps, rt.controller.pairs, sum(lagging)
@@ -185,7 +185,7 @@ def test_async_runtime_computes_exactly_what_a_static_map_computes(engine, check
             for _ in range(10):
                 engine.model(input_ids=ids)
                 rt.controller.on_step(random_stats(engine, g))
-            rt.residency.drain()
+            rt.drain()
             got = engine.model(input_ids=ids).logits
         assert rt.residency.stats["promotions"] > 0
         static = load(checkpoints("qwen3_moe")[1], "uniform:int2", progress=False)
@@ -270,7 +270,7 @@ def test_failed_reads_keep_the_previous_versions_serving_and_are_retried_then_re
         rt.hotness.set({layer: torch.tensor([0.5, 0, 0, 0, 0, 0, 0, 0.5]) for layer in engine.banks})
         rt.controller.decide()
         assert rt.controller.pairs == 2  # expert 0 replaces expert 6 in both layers
-        rt.residency.drain()
+        rt.drain()
         assert rt.residency.stats["failures"] == 0 and rt.residency.stats["retries"] == 1
         assert published(engine) == rt.controller.target_map() and rt.residency.stats["promotions"] == 2
         rt.check()
@@ -285,7 +285,7 @@ def test_failed_reads_keep_the_previous_versions_serving_and_are_retried_then_re
         rt.hotness.set({layer: torch.tensor([0.4, 0.6, 0, 0, 0, 0, 0, 0]) for layer in engine.banks})
         rt.controller.decide()
         assert rt.controller.pairs == 4  # expert 1 replaces expert 7 in both layers
-        rt.residency.drain()
+        rt.drain()
         assert published(engine) == before  # the previous versions kept serving (7 went back out of staging)
         assert rt.residency.stats["failures"] == 2 and rt.residency.stats["retries"] == 1 + 2 * 2  # 2 retries each
         errors = [m for m in rt.residency.errors if "retrying" not in m]
@@ -293,7 +293,7 @@ def test_failed_reads_keep_the_previous_versions_serving_and_are_retried_then_re
         rt.check()
         rt.residency.read = real  # the store recovers: the next decision's target is applied again
         rt.controller.decide()
-        rt.residency.drain()
+        rt.drain()
         assert published(engine) == rt.controller.target_map() != before
         rt.check()
     finally:
@@ -358,6 +358,7 @@ def test_the_controller_runs_from_the_engine_step_not_from_a_forward(engine):
         rt.controller.on_step = lambda stats: (seen.append(stats), real(stats))
         with torch.inference_mode():  # one step: the routing of all three forwards, 2 x (12 + 5 + 3) tokens
             engine.run(input_ids=ids[:, :3])
+        rt.controller.drain()  # the decision runs on the controller's thread
         assert rt.controller.steps == 1 and rt.controller.decisions == 1 and rt.controller.tokens == 40
         (stats,) = seen  # each layer's routed mass: 1 per token (the router renormalizes its top-k weights)
         assert engine.model.config.norm_topk_prob and sorted(stats) == sorted(engine.banks)
@@ -365,6 +366,27 @@ def test_the_controller_runs_from_the_engine_step_not_from_a_forward(engine):
         assert all(int(bank.token_counts.sum()) == 0 for bank in engine.banks.values())
     finally:
         engine.close()
+
+
+def test_decisions_run_on_the_controllers_thread_in_the_order_they_came_due(engine):
+    """The inference thread only hands over a copy of the hotness; the planner's work runs on the controller's
+    thread, one decision per copy, in order (so the maps are those of a run deciding inline: compared with one)."""
+    def run(blocking):
+        rt = start(engine, "dynaexq:hi=int8,lo=int2", update_every=2, blocking=blocking)
+        threads, real = [], rt.controller.plan.target
+        rt.controller.plan.target = lambda *a: threads.append(threading.current_thread().name) or real(*a)
+        try:
+            g = torch.Generator().manual_seed(11)
+            for _ in range(20):
+                rt.controller.on_step(random_stats(engine, g))
+            rt.drain()
+            return threads, list(rt.controller.plan.history), published(engine)
+        finally:
+            engine.close()
+
+    (off, maps, pub), (inline, maps_inline, pub_inline) = run(False), run(True)
+    assert off == ["dynaexq-controller"] * 10 and inline == ["MainThread"] * 10
+    assert maps == maps_inline and pub == pub_inline
 
 
 def test_runtime_config_decides_by_tokens_unless_steps_are_asked_for():
@@ -388,18 +410,18 @@ def test_multilevel_trades_slots_across_layers_totals_per_precision_fixed(engine
     try:
         def per_layer():
             return {(layer, p): sum(v.precision == p for v in engine.banks[layer].versions)
-                    for layer in (L0, L1) for p in rt.controller.tiers}
+                    for layer in (L0, L1) for p in rt.controller.plan.tiers}
         before = per_layer()
         peaked = torch.zeros(E)
         peaked[:2] = 8.0  # layer L0: two experts take all of 16 tokens' mass (the others idle); layer L1 stays flat
         for _ in range(20):
             rt.controller.on_step({L0: (16, peaked), L1: (16, torch.full((E,), 2.0))})
-        rt.residency.drain()
+        rt.drain()
         after = per_layer()
         assert after != before  # a layer's count of some precision moved ...
-        for p in rt.controller.tiers:  # ... while each precision's total did not
+        for p in rt.controller.plan.tiers:  # ... while each precision's total did not
             assert after[(L0, p)] + after[(L1, p)] == before[(L0, p)] + before[(L1, p)]
-        best = next(p for p in rt.controller.tiers if before[(L0, p)] + before[(L1, p)])  # the highest one held
+        best = next(p for p in rt.controller.plan.tiers if before[(L0, p)] + before[(L1, p)])  # the highest one held
         assert engine.banks[L0].versions[0].precision == engine.banks[L0].versions[1].precision == best
         assert after[(L0, best)] == 2 and after[(L1, best)] > before[(L1, best)]  # L0's idle experts' slots went to L1
         assert published(engine) == rt.controller.target_map() and rt.residency.stats["failures"] == 0

@@ -22,11 +22,13 @@ frozen[:hi=int8,lo=int2,alloc=proportional]
 Below the budget of every expert at the lowest precision, dynaexq and multilevel run the offload regime
 (`offload_policy`: planners/offload.py; options hi_share=0 and prefetch=0 apply there). With hi_share=0 every
 byte below that budget buys residency at `lo`, so the map is continuous across it (bench/floor.py).
-A planner never touches bytes: `decide` returns pairs and updates the target assignment it is given.
+A planner never touches bytes: `start` gives the live plan (SlotPlan), whose `target` returns the map the residency
+(runtime/residency.py) is to move to; `decide` returns the pairs and updates the assignment it is given.
 """
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,6 +144,17 @@ class DynamicPlanner:
             out[(layer, p)] += 1
         return out
 
+    def start(self, reader, slot_bytes: dict, expert_budget: int, hotness=None) -> "SlotPlan":
+        """The live plan at start: slot counts within the budget (`counts`), then the tiers filled in expert order
+        and rearranged by the warm-start hotness with no hysteresis (the top-n directly)."""
+        counts, tiers, costs = self.counts(reader, slot_bytes, expert_budget, hotness), self.tiers(reader), \
+            self.costs(reader)
+        S = hotness or {layer: np.zeros(reader.num_experts) for layer in reader.layers}
+        assign = {layer: np.array([i for i, p in enumerate(tiers) for _ in range(counts.get((layer, p), 0))],
+                                  dtype=np.int64) for layer in reader.layers}
+        self.decide(S, assign, costs, tiers, cold=True)
+        return SlotPlan(self, counts, assign, costs, tiers, cold=hotness is None)
+
     def costs(self, reader) -> dict:
         """{layer: [E, P]} cost of each expert at each tier (0/1 for two tiers; error**power for multilevel)."""
         tiers = self.tiers(reader)
@@ -189,6 +202,31 @@ class DynamicPlanner:
             return f"multilevel:ladder={'/'.join(p.value for p in self.ladder)},power={self.power:g},delta={self.delta:g}"
         extra = "" if self.kind == "frozen" else f",delta={self.delta:g}"
         return f"{self.kind}:hi={self.hi.value},lo={self.lo.value}{extra},alloc={self.alloc}"
+
+
+HISTORY = 64  # target maps kept for inspection (one per decision; older ones are dropped)
+
+
+class SlotPlan:
+    """A slot planner's live state: the tier each expert is to hold (`assign`: {layer: int [E]}), re-decided from
+    the hotness by `target`. The target, not what is published, is what the next decision starts from, so the
+    sequence of maps depends on the statistics alone, not on how fast the residency moves bytes."""
+
+    def __init__(self, planner: DynamicPlanner, counts: dict, assign: dict, costs: dict, tiers: list, cold: bool):
+        self.planner, self.counts, self.assign, self.costs, self.tiers = planner, counts, assign, costs, tiers
+        self.cold = cold  # no warm start: the first decision takes the top-n directly
+        self.pairs = 0  # swaps decided so far
+        self.history: deque = deque(maxlen=HISTORY)  # the target map after the latest decisions (tier indices)
+
+    def target(self, S: dict, resident=None) -> dict:
+        """Re-decide from the hotness S {layer: [E]} -> {(layer, e): precision} of every expert."""
+        self.pairs += len(self.planner.decide(S, self.assign, self.costs, self.tiers, cold=self.cold))
+        self.cold = False
+        self.history.append(tuple(tuple(a.tolist()) for _, a in sorted(self.assign.items())))
+        return self.map()
+
+    def map(self, resident=None) -> dict:
+        return {(layer, e): self.tiers[t] for layer, a in self.assign.items() for e, t in enumerate(a.tolist())}
 
 
 def _swaps(S, C, tier, delta: float) -> list:

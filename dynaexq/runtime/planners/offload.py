@@ -81,6 +81,12 @@ class LruPolicy:
     def update(self, S: dict) -> None:  # LRU needs no hotness
         pass
 
+    def target(self, S: dict, resident: dict) -> dict:
+        return _target(self, S, resident)
+
+    def map(self, resident: dict) -> dict:
+        return {k: self.want(*k) for k in resident}
+
     def __str__(self):
         return f"lru-offload{'+prefetch' if self.prefetch else ''}:{self.precision.value}"
 
@@ -148,7 +154,21 @@ class HotPolicy:
         ranked = sorted(self.score, key=lambda k: -self.score[k])
         self.wanted_hi = {k for k in ranked[:n_hi] if self.score[k] > 0}
 
+    def target(self, S: dict, resident: dict) -> dict:
+        return _target(self, S, resident)
+
+    def map(self, resident: dict) -> dict:
+        return {k: self.want(*k) for k in resident}
+
     def __str__(self):
         extra = f"hi={self.hi.value},hi_share={self.hi_share:g}," if self.hi_share > 0 else ""
         return (f"{self.name}:{extra}lo={self.lo.value},prefetch={int(self.prefetch)},alloc={self.alloc} "
                 "(offload regime)")
+
+
+def _target(policy, S: dict, resident: dict) -> dict:
+    """A cache policy's decision: re-score from the hotness S, then {key: precision} of the resident experts the
+    policy wants higher than they are held (their wanted copies are fetched in the background; which experts are
+    resident is the misses' and the victims' business, not a decision's)."""
+    policy.update(S)
+    return {k: w for k, p in resident.items() if (w := policy.want(*k)).bits > p.bits}
