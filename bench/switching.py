@@ -20,7 +20,7 @@ What it measures
     blocking   the same with transitions run inline at each decision (the paper's blocking-migration
                ablation: the forward pass waits for them)
   tokens/s = new tokens / decode seconds (prefill included in neither). Forward wait = time the forward
-  passes waited for the table lock (live) or for inline transitions (blocking). Switches = pairs done.
+  passes waited for the table lock (live) or for inline transitions (blocking). Switches = swaps decided.
 Goals: live / static >= 0.97; forward wait of live = 0 ms (reported in ms: lock waits are microseconds).
 Output: a human table, then one JSON object on the last stdout line.
 """

@@ -27,16 +27,6 @@ constexpr int PF = 2;  // software prefetch distance, in groups (the hardware's 
 
 extern "C" int dynaexq_lowbit_isa() { return ISA; }
 
-// code i of the store's bit packing (quant/packing.py): int4 two per byte, int2 four per byte (low bits
-// first), int3 eight and int6 four per 3-byte little-endian word
-static inline uint32_t store_code(const uint8_t* d, int bits, long i) {
-  if (bits == 4) return (d[i >> 1] >> ((i & 1) * 4)) & 15;
-  if (bits == 2) return (d[i >> 2] >> ((i & 3) * 2)) & 3;
-  const int per = 24 / bits;
-  const uint8_t* w = d + 3 * (i / per);
-  return ((w[0] | (w[1] << 8) | (w[2] << 16)) >> (bits * (i % per))) & ((1u << bits) - 1);
-}
-
 // a chunk: k per chunk and codes per 32-bit word read by shifting (int3 / int6: three words, the last code(s)
 // split over their top bits); 0 for a width without a kernel
 constexpr int chunk_k(int bits) { return bits == 2 ? 16 : bits == 3 ? 32 : bits == 4 ? 8 : bits == 6 ? 16 : 0; }
@@ -61,14 +51,23 @@ extern "C" int dynaexq_lowbit_pack(int bits, int N, int K, int G, const uint8_t*
         const long n = 16L * p + row;
         for (int c = 0; c < chunks; c++) {
           const long base = n * K + (long)g * G + (long)c * ck;
+          // the store packs codes as one little-endian bit stream (quant/packing.py: int2 / int4 four / two a
+          // byte, int3 / int6 eight / four a 3-byte word, low bits first): code i at bit bits * i, so a chunk's
+          // codes are its ck * bits / 8 bytes (base is a multiple of ck: whole bytes)
+          if (nw == 1) {  // int2 / int4: the chunk's 4 bytes are the word
+            memcpy(rec + 4L * (c * 16 + row), data + base * bits / 8, 4);
+            continue;
+          }
+          unsigned __int128 x = 0;
+          memcpy(&x, data + base * bits / 8, ck * bits / 8);
+          const int span = bits * per;  // bits of a word's own codes: 30 for int3 / int6
           for (int w = 0; w < nw; w++) {
-            uint32_t v = 0;
-            for (int j = w * per; j < (w + 1) * per; j++) v |= store_code(data, bits, base + j) << (bits * (j % per));
-            if (bits == 3) {
-              const uint32_t c30 = store_code(data, 3, base + 30), c31 = store_code(data, 3, base + 31);
+            uint32_t v = (uint32_t)((x >> (span * w)) & ((((unsigned __int128)1) << span) - 1));
+            if (bits == 3) {  // codes 30 and 31 (bits 90-95) over the top bits
+              const uint32_t c30 = (uint32_t)(x >> 90) & 7, c31 = (uint32_t)(x >> 93) & 7;
               v |= w == 0 ? (c30 & 3) << 30 : w == 1 ? ((c30 >> 2) << 30) | ((c31 >> 2) << 31) : (c31 & 3) << 30;
             }
-            if (bits == 6) v |= ((store_code(data, 6, base + 15) >> (2 * w)) & 3) << 30;
+            if (bits == 6) v |= (((uint32_t)(x >> 90) >> (2 * w)) & 3) << 30;  // code 15 (bits 90-95)
             memcpy(rec + 4L * ((c * nw + w) * 16 + row), &v, 4);
           }
         }
