@@ -44,6 +44,7 @@ class Controller:
         self._tokens_at_decision = 0
         self._lock = threading.Lock()  # the plan: decisions write it, target_map (stats, other threads) reads it
         self._due: queue.Queue = queue.Queue()  # hotness copies of decisions not yet taken (None: stop)
+        self._closing = False  # decisions still queued at close are skipped
         self._thread = None if config.blocking else threading.Thread(target=self._run, name="dynaexq-controller",
                                                                      daemon=True)
         if self._thread is not None:
@@ -72,7 +73,8 @@ class Controller:
         limit_this_thread(1)  # the planner's work must not take the forward pass's cores
         while (S := self._due.get()) is not None:
             try:
-                self.decide(S)
+                if not self._closing:
+                    self.decide(S)
             except Exception as err:  # a decision that fails changes nothing; the next one starts over
                 self.residency.errors.append(f"FATAL decision: {type(err).__name__}: {err}")
             finally:
@@ -97,6 +99,7 @@ class Controller:
         the hotness file, whatever happens while stopping."""
         try:
             if self._thread is not None:
+                self._closing = True
                 self._due.put(None)
                 self._thread.join(30)
             self.residency.close()
