@@ -125,7 +125,7 @@ class Engine:
 
     def apply(self, plan: dict, progress: bool = False) -> int:
         """Publish, for every (layer, expert) whose precision differs, the planned version read from the store;
-        returns how many experts changed. (Synchronous: the asynchronous transition engine is the runtime's.)"""
+        returns how many experts changed. (Synchronous: the asynchronous residency is the runtime's.)"""
         if self.runtime is not None:
             raise RuntimeError("the dynamic runtime owns the experts; call engine.close() before applying a map")
         changed = [(key, p) for key, p in sorted(plan.items())

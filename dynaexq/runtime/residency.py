@@ -242,7 +242,9 @@ class Residency:
             if self._closed:
                 return
             self.predicted[layer] = set(experts)
-            for key in [(layer, e) for e in experts if (layer, e) not in self.where and (layer, e) not in self.inflight]:
+            for key in [(layer, e) for e in experts]:
+                if key in self.where or key in self.inflight:
+                    continue
                 p = self.policy.want(*key)
                 pool = self.pools.pools.get(p)
                 if pool is not None and self.policy.victim(layer, p, self._candidates(p), bool(pool._free),

@@ -2,8 +2,8 @@
 
 Static planners give one map; dynamic ones (`dynamic = True`: dynaexq, multilevel, frozen) give slot counts and
 re-decide which experts hold them while the model runs (runtime/planners/dynamic.py). A planner never touches bytes: `plan(reader, budget=None, hotness=None)` returns {(layer, expert): Precision}
-and the loader or the transition engine makes it so. Planners whose `hotness_source` is not None need routing
-statistics ({layer: routed mass [E]}) from that kind of text. `parse_policy(spec)` is the one registry.
+and the loader or the runtime's residency (runtime/residency.py) makes it so. Planners whose `hotness_source` is
+not None need routing statistics ({layer: routed mass [E]}) from that kind of text. `parse_policy(spec)` is the one registry.
 """
 from __future__ import annotations
 
