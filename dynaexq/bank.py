@@ -12,9 +12,9 @@ sync) or, below the floor (`residency` holds fewer than every expert), the route
 resident (in several waves when it holds fewer than the layer routes to). Two paths compute a wave's experts
 (`path`): "grouped" (the default) makes one native call per precision tier and matrix for all of the tier's
 routed pairs (quant.grouped_cpu: the kernel walks the experts from a pointer table rebuilt only when a version
-changes) and routes, activates (SwiGLU) and combines natively, so the calls per layer are bounded by the tiers, not the experts, and no routing count reaches
-the host; "reference" is the per-expert loop in torch (one kernel call per routed expert, split points synced to
-the host), kept as the path the grouped one is tested against. Experts whose kernel has no grouped form (CUDA,
+changes) and routes, activates (SwiGLU) and combines natively, so the calls per layer are bounded by the tiers,
+not the experts, and no routing count reaches the host; "reference" is the per-expert loop in torch (one kernel
+call per routed expert, split points synced to the host), kept as the path the grouped one is tested against. Experts whose kernel has no grouped form (CUDA,
 biases, the float32 dequantize fallback) run the per-expert loop in either.
 
 It also records, per expert, routed token counts and routed probability mass (the sum of routing
