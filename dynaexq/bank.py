@@ -5,17 +5,17 @@ top_k_weights [T, K]) -> [T, H]`: group the T*K routed (token, expert) pairs by 
 expert's tokens through the kernels of the version currently published for it, scale by the routing
 weight, and add into the output. Routers, shared experts and everything else stay transformers'.
 
-One forward, on one screen: route (the pairs grouped by expert, their token rows gathered, the statistics
-added), then per wave of experts (`_waves`) the experts' matrices, then combine (each token's weighted outputs
-summed in ascending expert order). A wave is every published expert when every expert is resident (no host
-sync) or, below the floor (`residency` holds fewer than every expert), the routed experts the residency has made
-resident (in several waves when it holds fewer than the layer routes to). Two paths compute a wave's experts
-(`path`): "grouped" (the default) makes one native call per precision tier and matrix for all of the tier's
-routed pairs (quant.grouped_cpu: the kernel walks the experts from a pointer table rebuilt only when a version
-changes) and routes, activates (SwiGLU) and combines natively, so the calls per layer are bounded by the tiers,
-not the experts, and no routing count reaches the host; "reference" is the per-expert loop in torch (one kernel
-call per routed expert, split points synced to the host), kept as the path the grouped one is tested against. Experts whose kernel has no grouped form (CUDA,
-biases, the float32 dequantize fallback) run the per-expert loop in either.
+One forward, on one screen: route (the pairs grouped by expert, their token rows gathered, the statistics added),
+then per wave of experts (`_waves`) the experts' matrices, then combine (each token's weighted outputs summed in
+ascending expert order). A wave is every published expert when every expert is resident (no host sync) or, below the
+floor (`residency` holds fewer than every expert), the routed experts the residency has made resident (in several
+waves when it holds fewer than the layer routes to). Two paths compute a wave's experts (`path`): "grouped" (the
+default) makes one native call per precision tier and matrix for all of the tier's routed pairs (quant.grouped_cpu:
+the kernel walks the experts from a pointer table rebuilt only when a version changes) and routes, activates
+(SwiGLU) and combines natively, so the calls per layer are bounded by the tiers, not the experts, and no routing
+count reaches the host; "reference" is the per-expert loop in torch (one kernel call per routed expert, split points
+synced to the host), kept as the path the grouped one is tested against. Experts whose kernel has no grouped form
+(CUDA, biases, the float32 dequantize fallback) run the per-expert loop in either.
 
 It also records, per expert, routed token counts and routed probability mass (the sum of routing
 weights of the tokens that selected it) into device tensors without a host sync (rows of the engine's [L, E]
