@@ -4,6 +4,8 @@ Command (reuses bench/generate.py's checkpoint and store in --workdir, else buil
 
     .venv/bin/python bench/step_profile.py                 # 16 layers x 16 experts, vocab 8192, int4 experts
     .venv/bin/python bench/step_profile.py --layers 4 --experts 128 --vocab 151936   # the whole-model bench's shape
+    .venv/bin/python bench/step_profile.py --layers 4 --experts 128 --vocab 151936 \
+        --weight-budget ~/.cache/dynaexq/llamacpp/work/qwen3moe-L4-E128-H2048-I768-V151936-bfloat16-s0-whole-Q4_K_M.gguf
 
 What it measures
   Model: bench/_common.py's synthetic Qwen3-30B-A3B-shaped checkpoint (hidden 2048, experts of 768, top-8,
@@ -104,6 +106,8 @@ def main(argv=None) -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--policy", default="uniform:int4")
     ap.add_argument("--dense", default="bf16", help="model | int8 | bf16 (the non-expert matrices)")
+    ap.add_argument("--weight-budget", help="SIZE | FILE.gguf: plan every weight in one budget instead of --dense "
+                    "(a GGUF file also caps the reads at its own, as `dynaexq generate` does)")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
@@ -116,14 +120,19 @@ def main(argv=None) -> None:
     workdir = Path(args.workdir)
     ckpt = synthetic_checkpoint(workdir, layers=args.layers, experts=args.experts, vocab=args.vocab,
                                 log=lambda *a: print(*a, file=sys.stderr))
-    needed = [args.policy.split(":")[1]] + ([args.dense] if args.dense in ("int8",) else [])
+    needed = [args.policy.split(":")[1]] + ([args.dense] if args.dense in ("int8",) else []) + \
+        (["bf16", "int8", "int6", "int4"] if args.weight_budget else [])
     store = find_store(workdir, ckpt, needed)
     if store is None:
         store = workdir / f"store-{ckpt.name}-{'_'.join(needed)}"
         print(f"preparing {store} (once)", file=sys.stderr)
         prepare(ckpt, store, precisions=needed, progress=True)
-    engine = dynaexq.load(str(ckpt), policy=args.policy, store=str(store), dense=args.dense, progress=False,
-                          verify="off")
+    dense = "model" if args.weight_budget else args.dense
+    engine = dynaexq.load(str(ckpt), policy=args.policy, store=str(store), dense=dense, progress=False,
+                          verify="off", weight_budget=args.weight_budget)
+    if args.weight_budget:
+        held = collections.Counter(p.value for p in engine.dense_plan.values())
+        print(f"non-expert matrices {dict(held)}", file=sys.stderr)
     acc = collections.Counter()
     with torch.inference_mode():
         hot, cold = router_hot_and_cold(engine)
@@ -156,8 +165,9 @@ def main(argv=None) -> None:
         "decoder step, but the model": 1e3 * step - ms["model"],
     }
     kernels = sum(list(parts.values())[:3])
+    what = args.dense if not args.weight_budget else f"planned by --weight-budget {args.weight_budget}"
     print(f"decode step, batch 1, {args.layers} layers x {args.experts} experts, vocab {args.vocab}, "
-          f"{args.policy}, dense {args.dense}, {args.threads} threads: {1e3 * step:.2f} ms")
+          f"{args.policy}, dense {what}, {args.threads} threads: {1e3 * step:.2f} ms")
     for k, v in parts.items():
         print(f"  {k:38s} {v:7.2f} ms  {100 * v / (1e3 * step):5.1f} %")
     print(f"  weights' kernels {kernels:.2f} ms ({100 * kernels / (1e3 * step):.0f} %), everything else "
@@ -165,7 +175,7 @@ def main(argv=None) -> None:
           f"{(1e3 * step - kernels) / args.layers:.2f} ms a layer)")
     print(f"one router call: {hot:.0f} us in a loop, {cold:.0f} us right after 64 MiB of other writes")
     print(json.dumps({"bench": "step_profile", "layers": args.layers, "experts": args.experts, "vocab": args.vocab,
-                      "policy": args.policy, "dense": args.dense, "threads": args.threads, "step_ms": 1e3 * step,
+                      "policy": args.policy, "dense": what, "threads": args.threads, "step_ms": 1e3 * step,
                       "parts_ms": parts, "router_us": {"hot": hot, "cold": cold}}))
 
 
