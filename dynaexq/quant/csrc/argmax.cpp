@@ -20,10 +20,14 @@ extern "C" int dynaexq_argmax(long R, long V, const void* x, int dt, int64_t* ou
     for (long c0 = 0; c0 < V && !nan; c0 += C) {
       const long n = std::min(C, V - c0);
       to_f32((const char*)x + (r * V + c0) * es, dt, buf.data(), n);
-      float m = -INFINITY;  // the chunk's max first (vectorizes), then its first position only if it wins
-      for (long i = 0; i < n; ++i) m = buf[i] > m ? buf[i] : m;
-      bool has_nan = false;
-      for (long i = 0; i < n; ++i) has_nan |= buf[i] != buf[i];
+      const float* v = buf.data();
+      float m = -INFINITY;  // the chunk's max first (vectorized: NaNs are looked for apart), then its first
+      int has_nan = 0;      // position only if it wins
+#pragma omp simd reduction(max : m) reduction(| : has_nan)
+      for (long i = 0; i < n; ++i) {
+        m = v[i] > m ? v[i] : m;
+        has_nan |= v[i] != v[i];
+      }
       if (has_nan) {
         for (long i = 0; i < n; ++i)
           if (buf[i] != buf[i]) { at = c0 + i; nan = true; break; }
