@@ -471,15 +471,23 @@ class Residency:
         return p, i
 
     def _give_back(self, slot, held) -> None:
-        """A slot back to its arena; deferred fetches and relocations get another try."""
+        """A slot back to its arena; the deferred fetches that can use it get another try (those of its precision;
+        for a staging slot, the background ones), not every deferred fetch: a decision with many swaps would
+        retry all of them at every slot given back."""
         self.pools.reclaim(*slot)
+        key = slot[0]
         with self._cv:
             if held is not None:
                 self.held[held] -= 1
+            wait = []
             for f in self._deferred:
-                heapq.heappush(self._queue, f)
-            self._deferred.clear()
-            self._cv.notify_all()
+                if f.precision == key or (key == STAGING and f.priority == BACKGROUND):
+                    heapq.heappush(self._queue, f)
+                else:
+                    wait.append(f)
+            if len(wait) < len(self._deferred):
+                self._deferred = wait
+                self._cv.notify_all()
 
     def _reclaim_retired(self, wait: bool = False) -> None:
         """Give back the slots of replaced versions no reader holds any more; with `wait`, wait for them up to
