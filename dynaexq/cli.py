@@ -259,7 +259,7 @@ def _add_weight_budget(parser, many: bool = False) -> None:
                         "FILE.gguf (the bytes of its tensors): the non-expert matrices (attention, shared experts, "
                         "head, embedding) and the experts are planned in one budget; instead of --expert-budget and "
                         "--dense")
-    parser.add_argument("--read-budget", metavar="SIZE|FILE.gguf", help="with --weight-budget (or --budget): the "
+    parser.add_argument("--read-budget", metavar="SIZE|FILE.gguf|none", help="with --weight-budget (or --budget): the "
                         "bytes one decode token may read of every weight (batch-1 decode speed is bound by them), or "
                         "a FILE.gguf (what a token reads of that file); the plan then trades precision where every "
                         "token reads (attention, head) for precision where only the routed tokens do (experts). "
