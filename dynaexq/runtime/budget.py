@@ -86,13 +86,13 @@ class BudgetPlan:
                          + ", ".join(f"{k} {format_size(v)}" for k, v in self.reserves.items())
                          + f") + experts {format_size(self.expert_budget)}")
         else:
-            lines.append(f"expert budget {format_size(self.expert_budget)}; staging "
-                         f"{self.staging[0]} x {format_size(self.staging[1])} on top")
+            lines.append(f"expert budget {format_size(self.expert_budget)}" + (
+                f"; staging {self.staging[0]} x {format_size(self.staging[1])} on top" if self.staging[0] else ""))
         tiers = sorted({p for _, p in self.counts}, key=lambda p: -p.bits)
         layers = sorted({layer for layer, _ in self.counts})
-        for p in tiers:
-            lines.append(f"  {p.value:>5}: slots per layer " + " ".join(str(self.counts.get((layer, p), 0))
-                                                                      for layer in layers)
+        for p in tiers:  # below the floor a cache's slots are counted once, not per layer
+            held = " ".join(str(self.counts.get((layer, p), 0)) for layer in layers)
+            lines.append(f"  {p.value:>5}: " + (f"slots per layer {held}" if len(layers) > 1 else f"{held} slots")
                          + f"  ({format_size(self.tier_bytes().get(p.value, 0))})")
         lines.append(f"  experts use {format_size(self.expert_bytes())} of {format_size(self.expert_budget)}")
         return "\n".join(lines)
