@@ -302,12 +302,16 @@ class Residency:
         next `apply` submits them again) and an expert waiting in staging goes to any arena with a free slot, read
         at that arena's precision (its old slot, freed when it went to staging), so no staging slot stays held."""
         relocations = [f for f in self._deferred if f.priority == RELOCATE]
+        moved = False
         for f in relocations:  # out of staging: the others may then go on
             free = [k for k, pool in self.pools.pools.items() if k != STAGING and pool._free]
-            if free:
+            if f.precision in free:  # its own arena has room after all: a plain relocation
+                moved = True
+            elif free:  # another arena's slot, read at its precision (its old slot)
                 f.precision, f.priority, f.fallback = max(free, key=lambda k: k.bits), BACKGROUND, True
                 self.stats["unstuck"] += 1
-        if any(f.fallback for f in relocations):
+                moved = True
+        if moved:
             for f in self._deferred:
                 heapq.heappush(self._queue, f)
         else:  # nothing will free a slot: the next `apply` submits them again

@@ -40,6 +40,42 @@ def test_invariants_hold_and_the_budget_is_never_exceeded_after_random_churn(eng
         engine.close()
 
 
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10**6), rounds=st.integers(1, 4), fail=st.sampled_from([0.0, 0.3]))
+def test_any_target_with_the_arenas_counts_is_reached_through_failed_reads(engine, seed, rounds, fail):
+    """The residency alone: targets that permute the experts' tiers across layers (each arena's count kept), applied
+    back to back while reads fail at random (a fraction `fail`, given up at once): whatever fails, the invariants
+    hold and every expert keeps a version (one whose way out of staging also failed may still be served from
+    there); with reads working again, one more apply reaches the last target exactly and gives staging back."""
+    rt = start(engine, "multilevel:ladder=int8/int4/int2,delta=0", budget="int3", staging_slots=1, retries=0,
+               update_every=10**6)
+    try:
+        g = np.random.default_rng(seed)
+        real = rt.residency.read
+
+        def flaky(layer, e, p):
+            if g.random() < fail:
+                raise OSError("injected")
+            return real(layer, e, p)
+
+        rt.residency.read = flaky
+        keys = sorted(published(engine))
+        for _ in range(rounds):
+            tiers = [published(engine)[k] for k in keys]
+            target = dict(zip(keys, g.permutation(np.array(tiers, dtype=object)).tolist()))
+            rt.residency.apply(target)
+        rt.residency.drain()
+        rt.check()
+        assert len(published(engine)) == len(keys)  # (published() reads every expert's precision: none is None)
+        rt.residency.read = real
+        rt.residency.apply(target)
+        rt.residency.drain()
+        rt.check()
+        assert published(engine) == target and rt.pools.occupancy()["staging"]["used"] == 0
+    finally:
+        engine.close()
+
+
 def _reference_weights(engine, layer):
     """float64 dequantized (gate_up, down) of every expert at int8 and int2, straight from the store."""
     out = {}
