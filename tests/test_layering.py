@@ -14,8 +14,8 @@ RANK = {"errors": 0, "sizes": 0, "gguf_file": 0, "threads": 0, "config": 0, "clu
 INNER = {
     "engine": {"swap": 0, "kv_cache": 0, "attention": 0, "norm": 0, "router": 0, "auto": 0, "batch": 1, "lookahead": 1,
                "dynamic": 2, "engine": 3, "model": 4, "calibrate": 5, "scheduler": 5, "load": 6, "__init__": 7},
-    "runtime": {"version": 0, "hotness": 0, "budget": 0, "pool": 0, "table": 0, "residency": 1, "controller": 1,
-                "planners": 1, "replay": 2, "__init__": 3},
+    "runtime": {"version": 0, "hotness": 0, "budget": 0, "pool": 0, "table": 0, "fetch": 0, "demand": 1,
+                "residency": 2, "controller": 1, "planners": 1, "replay": 2, "__init__": 3},
     "quant": {"precision": 0, "packing": 0, "lowbit_cpu": 0, "formats": 1, "attention_cpu": 1, "quantize": 2,
               "kernels_cuda": 3, "kernels": 4, "grouped_cpu": 5, "dense": 6, "__init__": 7},
     "store": {"layout": 0, "shard_writer": 0, "distributed": 0, "dense": 1, "checkpoint": 1, "direct": 1, "reader": 2,

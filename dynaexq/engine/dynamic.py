@@ -35,7 +35,8 @@ from dynaexq.runtime.controller import Controller
 from dynaexq.runtime.hotness import Hotness
 from dynaexq.runtime.planners.offload import minimum_budget
 from dynaexq.runtime.pool import Pools
-from dynaexq.runtime.residency import CopyStream, Residency
+from dynaexq.runtime.fetch import CopyStream
+from dynaexq.runtime.residency import Residency
 from dynaexq.runtime.table import ExpertTable
 from dynaexq.runtime.version import make_version, slot_layout
 from dynaexq.store.direct import DirectReader

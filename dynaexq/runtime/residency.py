@@ -7,12 +7,10 @@ once no forward reads it (publish-before-reclaim; the waiting is a worker's, nev
 eviction publishes None and gives the slot back the same way. Three callers:
   - `apply(target)` (the controller, between steps): {(layer, e): precision | None} -> background fetches and
     evictions of the experts whose published precision differs; other experts are left as they are.
-  - `waves(layer, experts)` (the forward pass, only where some experts are not resident): pins the routed
-    experts, fetches the missing ones at demand priority (the forward waits: the stall is measured) and yields
-    them in waves of at most `policy.wave_cap()` when the layer routes to more than the arenas hold; an expert
-    resident below the precision the policy wants is served as it is and its wanted copy fetched in the
-    background (never a stall for quality alone).
-  - `prefetch(layer, experts)` (look-ahead): fetches predicted experts at prefetch priority; recall is scored.
+  - `waves(layer, experts)` (the forward pass, only where some experts are not resident; runtime/demand.py):
+    pins the routed experts and makes them resident, misses at demand priority, in waves when the layer routes
+    to more than the arenas hold.
+  - `prefetch(layer, experts)` (look-ahead; runtime/demand.py): predicted experts at prefetch priority.
 Where a fetch finds its slot: a free one of its arena; else, where a policy makes room (`policy.victim`: budgets
 below every expert at the lowest precision), the victim's (evicted); else, for a background fetch, a staging
 slot: the expert is published from there and moved into its arena when a slot of it frees (a relocation), which
@@ -34,49 +32,13 @@ import threading
 import time
 from collections import Counter, deque
 
-import torch
-
+from dynaexq.runtime.demand import Demand
+from dynaexq.runtime.fetch import KINDS, BACKGROUND, DEMAND, PREFETCH, RELOCATE, Fetch, FetchError
 from dynaexq.runtime.pool import STAGING
 from dynaexq.runtime.version import place, slot_layout
 from dynaexq.threads import limit_this_thread
 
-DEMAND, RELOCATE, PREFETCH, BACKGROUND = 0, 1, 2, 3  # priorities: a miss first, then freeing a staging slot
-_KINDS = {DEMAND: "misses", RELOCATE: "relocations", PREFETCH: "prefetches", BACKGROUND: "fetches"}
-
-
-class FetchError(RuntimeError):
-    """An expert that could not be made resident: its message says what happened."""
-
-    def __init__(self, key, message: str):
-        super().__init__(f"expert {key[1]} of layer {key[0]} {message}")
-        self.key = key
-
-
-class CopyStream:
-    """CUDA: the stream fetches build and copy versions on; `synchronize` before a publish."""
-
-    def __init__(self, device):
-        self.stream = torch.cuda.Stream(device=device)
-
-    def use(self):
-        return torch.cuda.stream(self.stream)
-
-    def synchronize(self) -> None:
-        self.stream.synchronize()
-
-
-class _Fetch:
-    def __init__(self, key, precision, priority, seq):
-        self.key, self.precision, self.priority, self.seq = key, precision, priority, seq
-        self.done = threading.Event()
-        self.error: Exception | None = None
-        self.fallback = False  # an expert moved out of staging by `_unstick`: not followed up to its target
-
-    def __lt__(self, other):
-        return (self.priority, self.seq) < (other.priority, other.seq)
-
-
-class Residency:
+class Residency(Demand):
     RETRY_BACKOFF_S = 0.02  # x attempt
     SLOT_TIMEOUT_S = 30.0  # a miss finding every slot pinned or in flight this long fails
     FETCH_TIMEOUT_S = 60.0  # a forward waits this long for a miss, then fails the rows that routed to it
@@ -92,7 +54,7 @@ class Residency:
         self._active: set = set()  # the fetches running now
         self.last_use: dict = {}  # (layer, e) -> tick of its last forward
         self.pins: Counter = Counter()
-        self.inflight: dict = {}  # (layer, e) -> _Fetch (queued, running or deferred: one per expert at a time)
+        self.inflight: dict = {}  # (layer, e) -> Fetch (queued, running or deferred: one per expert at a time)
         self.held: Counter = Counter()  # (layer, precision) -> arena slots taken for that layer
         self.predicted: dict = {}  # layer -> experts the look-ahead predicted for its next forward
         self.from_prefetch: set = set()  # keys brought by a prefetch and not used yet
@@ -104,7 +66,7 @@ class Residency:
         self._tick = 0
         self._numbers = itertools.count(1)  # version numbers
         self._seq = itertools.count()
-        self._queue: list = []  # heap of _Fetch
+        self._queue: list = []  # heap of Fetch
         self._deferred: list = []  # background fetches waiting for a slot to be given back
         self._running = 0
         self._cv = threading.Condition()
@@ -151,116 +113,19 @@ class Residency:
         self.retired.append((retired_at, (pool_key, i), None if pool_key == STAGING else (key[0], old.precision)))
         self.stats["evictions"] += 1
 
-    # --- the forward pass ---------------------------------------------------------------------------------------
-    def waves(self, layer: int, experts: list):
-        """Yield the routed `experts` of `layer` in waves -> (the wave's experts resident and pinned while the caller
-        computes, {expert: FetchError} of the wave's experts that could not be made resident)."""
-        cap = max(1, self.policy.wave_cap()) if self.policy is not None else len(experts) or 1
-        self._score_prediction(layer, experts)
-        for i in range(0, len(experts), cap):
-            keys = [(layer, e) for e in experts[i:i + cap]]
-            with self._cv:
-                self.pins.update(keys)
-            try:
-                failed = self._ensure(keys)
-                yield [k[1] for k in keys if k[1] not in failed], failed
-            finally:
-                with self._cv:
-                    self.pins.subtract(keys)
-                    for k in keys:
-                        if not self.pins[k]:
-                            del self.pins[k]
-
-    def _ensure(self, keys, depth: int = 0) -> dict:
-        """Make `keys` resident -> {expert: FetchError} of those that could not be: a read that failed for good,
-        no slot, no answer within FETCH_TIMEOUT_S, or closed. The others are resident and pinned."""
-        t0, failed, waits = time.perf_counter(), {}, []
-        with self._cv:
-            self._tick += 1
-            for key in keys:
-                self.last_use[key] = self._tick
-                want = self.policy.want(*key) if self.policy is not None else None
-                if key in self.where:
-                    self.stats["hits"] += 1
-                    if key in self.from_prefetch:
-                        self.stats["prefetch_hits"] += 1
-                        self.from_prefetch.discard(key)
-                    if want is not None and want.bits > self.table.get(*key).precision.bits \
-                            and key not in self.inflight and not self._closed:
-                        self._submit(key, want, BACKGROUND)  # serve the low copy now, bring the wanted one
-                    continue
-                self.stats["misses"] += 1
-                if self._closed:
-                    failed[key[1]] = FetchError(key, "is not resident and the runtime is closed")
-                    continue
-                f = self.inflight.get(key)
-                if f is None:
-                    f = self._submit(key, want or self._lowest(), DEMAND)
-                elif f.priority > DEMAND:
-                    if f.priority == PREFETCH:
-                        self.stats["late_prefetches"] += 1  # predicted, not there yet: part of the wait is hidden
-                    self._promote(f)
-                waits.append(f)
-        deadline = time.monotonic() + self.FETCH_TIMEOUT_S
-        for f in waits:
-            while not f.done.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
-                if self._closed:
-                    failed[f.key[1]] = FetchError(f.key, "was being read when the runtime closed")
-                    break
-                if time.monotonic() >= deadline:
-                    failed[f.key[1]] = FetchError(f.key, f"was not read within {self.FETCH_TIMEOUT_S:g} s (the "
-                                                  "store is too slow or a reader is stuck)")
-                    break
-        if waits:
-            self._count("stall_s", time.perf_counter() - t0)
-        for f in waits:
-            if f.key[1] in failed:
-                continue
-            if f.error is not None:
-                failed[f.key[1]] = f.error
-            elif f.key not in self.where:  # a fetch dropped for lack of room just before it was promoted
-                failed.update(self._ensure([f.key], depth + 1) if depth < 3 else {f.key[1]: FetchError(
-                    f.key, "lost its slot to other fetches three times in a row")})
-        if failed:
-            self._count("failed_misses", len(failed))
-        return failed
-
     def _lowest(self):
         return min((k for k in self.pools.pools if k != STAGING), key=lambda k: k.bits)
 
-    def _score_prediction(self, layer: int, experts: list) -> None:
-        with self._cv:
-            pred = self.predicted.pop(layer, None)
-        if pred is not None:
-            r = self.recall[layer]
-            r[0] += len(pred.intersection(experts))
-            r[1] += len(experts)
-
-    def prefetch(self, layer: int, experts) -> None:
-        """Look-ahead: fetch the predicted `experts` of `layer` the policy would make room for (no wasted read)."""
-        with self._cv:
-            if self._closed:
-                return
-            self.predicted[layer] = set(experts)
-            for key in [(layer, e) for e in experts]:
-                if key in self.where or key in self.inflight:
-                    continue
-                p = self.policy.want(*key)
-                pool = self.pools.pools.get(p)
-                if pool is not None and self.policy.victim(layer, p, self._candidates(p), bool(pool._free),
-                                                           self.held[(layer, p)], key, False, self._tick) is not False:
-                    self._submit(key, p, PREFETCH)
-
     # --- the queue ----------------------------------------------------------------------------------------------
-    def _submit(self, key, precision, priority) -> _Fetch:  # lock held, not closed
-        f = _Fetch(key, precision, priority, next(self._seq))
+    def _submit(self, key, precision, priority) -> Fetch:  # lock held, not closed
+        f = Fetch(key, precision, priority, next(self._seq))
         self.inflight[key] = f
         heapq.heappush(self._queue, f)
-        self.stats[f"{_KINDS[priority]}_issued"] += 1
+        self.stats[f"{KINDS[priority]}_issued"] += 1
         self._cv.notify()
         return f
 
-    def _promote(self, f: _Fetch) -> None:  # lock held: a queued or deferred fetch the forward now waits for
+    def _promote(self, f: Fetch) -> None:  # lock held: a queued or deferred fetch the forward now waits for
         if f in self._deferred:
             self._deferred.remove(f)
             heapq.heappush(self._queue, f)
@@ -321,7 +186,7 @@ class Residency:
                 f.done.set()
         self._deferred.clear()
 
-    def _read(self, f: _Fetch):
+    def _read(self, f: Fetch):
         """The version of f.key at f.precision, kernel-ready (owning its memory). An OSError is retried `retries`
         times; anything else (a digest mismatch: the store is corrupted) is not."""
         for attempt in range(self.retries + 1):
@@ -340,7 +205,7 @@ class Residency:
             except Exception as err:
                 raise FetchError(f.key, f"at {f.precision.value} could not be used: {err}") from err
 
-    def _fetch(self, f: _Fetch) -> None:
+    def _fetch(self, f: Fetch) -> None:
         """Room first (a guess that finds none is dropped, a background fetch deferred, before anything is read),
         then the read, then publish. Until the publish any failure gives the slot back."""
         layer, e = f.key
@@ -399,7 +264,7 @@ class Residency:
             if f.priority == PREFETCH:
                 self.from_prefetch.add(f.key)
                 self.last_use[f.key] = self._tick  # as recent as the forward that predicted it
-            self.stats[f"{_KINDS[f.priority]}_done"] += 1
+            self.stats[f"{KINDS[f.priority]}_done"] += 1
             self.stats["bytes_moved"] += slot_layout(new)[1]
             self.stats["busy_s"] += time.perf_counter() - t0
         f.done.set()  # the forward may go on: the old copy's reclaim is this worker's
@@ -421,7 +286,7 @@ class Residency:
         return [(k, self.last_use.get(k, 0)) for k, (q, _) in self.where.items()
                 if q == p and not self.pins.get(k) and k not in self.inflight and k not in keep]
 
-    def _slot(self, f: _Fetch, wait: bool = True):
+    def _slot(self, f: Fetch, wait: bool = True):
         """A slot for f -> (pool key, index), or None: no room now (see the module docstring). A miss waits for
         one (`wait`) until SLOT_TIMEOUT_S."""
         layer, p = f.key[0], f.precision

@@ -172,7 +172,7 @@ def test_gpu_leases_stay_bounded_with_a_stable_hot_set_and_still_guard_reclaim()
 
 
 class FakeCopyStream:
-    """Stands in for residency.CopyStream on the CPU: records what ran on it and when it was synchronized."""
+    """Stands in for fetch.CopyStream on the CPU: records what ran on it and when it was synchronized."""
 
     def __init__(self, log):
         self.log, self.active = log, threading.local()
