@@ -344,7 +344,7 @@ def evaluate(model, data=None, policies=None, budgets=None, windows=EVAL_WINDOWS
     for every policy, each capped at `read_budget` when given) -> the JSON report."""
     budgets = [parse_budget(b) for b in (budgets or [])]
     weight_budgets = list(weight_budgets or [])
-    if read_budget is not None and not weight_budgets:
+    if read_budget is not None and gguf_file.read_budget(read_budget) is not None and not weight_budgets:
         raise UserError("--read-budget caps the plan of every weight: give it with --weight-budget")
     policies = list(policies) if policies else list(DEFAULT_POLICIES) + (
         list(HOTNESS_POLICIES) if budgets or weight_budgets else [])

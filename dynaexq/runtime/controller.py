@@ -20,7 +20,8 @@ from dynaexq.threads import limit_this_thread
 
 def observe(controller, stats: dict, tokens_at_decision: int) -> bool:
     """One step's statistics into the controller's hotness and counters -> whether a decision is due (every
-    `update_every_tokens` routed tokens, or every `update_every` steps). Both regimes' controllers use it."""
+    `update_every_tokens` routed tokens, or every `update_every` steps). The controller and the trace replay's
+    clock (runtime/replay.py) use it."""
     controller.hotness.update(stats)
     controller.steps += 1
     controller.tokens += max((t for t, _ in stats.values()), default=0)

@@ -37,8 +37,23 @@ def minimum_budget(layers, top_k: int, slot_lo: int) -> int:
     return len(layers) * top_k * slot_lo
 
 
+class CachePolicy:
+    """What the controller asks of a policy below the floor (its live plan, runtime/controller.py); a subclass says
+    `update`, `want` and `victim`."""
+
+    def target(self, S: dict, resident: dict) -> dict:
+        """Re-score from the hotness S, then {key: precision} of the resident experts wanted higher than they are
+        held (their wanted copies are fetched in the background; which experts are resident is the misses' and the
+        victims' business, not a decision's)."""
+        self.update(S)
+        return {k: w for k, p in resident.items() if (w := self.want(*k)).bits > p.bits}
+
+    def map(self, resident: dict) -> dict:
+        return {k: self.want(*k) for k in resident}
+
+
 @dataclass
-class LruPolicy:
+class LruPolicy(CachePolicy):
     """mixtral-offloading's cache: `per_layer` slots of one precision in every layer, per-layer LRU."""
     precision: Precision = Precision.INT4
     prefetch: bool = False
@@ -81,18 +96,12 @@ class LruPolicy:
     def update(self, S: dict) -> None:  # LRU needs no hotness
         pass
 
-    def target(self, S: dict, resident: dict) -> dict:
-        return _target(self, S, resident)
-
-    def map(self, resident: dict) -> dict:
-        return {k: self.want(*k) for k in resident}
-
     def __str__(self):
         return f"lru-offload{'+prefetch' if self.prefetch else ''}:{self.precision.value}"
 
 
 @dataclass
-class HotPolicy:
+class HotPolicy(CachePolicy):
     """The dynaexq/multilevel planners below the all-low budget (see the module docstring)."""
     name: str
     hi: Precision
@@ -154,21 +163,7 @@ class HotPolicy:
         ranked = sorted(self.score, key=lambda k: -self.score[k])
         self.wanted_hi = {k for k in ranked[:n_hi] if self.score[k] > 0}
 
-    def target(self, S: dict, resident: dict) -> dict:
-        return _target(self, S, resident)
-
-    def map(self, resident: dict) -> dict:
-        return {k: self.want(*k) for k in resident}
-
     def __str__(self):
         extra = f"hi={self.hi.value},hi_share={self.hi_share:g}," if self.hi_share > 0 else ""
         return (f"{self.name}:{extra}lo={self.lo.value},prefetch={int(self.prefetch)},alloc={self.alloc} "
                 "(offload regime)")
-
-
-def _target(policy, S: dict, resident: dict) -> dict:
-    """A cache policy's decision: re-score from the hotness S, then {key: precision} of the resident experts the
-    policy wants higher than they are held (their wanted copies are fetched in the background; which experts are
-    resident is the misses' and the victims' business, not a decision's)."""
-    policy.update(S)
-    return {k: w for k, p in resident.items() if (w := policy.want(*k)).bits > p.bits}
