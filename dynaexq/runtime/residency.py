@@ -68,7 +68,6 @@ class Residency(Demand):
         self._seq = itertools.count()
         self._queue: list = []  # heap of Fetch
         self._deferred: list = []  # background fetches waiting for a slot to be given back
-        self._running = 0
         self._cv = threading.Condition()
         self._closed = False
         self._threads = [threading.Thread(target=self._worker, name=f"dynaexq-fetch-{i}", daemon=True)
@@ -142,7 +141,6 @@ class Residency(Demand):
                 if self._closed:
                     return
                 f = heapq.heappop(self._queue)
-                self._running += 1
                 self._active.add(f)
             try:
                 self._fetch(f)
@@ -156,9 +154,8 @@ class Residency(Demand):
                 f.done.set()
             finally:
                 with self._cv:
-                    self._running -= 1
                     self._active.discard(f)
-                    if not self._queue and not self._running and self._deferred:
+                    if not self._queue and not self._active and self._deferred:
                         self._unstick()
                     self._cv.notify_all()
 
@@ -405,7 +402,7 @@ class Residency(Demand):
         done = [v for v in rec.values() if v is not None]
         with self._cv:
             queued, deferred = len(self._queue), len(self._deferred)
-        return {**s, "hit_rate": hits / max(1, hits + misses), "in_flight": self._running, "queued": queued,
+        return {**s, "hit_rate": hits / max(1, hits + misses), "in_flight": len(self._active), "queued": queued,
                 "deferred": deferred, "recall": rec, "mean_recall": sum(done) / len(done) if done else None,
                 "io": None if self.io is None else dict(self.io.stats, mode=self.io.mode),
                 "errors": list(self.errors)[-20:]}
@@ -421,7 +418,7 @@ class Residency(Demand):
         """Wait until no fetch is queued, running or deferred (and the replaced slots are back)."""
         deadline = time.monotonic() + timeout
         with self._cv:
-            while self.inflight or self._running:
+            while self.inflight or self._active:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"fetches not done after {timeout} s: {len(self.inflight)} left")
                 self._cv.wait(0.01)
