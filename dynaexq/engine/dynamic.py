@@ -5,10 +5,10 @@
      non-expert bytes of the model; with `config.budget`, M_exp = budget - M_fixed (runtime/budget.py);
   2. warm start: the hotness file (if it exists), else `calibrate(floor_map)` -> routed mass per token measured
      with every expert at the lowest tier (DynaExq), else a cold start;
-  3. size the arenas: the slot planner's counts when every expert fits at its lowest tier; below that floor,
-     the planner's cache policy (planners/offload.py: dynaexq and multilevel have one, lru-offload is one) sizes
-     a cache of versions and the rest of the experts are not resident (refused, naming the minimum, below top-k
-     slots a layer, or for planners without one);
+  3. the planner's live plan at that budget (`planner.start`, one interface for any budget): the slot plan's
+     counts when every expert fits at its lowest tier; below that floor the cache policy's (planners/offload.py:
+     dynaexq and multilevel have one, lru-offload is one), the rest of the experts not resident (refused, naming
+     the minimum, below top-k slots a layer, or for frozen);
   4. unpublish the engine's own versions (no forward runs during start), allocate the arenas, start the one
      residency mechanism (runtime/residency.py), apply the initial target (every expert's tier; below the floor
      the hotness file's hottest experts, or nothing: the cache fills on demand), then attach it to the banks.
@@ -33,7 +33,7 @@ from dynaexq.errors import UserError
 from dynaexq.runtime.budget import BudgetPlan, split_budget
 from dynaexq.runtime.controller import Controller
 from dynaexq.runtime.hotness import Hotness
-from dynaexq.runtime.planners.offload import minimum_budget
+from dynaexq.runtime.planners.offload import BelowMinimum
 from dynaexq.runtime.pool import Pools
 from dynaexq.runtime.fetch import CopyStream
 from dynaexq.runtime.residency import Residency
@@ -161,26 +161,12 @@ def measure(engine, planner, expert_budget, config: RuntimeConfig):
     return slot_bytes, staging, expert_budget, total, reserves
 
 
-def below_floor(reader, planner, slot_bytes, expert_budget) -> bool:
-    """True when the budget cannot hold every expert at the planner's lowest precision: the offload regime for the
-    planners that have one (dynaexq, multilevel), a clear error naming the minimum for the others."""
-    low = planner.tiers(reader)[-1]
-    need = sum(reader.num_experts * slot_bytes[(layer, low)] for layer in reader.layers)
-    if need <= expert_budget:
-        return False
-    if not hasattr(planner, "offload_policy") or getattr(planner, "kind", None) == "frozen":
-        raise UserError(f"policy {planner}: every expert at {low.value} needs {format_size(need)} but the expert "
-                        f"budget is {format_size(expert_budget)}; the minimum expert budget for it is "
-                        f"{format_size(need)} ({need} bytes); dynaexq and multilevel run below it (offload regime)")
-    return True
-
-
 def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = RuntimeConfig(), calibrate=None,
                   progress: bool = True) -> Runtime:
     """-> the started Runtime, also set as `engine.runtime` (until `stop_runtime` / `engine.close()`)."""
     reader, device = engine.reader, engine.model.device
     slot_bytes, staging, expert_budget, total, reserves = measure(engine, planner, expert_budget, config)
-    offload = getattr(planner, "offload_only", False) or below_floor(reader, planner, slot_bytes, expert_budget)
+    offload = not planner.fits(reader, slot_bytes, expert_budget)
     hotness = Hotness(reader.layers, reader.num_experts, config.alpha, device, config.half_life_tokens)
     warm = bool(config.hotness_file and Path(config.hotness_file).is_file())
     if warm:
@@ -188,22 +174,26 @@ def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = R
     elif calibrate is not None and not offload:  # all-low calibration: exactly what does not fit below the floor
         hotness.set(calibrate(planner.floor(reader)))
         warm = True
-    S0 = hotness.snapshot() if warm else None
+    if offload and total is not None:  # no staging slots below the floor: their reserve goes to the arenas
+        expert_budget += reserves.pop("staging")
     if offload:
-        if total is not None:  # no staging slots below the floor: their reserve goes to the arenas
-            expert_budget += reserves.pop("staging")
         staging = (0, 0)
-        live, counts = _size_offload(engine, planner, slot_bytes, expert_budget, total, reserves)
-    else:
-        live = planner.start(reader, slot_bytes, expert_budget, S0)  # a SlotPlan
-        counts = live.counts
-    plan = BudgetPlan(counts, slot_bytes, staging, expert_budget, total, reserves)
+    top_k = int(getattr(engine.model.config, "num_experts_per_tok", 1))
+    try:
+        live = planner.start(reader, slot_bytes, expert_budget, hotness.snapshot() if warm else None, top_k)
+    except BelowMinimum as err:
+        if total is None:
+            raise
+        least = err.minimum + sum(reserves.values())
+        raise UserError(f"{err}: --budget {format_size(total)} leaves the experts {format_size(expert_budget)} after "
+                        f"the fixed part; the minimum --budget is {format_size(least)} ({least} bytes)") from None
+    plan = BudgetPlan(live.slots, slot_bytes, staging, expert_budget, total, reserves)
     if progress:
         print(f"dynaexq: {live if offload else planner}\n{plan.describe()}"
               + (_describe_offload(reader, live, slot_bytes, warm) if offload else ""), file=sys.stderr)
 
     engine.unpublish()  # no forward runs now: free the engine's own versions before the arenas
-    pools = Pools(counts, slot_bytes, staging, device)
+    pools = Pools(live.slots, slot_bytes, staging, device)
     table = ExpertTable({layer: bank.versions for layer, bank in engine.banks.items()}, device)
     if offload:
         if device.type != "cpu":
@@ -214,15 +204,11 @@ def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = R
         def read(layer, e, p):
             return make_version(io.read(layer, e, p), engine.backend, engine.dtype, device)
         residency = Residency(table, pools, read, live, config.io_workers, config.retries, io=io)
-        if warm:  # the hotness file's hottest experts, as many as the arenas hold
-            live.update(S0)
-            ranked = sorted(live.score, key=lambda k: -live.score[k]) if hasattr(live, "score") else []
-            residency.apply({k: live.want(*k) for k in ranked[:sum(live.counts.values())]})
     else:
         workers = config.transition_workers or (staging[0] if device.type == "cuda" else 1)
         residency = Residency(table, pools, engine.make_version, None, workers, config.retries,
                               CopyStream(device) if device.type == "cuda" else None)
-        residency.apply(live.map())
+    residency.apply(live.initial())  # every expert's tier; below the floor the warm start's hottest, or nothing
     controller = Controller(live, hotness, residency, config)
     _install(residency, "warm the cache" if offload else "install experts", progress)
     residency.reset_stats()  # the counters are about the run, not the install
@@ -248,30 +234,6 @@ def _install(residency, desc: str, progress: bool) -> None:
     residency.drain()
     if residency.stats.get("failures"):
         raise UserError(f"the runtime could not read its experts from the store: {list(residency.errors)[-1]}")
-
-
-def _size_offload(engine, planner, slot_bytes: dict, expert_budget: int, total, reserves) -> tuple:
-    """Below the floor: the planner's cache policy (planners/offload.py) sized within the budget -> (policy,
-    {(layer, precision): slots}); a budget below the minimum (top-k slots of the lowest precision per MoE layer)
-    is refused, naming it."""
-    reader = engine.reader
-    policy = planner.offload_policy(reader) if hasattr(planner, "offload_policy") else planner
-    tiers = policy.tiers(reader)
-    top_k = int(getattr(engine.model.config, "num_experts_per_tok", 1))
-    sizes = {p: slot_bytes[(reader.layers[0], p)] for p in tiers}
-    low = minimum_budget(reader.layers, top_k, sizes[tiers[-1]])
-    if expert_budget < low:
-        what = (f"the expert budget {format_size(expert_budget)} ({expert_budget} bytes)" if total is None else
-                f"--budget {format_size(total)} leaves the experts {format_size(expert_budget)} after the fixed part, "
-                f"which")
-        least = low + sum(reserves.values())
-        minimum = "" if total is None else f"; the minimum --budget is {format_size(least)} ({least} bytes)"
-        raise UserError(f"policy {policy}: {what} is below the offload minimum {format_size(low)} ({low} bytes) = "
-                        f"{top_k} slots (top-k) of {format_size(sizes[tiers[-1]])} of {tiers[-1].value} per MoE layer "
-                        f"x {len(reader.layers)} layers{minimum}")
-    policy.size(reader.layers, reader.num_experts, top_k, sizes, expert_budget)
-    # a precision's arena serves every layer: its slots are counted under the first layer
-    return policy, {(reader.layers[0], p): n for p, n in policy.counts.items() if n > 0}
 
 
 def _describe_offload(reader, policy, slot_bytes: dict, warm: bool) -> str:

@@ -33,7 +33,7 @@ from dynaexq.quant.precision import Precision
 from dynaexq.runtime.controller import observe
 from dynaexq.runtime.hotness import Hotness
 from dynaexq.runtime.planners import parse_policy
-from dynaexq.runtime.planners.offload import LruPolicy, minimum_budget
+from dynaexq.runtime.planners.offload import LruPolicy
 
 NOMINAL_ERROR = {Precision.BF16: 0.0, Precision.INT8: 0.004, Precision.INT6: 0.015, Precision.INT4: 0.06,
                  Precision.INT3: 0.13, Precision.INT2: 0.3}  # relative output error per precision when no store is given (typical GPTQ)
@@ -229,13 +229,13 @@ def replay(trace, policy: str, budget: int, sizes: dict, config: RuntimeConfig =
     if not getattr(planner, "dynamic", False):
         raise UserError(f"policy {policy}: a trace replays the runtime policies (dynaexq, multilevel, frozen, "
                         f"lru-offload) and the baselines {', '.join(BASELINES)}")
-    offload = getattr(planner, "offload_only", False) or \
-        budget < len(trace.layers) * trace.num_experts * sizes[planner.tiers(reader)[-1]]
+    live = planner.start(reader, {(layer, p): sizes[p] for layer in trace.layers for p in planner.tiers(reader)},
+                         budget, None, k)
     hotness = Hotness(trace.layers, trace.num_experts, config.alpha, "cpu", config.half_life_tokens)
     clock = _Clock(config)
-    if offload:
-        return _replay_offload(trace, planner, reader, budget, sizes, hotness, clock, score_from, k)
-    return _replay_resident(trace, planner, reader, budget, sizes, hotness, clock, score_from)
+    if live.complete:
+        return _replay_resident(trace, str(planner), live, sizes, hotness, clock, score_from)
+    return _replay_offload(trace, live, sizes, hotness, clock, score_from)
 
 
 @dataclass
@@ -260,14 +260,7 @@ def _step_stats(trace, t: int) -> dict:
     return out
 
 
-def _replay_offload(trace, planner, reader, budget, sizes, hotness, clock, score_from, k) -> dict:
-    policy = planner.offload_policy(reader) if hasattr(planner, "offload_policy") else planner
-    tiers = policy.tiers(reader)
-    low = minimum_budget(trace.layers, k, sizes[tiers[-1]])
-    if budget < low:
-        raise UserError(f"policy {policy}: the expert budget {budget} bytes is below the offload minimum {low} bytes "
-                        f"({k} slots of {tiers[-1].value} per MoE layer)")
-    policy.size(trace.layers, trace.num_experts, k, sizes, budget)
+def _replay_offload(trace, policy, sizes, hotness, clock, score_from) -> dict:
     if isinstance(policy, StaticPolicy):
         policy.learn(trace, slice(0, score_from or len(trace)))
     cache = _Cache(policy, sizes)
@@ -313,10 +306,9 @@ class _Residency:
         pass
 
 
-def _replay_resident(trace, planner, reader, budget, sizes, hotness, clock, score_from) -> dict:
+def _replay_resident(trace, name, plan, sizes, hotness, clock, score_from) -> dict:
     from dynaexq.runtime.controller import Controller
-    tiers = planner.tiers(reader)
-    plan = planner.start(reader, {(layer, p): sizes[p] for layer in trace.layers for p in tiers}, budget)
+    tiers = plan.tiers
     score = [False]
     moves = _Residency(sizes, score)
     ctl = Controller(plan, hotness, moves, dataclasses.replace(clock.config, blocking=True))  # decisions inline
@@ -331,7 +323,7 @@ def _replay_resident(trace, planner, reader, budget, sizes, hotness, clock, scor
                 count["hits"] += score[0]
         ctl.on_step(_step_stats(trace, t))
     count["fetches"] = moves.fetches
-    return _report(trace, str(planner), "resident", count, served, moves.read, score_from,
+    return _report(trace, name, "resident", count, served, moves.read, score_from,
                    {p.value: sum(n for (_, q), n in plan.counts.items() if q == p) for p in tiers})
 
 

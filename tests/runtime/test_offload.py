@@ -242,6 +242,35 @@ def test_hot_policy_wants_the_hottest_high_and_a_guess_never_displaces_a_hotter_
     assert pol.victim(0, Precision.INT2, [((0, 3), 99), ((1, 1), 2)], False, 0, (0, 1), True, now=100) == (1, 1)
 
 
+@pytest.mark.parametrize("spec", ["dynaexq:hi=int4,lo=int2", "multilevel:ladder=int8/int4/int2"])
+def test_one_start_for_every_budget_holds_more_experts_as_the_budget_grows_without_a_jump_at_the_floor(spec):
+    from dynaexq.runtime.planners import parse_policy
+    from dynaexq.runtime.planners.offload import BelowMinimum
+    from dynaexq.runtime.replay import ShapeReader
+    layers, E, k = [0, 1, 2], 8, 2
+    sizes = {Precision.INT8: 400, Precision.INT4: 220, Precision.INT2: 130}
+    reader, planner = ShapeReader(layers, E, sizes), parse_policy(spec)
+    slot_bytes = {(layer, p): sizes[p] for layer in layers for p in planner.tiers(reader)}
+    floor = len(layers) * E * sizes[Precision.INT2]
+    with pytest.raises(BelowMinimum) as err:
+        planner.start(reader, slot_bytes, len(layers) * k * 130 - 1, None, k)
+    assert err.value.minimum == len(layers) * k * 130
+    held, used = [], []
+    for budget in range(len(layers) * k * 130, 3 * floor, 97):
+        live = planner.start(reader, slot_bytes, budget, None, k)
+        assert live.complete == (budget >= floor)
+        n = {p: sum(c for (_, q), c in live.slots.items() if q == p) for p in sizes}
+        held.append(min(len(layers) * E, sum(n.values())))
+        used.append(sum(c * sizes[p] for p, c in n.items()))
+        assert used[-1] <= budget
+        top = n[planner.tiers(reader)[0]] == len(layers) * E  # every expert at the top tier: nothing more to buy
+        assert top or budget - used[-1] < len(layers) * sizes[Precision.INT8]  # at most a slot a layer left over
+        if not live.complete:  # below the floor every byte buys residency at the lowest precision
+            assert set(n[p] for p in n if p != Precision.INT2) == {0}
+    assert held == sorted(held) and held[-1] == len(layers) * E
+    assert all(b - a <= 1 for a, b in zip(held, held[1:]))  # one more expert per step at most: no jump at the floor
+
+
 def test_lookahead_recall_is_what_the_predictions_and_the_routing_give_and_beats_chance(bundled_store):
     """On the (trained) bundled model: the recall the cache reports per layer equals |predicted & routed| / |routed|
     computed here from every prediction and every routing, and the look-ahead (layer l+1's norm and router on

@@ -37,6 +37,8 @@ from dynaexq.errors import UserError
 from dynaexq.quant.precision import Precision
 from dynaexq.runtime.budget import ALLOCATIONS, SizedReader, two_tier_counts
 from dynaexq.runtime.planners.calibrated import LADDER, MultilevelPlanner, _options
+from dynaexq.runtime.planners.offload import HotPolicy
+from dynaexq.sizes import format_size
 
 
 @dataclass(frozen=True)
@@ -103,10 +105,6 @@ class DynamicPlanner:
     def offload_policy(self, reader):
         """The offload regime's policy (planners/offload.py): hi/lo of dynaexq, the ladder's two lowest precisions
         in the store for multilevel."""
-        from dynaexq.runtime.planners.offload import HotPolicy
-        if self.kind == "frozen":
-            raise UserError(f"policy {self} keeps its start map and cannot run below the budget of every expert at "
-                            f"{self.lo.value}; use dynaexq or multilevel (offload regime) or a larger budget")
         tiers = self.tiers(reader)
         return HotPolicy(self.kind, tiers[-2] if self.kind == "multilevel" else self.hi, tiers[-1], self.hi_share,
                          self.prefetch, self.alloc)
@@ -144,9 +142,24 @@ class DynamicPlanner:
             out[(layer, p)] += 1
         return out
 
-    def start(self, reader, slot_bytes: dict, expert_budget: int, hotness=None) -> "SlotPlan":
-        """The live plan at start: slot counts within the budget (`counts`), then the tiers filled in expert order
-        and rearranged by the warm-start hotness with no hysteresis (the top-n directly)."""
+    def fits(self, reader, slot_bytes: dict, expert_budget: int) -> bool:
+        """Whether every expert fits at the lowest tier (the slot plan's budgets; below: the cache policy's, a clear
+        error naming the floor for frozen)."""
+        low = self.tiers(reader)[-1]
+        need = sum(reader.num_experts * slot_bytes[(layer, low)] for layer in reader.layers)
+        if need > expert_budget and self.kind == "frozen":
+            raise UserError(f"policy {self}: every expert at {low.value} needs {format_size(need)} but the expert "
+                            f"budget is {format_size(expert_budget)}; the minimum expert budget for it is "
+                            f"{format_size(need)} ({need} bytes); dynaexq and multilevel run below it (offload regime)")
+        return need <= expert_budget
+
+    def start(self, reader, slot_bytes: dict, expert_budget: int, hotness=None, top_k: int = 1):
+        """The live plan at any expert budget from all-hi down to the offload minimum: where every expert fits at
+        the lowest tier a SlotPlan (slot counts within the budget, `counts`, then the tiers filled in expert order
+        and rearranged by the warm-start hotness with no hysteresis: the top-n directly); below that floor the
+        cache policy's (`offload_policy`, CachePolicy.start)."""
+        if not self.fits(reader, slot_bytes, expert_budget):
+            return self.offload_policy(reader).start(reader, slot_bytes, expert_budget, hotness, top_k)
         counts, tiers, costs = self.counts(reader, slot_bytes, expert_budget, hotness), self.tiers(reader), \
             self.costs(reader)
         S = hotness or {layer: np.zeros(reader.num_experts) for layer in reader.layers}
@@ -212,8 +225,11 @@ class SlotPlan:
     the hotness by `target`. The target, not what is published, is what the next decision starts from, so the
     sequence of maps depends on the statistics alone, not on how fast the residency moves bytes."""
 
+    complete = True  # every expert resident
+
     def __init__(self, planner: DynamicPlanner, counts: dict, assign: dict, costs: dict, tiers: list, cold: bool):
         self.planner, self.counts, self.assign, self.costs, self.tiers = planner, counts, assign, costs, tiers
+        self.slots = counts  # {(layer, precision): slots} the arenas hold
         self.cold = cold  # no warm start: the first decision takes the top-n directly
         self.pairs = 0  # swaps decided so far
         self.history: deque = deque(maxlen=HISTORY)  # the target map after the latest decisions (tier indices)
@@ -227,6 +243,9 @@ class SlotPlan:
 
     def map(self, resident=None) -> dict:
         return {(layer, e): self.tiers[t] for layer, a in self.assign.items() for e, t in enumerate(a.tolist())}
+
+    def initial(self) -> dict:
+        return self.map()
 
 
 def _swaps(S, C, tier, delta: float) -> list:

@@ -30,16 +30,51 @@ from dataclasses import dataclass, field
 from dynaexq.errors import UserError
 from dynaexq.quant.precision import Precision
 from dynaexq.runtime.budget import depth_weights
+from dynaexq.sizes import format_size
 
 
 def minimum_budget(layers, top_k: int, slot_lo: int) -> int:
-    """top-k slots of the lowest precision per MoE layer (checked by engine/dynamic.py before `size`)."""
+    """top-k slots of the lowest precision per MoE layer (checked by `CachePolicy.start`)."""
     return len(layers) * top_k * slot_lo
 
 
+class BelowMinimum(UserError):
+    """An expert budget below the offload minimum (`minimum`: bytes), which the message names."""
+
+    def __init__(self, message: str, minimum: int):
+        super().__init__(message)
+        self.minimum = minimum
+
+
 class CachePolicy:
-    """What the controller asks of a policy below the floor (its live plan, runtime/controller.py); a subclass says
-    `update`, `want` and `victim`."""
+    """A policy below the floor: its own live plan (runtime/controller.py); a subclass says `size`, `update`,
+    `want` and `victim`."""
+    complete = False  # not every expert is resident: a forward fetches its misses (runtime/demand.py)
+
+    def fits(self, reader, slot_bytes: dict, budget: int) -> bool:
+        return False  # a cache at any budget (lru-offload is one by definition)
+
+    def start(self, reader, slot_bytes: dict, budget: int, hotness=None, top_k: int = 1) -> "CachePolicy":
+        """The live plan at an expert `budget` (bytes): the cache sized (`slots`: {(first layer, precision): n}, a
+        precision's arena serves every layer), scored by the warm-start `hotness` if given; below the minimum
+        (top-k slots of the lowest precision per MoE layer) BelowMinimum names it."""
+        tiers, layers = self.tiers(reader), reader.layers
+        sizes = {p: slot_bytes[(layers[0], p)] for p in tiers}
+        low = minimum_budget(layers, top_k, sizes[tiers[-1]])
+        if budget < low:
+            raise BelowMinimum(f"policy {self}: the expert budget {format_size(budget)} ({budget} bytes) is below the "
+                               f"offload minimum {format_size(low)} ({low} bytes) = {top_k} slots (top-k) of "
+                               f"{format_size(sizes[tiers[-1]])} of {tiers[-1].value} per MoE layer x {len(layers)} "
+                               "layers", low)
+        self.size(layers, reader.num_experts, top_k, sizes, budget)
+        self.slots = {(layers[0], p): n for p, n in self.counts.items() if n > 0}
+        if hotness is not None:
+            self.update(hotness)
+        return self
+
+    def initial(self) -> dict:
+        """The map installed at start: nothing (the cache fills on demand) unless a policy ranks experts."""
+        return {}
 
     def target(self, S: dict, resident: dict) -> dict:
         """Re-score from the hotness S, then {key: precision} of the resident experts wanted higher than they are
@@ -154,6 +189,11 @@ class HotPolicy(CachePolicy):
         if not demand and not self.score.get(k, 0.0) < 0.5 * self.score.get(key, 0.0):
             return False
         return k
+
+    def initial(self) -> dict:
+        """The warm start's hottest experts (scored at `start`), as many as the arenas hold."""
+        ranked = sorted(self.score, key=lambda k: -self.score[k])[:sum(self.counts.values())]
+        return {k: self.want(*k) for k in ranked}
 
     def update(self, S: dict) -> None:
         """S {layer: [E]} (the hotness snapshot) -> scores, and the experts wanted at hi (the top n_hi)."""
