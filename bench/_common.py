@@ -161,6 +161,12 @@ def _init_tensor(name, shape, dtype, g):
     return (torch.randn(shape, generator=g) * 0.02).to(dtype)
 
 
+def synthetic_name(layers: int, experts: int, vocab: int, dtype: str = "bfloat16", seed: int = 0) -> str:
+    """The directory name of `synthetic_checkpoint`'s checkpoint (stores prepared from it start with store-NAME)."""
+    cfg = qwen3_config(layers, experts, vocab)
+    return f"qwen3moe-L{layers}-E{experts}-H{cfg.hidden_size}-I{cfg.moe_intermediate_size}-V{vocab}-{dtype}-s{seed}"
+
+
 def synthetic_checkpoint(workdir, layers: int = 2, experts: int = 128, vocab: int = 4096, dtype: str = "bfloat16",
                          shard_bytes: int = 1 << 30, seed: int = 0, log=print) -> Path:
     """Build (once) and return the directory of a random Qwen3MoeForCausalLM checkpoint."""
@@ -168,8 +174,7 @@ def synthetic_checkpoint(workdir, layers: int = 2, experts: int = 128, vocab: in
     from safetensors.torch import save_file
 
     cfg = qwen3_config(layers, experts, vocab)
-    tag = f"qwen3moe-L{layers}-E{experts}-H{cfg.hidden_size}-I{cfg.moe_intermediate_size}-V{vocab}-{dtype}-s{seed}"
-    path = Path(workdir) / tag
+    path = Path(workdir) / synthetic_name(layers, experts, vocab, dtype, seed)
     done = path / "bench-complete.json"
     if done.is_file():
         return path

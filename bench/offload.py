@@ -13,7 +13,7 @@ stall-free all-low reference (uniform:int2, every expert resident), for each pol
 Human table, then one JSON line.
 
   .venv/bin/python bench/offload.py --models bundled                  # bundled_offload.out (2 min, KL too)
-  .venv/bin/python bench/offload.py --models synthetic --batches 1    # synthetic_b1 (8 min)
+  .venv/bin/python bench/offload.py --models synthetic --batches 1    # synthetic_b1 (5 min; a prepared store is reused)
   .venv/bin/python bench/offload.py --models synthetic --batches 8 --warm 8 --tokens 6 \
       --policies "lru-offload:int4;dynaexq:hi=int4,lo=int2,hi_share=0.25;dynaexq:hi=int4,lo=int2"   # synthetic_b8
 """
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fmt_bytes, synthetic_checkpoint  # noqa: E402
+from _common import fmt_bytes, synthetic_checkpoint, synthetic_name  # noqa: E402
 
 POLICIES = ["lru-offload:int4", "lru-offload+prefetch:int4", "dynaexq:hi=int4,lo=int2,hi_share=0.25",
             "dynaexq:hi=int4,lo=int2,hi_share=0.25,prefetch=1", "dynaexq:hi=int4,lo=int2"]  # the last: the default
@@ -164,10 +164,11 @@ def main(argv=None):
         if model == "bundled":
             path = BUNDLED
         else:
-            ckpt = synthetic_checkpoint(args.workdir, layers=args.synthetic_layers, experts=128, vocab=8192)
-            path = next(Path(args.workdir).glob(f"store-{ckpt.name}-*int4_int2*"), None)
+            name = synthetic_name(args.synthetic_layers, 128, 8192)  # a prepared store is used as it is
+            path = next(Path(args.workdir).glob(f"store-{name}-*int4_int2*"), None)
             if path is None:
                 from dynaexq.store.prepare import prepare
+                ckpt = synthetic_checkpoint(args.workdir, layers=args.synthetic_layers, experts=128, vocab=8192)
                 path = prepare(ckpt, Path(args.workdir) / f"store-{ckpt.name}-int4_int2",
                                precisions=("int4", "int2"), progress=True)
         engine = dynaexq.load(path, "uniform:int2", progress=False)

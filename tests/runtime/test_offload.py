@@ -242,6 +242,17 @@ def test_hot_policy_wants_the_hottest_high_and_a_guess_never_displaces_a_hotter_
     assert pol.victim(0, Precision.INT2, [((0, 3), 99), ((1, 1), 2)], False, 0, (0, 1), True, now=100) == (1, 1)
 
 
+def test_a_layer_holding_its_share_makes_room_from_its_own_experts():
+    pol = HotPolicy("dynaexq", Precision.INT4, Precision.INT2)
+    pol.size([0, 1, 2], 8, 1, {Precision.INT2: 100}, 600)  # 6 slots: a share of 2 a layer
+    pol.update({0: torch.tensor([0.0, 0.5, 0.4] + [0.0] * 5), 1: torch.tensor([0.1, 0.2] + [0.0] * 6),
+                2: torch.zeros(8)})
+    cands = [((0, 1), 1), ((0, 2), 2), ((1, 0), 3), ((1, 1), 4)]  # all older than two tokens at now=100
+    assert pol.victim(0, Precision.INT2, cands, False, 2, (0, 0), True, now=100) == (0, 2)  # its share: its own
+    assert pol.victim(2, Precision.INT2, cands, False, 0, (2, 0), True, now=100) == (1, 0)  # below: the lowest
+    assert pol.victim(2, Precision.INT2, cands, False, 2, (2, 0), True, now=100) == (1, 0)  # none of its own
+
+
 @pytest.mark.parametrize("spec", ["dynaexq:hi=int4,lo=int2", "multilevel:ladder=int8/int4/int2"])
 def test_one_start_for_every_budget_holds_more_experts_as_the_budget_grows_without_a_jump_at_the_floor(spec):
     from dynaexq.runtime.planners import parse_policy
