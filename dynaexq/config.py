@@ -32,8 +32,8 @@ class RuntimeConfig:
     activation_reserve: str = option("16MiB", "activation bytes to keep free out of --budget")
     safety_margin: float = option(0.02, "fraction of --budget kept free")
     staging_slots: int = option(4, "K: staging slots of the largest version: swaps of full arenas in flight at once")
-    transition_workers: int = option(0, "threads fetching versions while every expert is resident (0: K on CUDA, 1 "
-                                     "on the CPU, where they share the forward pass's cores)")
+    fetch_workers: int = option(0, "threads fetching versions into the arenas (0: 2 below the floor, where they wait "
+                                "on store reads; K on CUDA; else 1, sharing the forward pass's cores)")
     half_life_tokens: float | None = option(None, "hotness EMA by evidence: S <- a*S + (1-a)*c after every step with "
                                             "a = 0.5**(tokens in the step / this), so a 32-token prefill chunk weighs "
                                             f"32 decode tokens (default {HALF_LIFE_TOKENS:g} unless --alpha is given)")
@@ -47,8 +47,6 @@ class RuntimeConfig:
     retries: int = option(2, "retries of a fetch whose store read fails before it is given up")
     offload_io: str = option("direct", "offload regime: how misses read the store: direct (O_DIRECT), buffered (drop "
                              "the page cache after each read) or cached (keep it: not an offload figure)")
-    io_workers: int = option(2, "below the floor (not every expert resident): reader threads fetching experts from "
-                             "the store")
 
     def __post_init__(self):  # resolve the defaults: tokens unless steps were asked for (0 = that clock is off)
         steps, alpha = self.update_every is not None, self.alpha is not None
@@ -57,9 +55,9 @@ class RuntimeConfig:
         for name, value in resolved.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
-        if self.offload_io not in ("direct", "buffered", "cached") or self.io_workers < 1:
-            raise UserError(f"--offload-io must be direct, buffered or cached and --io-workers >= 1 (got "
-                            f"{self.offload_io!r}, {self.io_workers})")
+        if self.offload_io not in ("direct", "buffered", "cached") or self.fetch_workers < 0:
+            raise UserError(f"--offload-io must be direct, buffered or cached and --fetch-workers >= 0 (0: the "
+                            f"default; got {self.offload_io!r}, {self.fetch_workers})")
         if not (self.update_every_tokens or self.update_every) or min(self.update_every, self.update_every_tokens) < 0:
             raise UserError(f"decisions need --update-every-tokens N or --update-every N with N >= 1 (got "
                             f"{self.update_every_tokens}, {self.update_every})")

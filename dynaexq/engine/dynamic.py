@@ -203,9 +203,9 @@ def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = R
 
         def read(layer, e, p):
             return make_version(io.read(layer, e, p), engine.backend, engine.dtype, device)
-        residency = Residency(table, pools, read, live, config.io_workers, config.retries, io=io)
+        residency = Residency(table, pools, read, live, config.fetch_workers or 2, config.retries, io=io)
     else:
-        workers = config.transition_workers or (staging[0] if device.type == "cuda" else 1)
+        workers = config.fetch_workers or (staging[0] if device.type == "cuda" else 1)
         residency = Residency(table, pools, engine.make_version, None, workers, config.retries,
                               CopyStream(device) if device.type == "cuda" else None)
     residency.apply(live.initial())  # every expert's tier; below the floor the warm start's hottest, or nothing

@@ -4,7 +4,7 @@
 once per forward) under the table lock, then the epoch advances. Each ExpertBank forward holds a read lease for
 the time it reads its snapshot: `acquire()` returns the current epoch, `release(epoch)` ends the lease. A version
 replaced at epoch r may still be read by leases taken at epochs <= r, so its slot is handed back only once none
-of those is active (`wait_unread(r)`; transition workers wait there, a forward pass never does). On CUDA a
+of those is active (`wait_unread(r)`; fetch workers wait there, a forward pass never does). On CUDA a
 lease ends when the compute stream has passed the point where the forward released it (an event), not when
 Python returned; forwards run on one compute stream, so its events complete in order: completed ones are dropped
 at every release and a newer event of the same epoch replaces the older one (the list stays a few entries long).
@@ -81,7 +81,7 @@ class ExpertTable:
     def get(self, layer: int, e: int):
         return self.versions[layer][e]
 
-    # --- reclaim (transition workers) --------------------------------------------------------------------------
+    # --- reclaim (fetch workers) -------------------------------------------------------------------------------
     def _unread(self, retired_at: int) -> bool:
         """True once no lease that could have read a version retired at `retired_at` is active (lock held)."""
         self._prune()

@@ -61,7 +61,7 @@ def test_a_failed_read_leaves_the_map_serving_without_leaks_or_hangs(engine, tmp
     hotfile = tmp_path / "hot.json"
     L0, L1 = sorted(engine.banks)
     rt = start(engine, "dynaexq:hi=int8,lo=int2,delta=0", warm={layer: WARM for layer in engine.banks},
-               update_every=10**6, transition_workers=2, staging_slots=1, retries=0, hotness_file=str(hotfile))
+               update_every=10**6, fetch_workers=2, staging_slots=1, retries=0, hotness_file=str(hotfile))
     closed = False
     try:
         real = rt.residency.read
@@ -95,7 +95,7 @@ def test_fetches_superseded_by_a_later_decision_end_at_its_target(engine):
     the latest target, each expert at most once in flight."""
     L0, _ = sorted(engine.banks)
     rt = start(engine, "dynaexq:hi=int8,lo=int2,delta=0", warm={layer: WARM for layer in engine.banks},
-               update_every=10**6, transition_workers=2, retries=2)
+               update_every=10**6, fetch_workers=2, retries=2)
     try:
         gate = gated(rt, fail=lambda layer, e, p, n: (layer, e, p) == (L0, 1, P.INT8) and n == 1)  # once
         decide(rt, {L0: hot(e0=0.5, e7=0.4)})
