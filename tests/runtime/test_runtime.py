@@ -436,6 +436,8 @@ def test_runtime_config_decides_by_tokens_unless_steps_are_asked_for():
         RuntimeConfig(update_every_tokens=0)
     with pytest.raises(UserError, match="N >= 1"):
         RuntimeConfig(update_every=-3)
+    with pytest.raises(UserError, match="--fetch-workers >= 0"):
+        RuntimeConfig(fetch_workers=-1)
 
 
 def test_multilevel_trades_slots_across_layers_totals_per_precision_fixed(engine):
