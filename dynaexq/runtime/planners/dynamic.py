@@ -54,10 +54,6 @@ class Pair:
     gap: float
     promote_in: int | None = None
 
-    @property
-    def promote_layer(self) -> int:
-        return self.layer if self.promote_in is None else self.promote_in
-
 
 @dataclass(frozen=True)
 class DynamicPlanner:
