@@ -174,10 +174,10 @@ def start_runtime(engine, planner, expert_budget=None, config: RuntimeConfig = R
     elif calibrate is not None and not offload:  # all-low calibration: exactly what does not fit below the floor
         hotness.set(calibrate(planner.floor(reader)))
         warm = True
-    if offload and total is not None:  # no staging slots below the floor: their reserve goes to the arenas
-        expert_budget += reserves.pop("staging")
-    if offload:
+    if offload:  # no staging slots below the floor: their reserve goes to the arenas
         staging = (0, 0)
+        if total is not None:
+            expert_budget += reserves.pop("staging")
     top_k = int(getattr(engine.model.config, "num_experts_per_tok", 1))
     try:
         live = planner.start(reader, slot_bytes, expert_budget, hotness.snapshot() if warm else None, top_k)

@@ -257,7 +257,10 @@ class Residency(Demand):
             if key_ == STAGING:  # published from staging: into its arena when a slot of it frees
                 self._submit(f.key, p, RELOCATE)
             elif self.complete and want != p and not self._closed and not f.fallback:  # the target moved meanwhile
-                self._evict(f.key) if want is None else self._submit(f.key, want, BACKGROUND)
+                if want is None:
+                    self._evict(f.key)
+                else:
+                    self._submit(f.key, want, BACKGROUND)
             if f.priority == PREFETCH:
                 self.from_prefetch.add(f.key)
                 self.last_use[f.key] = self._tick  # as recent as the forward that predicted it
